@@ -1,0 +1,378 @@
+"""The embedded default store: one SQLite file (or `:memory:`), WAL, many processes.
+
+Every write is one `BEGIN IMMEDIATE` transaction, so two processes racing on
+one execution are serialised by SQLite and settled by the version check in
+`commit`: exactly one wins, the other gets `Conflict` and decides again.
+A paused execution is a few rows on disk and nothing in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+import attrs
+from clearance.core.agent import AgentSpec
+from clearance.core.commands import (
+    AuditRecord,
+    CallModel,
+    CancelTimer,
+    Command,
+    PublishApprovalRequest,
+    RecordDecision,
+    RunTool,
+    StartTimer,
+)
+from clearance.core.events import Event
+from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.schema import canonical
+from clearance.core.wire import (
+    audit_from_data,
+    command_from_data,
+    command_to_data,
+    converter,
+    event_from_data,
+    event_to_data,
+    execution_from_data,
+    execution_to_data,
+    request_from_data,
+    stamp,
+)
+from clearance.ports.store import Conflict, DueTimer, OutboxEntry
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agents (
+    spec_id TEXT PRIMARY KEY, body TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS executions (
+    id TEXT PRIMARY KEY, agent_tag TEXT NOT NULL, spec_id TEXT NOT NULL,
+    status TEXT NOT NULL, seq INTEGER NOT NULL, updated_at TEXT NOT NULL, state TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body TEXT NOT NULL,
+    PRIMARY KEY (execution_id, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS approvals (
+    request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
+    status TEXT NOT NULL, created_at TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (created_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS approvals_pending_tag
+    ON approvals (agent_tag, created_at) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS timers (
+    request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, due_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS timers_due ON timers (due_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
+    body TEXT NOT NULL, claimed_by TEXT
+);
+CREATE INDEX IF NOT EXISTS outbox_queued ON outbox (agent_tag) WHERE claimed_by IS NULL;
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_execution ON audit (execution_id);
+CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+
+SYNCHRONOUS = ("FULL", "NORMAL")
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+class SQLiteStore:
+    def __init__(self, path: str, *, synchronous: str = "FULL", busy_timeout_ms: int = 10_000):
+        if synchronous.upper() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, got {synchronous!r}")
+        self.path = path
+        self.commits = 0
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if path != ":memory:":
+            self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        with self._write():
+            for statement in SCHEMA.split(";\n"):
+                if statement.strip():
+                    self._db.execute(statement)
+        # spec_id by the id() of specs we hold: a strong reference keeps ids unique.
+        self._spec_ids: dict[int, tuple[AgentSpec, str]] = {}
+        self._specs: dict[str, AgentSpec] = {}
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- agents ---------------------------------------------------------------------
+
+    def _spec_id(self, spec: AgentSpec) -> str:
+        known = self._spec_ids.get(id(spec))
+        if known is not None:
+            return known[1]
+        body = canonical(converter.unstructure(spec))
+        spec_id = hashlib.sha256(body.encode()).hexdigest()[:24]
+        self._db.execute(
+            "INSERT OR IGNORE INTO agents (spec_id, body) VALUES (?, ?)", (spec_id, body)
+        )
+        self._spec_ids[id(spec)] = (spec, spec_id)
+        self._specs.setdefault(spec_id, spec)
+        return spec_id
+
+    async def remember_agent(self, spec: AgentSpec) -> str:
+        return self._spec_id(spec)
+
+    def _spec(self, spec_id: str) -> AgentSpec:
+        spec = self._specs.get(spec_id)
+        if spec is None:
+            row = self._db.execute("SELECT body FROM agents WHERE spec_id = ?", (spec_id,))
+            spec = converter.structure(json.loads(row.fetchone()[0]), AgentSpec)
+            self._specs[spec_id] = spec
+            self._spec_ids[id(spec)] = (spec, spec_id)
+        return spec
+
+    # -- executions and their log -------------------------------------------------------
+
+    async def commit(
+        self,
+        execution: Execution,
+        event: Event,
+        commands: Sequence[Command],
+        *,
+        expected_seq: int,
+        claimed_by: str | None,
+        done: int | None = None,
+    ) -> list[OutboxEntry]:
+        state = execution_to_data(execution)
+        del state["agent"]  # stored once per distinct spec, in `agents`
+        entries: list[OutboxEntry] = []
+        db = self._db
+        with self._write():
+            spec_id = self._spec_id(execution.agent)
+            row = (
+                execution.status,
+                execution.seq,
+                stamp(execution.updated_at or execution.created_at or datetime.min),
+                _dumps(state),
+                execution.id,
+            )
+            if expected_seq == 0:
+                try:
+                    db.execute(
+                        "INSERT INTO executions (status, seq, updated_at, state, id, agent_tag,"
+                        " spec_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (*row, execution.agent_tag, spec_id),
+                    )
+                except sqlite3.IntegrityError:
+                    raise Conflict(f"execution {execution.id} already exists") from None
+            else:
+                cur = db.execute(
+                    "UPDATE executions SET status = ?, seq = ?, updated_at = ?, state = ?"
+                    " WHERE id = ? AND seq = ?",
+                    (*row, expected_seq),
+                )
+                if cur.rowcount != 1:
+                    raise Conflict(f"execution {execution.id} moved past version {expected_seq}")
+            db.execute(
+                "INSERT INTO events (execution_id, seq, body) VALUES (?, ?, ?)",
+                (execution.id, execution.seq, _dumps(event_to_data(event))),
+            )
+            for command in commands:
+                entry = self._apply(execution, command, claimed_by)
+                if entry is not None:
+                    entries.append(entry)
+            if done is not None:
+                db.execute("DELETE FROM outbox WHERE id = ?", (done,))
+        self.commits += 1
+        return entries
+
+    def _apply(
+        self, execution: Execution, command: Command, claimed_by: str | None
+    ) -> OutboxEntry | None:
+        db = self._db
+        if isinstance(command, CallModel | RunTool):
+            cur = db.execute(
+                "INSERT INTO outbox (execution_id, agent_tag, body, claimed_by)"
+                " VALUES (?, ?, ?, ?)",
+                (execution.id, execution.agent_tag, _dumps(command_to_data(command)), claimed_by),
+            )
+            assert cur.lastrowid is not None
+            return OutboxEntry(
+                cur.lastrowid, execution.id, execution.agent_tag, command, claimed_by
+            )
+        if isinstance(command, StartTimer):
+            db.execute(
+                "INSERT OR REPLACE INTO timers (request_id, execution_id, due_at) VALUES (?, ?, ?)",
+                (command.request_id, execution.id, stamp(command.due_at)),
+            )
+        elif isinstance(command, CancelTimer):
+            db.execute("DELETE FROM timers WHERE request_id = ?", (command.request_id,))
+        elif isinstance(command, PublishApprovalRequest):
+            request = command.request
+            db.execute(
+                "INSERT INTO approvals (request_id, execution_id, agent_tag, status, created_at,"
+                " body) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    request.request_id,
+                    execution.id,
+                    execution.agent_tag,
+                    request.status,
+                    stamp(request.timestamp),
+                    _dumps(converter.unstructure(request)),
+                ),
+            )
+        elif isinstance(command, RecordDecision):
+            record = command.record
+            db.execute(
+                "INSERT INTO audit (request_id, execution_id, body) VALUES (?, ?, ?)",
+                (record.request_id, record.execution_id, _dumps(converter.unstructure(record))),
+            )
+            decided = execution.request(record.request_id)
+            if decided is not None:
+                db.execute(
+                    "UPDATE approvals SET status = ?, body = ? WHERE request_id = ?",
+                    (decided.status, _dumps(converter.unstructure(decided)), decided.request_id),
+                )
+        return None
+
+    async def load(self, execution_id: str) -> Execution | None:
+        row = self._db.execute(
+            "SELECT spec_id, state FROM executions WHERE id = ?", (execution_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        spec = self._spec(row[0])
+        data = json.loads(row[1])
+        data["agent"] = converter.unstructure(spec)
+        # The spec object we hold, not an equal copy: commit() finds its id by identity.
+        return attrs.evolve(execution_from_data(data), agent=spec)
+
+    async def events(self, execution_id: str) -> list[Event]:
+        rows = self._db.execute(
+            "SELECT body FROM events WHERE execution_id = ? ORDER BY seq", (execution_id,)
+        )
+        return [event_from_data(json.loads(body)) for (body,) in rows]
+
+    async def spec_of(self, execution_id: str) -> AgentSpec | None:
+        row = self._db.execute(
+            "SELECT spec_id FROM executions WHERE id = ?", (execution_id,)
+        ).fetchone()
+        return None if row is None else self._spec(row[0])
+
+    # -- approvals, timers, audit --------------------------------------------------------
+
+    async def execution_of_request(self, request_id: str) -> str | None:
+        row = self._db.execute(
+            "SELECT execution_id FROM approvals WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def pending(
+        self, agent_tag: str | None = None, limit: int | None = None
+    ) -> list[ApprovalRequest]:
+        sql = "SELECT body FROM approvals WHERE status = 'pending'"
+        args: list[Any] = []
+        if agent_tag is not None:
+            sql += " AND agent_tag = ?"
+            args.append(agent_tag)
+        sql += " ORDER BY created_at, rowid"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [request_from_data(json.loads(body)) for (body,) in self._db.execute(sql, args)]
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        rows = self._db.execute(
+            "SELECT execution_id, request_id, due_at FROM timers WHERE due_at <= ?"
+            " ORDER BY due_at LIMIT ?",
+            (stamp(now), limit),
+        )
+        return [DueTimer(e, r, converter.structure(d, datetime)) for e, r, d in rows]
+
+    async def drop_timer(self, request_id: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM timers WHERE request_id = ?", (request_id,))
+
+    async def audit(
+        self, execution_id: str | None = None, request_id: str | None = None
+    ) -> list[AuditRecord]:
+        sql, args = "SELECT body FROM audit", []
+        where = []
+        if execution_id is not None:
+            where.append("execution_id = ?")
+            args.append(execution_id)
+        if request_id is not None:
+            where.append("request_id = ?")
+            args.append(request_id)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._db.execute(sql + " ORDER BY id", args)
+        return [audit_from_data(json.loads(body)) for (body,) in rows]
+
+    # -- the outbox ------------------------------------------------------------------------
+
+    def _entries(self, rows: Iterator[Any]) -> list[OutboxEntry]:
+        return [OutboxEntry(i, e, t, command_from_data(json.loads(b)), c) for i, e, t, b, c in rows]
+
+    async def claim_queued(
+        self, agent_tags: Sequence[str], worker: str, limit: int
+    ) -> list[OutboxEntry]:
+        if not agent_tags:
+            return []
+        marks = ",".join("?" * len(agent_tags))
+        with self._write():
+            rows = self._db.execute(
+                "SELECT id, execution_id, agent_tag, body, claimed_by FROM outbox"
+                f" WHERE claimed_by IS NULL AND agent_tag IN ({marks}) ORDER BY id LIMIT ?",
+                (*agent_tags, limit),
+            ).fetchall()
+            for row in rows:
+                self._db.execute("UPDATE outbox SET claimed_by = ? WHERE id = ?", (worker, row[0]))
+        return [
+            OutboxEntry(e.id, e.execution_id, e.agent_tag, e.command, worker)
+            for e in self._entries(iter(rows))
+        ]
+
+    async def claimed_by_others(self, agent_tags: Sequence[str], worker: str) -> list[OutboxEntry]:
+        if not agent_tags:
+            return []
+        marks = ",".join("?" * len(agent_tags))
+        rows = self._db.execute(
+            "SELECT id, execution_id, agent_tag, body, claimed_by FROM outbox"
+            f" WHERE claimed_by IS NOT NULL AND claimed_by != ? AND agent_tag IN ({marks})"
+            " ORDER BY id",
+            (worker, *agent_tags),
+        )
+        return self._entries(rows)
+
+    async def reclaim(self, entry_id: int, previous: str, worker: str) -> bool:
+        with self._write():
+            cur = self._db.execute(
+                "UPDATE outbox SET claimed_by = ? WHERE id = ? AND claimed_by = ?",
+                (worker, entry_id, previous),
+            )
+        return cur.rowcount == 1
+
+    async def discard(self, entry_id: int) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM outbox WHERE id = ?", (entry_id,))
+
+    async def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,289 @@
+"""`Clearance`: the composition root. Opens a store, hosts agents, runs and decides them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import attrs
+
+from clearance.adapters.clock import SystemClock
+from clearance.adapters.ids import RandomIds
+from clearance.adapters.sqlite_store import SQLiteStore
+from clearance.core.commands import AuditRecord
+from clearance.core.errors import ClearanceError
+from clearance.core.events import Event
+from clearance.core.execution import ApprovalRequest, Execution
+from clearance.definition import (
+    DEFAULT_MAX_ITERATIONS,
+    HostedAgent,
+    HumanInLoop,
+    Model,
+    Tool,
+    compile_agent,
+)
+from clearance.engine import Engine
+from clearance.ports.clock import Clock
+from clearance.ports.ids import IdSource
+from clearance.ports.model import ModelPort
+from clearance.ports.store import Store
+from clearance.worker import new_worker_id
+
+log = logging.getLogger("clearance")
+
+DEFAULT_POLL_INTERVAL = 0.2  # seconds between looks for decisions made by other processes
+
+
+@attrs.frozen
+class ExecutionHistory:
+    """An execution's current state and every event that led to it, oldest first."""
+
+    execution: Execution
+    events: tuple[Event, ...]
+
+    @property
+    def id(self) -> str:
+        return self.execution.id
+
+    @property
+    def status(self) -> str:
+        return self.execution.status
+
+    @property
+    def output(self) -> str | None:
+        return self.execution.output
+
+    @property
+    def pending_approvals(self) -> list[ApprovalRequest]:
+        return self.execution.pending_approvals
+
+
+def open_store(url: str, *, synchronous: str = "FULL") -> Store:
+    """`sqlite:///relative.db`, `sqlite:////absolute.db`, a plain path, or `memory://`."""
+    if url in ("memory://", "sqlite://", "sqlite:///:memory:"):
+        return SQLiteStore(":memory:", synchronous=synchronous)
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+    elif "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise ClearanceError(
+            f"unsupported store URL scheme '{scheme}://'; accepted: sqlite:///PATH, memory://"
+        )
+    else:
+        path = url
+    if not path:
+        raise ClearanceError("sqlite:/// needs a file path, e.g. sqlite:///approvals.db")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return SQLiteStore(path, synchronous=synchronous)
+
+
+class Clearance:
+    """Human approval gates for an agent's tool calls, durable in a store.
+
+    Use as `async with Clearance.open("sqlite:///approvals.db") as app:`; inside
+    the block a background task picks up decisions made by other processes
+    and, on a real clock, fires approval timeouts as they fall due.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock | None = None,
+        ids: IdSource | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock: Clock = clock or SystemClock()
+        self.poll_interval = poll_interval
+        self._agents: dict[str, HostedAgent] = {}
+        self.engine = Engine(
+            store, self.clock, ids or RandomIds(), worker_id or new_worker_id(), self._agents
+        )
+        self._background: asyncio.Task[None] | None = None
+        self._recovered: set[str] = set()
+
+    @classmethod
+    def open(
+        cls,
+        url: str = "sqlite:///clearance.db",
+        *,
+        clock: Clock | None = None,
+        ids: IdSource | None = None,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        synchronous: str = "FULL",
+        worker_id: str | None = None,
+    ) -> Clearance:
+        return cls(
+            open_store(url, synchronous=synchronous),
+            clock=clock,
+            ids=ids,
+            poll_interval=poll_interval,
+            worker_id=worker_id,
+        )
+
+    async def __aenter__(self) -> Clearance:
+        self._background = asyncio.create_task(self._watch(), name="clearance-watch")
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        err: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
+            self._background = None
+        await self.store.close()
+
+    # -- defining agents -------------------------------------------------------------------
+
+    def define(
+        self,
+        *,
+        tag: str,
+        model: Model | ModelPort,
+        tools: Sequence[Tool] = (),
+        name: str = "",
+        product: str = "",
+        system_prompt: str = "",
+        human_in_loop: HumanInLoop | None = None,
+        max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    ) -> None:
+        """Define (or redefine) an agent hosted by this process. Raises DefinitionError."""
+        if isinstance(model, Model):
+            port, model_name = _model_port(model), model.model
+        elif hasattr(model, "reply"):
+            port, model_name = model, getattr(model, "name", type(model).__name__)
+        else:
+            raise ClearanceError(
+                "model must be Model(provider=..., model=...) or an object with "
+                f"async reply(request), got {type(model).__name__}"
+            )
+        self._agents[tag] = compile_agent(
+            tag=tag,
+            name=name,
+            product=product,
+            model=port,
+            model_name=str(model_name),
+            system_prompt=system_prompt,
+            tools=tools,
+            human_in_loop=human_in_loop or HumanInLoop(),
+            max_iterations=max_iterations,
+        )
+
+    # -- running and deciding -------------------------------------------------------------
+
+    async def run(self, tag: str, *, input: str, session_id: str | None = None) -> Execution:
+        """Start an execution; returns when it rests (awaiting_approval or finished)."""
+        await self._recover_once()
+        return await self.engine.start(tag, input, session_id)
+
+    async def signal(
+        self,
+        execution_id: str,
+        signal: str,
+        *,
+        request_id: str | None = None,
+        modified_params: dict[str, Any] | None = None,
+        reason: str | None = None,
+        by: str | None = None,
+    ) -> Execution:
+        """`approve` (optionally with `modified_params`), `reject` (with `reason`) or `stop`.
+
+        Where this process hosts the agent, returns when the execution rests;
+        elsewhere it records the decision and returns, and the hosting process
+        carries on."""
+        return await self.engine.signal(
+            execution_id,
+            signal,
+            request_id=request_id,
+            modified_params=modified_params,
+            reason=reason,
+            by=by,
+        )
+
+    async def decide(
+        self,
+        request_id: str,
+        *,
+        approved: bool,
+        reason: str | None = None,
+        modified_params: dict[str, Any] | None = None,
+        by: str | None = None,
+    ) -> Execution:
+        """Decide by request id alone, as the spec's callback body does."""
+        execution_id = await self.store.execution_of_request(request_id)
+        if execution_id is None:
+            raise ClearanceError(f"no approval request '{request_id}'")
+        return await self.signal(
+            execution_id,
+            "approve" if approved else "reject",
+            request_id=request_id,
+            modified_params=modified_params,
+            reason=reason,
+            by=by,
+        )
+
+    async def pending(
+        self, agent_tag: str | None = None, *, limit: int | None = None
+    ) -> list[ApprovalRequest]:
+        """Every pending approval request across executions, oldest first."""
+        return await self.store.pending(agent_tag, limit)
+
+    async def get_execution(self, execution_id: str) -> ExecutionHistory:
+        ex = await self.store.load(execution_id)
+        if ex is None:
+            raise ClearanceError(f"no execution '{execution_id}'")
+        return ExecutionHistory(ex, tuple(await self.store.events(execution_id)))
+
+    async def audit(
+        self, *, execution_id: str | None = None, request_id: str | None = None
+    ) -> list[AuditRecord]:
+        return await self.store.audit(execution_id, request_id)
+
+    async def fire_due_timers(self) -> int:
+        """Time out every approval due at `clock.now()`; returns how many."""
+        return await self.engine.fire_due_timers()
+
+    # -- background ---------------------------------------------------------------------
+
+    async def _recover_once(self) -> None:
+        tags = set(self._agents) - self._recovered
+        if tags:
+            self._recovered |= tags
+            await self.engine.recover()
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self._recover_once()
+                await self.engine.pickup()
+                if self.clock.drives_timers:
+                    await self.engine.fire_due_timers()
+            except Exception:  # keep watching: one bad execution must not stop the rest
+                log.exception("clearance background step failed")
+            await asyncio.sleep(self.poll_interval)
+
+
+def _model_port(model: Model) -> ModelPort:
+    if model.provider == "anthropic":
+        from clearance.adapters.anthropic_model import AnthropicModel
+
+        return AnthropicModel(model)
+    raise ClearanceError(
+        f"unknown model provider {model.provider!r}; accepted: 'anthropic', or pass any "
+        "object with async reply(request) as model="
+    )

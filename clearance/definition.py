@@ -1,0 +1,197 @@
+"""How users define agents: `Tool`, `Model`, `HumanInLoop`, mirroring the spec in Python.
+
+`compile_agent` checks a definition once, at `define()` time, and splits it into
+the plain `AgentSpec` the core decides with (stored with every execution) and
+the live parts only this process has: handlers, callables and the model port.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+
+from clearance.core.agent import APPROVAL_ORDERS, SEQUENTIAL, AgentSpec, ToolSpec
+from clearance.core.errors import DefinitionError
+from clearance.core.schema import to_json_schema
+from clearance.ports.model import ModelPort
+from clearance.ports.tools import Handler
+
+DEFAULT_TIMEOUT_MS = 300_000
+DEFAULT_MAX_ITERATIONS = 20
+# What the Anthropic and OpenAI tool APIs accept as a tool name.
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+class ClearanceWarning(UserWarning):
+    """A definition that works but probably does not do what was meant."""
+
+
+ConfirmationMessage = str | Callable[[dict[str, Any]], str]
+
+
+@attrs.frozen
+class Tool:
+    """A tool the model may call. `parameters` is the spec's mini-schema or a JSON Schema."""
+
+    tag: str
+    description: str = ""
+    parameters: dict[str, Any] = attrs.field(factory=dict)
+    handler: Handler | None = None
+    requires_confirmation: bool = False
+    confirmation_message: ConfirmationMessage | None = None
+    approval_timeout: int | None = None  # milliseconds; overrides HumanInLoop's
+
+
+@attrs.frozen
+class HumanInLoop:
+    """The spec's `humanInLoop` block. `approval_timeout` is in milliseconds, as in the spec."""
+
+    enabled: bool = False
+    always_require_approval: Sequence[str] = ()
+    approval_timeout: int = DEFAULT_TIMEOUT_MS
+    approval_webhook: str | None = None
+    approval_broker: dict[str, Any] | None = None
+    approval_order: str = SEQUENTIAL
+
+
+@attrs.frozen
+class Model:
+    """Which model runs the agent: the spec's `model: {provider, model}`, plus call options."""
+
+    provider: str
+    model: str
+    api_key: str | None = attrs.field(default=None, repr=False)
+    base_url: str | None = None
+    temperature: float | None = None
+    max_tokens: int = 4096
+    top_p: float | None = None
+    stop_sequences: Sequence[str] = ()
+    timeout: float | None = None  # seconds per model call
+
+
+@attrs.frozen
+class HostedAgent:
+    """An agent as this process runs it: the spec, plus what cannot be stored."""
+
+    spec: AgentSpec
+    model: ModelPort
+    handlers: dict[str, Handler]
+    confirmation_messages: dict[str, ConfirmationMessage | None]
+
+    def reason(self, tool: str, params: dict[str, Any]) -> str:
+        message = self.confirmation_messages.get(tool)
+        if callable(message):
+            return str(message(params))
+        return message or f"Calling '{tool}' requires approval"
+
+
+def _positive_ms(what: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise DefinitionError(
+            f"{what} must be a positive whole number of milliseconds (e.g. 300000 for 5 "
+            f"minutes), got {value!r}"
+        )
+    return value
+
+
+def compile_agent(
+    *,
+    tag: str,
+    name: str,
+    product: str,
+    model: ModelPort,
+    model_name: str,
+    system_prompt: str,
+    tools: Sequence[Tool],
+    human_in_loop: HumanInLoop,
+    max_iterations: int,
+) -> HostedAgent:
+    if not tag or not isinstance(tag, str):
+        raise DefinitionError("an agent needs a non-empty string tag, e.g. 'safe-agent'")
+    if (
+        isinstance(max_iterations, bool)
+        or not isinstance(max_iterations, int)
+        or max_iterations < 1
+    ):
+        raise DefinitionError(f"max_iterations must be a whole number >= 1, got {max_iterations!r}")
+    hitl = human_in_loop
+    if hitl.approval_order not in APPROVAL_ORDERS:
+        raise DefinitionError(
+            f"approval_order must be one of {', '.join(APPROVAL_ORDERS)}, got "
+            f"{hitl.approval_order!r}"
+        )
+    if hitl.approval_webhook is not None or hitl.approval_broker is not None:
+        raise DefinitionError(
+            "approval_webhook and approval_broker are not available in this version; "
+            "decide approvals with signal(), the CLI or pending()"
+        )
+    default_timeout = _positive_ms("HumanInLoop.approval_timeout", hitl.approval_timeout)
+    if isinstance(hitl.always_require_approval, str):
+        raise DefinitionError("always_require_approval must be a list of tool tags, not a string")
+    seen: set[str] = set()
+    specs = []
+    for tool in tools:
+        if not isinstance(tool, Tool):
+            raise DefinitionError(f"tools must be Tool(...) objects, got {type(tool).__name__}")
+        if not TOOL_NAME.match(tool.tag):
+            raise DefinitionError(
+                f"tool tag {tool.tag!r} is not a valid tool name: use 1-64 letters, digits, "
+                "'_' or '-'"
+            )
+        if tool.tag in seen:
+            raise DefinitionError(f"tool tag '{tool.tag}' is defined twice")
+        seen.add(tool.tag)
+        if not callable(tool.handler):
+            raise DefinitionError(f"tool '{tool.tag}' needs a handler: (ctx, params) -> result")
+        if tool.requires_confirmation and not hitl.enabled:
+            # A safety marker that silently does nothing is the worst outcome here.
+            raise DefinitionError(
+                f"tool '{tool.tag}' has requires_confirmation=True but human_in_loop is not "
+                "enabled, so it would run without approval; pass "
+                "human_in_loop=HumanInLoop(enabled=True) or drop requires_confirmation"
+            )
+        timeout = (
+            default_timeout
+            if tool.approval_timeout is None
+            else _positive_ms(f"tool '{tool.tag}' approval_timeout", tool.approval_timeout)
+        )
+        gated = hitl.enabled and (
+            tool.requires_confirmation or tool.tag in hitl.always_require_approval
+        )
+        specs.append(
+            ToolSpec(
+                tag=tool.tag,
+                description=tool.description,
+                input_schema=to_json_schema(tool.tag, tool.parameters),
+                gated=gated,
+                approval_timeout_ms=timeout,
+            )
+        )
+    unknown = [t for t in hitl.always_require_approval if t not in seen]
+    if unknown:
+        warnings.warn(
+            f"agent '{tag}': always_require_approval names tools it does not define: "
+            f"{', '.join(unknown)} (defined: {', '.join(sorted(seen)) or 'none'})",
+            ClearanceWarning,
+            stacklevel=3,
+        )
+    spec = AgentSpec(
+        tag=tag,
+        name=name or tag,
+        product=product,
+        model=model_name,
+        system_prompt=system_prompt,
+        tools=tuple(specs),
+        approval_order=hitl.approval_order,
+        max_iterations=max_iterations,
+    )
+    return HostedAgent(
+        spec=spec,
+        model=model,
+        handlers={t.tag: t.handler for t in tools if t.handler is not None},
+        confirmation_messages={t.tag: t.confirmation_message for t in tools},
+    )

@@ -1,0 +1,46 @@
+"""What the core knows of an agent: plain data, enough to decide without user code.
+
+An execution carries its agent's spec so that any process, even one where the
+agent is not defined (the CLI, a reviewer's web server), can validate modified
+parameters and apply a decision. Handlers and callables stay outside the core.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+SEQUENTIAL = "sequential"
+PARALLEL = "parallel"
+APPROVAL_ORDERS = (SEQUENTIAL, PARALLEL)
+
+
+@attrs.frozen
+class ToolSpec:
+    tag: str
+    description: str
+    input_schema: dict[str, Any]
+    gated: bool
+    approval_timeout_ms: int
+
+
+@attrs.frozen
+class AgentSpec:
+    tag: str
+    name: str
+    product: str
+    model: str
+    system_prompt: str
+    tools: tuple[ToolSpec, ...]
+    approval_order: str = SEQUENTIAL
+    max_iterations: int = 20
+
+    def tool(self, tag: str) -> ToolSpec | None:
+        for tool in self.tools:
+            if tool.tag == tag:
+                return tool
+        return None
+
+    def tool_names(self) -> str:
+        return ", ".join(t.tag for t in self.tools) or "(none)"

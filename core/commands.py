@@ -1,0 +1,103 @@
+"""Commands: what `decide()` asks the world to do, as small frozen classes.
+
+Some are effects on the store itself (timers, the audit log, the pending
+list) and are applied in the same transaction as the state change; the rest
+(`CallModel`, `RunTool`) go through the transactional outbox and their results
+come back as events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+import attrs
+from clearance.core.execution import ApprovalRequest
+
+
+@attrs.frozen
+class AuditRecord:
+    """One decision on one approval request: who, when, what, and why."""
+
+    request_id: str
+    execution_id: str
+    agent_tag: str
+    tool: str
+    decision: str  # approved | rejected | timed_out | cancelled
+    at: datetime
+    parameters: dict[str, Any]
+    by: str | None = None
+    modified_params: dict[str, Any] | None = None
+    reason: str | None = None
+
+
+@attrs.frozen
+class CallModel:
+    TAG: ClassVar[str] = "call_model"
+    turn: int
+
+
+@attrs.frozen
+class RunTool:
+    TAG: ClassVar[str] = "run_tool"
+    tool_use_id: str
+    tool: str
+    parameters: dict[str, Any]
+    idempotency_key: str
+    request_id: str | None = None
+    approved_by: str | None = None
+
+
+@attrs.frozen
+class PublishApprovalRequest:
+    TAG: ClassVar[str] = "publish_approval_request"
+    request: ApprovalRequest
+
+
+@attrs.frozen
+class StartTimer:
+    TAG: ClassVar[str] = "start_timer"
+    request_id: str
+    due_at: datetime
+
+
+@attrs.frozen
+class CancelTimer:
+    TAG: ClassVar[str] = "cancel_timer"
+    request_id: str
+
+
+@attrs.frozen
+class RecordDecision:
+    TAG: ClassVar[str] = "record_decision"
+    record: AuditRecord
+
+
+@attrs.frozen
+class Finish:
+    TAG: ClassVar[str] = "finish"
+    status: str
+    output: str | None = None
+    error: str | None = None
+
+
+Command = (
+    CallModel
+    | RunTool
+    | PublishApprovalRequest
+    | StartTimer
+    | CancelTimer
+    | RecordDecision
+    | Finish
+)
+COMMAND_TYPES: tuple[type[Command], ...] = (
+    CallModel,
+    RunTool,
+    PublishApprovalRequest,
+    StartTimer,
+    CancelTimer,
+    RecordDecision,
+    Finish,
+)
+# Commands that leave the store: carried out by the engine, results fed back as events.
+OUTBOX_TYPES: tuple[type[Command], ...] = (CallModel, RunTool)

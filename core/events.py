@@ -1,0 +1,124 @@
+"""Events: everything that can happen to an execution, as small frozen classes.
+
+Time (`at`), ids and anything user code computed (a request's `reason`) arrive
+inside the events, stamped by the ports, so `decide()` never asks for them and
+replaying the log reproduces the same state. `TAG` is the stable wire name.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar
+
+import attrs
+from clearance.core.execution import Usage
+
+
+@attrs.frozen
+class Started:
+    TAG: ClassVar[str] = "started"
+    execution_id: str
+    input: str
+    at: datetime
+    session_id: str | None = None
+
+
+@attrs.frozen
+class Ticket:
+    """Prepared outside the core for one tool_use: the request id it would get, and why."""
+
+    tool_use_id: str
+    request_id: str
+    reason: str
+
+
+@attrs.frozen
+class ModelReplied:
+    TAG: ClassVar[str] = "model_replied"
+    turn: int
+    content: tuple[dict[str, Any], ...]
+    stop_reason: str
+    at: datetime
+    usage: Usage = Usage()
+    tickets: tuple[Ticket, ...] = ()
+
+
+@attrs.frozen
+class ModelFailed:
+    TAG: ClassVar[str] = "model_failed"
+    turn: int
+    error: str
+    at: datetime
+
+
+@attrs.frozen
+class ToolFinished:
+    TAG: ClassVar[str] = "tool_finished"
+    tool_use_id: str
+    output: Any
+    at: datetime
+
+
+@attrs.frozen
+class ToolFailed:
+    TAG: ClassVar[str] = "tool_failed"
+    tool_use_id: str
+    error: str
+    at: datetime
+
+
+@attrs.frozen
+class Approved:
+    TAG: ClassVar[str] = "approved"
+    request_id: str
+    at: datetime
+    by: str | None = None
+    modified_params: dict[str, Any] | None = None
+
+
+@attrs.frozen
+class Rejected:
+    TAG: ClassVar[str] = "rejected"
+    request_id: str
+    at: datetime
+    by: str | None = None
+    reason: str | None = None
+
+
+@attrs.frozen
+class TimerFired:
+    TAG: ClassVar[str] = "timer_fired"
+    request_id: str
+    at: datetime
+
+
+@attrs.frozen
+class StopRequested:
+    TAG: ClassVar[str] = "stop_requested"
+    at: datetime
+    by: str | None = None
+    reason: str | None = None
+
+
+Event = (
+    Started
+    | ModelReplied
+    | ModelFailed
+    | ToolFinished
+    | ToolFailed
+    | Approved
+    | Rejected
+    | TimerFired
+    | StopRequested
+)
+EVENT_TYPES: tuple[type[Event], ...] = (
+    Started,
+    ModelReplied,
+    ModelFailed,
+    ToolFinished,
+    ToolFailed,
+    Approved,
+    Rejected,
+    TimerFired,
+    StopRequested,
+)

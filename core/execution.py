@@ -1,0 +1,161 @@
+"""An execution's state: frozen data, changed only by `decide()`.
+
+Statuses are plain strings so the state reads the same in Python, in the
+store and on the wire. The transitions between them are in `machine.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import attrs
+from clearance.core.agent import AgentSpec
+
+# Execution statuses.
+CREATED = "created"
+RUNNING = "running"
+AWAITING_APPROVAL = "awaiting_approval"
+COMPLETED = "completed"
+FAILED = "failed"
+STOPPED = "stopped"
+EXECUTION_STATUSES = (CREATED, RUNNING, AWAITING_APPROVAL, COMPLETED, FAILED, STOPPED)
+TERMINAL = frozenset({COMPLETED, FAILED, STOPPED})
+RESTING = frozenset({AWAITING_APPROVAL, COMPLETED, FAILED, STOPPED})
+
+# Approval request statuses: pending, then exactly one outcome, ever.
+PENDING = "pending"
+APPROVED = "approved"
+REJECTED = "rejected"
+TIMED_OUT = "timed_out"
+CANCELLED = "cancelled"
+REQUEST_STATUSES = (PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED)
+
+# A tool call's progress within one model turn.
+QUEUED = "queued"
+AWAITING = "awaiting_approval"
+EXECUTING = "running"
+DONE = "done"
+
+
+def iso(at: datetime) -> str:
+    """The spec's ISO-8601 UTC spelling: '2024-01-15T10:30:00Z' (milliseconds when present)."""
+    at = at.astimezone(UTC)
+    spec = "milliseconds" if at.microsecond else "seconds"
+    return at.replace(tzinfo=None).isoformat(timespec=spec) + "Z"
+
+
+@attrs.frozen
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens
+        )
+
+
+@attrs.frozen
+class ToolResult:
+    """What the model gets back for one tool_use: `content` as a tool_result carries it."""
+
+    content: str | list[dict[str, Any]]
+    is_error: bool = False
+
+
+@attrs.frozen
+class ApprovalRequest:
+    request_id: str
+    execution_id: str
+    agent_tag: str
+    tool: str
+    tool_use_id: str
+    parameters: dict[str, Any]
+    reason: str
+    timestamp: datetime
+    timeout: datetime  # when it expires; the spec calls the expiry time 'timeout'
+    timeout_ms: int
+    status: str = PENDING
+    decided_by: str | None = None
+    decided_at: datetime | None = None
+    modified_params: dict[str, Any] | None = None
+    rejection_reason: str | None = None
+
+    @property
+    def expires_at(self) -> datetime:
+        return self.timeout
+
+    def effective_parameters(self) -> dict[str, Any]:
+        if self.modified_params is None:
+            return self.parameters
+        return {**self.parameters, **self.modified_params}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec's approval request, camelCase, times in ISO-8601 UTC."""
+        return {
+            "requestId": self.request_id,
+            "executionId": self.execution_id,
+            "agentTag": self.agent_tag,
+            "tool": self.tool,
+            "parameters": self.parameters,
+            "reason": self.reason,
+            "timestamp": iso(self.timestamp),
+            "timeout": iso(self.timeout),
+        }
+
+
+@attrs.frozen
+class ToolCall:
+    """One tool_use of the current model turn, until its tool_result is known."""
+
+    tool_use_id: str
+    tool: str
+    parameters: dict[str, Any]
+    status: str
+    gated: bool = False
+    request_id: str = ""
+    reason: str = ""
+    approved_by: str | None = None
+    result: ToolResult | None = None
+
+
+@attrs.frozen
+class Execution:
+    agent: AgentSpec
+    id: str = ""
+    status: str = CREATED
+    seq: int = 0  # events applied; the store's optimistic version
+    input: str = ""
+    session_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    messages: tuple[dict[str, Any], ...] = ()
+    calls: tuple[ToolCall, ...] = ()
+    requests: tuple[ApprovalRequest, ...] = ()
+    model_turn: int = 0  # model calls issued so far
+    awaiting_model: bool = False
+    output: str | None = None
+    error: str | None = None
+    stop_reason: str | None = None
+    usage: Usage = Usage()
+
+    @property
+    def agent_tag(self) -> str:
+        return self.agent.tag
+
+    @property
+    def pending_approvals(self) -> list[ApprovalRequest]:
+        return [r for r in self.requests if r.status == PENDING]
+
+    def request(self, request_id: str) -> ApprovalRequest | None:
+        for req in self.requests:
+            if req.request_id == request_id:
+                return req
+        return None
+
+    def call(self, tool_use_id: str) -> ToolCall | None:
+        for call in self.calls:
+            if call.tool_use_id == tool_use_id:
+                return call
+        return None

@@ -1,0 +1,136 @@
+"""Tool parameter schemas: the spec's mini-schema, translated to JSON Schema.
+
+The spec writes parameters as `{name: {type, required, description, enum,
+default, items, properties}}`. We translate that once, at definition time, to
+a JSON Schema object (what the Anthropic API wants as `input_schema` anyway)
+and validate with `jsonschema`, so model-provided and human-modified
+parameters go through one well-kept validator. A full JSON Schema object
+(`{"type": "object", "properties": ...}`) is accepted as is.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any
+
+import jsonschema
+from clearance.core.errors import DefinitionError, InvalidParameters
+from jsonschema.validators import Draft202012Validator
+
+TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
+FIELD_KEYS = ("type", "required", "description", "enum", "default", "items", "properties")
+
+
+def is_json_schema(parameters: dict[str, Any]) -> bool:
+    return parameters.get("type") == "object" and (
+        "properties" not in parameters or isinstance(parameters["properties"], dict)
+    )
+
+
+def to_json_schema(tool: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema for a tool's parameters; DefinitionError says what is wrong."""
+    if not isinstance(parameters, dict):
+        raise DefinitionError(
+            f"tool '{tool}': parameters must be a dict of name -> field, got "
+            f"{type(parameters).__name__}"
+        )
+    schema = dict(parameters) if is_json_schema(parameters) else _object(tool, "", parameters)
+    try:
+        Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as err:
+        raise DefinitionError(f"tool '{tool}': invalid parameter schema: {err.message}") from None
+    return schema
+
+
+def _object(tool: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for name, field in fields.items():
+        where = f"{path}.{name}" if path else name
+        properties[name] = _field(tool, where, field)
+        if isinstance(field, dict) and field.get("required") is True:
+            required.append(name)
+    schema: dict[str, Any] = {
+        "type": "object",
+        "properties": properties,
+        # A typo in a modified parameter ("amout") must fail, not be ignored.
+        "additionalProperties": False,
+    }
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _field(tool: str, where: str, field: Any) -> dict[str, Any]:
+    if not isinstance(field, dict):
+        raise DefinitionError(
+            f"tool '{tool}': parameter '{where}' must be a dict like "
+            f"{{'type': 'string', 'required': True}}, got {field!r}"
+        )
+    unknown = sorted(set(field) - set(FIELD_KEYS))
+    if unknown:
+        raise DefinitionError(
+            f"tool '{tool}': parameter '{where}' has unknown key(s) {unknown}; "
+            f"accepted keys: {', '.join(FIELD_KEYS)}"
+        )
+    kind = field.get("type")
+    if kind not in TYPES:
+        raise DefinitionError(
+            f"tool '{tool}': parameter '{where}' has type {kind!r}; accepted types: "
+            f"{', '.join(TYPES)}"
+        )
+    if "required" in field and not isinstance(field["required"], bool):
+        raise DefinitionError(f"tool '{tool}': parameter '{where}': 'required' must be True/False")
+    out: dict[str, Any] = {"type": kind}
+    for key in ("description", "enum", "default"):
+        if key in field:
+            out[key] = field[key]
+    if "items" in field:
+        if kind != "array":
+            raise DefinitionError(f"tool '{tool}': parameter '{where}': 'items' needs type 'array'")
+        out["items"] = _field(tool, f"{where}[]", field["items"])
+    if "properties" in field:
+        if kind != "object":
+            raise DefinitionError(
+                f"tool '{tool}': parameter '{where}': 'properties' needs type 'object'"
+            )
+        out.update(_object(tool, where, field["properties"]))
+    return out
+
+
+@lru_cache(maxsize=1024)
+def _validator(schema_json: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads(schema_json))
+
+
+def canonical(value: Any) -> str:
+    """One JSON spelling per value: cache keys and content hashes rely on it."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Top-level defaults filled in, so the human approves what will actually run."""
+    props = schema.get("properties", {})
+    missing = {
+        k: v["default"]
+        for k, v in props.items()
+        if isinstance(v, dict) and "default" in v and k not in params
+    }
+    return {**params, **missing} if missing else params
+
+
+def problems(schema: dict[str, Any], params: Any) -> list[str]:
+    """Each way `params` fails `schema`, naming the field; empty when valid."""
+    validator = _validator(canonical(schema))
+    found = []
+    for err in sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.path))):
+        field = ".".join(str(p) for p in err.absolute_path) or "(parameters)"
+        found.append(f"{field}: {err.message}")
+    return found
+
+
+def check(tool: str, schema: dict[str, Any], params: Any) -> None:
+    found = problems(schema, params)
+    if found:
+        raise InvalidParameters(tool, found)

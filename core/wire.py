@@ -1,0 +1,81 @@
+"""One cattrs converter, built once: state, events and commands to JSON-ready data and back.
+
+Events and commands are tagged unions: `{"type": "<TAG>", ...}`, with the
+class's stable `TAG`, so renaming a class never breaks a stored log.
+Datetimes travel as ISO-8601 UTC strings with microseconds (sortable as text).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import cattrs
+from cattrs.strategies import configure_tagged_union
+from clearance.core.commands import AuditRecord, Command
+from clearance.core.events import Event
+from clearance.core.execution import ApprovalRequest, Execution
+
+STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
+def stamp(at: datetime) -> str:
+    return at.astimezone(UTC).strftime(STAMP)
+
+
+def parse_stamp(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+def _tag(cls: type) -> str:
+    return str(vars(cls)["TAG"])
+
+
+def _build() -> cattrs.Converter:
+    conv = cattrs.Converter()
+    conv.register_unstructure_hook(datetime, stamp)
+    conv.register_structure_hook(datetime, lambda v, _: parse_stamp(v))
+    conv.register_structure_hook(Any, lambda v, _: v)
+    for union in (Event, Command):
+        configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")
+    return conv
+
+
+converter = _build()
+
+
+def event_to_data(event: Event) -> dict[str, Any]:
+    data: dict[str, Any] = converter.unstructure(event, Event)
+    return data
+
+
+def event_from_data(data: dict[str, Any]) -> Event:
+    event: Event = converter.structure(data, Event)  # type: ignore[arg-type]
+    return event
+
+
+def command_to_data(command: Command) -> dict[str, Any]:
+    data: dict[str, Any] = converter.unstructure(command, Command)
+    return data
+
+
+def command_from_data(data: dict[str, Any]) -> Command:
+    command: Command = converter.structure(data, Command)  # type: ignore[arg-type]
+    return command
+
+
+def execution_to_data(execution: Execution) -> dict[str, Any]:
+    data: dict[str, Any] = converter.unstructure(execution)
+    return data
+
+
+def execution_from_data(data: dict[str, Any]) -> Execution:
+    return converter.structure(data, Execution)
+
+
+def request_from_data(data: dict[str, Any]) -> ApprovalRequest:
+    return converter.structure(data, ApprovalRequest)
+
+
+def audit_from_data(data: dict[str, Any]) -> AuditRecord:
+    return converter.structure(data, AuditRecord)

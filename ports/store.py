@@ -1,0 +1,95 @@
+"""The store port: executions, their event log, pending approvals, timers, outbox and audit.
+
+`commit` is the one write the engine makes per event: the new state, the
+event, and the event's commands, atomically and only if nobody else moved the
+execution first (optimistic version = `Execution.seq`). Store effects among the
+commands (timers, the pending list, audit records) are applied in the same
+transaction; `CallModel` / `RunTool` go to the outbox.
+
+Methods are async so network databases fit the same port; the SQLite adapter
+answers inline (its writes are short and local).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+import attrs
+from clearance.core.agent import AgentSpec
+from clearance.core.commands import AuditRecord, Command
+from clearance.core.errors import ClearanceError
+from clearance.core.events import Event
+from clearance.core.execution import ApprovalRequest, Execution
+
+
+class Conflict(ClearanceError):
+    """Someone else changed the execution first: reload and decide again."""
+
+
+@attrs.frozen
+class OutboxEntry:
+    id: int
+    execution_id: str
+    agent_tag: str
+    command: Command
+    claimed_by: str | None
+
+
+@attrs.frozen
+class DueTimer:
+    execution_id: str
+    request_id: str
+    due_at: datetime
+
+
+class Store(Protocol):
+    commits: int  # successful write transactions, for benchmarks and tests
+
+    async def remember_agent(self, spec: AgentSpec) -> str: ...
+
+    async def commit(
+        self,
+        execution: Execution,
+        event: Event,
+        commands: Sequence[Command],
+        *,
+        expected_seq: int,
+        claimed_by: str | None,
+        done: int | None = None,
+    ) -> list[OutboxEntry]: ...
+
+    async def load(self, execution_id: str) -> Execution | None: ...
+
+    async def events(self, execution_id: str) -> list[Event]: ...
+
+    async def spec_of(self, execution_id: str) -> AgentSpec | None: ...
+
+    async def execution_of_request(self, request_id: str) -> str | None: ...
+
+    async def pending(
+        self, agent_tag: str | None = None, limit: int | None = None
+    ) -> list[ApprovalRequest]: ...
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
+
+    async def drop_timer(self, request_id: str) -> None: ...
+
+    async def claim_queued(
+        self, agent_tags: Sequence[str], worker: str, limit: int
+    ) -> list[OutboxEntry]: ...
+
+    async def claimed_by_others(
+        self, agent_tags: Sequence[str], worker: str
+    ) -> list[OutboxEntry]: ...
+
+    async def reclaim(self, entry_id: int, previous: str, worker: str) -> bool: ...
+
+    async def discard(self, entry_id: int) -> None: ...
+
+    async def audit(
+        self, execution_id: str | None = None, request_id: str | None = None
+    ) -> list[AuditRecord]: ...
+
+    async def close(self) -> None: ...
