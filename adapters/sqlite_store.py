@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import attrs
+
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import (
     AuditRecord,

@@ -20,6 +20,8 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from clearance.core.commands import CallModel, RunTool
 from clearance.core.decide import decide
 from clearance.core.errors import ClearanceError, Refusal
@@ -167,7 +169,7 @@ class Engine:
                     continue
                 await self._drive(ex, more)
             else:
-                await self._drive(ex, [entry])
+                await self._drive(ex, [attrs.evolve(entry, claimed_by=self.worker)])
         return taken
 
     # -- the loop ---------------------------------------------------------------------

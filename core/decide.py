@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import attrs
+
 from clearance.core.agent import PARALLEL, ToolSpec
 from clearance.core.commands import (
     AuditRecord,

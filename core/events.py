@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any, ClassVar
 
 import attrs
+
 from clearance.core.execution import Usage
 
 

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import attrs
+
 from clearance.core.agent import AgentSpec
 
 # Execution statuses.
@@ -56,11 +57,15 @@ class Usage:
         )
 
 
+# A tool_result's content: a string, or content blocks.
+ToolContent = str | list[dict[str, Any]]
+
+
 @attrs.frozen
 class ToolResult:
     """What the model gets back for one tool_use: `content` as a tool_result carries it."""
 
-    content: str | list[dict[str, Any]]
+    content: ToolContent
     is_error: bool = False
 
 

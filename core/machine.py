@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from transitions import Machine, MachineError
+
 from clearance.core.execution import (
     APPROVED,
     AWAITING_APPROVAL,
@@ -40,7 +42,6 @@ from clearance.core.execution import (
     STOPPED,
     TIMED_OUT,
 )
-from transitions import Machine, MachineError
 
 _LIVE = (RUNNING, AWAITING_APPROVAL)
 

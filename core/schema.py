@@ -15,8 +15,9 @@ from functools import lru_cache
 from typing import Any
 
 import jsonschema
-from clearance.core.errors import DefinitionError, InvalidParameters
 from jsonschema.validators import Draft202012Validator
+
+from clearance.core.errors import DefinitionError, InvalidParameters
 
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
 FIELD_KEYS = ("type", "required", "description", "enum", "default", "items", "properties")

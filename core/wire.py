@@ -12,9 +12,10 @@ from typing import Any
 
 import cattrs
 from cattrs.strategies import configure_tagged_union
+
 from clearance.core.commands import AuditRecord, Command
 from clearance.core.events import Event
-from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.execution import ApprovalRequest, Execution, ToolContent
 
 STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
 
@@ -36,6 +37,7 @@ def _build() -> cattrs.Converter:
     conv.register_unstructure_hook(datetime, stamp)
     conv.register_structure_hook(datetime, lambda v, _: parse_stamp(v))
     conv.register_structure_hook(Any, lambda v, _: v)
+    conv.register_structure_hook(ToolContent, lambda v, _: v)
     for union in (Event, Command):
         configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")
     return conv

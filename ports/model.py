@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 import attrs
+
 from clearance.core.execution import Usage
 
 

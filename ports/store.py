@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Protocol
 
 import attrs
+
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import AuditRecord, Command
 from clearance.core.errors import ClearanceError

@@ -1,0 +1,103 @@
+"""Shared pieces: the spec's refund agent, with handlers that record every call."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from clearance import Clearance, HumanInLoop, Tool, ToolContext
+from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
+
+REFUND_PARAMS = {
+    "orderId": {"type": "string", "required": True},
+    "amount": {"type": "number", "required": True},
+    "reason": {"type": "string", "required": True},
+}
+REFUND = {"orderId": "ORD-123", "amount": 50, "reason": "Damaged item"}
+
+
+class Recorder:
+    """Tool handlers that remember every call (context and parameters)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, ToolContext, dict[str, Any]]] = []
+
+    async def process_refund(self, ctx: ToolContext, params: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("process-refund", ctx, params))
+        return {"refunded": params["amount"], "orderId": params["orderId"]}
+
+    def get_order(self, ctx: ToolContext, params: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("get-order", ctx, params))
+        return {"orderId": params["orderId"], "total": 80, "status": "delivered"}
+
+    def tools(self, **refund_options: Any) -> list[Tool]:
+        options = {"requires_confirmation": True, **refund_options}
+        return [
+            Tool(
+                tag="process-refund",
+                description="Process a refund for an order",
+                parameters=REFUND_PARAMS,
+                handler=self.process_refund,
+                **options,
+            ),
+            Tool(
+                tag="get-order",
+                description="Look up order information",
+                parameters={"orderId": {"type": "string", "required": True}},
+                handler=self.get_order,
+            ),
+        ]
+
+    def ran(self, tool: str) -> list[dict[str, Any]]:
+        return [params for name, _, params in self.calls if name == tool]
+
+
+def refund_script() -> ScriptedModel:
+    return ScriptedModel(
+        [
+            [
+                text("I need to process a refund of $50 for order ORD-123"),
+                tool_use("process-refund", REFUND),
+            ],
+            [text("Done.")],
+        ]
+    )
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def app(tmp_path: Any, clock: FakeClock) -> Any:
+    async with Clearance.open(
+        f"sqlite:///{tmp_path / 'approvals.db'}", clock=clock, ids=SequentialIds()
+    ) as instance:
+        yield instance
+
+
+def define_refund_agent(
+    app: Clearance,
+    recorder: Recorder,
+    model: Any = None,
+    hitl: HumanInLoop | None = None,
+    **refund_options: Any,
+) -> ScriptedModel:
+    model = model or refund_script()
+    app.define(
+        tag="safe-agent",
+        name="Agent with Approvals",
+        product="my-product",
+        model=model,
+        system_prompt="You are a helpful assistant...",
+        tools=recorder.tools(**refund_options),
+        human_in_loop=hitl or HumanInLoop(enabled=True, approval_timeout=300_000),
+    )
+    return model
