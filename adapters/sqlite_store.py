@@ -338,17 +338,26 @@ class SQLiteStore:
         if not agent_tags:
             return []
         marks = ",".join("?" * len(agent_tags))
+        # Look first without a write lock: this runs on every poll of every host.
+        rows = self._db.execute(
+            "SELECT id, execution_id, agent_tag, body, claimed_by FROM outbox"
+            f" WHERE claimed_by IS NULL AND agent_tag IN ({marks}) ORDER BY id LIMIT ?",
+            (*agent_tags, limit),
+        ).fetchall()
+        if not rows:
+            return []
+        won = []
         with self._write():
-            rows = self._db.execute(
-                "SELECT id, execution_id, agent_tag, body, claimed_by FROM outbox"
-                f" WHERE claimed_by IS NULL AND agent_tag IN ({marks}) ORDER BY id LIMIT ?",
-                (*agent_tags, limit),
-            ).fetchall()
             for row in rows:
-                self._db.execute("UPDATE outbox SET claimed_by = ? WHERE id = ?", (worker, row[0]))
+                cur = self._db.execute(
+                    "UPDATE outbox SET claimed_by = ? WHERE id = ? AND claimed_by IS NULL",
+                    (worker, row[0]),
+                )
+                if cur.rowcount == 1:
+                    won.append(row)
         return [
             OutboxEntry(e.id, e.execution_id, e.agent_tag, e.command, worker)
-            for e in self._entries(iter(rows))
+            for e in self._entries(iter(won))
         ]
 
     async def claimed_by_others(self, agent_tags: Sequence[str], worker: str) -> list[OutboxEntry]:

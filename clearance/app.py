@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -32,7 +32,7 @@ from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
 from clearance.ports.store import Store
-from clearance.worker import new_worker_id
+from clearance.worker import new_worker_id, retire
 
 log = logging.getLogger("clearance")
 
@@ -97,17 +97,14 @@ class Clearance:
         clock: Clock | None = None,
         ids: IdSource | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
-        worker_id: str | None = None,
     ) -> None:
         self.store = store
         self.clock: Clock = clock or SystemClock()
         self.poll_interval = poll_interval
         self._agents: dict[str, HostedAgent] = {}
-        self.engine = Engine(
-            store, self.clock, ids or RandomIds(), worker_id or new_worker_id(), self._agents
-        )
+        self.engine = Engine(store, self.clock, ids or RandomIds(), new_worker_id(), self._agents)
         self._background: asyncio.Task[None] | None = None
-        self._recovered: set[str] = set()
+        self._driving: set[asyncio.Task[Execution]] = set()
 
     @classmethod
     def open(
@@ -118,14 +115,12 @@ class Clearance:
         ids: IdSource | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         synchronous: str = "FULL",
-        worker_id: str | None = None,
     ) -> Clearance:
         return cls(
             open_store(url, synchronous=synchronous),
             clock=clock,
             ids=ids,
             poll_interval=poll_interval,
-            worker_id=worker_id,
         )
 
     async def __aenter__(self) -> Clearance:
@@ -141,11 +136,16 @@ class Clearance:
         await self.close()
 
     async def close(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
-            self._background = None
+        """Stop background work and close the store. Work cut short here is
+        taken over by the next process that hosts the agent."""
+        tasks = [*self._driving, *([self._background] if self._background else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._background = None
+        retire(self.engine.worker)
         await self.store.close()
 
     # -- defining agents -------------------------------------------------------------------
@@ -188,8 +188,7 @@ class Clearance:
 
     async def run(self, tag: str, *, input: str, session_id: str | None = None) -> Execution:
         """Start an execution; returns when it rests (awaiting_approval or finished)."""
-        await self._recover_once()
-        return await self.engine.start(tag, input, session_id)
+        return await self._shielded(self.engine.start(tag, input, session_id))
 
     async def signal(
         self,
@@ -206,13 +205,15 @@ class Clearance:
         Where this process hosts the agent, returns when the execution rests;
         elsewhere it records the decision and returns, and the hosting process
         carries on."""
-        return await self.engine.signal(
-            execution_id,
-            signal,
-            request_id=request_id,
-            modified_params=modified_params,
-            reason=reason,
-            by=by,
+        return await self._shielded(
+            self.engine.signal(
+                execution_id,
+                signal,
+                request_id=request_id,
+                modified_params=modified_params,
+                reason=reason,
+                by=by,
+            )
         )
 
     async def decide(
@@ -260,16 +261,19 @@ class Clearance:
 
     # -- background ---------------------------------------------------------------------
 
-    async def _recover_once(self) -> None:
-        tags = set(self._agents) - self._recovered
-        if tags:
-            self._recovered |= tags
-            await self.engine.recover()
+    async def _shielded(self, work: Coroutine[Any, Any, Execution]) -> Execution:
+        """Run `work` so that a caller who gives up (a cancelled web request, a
+        wait_for timeout) does not strand the execution half-driven: the work
+        goes on in this process and the caller just stops waiting for it."""
+        task = asyncio.ensure_future(work)
+        self._driving.add(task)
+        task.add_done_callback(self._driving.discard)
+        return await asyncio.shield(task)
 
     async def _watch(self) -> None:
         while True:
             try:
-                await self._recover_once()
+                await self.engine.recover()
                 await self.engine.pickup()
                 if self.clock.drives_timers:
                     await self.engine.fire_due_timers()

@@ -149,7 +149,14 @@ def _relative(at: datetime) -> str:
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def sentence(text: str) -> str:
+    """'rejected: Too expensive.' stays as it is; 'approved' -> 'approved.'."""
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def describe_decision(request: ApprovalRequest) -> str:
@@ -245,12 +252,12 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
         )
     request = ex.request(args.request_id)
     assert request is not None  # decide() found it
-    say(f"{args.request_id}: {describe_decision(request)}.")
+    say(sentence(f"{args.request_id}: {describe_decision(request)}"))
     if approved:
         say(f"'{request.tool}' will run with {_compact(request.effective_parameters())}.")
     say(
         f"Execution {ex.id} is {ex.status}; the process hosting agent '{ex.agent_tag}' "
-        "carries on from here (see: clearance show " + ex.id + ")."
+        f"carries on from here (see: clearance show {ex.id} --db {shlex.quote(str(path))})."
     )
     return 0
 
@@ -436,6 +443,7 @@ class Demo:
         self.path = path
         self.by = args.by or default_user()
         self.shown_messages = 0
+        self.at_prompt = False  # the cursor sits after a prompt: start other output on a new line
         self._terminal: TerminalLines | None = None
 
     # -- output -----------------------------------------------------------------------
@@ -470,7 +478,8 @@ class Demo:
             "",
             "It is stored in the database, so you can also decide from another terminal:",
             f"  clearance pending --db {db}",
-            f"  clearance approve {rid} --db {db}            (add --set amount=25 to modify)",
+            f"  clearance approve {rid} --db {db}",
+            f"  clearance approve {rid} --set amount=25 --db {db}",
             f"  clearance reject {rid} --reason 'Amount exceeds refund limit' --db {db}",
             "",
         )
@@ -495,18 +504,27 @@ class Demo:
         """A line typed at `prompt`, or None on end of input; raises DecidedElsewhere when
         the request is decided (or times out) before the line comes."""
         print(prompt, end="", flush=True)
+        self.at_prompt = True
         typed = asyncio.create_task(self.terminal.line())
         decided = asyncio.create_task(self.until_decided(request.execution_id, request.request_id))
-        done, _ = await asyncio.wait({typed, decided}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({typed, decided}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (typed, decided):
+                task.cancel()
         if decided in done:
-            typed.cancel()
-            say("")
+            self.end_prompt()
             raise DecidedElsewhere(decided.result())
-        decided.cancel()
         line = typed.result()
+        self.at_prompt = False
         if self.terminal.echo:
             say(line if line is not None else "")
         return line
+
+    def end_prompt(self) -> None:
+        if self.at_prompt:
+            self.at_prompt = False
+            say("")
 
     async def try_decide(
         self,
@@ -551,7 +569,14 @@ class Demo:
         try:
             await self.ask_until_decided(request)
         except DecidedElsewhere as elsewhere:
-            say(f"Decided outside this terminal: {describe_decision(elsewhere.request)}.")
+            request = elsewhere.request
+            if request.status == TIMED_OUT:
+                say(
+                    f"No decision within {duration(request.timeout_ms)}: the request timed out "
+                    "and the agent is told so."
+                )
+            else:
+                say(sentence(f"Decided outside this terminal: {describe_decision(request)}"))
 
     async def ask_until_decided(self, request: ApprovalRequest) -> None:
         while True:
@@ -587,12 +612,15 @@ class Demo:
                 if await self.try_decide(request, False, reason=(reason or "").strip() or None):
                     return
             elif choice:
-                say("Please answer a (approve), m (approve with modified parameters) or r (reject).")
+                say(
+                    "Please answer a (approve), m (approve with modified parameters) or r (reject)."
+                )
 
     # -- the run ----------------------------------------------------------------------
 
     def on_refund(self, ctx: ToolContext, params: dict[str, Any]) -> None:
         by = f", approved by {ctx.approved_by}" if ctx.approved_by else ""
+        self.end_prompt()
         say(
             f"       [process-refund handler] refunding {money(params.get('amount'))} "
             f"for order {params.get('orderId')} (idempotency key {ctx.idempotency_key}{by})"
@@ -627,7 +655,7 @@ class Demo:
             ex = (await self.app.get_execution(ex.id)).execution
         say("")
         for request in ex.requests:
-            say(f"Approval {request.request_id}: {describe_decision(request)}.")
+            say(sentence(f"Approval {request.request_id}: {describe_decision(request)}"))
         say(f"Execution {ex.id}: {ex.status}.")
         if ex.error:
             warn(ex.error)
@@ -679,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="a modified parameter for --auto approve/modify (repeatable)",
     )
-    demo.add_argument("--reason", help=f"rejection reason for --auto reject ({DEFAULT_REJECTION!r})")
+    demo.add_argument(
+        "--reason", help=f"rejection reason for --auto reject ({DEFAULT_REJECTION!r})"
+    )
     demo.add_argument("--by", metavar="NAME", help="who decides (default: your login name)")
     demo.add_argument(
         "--timeout-ms",

@@ -1,0 +1,466 @@
+"""The `clearance` command, as a user runs it: real processes on a real SQLite file.
+
+The demo runs in a subprocess (auto, interactive through stdin, timed out,
+decided from another process while it waits at the prompt). The decision
+commands run in a subprocess against an agent hosted by this test with the
+system clock, which must pick their decisions up without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from clearance import Clearance, ModelRequest, ToolContext
+from clearance.cli import main, parse_assignment
+from clearance.core.execution import TERMINAL, Execution
+from clearance.demo import (
+    AGENT_TAG,
+    REFUND_PARAMS,
+    USER_INPUT,
+    define_refund_agent,
+    final_answer,
+    money,
+)
+
+APPROVED_ANSWER = "I've processed the $50 refund for order ORD-123"
+REJECTED_ANSWER = "I wasn't able to process the refund. The approval was rejected because"
+ESCALATE = "Would you like me to escalate this to a supervisor?"
+TIMEOUT_ANSWER = (
+    "I wasn't able to process the refund because the approval request timed out. "
+    "Would you like me to try again, or would you prefer to handle this manually?"
+)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "CLEARANCE_DB"}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def cli(
+    cwd: Path, *args: str, input: str | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    """`clearance ARGS` in a fresh process, in `cwd` (never the repo: ./clearance would
+    shadow the installed package)."""
+    return subprocess.run(
+        [sys.executable, "-m", "clearance", *args],
+        cwd=cwd,
+        input=input,
+        stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+    )
+
+
+async def acli(cwd: Path, *args: str) -> tuple[int, str, str]:
+    """`cli` without blocking the event loop, so an agent hosted by the test keeps running."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "clearance",
+        *args,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def printed_request(stdout: str) -> dict[str, Any]:
+    """The approval request the demo printed as indented JSON."""
+    start = stdout.index("\n{\n") + 1
+    end = stdout.index("\n}\n", start) + 2
+    data: dict[str, Any] = json.loads(stdout[start:end])
+    return data
+
+
+def no_traceback(proc: subprocess.CompletedProcess[str] | tuple[int, str, str]) -> None:
+    text = proc.stderr if isinstance(proc, subprocess.CompletedProcess) else proc[2]
+    assert "Traceback" not in text
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+
+def test_demo_auto_approve(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "demo", "--auto", "approve", "--by", "alice")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert str(tmp_path / "clearance.db") in out  # where the database is
+    assert "scripted model" in out
+    request = printed_request(out)
+    assert set(request) == {
+        "requestId",
+        "executionId",
+        "agentTag",
+        "tool",
+        "parameters",
+        "reason",
+        "timestamp",
+        "timeout",
+    }
+    assert request["agentTag"] == "safe-agent"
+    assert request["tool"] == "process-refund"
+    assert request["parameters"] == {"orderId": "ORD-123", "amount": 50, "reason": "Damaged item"}
+    assert request["reason"] == "Refund request requires approval"
+    assert request["requestId"].startswith("apr-") and request["timeout"].endswith("Z")
+    assert f"clearance pending --db {tmp_path / 'clearance.db'}" in out
+    assert "refunding $50 for order ORD-123" in out  # the handler ran, once
+    assert out.count("[process-refund handler]") == 1
+    assert f"Agent: {APPROVED_ANSWER}." in out
+    assert (tmp_path / "clearance.db").is_file()
+
+    audit = cli(tmp_path, "audit", "--json")
+    records = [json.loads(line) for line in audit.stdout.splitlines()]
+    assert [(r["decision"], r["by"], r["requestId"]) for r in records] == [
+        ("approved", "alice", request["requestId"])
+    ]
+
+
+def test_demo_auto_reject(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "demo", "--auto", "reject", "--db", "r.db")
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        f"{REJECTED_ANSWER} the amount exceeds the refund limit. {ESCALATE}" in proc.stdout
+    )  # the spec's sentence, word for word
+    assert "[process-refund handler]" not in proc.stdout  # a rejected call never runs
+    assert (tmp_path / "r.db").is_file()
+
+    proc = cli(tmp_path, "demo", "--auto", "reject", "--reason", "Not eligible", "--db", "r.db")
+    assert f"{REJECTED_ANSWER} not eligible. {ESCALATE}" in proc.stdout
+
+
+def test_demo_auto_modify(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "demo", "--auto", "approve", "--set", "amount=25")
+    assert proc.returncode == 0, proc.stderr
+    assert "refunding $25 for order ORD-123" in proc.stdout
+    assert "Agent: I've processed the $25 refund for order ORD-123" in proc.stdout
+    assert "[process-refund handler] refunding $50" not in proc.stdout
+
+    proc = cli(tmp_path, "demo", "--auto", "modify")  # the spec's example: amount 25
+    assert "I've processed the $25 refund for order ORD-123" in proc.stdout
+
+
+def test_demo_interactive_modify_after_invalid_changes(tmp_path: Path) -> None:
+    answers = "what\nm\namount=abc\nm\namount=25\n"
+    proc = cli(tmp_path, "demo", "--by", "carol", input=answers)
+    assert proc.returncode == 0, proc.stderr
+    no_traceback(proc)
+    assert "Please answer a (approve)" in proc.stdout
+    assert "amount" in proc.stderr and "number" in proc.stderr  # the invalid field, named
+    assert proc.stdout.count("[process-refund handler]") == 1
+    assert "refunding $25" in proc.stdout
+    assert "I've processed the $25 refund for order ORD-123" in proc.stdout
+    assert 'approved by carol with changes {"amount": 25}' in proc.stdout
+
+
+def test_demo_interactive_approve_and_reject(tmp_path: Path) -> None:
+    proc = cli(tmp_path, "demo", input="a\n")
+    assert proc.returncode == 0, proc.stderr
+    assert f"Agent: {APPROVED_ANSWER}." in proc.stdout
+
+    proc = cli(tmp_path, "demo", input="r\nAmount exceeds refund limit\n")
+    assert proc.returncode == 0, proc.stderr
+    assert f"{REJECTED_ANSWER} amount exceeds refund limit. {ESCALATE}" in proc.stdout
+    assert "[process-refund handler]" not in proc.stdout
+
+
+def test_demo_times_out_when_nobody_decides(tmp_path: Path) -> None:
+    # stdin closed: the demo waits for another process or the timeout.
+    proc = cli(tmp_path, "demo", "--timeout-ms", "300")
+    assert proc.returncode == 0, proc.stderr
+    assert "stdin is closed" in proc.stdout
+    assert TIMEOUT_ANSWER in proc.stdout
+    assert "[process-refund handler]" not in proc.stdout
+    audit = cli(tmp_path, "audit", "--json")
+    (record,) = [json.loads(line) for line in audit.stdout.splitlines()]
+    assert record["decision"] == "timed_out"
+
+
+def test_demo_notices_a_decision_made_by_another_process(tmp_path: Path) -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "clearance", "demo", "--db", "shared.db"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,  # stays open: the demo sits at its prompt
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    try:
+        assert demo.stdout is not None
+        seen = []
+        for line in demo.stdout:
+            seen.append(line)
+            if line.startswith("  clearance reject "):
+                break
+        request_id = printed_request("".join(seen))["requestId"]
+
+        pending = cli(tmp_path, "pending", "--db", "shared.db", "--json")
+        assert [json.loads(x)["requestId"] for x in pending.stdout.splitlines()] == [request_id]
+
+        approve = cli(
+            tmp_path,
+            "approve",
+            request_id,
+            "--set",
+            "amount=20",
+            "--by",
+            "bob",
+            "--db",
+            "shared.db",
+        )
+        assert approve.returncode == 0, approve.stderr
+        assert f'{request_id}: approved by bob with changes {{"amount": 20}}.' in approve.stdout
+
+        assert demo.wait(timeout=10) == 0
+        rest = demo.stdout.read()
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert 'Decided outside this terminal: approved by bob with changes {"amount": 20}.' in rest
+    assert "I've processed the $20 refund for order ORD-123" in rest
+    assert cli(tmp_path, "pending", "--db", "shared.db", "--json").stdout == ""
+
+
+# -- deciding from another process, against an agent hosted here -----------------------------
+
+
+class Host:
+    """This test process hosting 'safe-agent' on the real clock, as an app would."""
+
+    def __init__(self, app: Clearance, db: Path) -> None:
+        self.app = app
+        self.db = db
+        self.refunds: list[dict[str, Any]] = []
+
+    async def start(self) -> Execution:
+        ex = await self.app.run(AGENT_TAG, input=USER_INPUT)
+        assert ex.status == "awaiting_approval"
+        return ex
+
+    async def finished(self, execution_id: str, within: float = 10) -> Execution:
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            ex = (await self.app.get_execution(execution_id)).execution
+            if ex.status in TERMINAL:
+                return ex
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"execution {execution_id} did not finish within {within}s")
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[Host]:
+    db = tmp_path / "host.db"
+    async with Clearance.open(f"sqlite:///{db}", poll_interval=0.02) as app:
+        h = Host(app, db)
+
+        def on_refund(ctx: ToolContext, params: dict[str, Any]) -> None:
+            h.refunds.append({**params, "key": ctx.idempotency_key, "by": ctx.approved_by})
+
+        define_refund_agent(app, on_refund=on_refund)
+        yield h
+
+
+async def test_cli_approve_is_picked_up_by_the_hosting_process(host: Host, tmp_path: Path) -> None:
+    ex = await host.start()
+    (request,) = ex.pending_approvals
+    db = str(host.db)
+
+    code, out, err = await acli(
+        tmp_path, "approve", request.request_id, "--set", "amount=25", "--by", "alice", "--db", db
+    )
+    assert code == 0, err
+    assert f'{request.request_id}: approved by alice with changes {{"amount": 25}}.' in out
+    assert '"amount": 25' in out and f"clearance show {ex.id}" in out
+
+    done = await host.finished(ex.id)
+    assert done.status == "completed"
+    assert done.output is not None
+    assert done.output.startswith("I've processed the $25 refund for order ORD-123")
+    assert host.refunds == [
+        {**REFUND_PARAMS, "amount": 25, "key": request.request_id, "by": "alice"}
+    ]
+
+    # A second decision: refused, naming the one that stands; nothing changes.
+    again = await acli(tmp_path, "reject", request.request_id, "--reason", "late", "--db", db)
+    assert again[0] == 1
+    no_traceback(again)
+    assert f"approval request {request.request_id} was already approved by alice" in again[2]
+    assert len(host.refunds) == 1
+
+    code, out, _ = await acli(tmp_path, "show", ex.id, "--db", db)
+    assert code == 0
+    assert "status completed" in out and "approved by alice" in out and "Audit:" in out
+    code, out, _ = await acli(tmp_path, "show", ex.id, "--db", db, "--json")
+    shown = json.loads(out)
+    assert shown["status"] == "completed"
+    assert [r["decision"] for r in shown["audit"]] == ["approved"]
+    assert shown["audit"][0]["modifiedParams"] == {"amount": 25}
+
+
+async def test_cli_reject_is_picked_up_by_the_hosting_process(host: Host, tmp_path: Path) -> None:
+    ex = await host.start()
+    (request,) = ex.pending_approvals
+    code, out, err = await acli(
+        tmp_path,
+        "reject",
+        request.request_id,
+        "--reason",
+        "Amount exceeds refund limit",
+        "--by",
+        "dana",
+        "--db",
+        str(host.db),
+    )
+    assert code == 0, err
+    assert f"{request.request_id}: rejected by dana: Amount exceeds refund limit." in out
+
+    done = await host.finished(ex.id)
+    assert done.output == f"{REJECTED_ANSWER} amount exceeds refund limit. {ESCALATE}"
+    assert host.refunds == []
+
+    again = await acli(tmp_path, "approve", request.request_id, "--db", str(host.db))
+    assert again[0] == 1
+    no_traceback(again)
+    assert "already rejected by dana" in again[2] and "that decision stands" in again[2]
+
+
+async def test_invalid_modified_params_change_nothing(host: Host, tmp_path: Path) -> None:
+    ex = await host.start()
+    (request,) = ex.pending_approvals
+    db = str(host.db)
+    for bad, field in (("amount=abc", "amount"), ("amout=25", "amout")):
+        result = await acli(tmp_path, "approve", request.request_id, "--set", bad, "--db", db)
+        assert result[0] == 1
+        no_traceback(result)
+        assert field in result[2]
+    code, out, _ = await acli(tmp_path, "pending", "--db", db, "--json")
+    assert code == 0
+    assert [json.loads(line)["requestId"] for line in out.splitlines()] == [request.request_id]
+    assert (await host.app.get_execution(ex.id)).status == "awaiting_approval"
+    assert await host.app.audit() == []
+    assert host.refunds == []
+
+
+async def test_pending_lists_oldest_first_with_agent_filter(host: Host, tmp_path: Path) -> None:
+    first = (await host.start()).pending_approvals[0]
+    second = (await host.start()).pending_approvals[0]
+    db = str(host.db)
+
+    code, out, _ = await acli(tmp_path, "pending", "--db", db, "--json")
+    assert code == 0
+    listed = [json.loads(line) for line in out.splitlines()]
+    assert [r["requestId"] for r in listed] == [first.request_id, second.request_id]
+    assert listed[0] == first.to_dict()
+
+    code, out, _ = await acli(tmp_path, "pending", "--db", db)
+    lines = out.splitlines()
+    assert lines[0].split() == ["REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS", "EXPIRES"]
+    assert lines[1].startswith(first.request_id) and lines[2].startswith(second.request_id)
+    assert "safe-agent" in lines[1] and "process-refund" in lines[1]
+
+    code, out, _ = await acli(tmp_path, "pending", "--db", db, "--agent", "other-agent")
+    assert code == 0 and "No pending approval requests for agent 'other-agent'" in out
+    code, out, _ = await acli(tmp_path, "pending", "--db", db, "--agent", AGENT_TAG, "--json")
+    assert len(out.splitlines()) == 2
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
+    cli(tmp_path, "demo", "--auto", "approve")  # creates ./clearance.db
+
+    unknown = cli(tmp_path, "approve", "apr-nope")
+    assert unknown.returncode == 1
+    assert unknown.stderr.strip() == "clearance: error: no approval request 'apr-nope'"
+
+    missing = cli(tmp_path, "pending", "--db", "typo.db")
+    assert missing.returncode == 1 and "no database at" in missing.stderr
+    assert not (tmp_path / "typo.db").exists()  # not created by a typo
+
+    for args in (
+        ["reject", "apr-x"],  # no --reason
+        ["approve", "apr-x", "--set", "amount"],  # not NAME=VALUE
+        ["demo", "--auto", "maybe"],
+        ["demo", "--timeout-ms", "0"],
+        ["demo", "--auto", "reject", "--set", "amount=1"],
+        [],
+    ):
+        usage = cli(tmp_path, *args)
+        assert usage.returncode == 2, args
+        no_traceback(usage)
+        assert "error" in usage.stderr or "usage" in usage.stderr
+
+
+# -- in-process pieces -------------------------------------------------------------------
+
+
+def test_parse_assignment() -> None:
+    assert parse_assignment("amount=25") == ("amount", 25)
+    assert parse_assignment("amount=25.5") == ("amount", 25.5)
+    assert parse_assignment("reason=Damaged item") == ("reason", "Damaged item")
+    assert parse_assignment("orderId=ORD-9") == ("orderId", "ORD-9")
+    assert parse_assignment('tags=["a"]') == ("tags", ["a"])
+    assert parse_assignment("note=a=b") == ("note", "a=b")
+    assert parse_assignment("x=") == ("x", "")
+
+
+def test_main_returns_exit_codes_in_process(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--help"]) == 0
+    assert main(["pending", "--db", str(tmp_path / "none.db")]) == 1
+    assert "no database at" in capsys.readouterr().err
+    assert main(["demo", "--auto", "approve", "--db", str(tmp_path / "d.db")]) == 0
+    assert APPROVED_ANSWER in capsys.readouterr().out
+
+
+def _request_with(result: dict[str, Any]) -> ModelRequest:
+    return ModelRequest(
+        model="scripted",
+        system="",
+        messages=[
+            {"role": "user", "content": USER_INPUT},
+            {"role": "assistant", "content": []},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", **result}]},
+        ],
+        tools=[],
+    )
+
+
+def test_final_answer_reads_the_last_tool_result() -> None:
+    refund = json.dumps({"orderId": "ORD-123", "amount": 50})
+    assert final_answer(_request_with({"content": refund})) == f"{APPROVED_ANSWER}."
+    modified = [
+        {"type": "text", "text": "A human approved this call with modified parameters: ..."},
+        {"type": "text", "text": json.dumps({"orderId": "ORD-123", "amount": 12.5})},
+    ]
+    assert final_answer(_request_with({"content": modified})).startswith(
+        "I've processed the $12.50 refund for order ORD-123"
+    )
+    rejected = json.dumps({"error": "approval_rejected", "reason": "Over the limit."})
+    assert final_answer(_request_with({"content": rejected, "is_error": True})) == (
+        f"{REJECTED_ANSWER} over the limit. {ESCALATE}"
+    )
+    timeout = json.dumps({"error": "approval_timeout", "message": "..."})
+    assert final_answer(_request_with({"content": timeout, "is_error": True})) == TIMEOUT_ANSWER
+    assert money(50) == "$50" and money(25.5) == "$25.50"

@@ -1,0 +1,601 @@
+"""Every execution status x every event type, and every request status x every decision.
+
+In the wsproto / h2 style: build an execution in each status from real events
+(through `decide`, several ways per status where the way matters), hand it a
+representative event of each type (ones that fit, and ones whose content does
+not), and check the outcome is one of exactly two things:
+
+- accepted, and the move `(event, source, destination)` is a row of
+  `EXECUTION_TABLE` (and of `REQUEST_TABLE` for the request it decides);
+- refused with `Refusal`, whose message names the execution's state or the
+  standing decision (or, for an event whose content does not fit an accepting
+  state, the sub-state it does not fit), and nothing changed.
+
+Never any other exception. Acceptance is checked both ways: an event that fits
+a state the table says takes it must be accepted, not refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+import pytest
+
+from clearance.core.agent import PARALLEL, SEQUENTIAL, AgentSpec, ToolSpec
+from clearance.core.commands import COMMAND_TYPES, RecordDecision, RunTool
+from clearance.core.decide import decide, standing_decision
+from clearance.core.errors import InvalidParameters, Refusal
+from clearance.core.events import (
+    EVENT_TYPES,
+    Approved,
+    Event,
+    ModelFailed,
+    ModelReplied,
+    Rejected,
+    Started,
+    StopRequested,
+    Ticket,
+    TimerFired,
+    ToolFailed,
+    ToolFinished,
+)
+from clearance.core.execution import (
+    APPROVED,
+    AWAITING_APPROVAL,
+    CANCELLED,
+    COMPLETED,
+    CREATED,
+    EXECUTING,
+    EXECUTION_STATUSES,
+    FAILED,
+    PENDING,
+    REJECTED,
+    REQUEST_STATUSES,
+    RUNNING,
+    STOPPED,
+    TERMINAL,
+    TIMED_OUT,
+    Execution,
+    iso,
+)
+from clearance.core.machine import EXECUTION_TABLE, REQUEST_TABLE
+from clearance.core.schema import to_json_schema
+
+T0 = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
+TIMEOUT_MS = 60_000
+
+REFUND = ToolSpec(
+    tag="refund",
+    description="",
+    input_schema=to_json_schema(
+        "refund", {"amount": {"type": "number", "required": True}, "note": {"type": "string"}}
+    ),
+    gated=True,
+    approval_timeout_ms=TIMEOUT_MS,
+)
+LOOKUP = ToolSpec(
+    tag="lookup",
+    description="",
+    input_schema=to_json_schema("lookup", {"q": {"type": "string", "required": True}}),
+    gated=False,
+    approval_timeout_ms=TIMEOUT_MS,
+)
+
+
+def agent(order: str = SEQUENTIAL, max_iterations: int = 20) -> AgentSpec:
+    return AgentSpec(
+        tag="support",
+        name="support",
+        product="",
+        model="scripted",
+        system_prompt="",
+        tools=(REFUND, LOOKUP),
+        approval_order=order,
+        max_iterations=max_iterations,
+    )
+
+
+# -- the tables as reviewed against DESIGN.md ----------------------------------------------
+
+# Which (event, status) pairs an execution takes at all. Pinned here so that a
+# widened table (say, a decision accepted by a completed execution) fails loudly.
+REVIEWED_ACCEPTS = {
+    ("started", CREATED),
+    ("model_replied", RUNNING),
+    ("model_failed", RUNNING),
+    ("tool_finished", RUNNING),
+    ("tool_failed", RUNNING),
+    *(
+        (d, s)
+        for d in ("approved", "rejected", "timer_fired")
+        for s in (RUNNING, AWAITING_APPROVAL)
+    ),
+    *(("stop_requested", s) for s in (CREATED, RUNNING, AWAITING_APPROVAL)),
+}
+MOVES = {(t, s, d) for t, s, dests in EXECUTION_TABLE for d in dests}
+ACCEPTS = {(t, s) for t, s, _ in EXECUTION_TABLE}
+REQUEST_MOVES = {(t, s, d) for t, s, dests in REQUEST_TABLE for d in dests}
+
+# The refusal codes decide() may use; anything else is a new, unreviewed outcome.
+KNOWN_CODES = {
+    "wrong_state",
+    "already_decided",
+    "unknown_request",
+    "expired",
+    "not_due",
+    "stale_model_reply",
+    "stale_tool_result",
+    "invalid_parameters",
+    "invalid_reply",
+    "invalid_event",
+}
+
+
+def test_execution_table_is_the_reviewed_one() -> None:
+    assert ACCEPTS == REVIEWED_ACCEPTS
+    for _, source, dests in EXECUTION_TABLE:
+        assert source in EXECUTION_STATUSES
+        assert set(dests) <= set(EXECUTION_STATUSES)
+    # Nothing ever leaves a terminal status, and nothing goes back to 'created'.
+    assert not any(s in TERMINAL for _, s, _ in EXECUTION_TABLE)
+    assert not any(CREATED in dests for _, _, dests in EXECUTION_TABLE)
+
+
+def test_request_table_is_pending_then_exactly_one_outcome() -> None:
+    assert {
+        ("approve", PENDING, APPROVED),
+        ("reject", PENDING, REJECTED),
+        ("time_out", PENDING, TIMED_OUT),
+        ("cancel", PENDING, CANCELLED),
+    } == REQUEST_MOVES
+    assert set(REQUEST_STATUSES) == {PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED}
+
+
+# -- building executions from real events ----------------------------------------------------
+
+
+def use(tool_use_id: str, name: str, params: Any) -> dict[str, Any]:
+    return {"type": "tool_use", "id": tool_use_id, "name": name, "input": params}
+
+
+def say(value: str) -> dict[str, Any]:
+    return {"type": "text", "text": value}
+
+
+class Life:
+    """An execution driven through decide() by real events, one second apart."""
+
+    def __init__(self, spec: AgentSpec | None = None) -> None:
+        self.ex = Execution(agent=spec or agent())
+        self.at = T0
+        self._requests = 0
+
+    def apply(self, event: Event) -> Life:
+        self.ex, _ = decide(self.ex, event)
+        return self
+
+    def now(self) -> datetime:
+        self.at += timedelta(seconds=1)
+        return self.at
+
+    def start(self) -> Life:
+        return self.apply(Started("exec-1", "refund order 42", self.now()))
+
+    def reply(self, *blocks: dict[str, Any]) -> Life:
+        tickets = []
+        for block in blocks:
+            if block["type"] == "tool_use":
+                self._requests += 1
+                tickets.append(Ticket(block["id"], f"apr-{self._requests}", "needs a human"))
+        uses = any(b["type"] == "tool_use" for b in blocks)
+        return self.apply(
+            ModelReplied(
+                turn=self.ex.model_turn,
+                content=tuple(blocks),
+                stop_reason="tool_use" if uses else "end_turn",
+                at=self.now(),
+                tickets=tuple(tickets),
+            )
+        )
+
+    def approve(self, request_id: str, **extra: Any) -> Life:
+        return self.apply(Approved(request_id, self.now(), by="alice", **extra))
+
+    def reject(self, request_id: str) -> Life:
+        return self.apply(Rejected(request_id, self.now(), by="alice", reason="too much"))
+
+    def time_out(self, request_id: str) -> Life:
+        request = self.ex.request(request_id)
+        assert request is not None
+        self.at = request.timeout
+        return self.apply(TimerFired(request_id, self.at))
+
+    def finish(self, tool_use_id: str) -> Life:
+        return self.apply(ToolFinished(tool_use_id, {"ok": True}, self.now()))
+
+    def fail_tool(self, tool_use_id: str) -> Life:
+        return self.apply(ToolFailed(tool_use_id, "boom", self.now()))
+
+    def model_fails(self) -> Life:
+        return self.apply(ModelFailed(self.ex.model_turn, "overloaded", self.now()))
+
+    def stop(self) -> Life:
+        return self.apply(StopRequested(self.now(), by="ops", reason="enough"))
+
+
+def refund(tool_use_id: str, amount: float = 10) -> dict[str, Any]:
+    return use(tool_use_id, "refund", {"amount": amount})
+
+
+def lookup(tool_use_id: str) -> dict[str, Any]:
+    return use(tool_use_id, "lookup", {"q": "order 42"})
+
+
+# Several ways into each status: what an event finds depends on more than the status
+# (is a model call outstanding, is a tool running, which requests are open).
+VARIANTS: dict[str, dict[str, Callable[[], Life]]] = {
+    CREATED: {"fresh": lambda: Life()},
+    RUNNING: {
+        "awaiting model": lambda: Life().start(),
+        "ungated tool running": lambda: Life().start().reply(lookup("tu1")),
+        "approved tool running": lambda: Life().start().reply(refund("tu1")).approve("apr-1"),
+        "parallel: tool running, approval open": lambda: (
+            Life(agent(PARALLEL)).start().reply(lookup("tu1"), refund("tu2"))
+        ),
+        "next turn after a rejection": lambda: Life().start().reply(refund("tu1")).reject("apr-1"),
+    },
+    AWAITING_APPROVAL: {
+        "one request": lambda: Life().start().reply(say("checking"), refund("tu1")),
+        "parallel: two requests": lambda: (
+            Life(agent(PARALLEL)).start().reply(refund("tu1"), refund("tu2", 20))
+        ),
+        "sequential: second after first timed out": lambda: (
+            Life().start().reply(refund("tu1"), refund("tu2", 20)).time_out("apr-1")
+        ),
+        "after an ungated tool finished": lambda: (
+            Life().start().reply(lookup("tu1"), refund("tu2")).finish("tu1")
+        ),
+    },
+    COMPLETED: {
+        "plain answer": lambda: Life().start().reply(say("done")),
+        "after an approved tool": lambda: (
+            Life().start().reply(refund("tu1")).approve("apr-1").finish("tu1").reply(say("ok"))
+        ),
+    },
+    FAILED: {
+        "model failed": lambda: Life().start().model_fails(),
+        "max_iterations after a rejection": lambda: (
+            Life(agent(max_iterations=1)).start().reply(refund("tu1")).reject("apr-1")
+        ),
+        "model failed after a failed tool": lambda: (
+            Life().start().reply(refund("tu1")).approve("apr-1").fail_tool("tu1").model_fails()
+        ),
+    },
+    STOPPED: {
+        "before starting": lambda: Life().stop(),
+        "while awaiting approval": lambda: Life().start().reply(refund("tu1")).stop(),
+        "while a tool runs": lambda: Life().start().reply(lookup("tu1")).stop(),
+    },
+}
+
+
+def test_every_status_has_a_variant_reached_through_decide() -> None:
+    assert set(VARIANTS) == set(EXECUTION_STATUSES)
+    for status, variants in VARIANTS.items():
+        for name, build in variants.items():
+            assert build().ex.status == status, f"{status}/{name}"
+
+
+# -- representative events ---------------------------------------------------------------------
+
+
+def representatives(ex: Execution, event_type: type[Event]) -> Iterator[tuple[Event, bool]]:
+    """(event, fits): `fits` says the event's content fits this execution, so an execution
+    whose status takes this event type must accept it; one that does not fit must be
+    refused whatever the status."""
+    at = (ex.updated_at or T0) + timedelta(seconds=1)
+    executing = [c for c in ex.calls if c.status == EXECUTING]
+    if event_type is Started:
+        yield Started("exec-1", "again", at), True
+    elif event_type is ModelReplied:
+        turn = ex.model_turn
+        yield ModelReplied(turn, (say("done"),), "end_turn", at), ex.awaiting_model
+        gated = ModelReplied(
+            turn,
+            (refund("tu9"),),
+            "tool_use",
+            at,
+            tickets=(Ticket("tu9", "apr-9", "why"),),
+        )
+        yield gated, ex.awaiting_model
+        yield ModelReplied(turn + 1, (say("late"),), "end_turn", at), False
+        yield ModelReplied(turn, (refund("tu9"),), "tool_use", at), False  # no ticket
+        yield ModelReplied(turn, (refund("tu9"), lookup("tu9")), "tool_use", at), False
+    elif event_type is ModelFailed:
+        yield ModelFailed(ex.model_turn, "overloaded", at), ex.awaiting_model
+        yield ModelFailed(ex.model_turn + 1, "late", at), False
+    elif event_type in (ToolFinished, ToolFailed):
+        make = (
+            (lambda t: ToolFinished(t, "ok", at))
+            if event_type is ToolFinished
+            else (lambda t: ToolFailed(t, "boom", at))
+        )
+        for call in ex.calls:
+            yield make(call.tool_use_id), call.status == EXECUTING
+        if not executing:
+            yield make("tu-none"), False
+    elif event_type in (Approved, Rejected):
+        for request in ex.requests:
+            fits = request.status == PENDING
+            if event_type is Approved:
+                yield Approved(request.request_id, at, by="bob"), fits
+                yield Approved(request.request_id, at, "bob", {"amount": 5}), fits
+                yield Approved(request.request_id, at, "bob", {"amount": "five"}), False
+                yield Approved(request.request_id, at, "bob", {"amout": 5}), False
+                yield Approved(request.request_id, request.timeout, "bob"), False
+            else:
+                yield Rejected(request.request_id, at, by="bob", reason="no"), fits
+                yield Rejected(request.request_id, request.timeout, "bob", "late"), False
+        yield event_type("apr-unknown", at, "bob"), False
+    elif event_type is TimerFired:
+        for request in ex.requests:
+            yield TimerFired(request.request_id, request.timeout), request.status == PENDING
+            early = request.timeout - timedelta(milliseconds=1)
+            yield TimerFired(request.request_id, early), False
+        yield TimerFired("apr-unknown", at + timedelta(days=1)), False
+    elif event_type is StopRequested:
+        yield StopRequested(at, by="ops", reason="enough"), True
+    else:  # pragma: no cover - a new event type needs representatives here
+        raise AssertionError(f"no representative events for {event_type.__name__}")
+
+
+def names_the_state(refusal: Refusal, ex: Execution, event: Event) -> bool:
+    """Whether the message says the state the event ran into."""
+    msg = str(refusal)
+    code = refusal.code
+    if code == "wrong_state":
+        if ex.status == CREATED:
+            return "not started" in msg
+        if isinstance(event, Started):
+            return "already started" in msg or re.search(rf"\b{ex.status}\b", msg) is not None
+        return re.search(rf"\bis {ex.status}\b", msg) is not None
+    if code == "already_decided":
+        assert isinstance(event, Approved | Rejected | TimerFired)
+        request = ex.request(event.request_id)
+        assert request is not None and request.status != PENDING
+        word = {TIMED_OUT: "timed out"}.get(request.status, request.status)
+        return msg == standing_decision(request) and f"already {word}" in msg
+    if code == "unknown_request":
+        assert isinstance(event, Approved | Rejected | TimerFired)
+        known = ", ".join(r.request_id for r in ex.requests) or "none"
+        return f"'{event.request_id}'" in msg and f"(its requests: {known})" in msg
+    if code in ("expired", "not_due"):
+        assert isinstance(event, Approved | Rejected | TimerFired)
+        request = ex.request(event.request_id)
+        assert request is not None
+        return request.request_id in msg and iso(request.timeout) in msg
+    if code == "stale_model_reply":
+        assert isinstance(event, ModelReplied | ModelFailed)
+        waiting = f"turn {ex.model_turn}" if ex.awaiting_model else "no model call"
+        return f"waiting for {waiting}" in msg and f"model turn {event.turn}" in msg
+    if code == "stale_tool_result":
+        assert isinstance(event, ToolFinished | ToolFailed)
+        call = ex.call(event.tool_use_id)
+        state = "unknown" if call is None else call.status
+        return event.tool_use_id in msg and f"(it is {state})" in msg
+    if code == "invalid_parameters":
+        return isinstance(refusal, InvalidParameters) and refusal.tool in msg and refusal.problems
+    if code in ("invalid_reply", "invalid_event"):
+        return isinstance(event, ModelReplied) and "tool_use" in msg
+    return False
+
+
+STATE_CASES = [
+    pytest.param(status, name, event_type, id=f"{status}[{name}]-{event_type.TAG}")
+    for status, variants in VARIANTS.items()
+    for name in variants
+    for event_type in EVENT_TYPES
+]
+
+
+@pytest.mark.parametrize(("status", "variant", "event_type"), STATE_CASES)
+def test_status_x_event(status: str, variant: str, event_type: type[Event]) -> None:
+    ex = VARIANTS[status][variant]().ex
+    assert ex.status == status
+    takes = (event_type.TAG, status) in ACCEPTS
+    tried = 0
+    for event, fits in representatives(ex, event_type):
+        tried += 1
+        before = copy.deepcopy(ex)
+        where = f"{status}[{variant}] x {event!r}"
+        try:
+            new, commands = decide(ex, event)
+        except Refusal as refusal:
+            assert ex == before, f"{where}: a refusal changed the execution"
+            assert refusal.code in KNOWN_CODES, f"{where}: unreviewed code {refusal.code}"
+            assert not (takes and fits), f"{where}: refused an event that fits: {refusal}"
+            if not takes:
+                decision = isinstance(event, Approved | Rejected | TimerFired)
+                allowed = {"wrong_state"} | (
+                    {"already_decided", "unknown_request"} if decision else set()
+                )
+                assert refusal.code in allowed, f"{where}: {refusal.code}: {refusal}"
+            assert names_the_state(refusal, ex, event), f"{where}: message {str(refusal)!r}"
+        except Exception as err:
+            pytest.fail(f"{where}: raised {type(err).__name__} instead of Refusal: {err}")
+        else:
+            assert ex == before, f"{where}: decide() mutated its input"
+            assert takes and fits, f"{where}: accepted an event that does not fit"
+            move = (event.TAG, status, new.status)
+            assert move in MOVES, f"{where}: move {move} is not in EXECUTION_TABLE"
+            assert new.seq == ex.seq + 1
+            assert new.updated_at == event.at
+            assert all(isinstance(c, COMMAND_TYPES) for c in commands)
+            check_request_moves(ex, new, event)
+    assert tried, f"no representative event of {event_type.__name__} for {status}[{variant}]"
+
+
+def check_request_moves(old: Execution, new: Execution, event: Event) -> None:
+    """Every request that changed made a move of REQUEST_TABLE; none disappeared."""
+    action = {
+        Approved: "approve",
+        Rejected: "reject",
+        TimerFired: "time_out",
+        StopRequested: "cancel",
+    }.get(type(event))
+    before = {r.request_id: r for r in old.requests}
+    after = {r.request_id: r for r in new.requests}
+    assert set(before) <= set(after)
+    for request_id, request in before.items():
+        changed = after[request_id]
+        if changed.status != request.status:
+            assert action is not None, f"{event.TAG} changed request {request_id}"
+            assert (action, request.status, changed.status) in REQUEST_MOVES
+    for request_id in set(after) - set(before):
+        assert after[request_id].status == PENDING
+
+
+# -- every request status x every decision --------------------------------------------------
+
+
+def two_refunds(order: str = SEQUENTIAL) -> Life:
+    return Life(agent(order)).start().reply(refund("tu1"), refund("tu2", 20))
+
+
+def _cancelled_in_live_execution() -> Life:
+    """Unreachable through decide() (stop cancels everything and stops the execution):
+    a cancelled request in an execution that still takes decisions."""
+    life = two_refunds(PARALLEL)
+    first = attrs.evolve(life.ex.requests[0], status=CANCELLED, decided_by="ops")
+    life.ex = attrs.evolve(life.ex, requests=(first, *life.ex.requests[1:]))
+    return life
+
+
+# The request under test is always apr-1; where reachable, apr-2 keeps the execution live.
+REQUEST_VARIANTS: dict[str, dict[str, Callable[[], Life]]] = {
+    PENDING: {
+        "sequential": lambda: two_refunds(),
+        "parallel": lambda: two_refunds(PARALLEL),
+    },
+    APPROVED: {
+        "tool still running": lambda: two_refunds().approve("apr-1"),
+        "tool done, next request open": lambda: two_refunds().approve("apr-1").finish("tu1"),
+        "with modified params": lambda: (
+            two_refunds().approve("apr-1", modified_params={"amount": 3}).finish("tu1")
+        ),
+    },
+    REJECTED: {"next request open": lambda: two_refunds().reject("apr-1")},
+    TIMED_OUT: {"next request open": lambda: two_refunds().time_out("apr-1")},
+    CANCELLED: {
+        "execution stopped": lambda: two_refunds().stop(),
+        "live execution (evolved)": _cancelled_in_live_execution,
+    },
+}
+OUTCOME = {"approve": APPROVED, "reject": REJECTED, "timer": TIMED_OUT, "stop": CANCELLED}
+ACTION = {"approve": "approve", "reject": "reject", "timer": "time_out", "stop": "cancel"}
+
+
+def decision_event(ex: Execution, decision: str) -> Event:
+    request = ex.request("apr-1")
+    assert request is not None
+    at = (ex.updated_at or T0) + timedelta(seconds=1)
+    assert request.status != PENDING or at < request.timeout
+    if decision == "approve":
+        return Approved("apr-1", at, by="bob")
+    if decision == "reject":
+        return Rejected("apr-1", at, by="bob", reason="no")
+    if decision == "timer":
+        return TimerFired("apr-1", max(request.timeout, at))
+    return StopRequested(at, by="ops")
+
+
+def test_every_request_status_has_a_variant() -> None:
+    assert set(REQUEST_VARIANTS) == set(REQUEST_STATUSES)
+    for status, variants in REQUEST_VARIANTS.items():
+        for name, build in variants.items():
+            request = build().ex.request("apr-1")
+            assert request is not None and request.status == status, f"{status}/{name}"
+
+
+REQUEST_CASES = [
+    pytest.param(status, name, decision, id=f"{status}[{name}]-{decision}")
+    for status, variants in REQUEST_VARIANTS.items()
+    for name in variants
+    for decision in OUTCOME
+]
+
+
+@pytest.mark.parametrize(("status", "variant", "decision"), REQUEST_CASES)
+def test_request_status_x_decision(status: str, variant: str, decision: str) -> None:
+    ex = REQUEST_VARIANTS[status][variant]().ex
+    request = ex.request("apr-1")
+    assert request is not None
+    event = decision_event(ex, decision)
+    before = copy.deepcopy(ex)
+    where = f"request {status}[{variant}] x {decision}"
+    try:
+        new, commands = decide(ex, event)
+    except Refusal as refusal:
+        assert ex == before, f"{where}: a refusal changed the execution"
+        if decision == "stop":
+            # Stop is about the execution, not the request: only a finished one refuses it.
+            assert ex.status in TERMINAL, f"{where}: {refusal}"
+            assert refusal.code == "wrong_state"
+            assert re.search(rf"\bis {ex.status}\b", str(refusal)), str(refusal)
+        else:
+            assert status != PENDING, f"{where}: refused a decision on a pending request"
+            assert refusal.code == "already_decided", f"{where}: {refusal.code}: {refusal}"
+            assert str(refusal) == standing_decision(request)
+            word = {TIMED_OUT: "timed out"}.get(status, status)
+            assert f"already {word}" in str(refusal)
+            if request.decided_by:
+                assert f"by {request.decided_by}" in str(refusal)
+    except Exception as err:
+        pytest.fail(f"{where}: raised {type(err).__name__} instead of Refusal: {err}")
+    else:
+        assert ex == before, f"{where}: decide() mutated its input"
+        assert (event.TAG, ex.status, new.status) in MOVES
+        decided = new.request("apr-1")
+        assert decided is not None
+        records = [
+            c.record
+            for c in commands
+            if isinstance(c, RecordDecision) and c.record.request_id == "apr-1"
+        ]
+        runs = [c for c in commands if isinstance(c, RunTool) and c.tool_use_id == "tu1"]
+        if status == PENDING:
+            assert decided.status == OUTCOME[decision]
+            assert (ACTION[decision], PENDING, decided.status) in REQUEST_MOVES
+            assert [r.decision for r in records] == [decided.status]
+            if decision == "approve":
+                assert [(r.idempotency_key, r.request_id) for r in runs] == [("apr-1", "apr-1")]
+            else:
+                assert runs == []
+        else:
+            # Only a stop gets past a decided request, and it leaves the request alone.
+            assert decision == "stop", f"{where}: accepted a second decision"
+            assert decided == request
+            assert records == [] and runs == []
+        check_request_moves(ex, new, event)
+
+
+def test_decision_after_the_deadline_is_refused_as_expired() -> None:
+    ex = two_refunds().ex
+    request = ex.request("apr-1")
+    assert request is not None
+    for event in (
+        Approved("apr-1", request.timeout, by="bob"),
+        Rejected("apr-1", request.timeout + timedelta(hours=1), by="bob"),
+    ):
+        with pytest.raises(Refusal) as caught:
+            decide(ex, event)
+        assert caught.value.code == "expired"
+        assert iso(request.timeout) in str(caught.value)
+    with pytest.raises(Refusal) as early:
+        decide(ex, TimerFired("apr-1", request.timeout - timedelta(microseconds=1)))
+    assert early.value.code == "not_due"
