@@ -554,17 +554,25 @@ class Demo:
         """Decide `request`: --auto, or by asking in the terminal while watching for a
         decision from another process and for the timeout."""
         args = self.args
-        if args.auto == "reject":
-            say(f"--auto reject: rejecting as {self.by} ({args.reason or DEFAULT_REJECTION!r}).")
-            await self.try_decide(request, False, reason=args.reason or DEFAULT_REJECTION)
-            return
-        if args.auto in ("approve", "modify"):
-            changes = dict(args.set or []) or None
-            if args.auto == "modify" and changes is None:
-                changes = {"amount": 25}
-            with_changes = f" with changes {_compact(changes)}" if changes else ""
-            say(f"--auto {args.auto}: approving as {self.by}{with_changes}.")
-            await self.try_decide(request, True, changes=changes)
+        if args.auto:
+            # Unattended: a refusal (say, invalid --set values) ends the demo with exit 1.
+            reason, changes = None, None
+            if args.auto == "reject":
+                reason = args.reason or DEFAULT_REJECTION
+                say(f"--auto reject: rejecting as {self.by} ({reason!r}).")
+            else:
+                changes = dict(args.set or []) or None
+                if args.auto == "modify" and changes is None:
+                    changes = {"amount": 25}  # the spec's example
+                with_changes = f" with changes {_compact(changes)}" if changes else ""
+                say(f"--auto {args.auto}: approving as {self.by}{with_changes}.")
+            await self.app.decide(
+                request.request_id,
+                approved=args.auto != "reject",
+                modified_params=changes,
+                reason=reason,
+                by=self.by,
+            )
             return
         try:
             await self.ask_until_decided(request)

@@ -18,7 +18,7 @@ from typing import Any
 
 from clearance.adapters.scripted_model import Block, ScriptedModel, text, tool_use
 from clearance.app import Clearance
-from clearance.definition import DEFAULT_TIMEOUT_MS, HumanInLoop, Tool
+from clearance.definition import DEFAULT_TIMEOUT_MS, HumanInLoop, Model, Tool
 from clearance.ports.model import ModelPort, ModelRequest
 from clearance.ports.tools import ToolContext
 
@@ -190,7 +190,7 @@ def refund_script(request: ModelRequest) -> Sequence[Block]:
     return [text(final_answer(request))]
 
 
-def demo_model() -> tuple[ModelPort, str]:
+def demo_model() -> tuple[Model | ModelPort, str]:
     """The model the demo runs, and how to describe it to the user.
 
     The one place to choose a model: a real one (e.g. Claude when an API key is
@@ -201,7 +201,7 @@ def demo_model() -> tuple[ModelPort, str]:
 def define_refund_agent(
     app: Clearance,
     *,
-    model: ModelPort | None = None,
+    model: Model | ModelPort | None = None,
     timeout_ms: int = DEFAULT_TIMEOUT_MS,
     on_refund: RefundListener | None = None,
 ) -> None:

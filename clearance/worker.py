@@ -2,8 +2,9 @@
 
 A claim names its worker as `host:pid:nonce`. On the same host a dead pid (or
 our own pid with a nonce no open worker here has: a closed instance, or an
-earlier process that had our pid) means the claim is orphaned. A worker on another host is presumed alive: a claim it holds is
-never taken over, which can delay but never duplicates a tool run.
+earlier process that had our pid) means the claim is orphaned. A worker on
+another host is presumed alive: a claim it holds is never taken over, which
+can delay but never duplicates a tool run.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-
 
 # Workers of this process that are still open: two Clearance objects in one
 # process share a pid, and neither may take the other's claims.

@@ -466,7 +466,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
         decided_at=ev.at,
         rejection_reason=ev.reason,
     )
-    because = f": {ev.reason}" if ev.reason else ""
+    because = f": {ev.reason.rstrip('.')}" if ev.reason else ""
     result = _error(
         "approval_rejected",
         f"A human rejected the call to '{request.tool}'{because}. The tool did not run.",

@@ -156,6 +156,11 @@ def test_demo_auto_modify(tmp_path: Path) -> None:
     proc = cli(tmp_path, "demo", "--auto", "modify")  # the spec's example: amount 25
     assert "I've processed the $25 refund for order ORD-123" in proc.stdout
 
+    proc = cli(tmp_path, "demo", "--auto", "modify", "--set", "amount=abc")
+    assert proc.returncode == 1
+    no_traceback(proc)
+    assert "amount" in proc.stderr and "[process-refund handler]" not in proc.stdout
+
 
 def test_demo_interactive_modify_after_invalid_changes(tmp_path: Path) -> None:
     answers = "what\nm\namount=abc\nm\namount=25\n"

@@ -599,3 +599,43 @@ def test_definition_errors_say_what_to_do(recorder: Recorder) -> None:
 async def test_running_an_undefined_agent_names_the_defined_ones(app: Clearance) -> None:
     with pytest.raises(ClearanceError, match=r"no agent 'nope' is defined here \(defined: none\)"):
         await app.run("nope", input="x")
+
+
+async def test_the_audit_log_refuses_updates_and_deletes(tmp_path: Any, recorder: Recorder) -> None:
+    import sqlite3
+
+    path = tmp_path / "audit.db"
+    async with Clearance.open(f"sqlite:///{path}", clock=FakeClock()) as app:
+        define_refund_agent(app, recorder)
+        ex = await app.run("safe-agent", input="Refund order ORD-123")
+        await app.signal(ex.id, "reject", request_id=ex.pending_approvals[0].request_id)
+    db = sqlite3.connect(path)
+    for statement in ("UPDATE audit SET body = '{}'", "DELETE FROM audit"):
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute(statement)
+    assert db.execute("SELECT count(*) FROM audit").fetchone() == (1,)
+
+
+async def test_a_caller_that_stops_waiting_does_not_strand_the_execution(
+    app: Clearance, recorder: Recorder
+) -> None:
+    import asyncio
+
+    release = asyncio.Event()
+
+    async def slow_lookup(ctx: ToolContext, params: dict[str, Any]) -> str:
+        await release.wait()
+        return "found"
+
+    model = ScriptedModel([[tool_use("lookup", {})], [text("done")]])
+    app.define(tag="a", model=model, tools=[Tool(tag="lookup", handler=slow_lookup)])
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(app.run("a", input="go"), timeout=0.1)
+    [execution_id] = {r.execution_id for r in model.requests}
+    assert (await app.get_execution(execution_id)).status == "running"
+    release.set()
+    for _ in range(100):
+        if (await app.get_execution(execution_id)).status == "completed":
+            break
+        await asyncio.sleep(0.01)
+    assert (await app.get_execution(execution_id)).output == "done"

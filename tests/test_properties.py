@@ -1,0 +1,663 @@
+"""Stateful property tests: random runs of the real engine on a real SQLite file.
+
+Hypothesis drives a `Clearance` app (FakeClock, SequentialIds, a ScriptedModel
+whose turns follow a plan drawn per execution) through starts, approvals (plain,
+with valid and invalid modified parameters, from this process or another),
+rejections, second and stale decisions, clock moves and timer sweeps, stops,
+restarts and crashes inside a tool handler. The test keeps its own record of
+every decision it made and, after each step, checks the guarantees of
+DESIGN.md against the store, the audit log, the handlers' calls and every
+request the model was sent; and that replaying each execution's stored events
+through `decide` reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from clearance import Clearance, ClearanceError, HumanInLoop, Tool, ToolContext
+from clearance.core.commands import AuditRecord, RecordDecision
+from clearance.core.decide import decide
+from clearance.core.execution import (
+    APPROVED,
+    CANCELLED,
+    PENDING,
+    REJECTED,
+    TERMINAL,
+    TIMED_OUT,
+    ApprovalRequest,
+    Execution,
+)
+from clearance.core.machine import EXECUTION_TABLE
+from clearance.ports.model import ModelRequest
+from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
+
+T = TypeVar("T")
+
+GATED_TIMEOUT_S = {"refund": 60, "delete": 30}
+UNGATED = ("lookup", "flaky")
+AGENTS = {"seq": ("sequential", 20), "par": ("parallel", 3)}  # tag: (order, max_iterations)
+MOVES = {(t, s, d) for t, s, dests in EXECUTION_TABLE for d in dests}
+
+# What the model may ask for in one tool_use block; gated tools twice as often.
+KINDS = ("refund", "refund", "delete", "delete", "lookup", "flaky", "unknown", "invalid")
+TURN = st.tuples(st.booleans(), st.lists(st.sampled_from(KINDS), min_size=1, max_size=3))
+PLAN = st.lists(TURN, max_size=4)  # after the plan's turns the model answers in text
+# A first turn that asks for at least one gated tool, so there is something to decide.
+GATED_TURN = st.tuples(
+    st.booleans(),
+    st.lists(st.sampled_from(KINDS), max_size=2).flatmap(
+        lambda rest: st.permutations([*rest, "refund"])
+    ),
+)
+GATED_PLAN = st.tuples(GATED_TURN, PLAN).map(lambda p: [p[0], *p[1]])
+
+VALID_CHANGES = {
+    "refund": st.sampled_from([{"amount": 1}, {"amount": 2.5}, {"note": "partial"}, {}]),
+    "delete": st.sampled_from([{"path": "/tmp/safe"}, {}]),
+}
+INVALID_CHANGES = {
+    "refund": st.sampled_from(
+        [{"amount": "lots"}, {"amount": None}, {"amout": 5}, {"path": "/x"}, ["amount", 5]]
+    ),
+    "delete": st.sampled_from([{"path": 3}, {"amount": 1}, {"path": None}, "rm -rf /"]),
+}
+DECIDERS = st.sampled_from(["alice", "bob", None])
+CLOCK_STEPS = st.sampled_from([1, 15, 29, 30, 31, 59, 60, 61, 120, 301])
+STANDING_WORDS = {
+    APPROVED: "already approved",
+    REJECTED: "already rejected",
+    TIMED_OUT: "already timed out",
+    CANCELLED: "already cancelled",
+}
+
+
+class Crash(BaseException):
+    """The process dies inside a tool handler, after the handler took effect."""
+
+
+@attrs.frozen
+class HandlerCall:
+    tool: str
+    ctx: ToolContext
+    params: dict[str, Any]
+
+
+@attrs.frozen
+class Decision:
+    status: str
+    by: str | None = None
+    modified: Any = None
+    reason: str | None = None
+
+
+def block(kind: str, turn: int, i: int) -> dict[str, Any]:
+    if kind == "refund":
+        return tool_use("refund", {"amount": 10 * turn + i + 1})
+    if kind == "delete":
+        return tool_use("delete", {"path": f"/data/{turn}-{i}"})
+    if kind == "lookup":
+        return tool_use("lookup", {"q": f"order {turn}-{i}"})
+    if kind == "flaky":
+        return tool_use("flaky", {})
+    if kind == "unknown":
+        return tool_use("teleport", {"to": "mars"})
+    return tool_use("refund", {"amount": "lots"})  # invalid: never becomes a request
+
+
+class ClearanceMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.dir = tempfile.mkdtemp(prefix="clearance-props-")
+        self.url = f"sqlite:///{Path(self.dir) / 'approvals.db'}"
+        self.clock = FakeClock()
+        self.ids = SequentialIds()
+        self.plans: dict[str, list[tuple[bool, list[str]]]] = {}
+        self.calls: list[HandlerCall] = []
+        self.crash_on: str | None = None
+        self.models: list[ScriptedModel] = []
+        self.checked: dict[int, int] = {}  # id(model) -> requests already checked
+        self.decided: dict[str, Decision] = {}
+        self.crashed: set[str] = set()
+        self.exec_ids: list[str] = []
+        self.seen_seq: dict[str, int] = {}
+        self.audit_seen: list[AuditRecord] = []
+        self.executions: dict[str, Execution] = {}
+        self.pending: list[ApprovalRequest] = []
+        self.app = self._open()
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(work)
+
+    def _script(self, request: ModelRequest) -> list[dict[str, Any]]:
+        plan = self.plans[request.messages[0]["content"]]
+        turn = sum(1 for m in request.messages if m["role"] == "assistant")
+        if turn >= len(plan):
+            return [text(f"done after {turn} tool turns")]
+        lead, kinds = plan[turn]
+        blocks = [block(kind, turn, i) for i, kind in enumerate(kinds)]
+        return [text("working on it"), *blocks] if lead else blocks
+
+    async def _handler(self, ctx: ToolContext, params: dict[str, Any]) -> Any:
+        self.calls.append(HandlerCall(ctx.tool, ctx, dict(params)))
+        if ctx.tool == "flaky":
+            raise RuntimeError("the lookup service is down")
+        if self.crash_on is not None and ctx.request_id == self.crash_on:
+            self.crash_on = None
+            raise Crash(ctx.request_id)
+        return {"ok": ctx.tool, "params": params}
+
+    def _tools(self) -> list[Tool]:
+        return [
+            Tool(
+                tag="refund",
+                parameters={
+                    "amount": {"type": "number", "required": True},
+                    "note": {"type": "string", "default": "none"},
+                },
+                handler=self._handler,
+                requires_confirmation=True,
+            ),
+            Tool(
+                tag="delete",
+                parameters={"path": {"type": "string", "required": True}},
+                handler=self._handler,
+                requires_confirmation=True,
+                approval_timeout=GATED_TIMEOUT_S["delete"] * 1000,
+            ),
+            Tool(
+                tag="lookup",
+                parameters={"q": {"type": "string", "required": True}},
+                handler=self._handler,
+            ),
+            Tool(tag="flaky", handler=self._handler),
+        ]
+
+    def _open(self) -> Clearance:
+        app = Clearance.open(self.url, clock=self.clock, ids=self.ids, synchronous="NORMAL")
+        for tag, (order, max_iterations) in AGENTS.items():
+            model = ScriptedModel(self._script)
+            self.models.append(model)
+            app.define(
+                tag=tag,
+                model=model,
+                tools=self._tools(),
+                max_iterations=max_iterations,
+                human_in_loop=HumanInLoop(
+                    enabled=True,
+                    approval_timeout=GATED_TIMEOUT_S["refund"] * 1000,
+                    approval_order=order,
+                ),
+            )
+        return app
+
+    def _reopen(self) -> None:
+        """A new process on the same file: close this one, open another, take over its work."""
+        self.run(self.app.close())
+        self.app = self._open()
+        self.run(self.app.engine.recover())
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.app.close())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    async def _state(self) -> tuple[dict[str, int], int, int]:
+        seqs = {}
+        for execution_id in self.exec_ids:
+            ex = await self.app.store.load(execution_id)
+            assert ex is not None
+            seqs[execution_id] = ex.seq
+        return seqs, len(await self.app.audit()), len(self.calls)
+
+    def _refused(self, work: Coroutine[Any, Any, Any], *words: str) -> ClearanceError:
+        """`work` must raise ClearanceError naming `words`, and change nothing at all."""
+        before = self.run(self._state())
+        try:
+            self.run(work)
+        except ClearanceError as err:
+            for word in words:
+                assert word in str(err), f"{word!r} not in {str(err)!r}"
+            after = self.run(self._state())
+            assert after == before, f"a refused signal changed something: {err}"
+            return err
+        raise AssertionError(f"expected a ClearanceError naming {words}")
+
+    def _mark_expired(self, request: ApprovalRequest) -> bool:
+        """A decision after the deadline finds the request timed out (the engine expires it
+        first); returns whether that is what happens to this one."""
+        if self.clock.now() >= request.timeout:
+            self.decided[request.request_id] = Decision(TIMED_OUT)
+            return True
+        return False
+
+    def _decide(
+        self,
+        request: ApprovalRequest,
+        approved: bool,
+        *,
+        by: str | None,
+        modified: Any = None,
+        reason: str | None = None,
+        elsewhere: bool = False,
+        by_request_id: bool = False,
+    ) -> Any:
+        if elsewhere:
+            return self._decide_elsewhere(request, approved, by, modified, reason)
+        if by_request_id:
+            return self.app.decide(
+                request.request_id,
+                approved=approved,
+                by=by,
+                modified_params=modified,
+                reason=reason,
+            )
+        return self.app.signal(
+            request.execution_id,
+            "approve" if approved else "reject",
+            request_id=request.request_id,
+            by=by,
+            modified_params=modified,
+            reason=reason,
+        )
+
+    async def _decide_elsewhere(
+        self, request: ApprovalRequest, approved: bool, by: Any, modified: Any, reason: Any
+    ) -> None:
+        """A process that does not host the agent (a reviewer's web server) decides; this
+        process then picks up the work the decision queued."""
+        other = Clearance.open(
+            self.url, clock=self.clock, ids=SequentialIds("other-"), synchronous="NORMAL"
+        )
+        try:
+            await other.decide(
+                request.request_id,
+                approved=approved,
+                by=by,
+                modified_params=modified,
+                reason=reason,
+            )
+        finally:
+            await other.close()
+            await self.app.engine.pickup()
+
+    # -- rules ----------------------------------------------------------------------------------
+
+    @initialize(seq=GATED_PLAN, par=GATED_PLAN)
+    def start_one_of_each(
+        self, seq: list[tuple[bool, list[str]]], par: list[tuple[bool, list[str]]]
+    ) -> None:
+        self.start("seq", seq)
+        self.start("par", par)
+
+    @rule(tag=st.sampled_from(sorted(AGENTS)), plan=st.one_of(PLAN, GATED_PLAN))
+    def start(self, tag: str, plan: list[tuple[bool, list[str]]]) -> None:
+        key = f"plan-{len(self.plans)}"
+        self.plans[key] = plan
+        ex = self.run(self.app.run(tag, input=key))
+        assert ex.id not in self.exec_ids
+        self.exec_ids.append(ex.id)
+        assert ex.status in ("awaiting_approval", "completed", "failed"), ex.status
+
+    @precondition(lambda self: self.pending)
+    @rule(
+        data=st.data(),
+        by=DECIDERS,
+        change=st.sampled_from(["none", "valid", "invalid"]),
+        route=st.sampled_from(["signal", "request_id", "elsewhere"]),
+    )
+    def approve(self, data: st.DataObject, by: str | None, change: str, route: str) -> None:
+        request = data.draw(st.sampled_from(self.pending), label="request")
+        rid = request.request_id
+        modified = None
+        if change != "none":
+            pool = VALID_CHANGES if change == "valid" else INVALID_CHANGES
+            modified = data.draw(pool[request.tool], label="modified_params")
+        how = {"elsewhere": route == "elsewhere", "by_request_id": route == "request_id"}
+        if self._mark_expired(request):
+            # The deadline passed without a sweep: the request times out, the approval
+            # is refused, and the model goes on without the tool.
+            with_error = self._decide(request, True, by=by, modified=modified, **how)
+            try:
+                self.run(with_error)
+            except ClearanceError as err:
+                assert "timed out" in str(err) or "expired" in str(err), str(err)
+            else:
+                raise AssertionError(f"approved {rid} after its deadline")
+            assert not any(c.ctx.request_id == rid for c in self.calls)
+            event("approve: after the deadline")
+            return
+        event(f"approve: {change} modified params, via {route}")
+        if change == "invalid":
+            # Guarantee 6: refused before anything runs; the request stays pending.
+            self._refused(self._decide(request, True, by=by, modified=modified, **how))
+            ex = self.run(self.app.store.load(request.execution_id))
+            assert ex is not None
+            still = ex.request(rid)
+            assert still is not None and still.status == PENDING
+            return
+        self.run(self._decide(request, True, by=by, modified=modified, **how))
+        self.decided[rid] = Decision(APPROVED, by=by, modified=modified)
+        # The approved call ran, right away, exactly once, with the approved parameters.
+        ran = [c for c in self.calls if c.ctx.request_id == rid]
+        assert len(ran) == 1, f"{rid} ran {len(ran)} times"
+        assert ran[0].params == {**request.parameters, **(modified or {})}
+
+    @precondition(lambda self: self.pending)
+    @rule(
+        data=st.data(),
+        by=DECIDERS,
+        reason=st.sampled_from([None, "too much", "wrong order"]),
+        route=st.sampled_from(["signal", "request_id", "elsewhere"]),
+    )
+    def reject(self, data: st.DataObject, by: str | None, reason: str | None, route: str) -> None:
+        request = data.draw(st.sampled_from(self.pending), label="request")
+        how = {"elsewhere": route == "elsewhere", "by_request_id": route == "request_id"}
+        if self._mark_expired(request):
+            try:
+                self.run(self._decide(request, False, by=by, reason=reason, **how))
+            except ClearanceError as err:
+                assert "timed out" in str(err) or "expired" in str(err), str(err)
+            else:
+                raise AssertionError(f"rejected {request.request_id} after its deadline")
+            event("reject: after the deadline")
+            return
+        event(f"reject: via {route}")
+        self.run(self._decide(request, False, by=by, reason=reason, **how))
+        self.decided[request.request_id] = Decision(REJECTED, by=by, reason=reason)
+
+    @precondition(lambda self: self.decided)
+    @rule(
+        data=st.data(),
+        approved=st.booleans(),
+        change=st.sampled_from(["none", "valid", "invalid"]),
+        route=st.sampled_from(["signal", "request_id", "elsewhere"]),
+    )
+    def decide_again(self, data: st.DataObject, approved: bool, change: str, route: str) -> None:
+        """Guarantee 4: a second decision is refused, names the one that stands, and
+        changes nothing."""
+        rid = data.draw(st.sampled_from(sorted(self.decided)), label="request")
+        request = self._request(rid)
+        modified = None
+        if approved and change != "none":
+            pool = VALID_CHANGES if change == "valid" else INVALID_CHANGES
+            modified = data.draw(pool[request.tool], label="modified_params")
+        how = {"elsewhere": route == "elsewhere", "by_request_id": route == "request_id"}
+        work = self._decide(request, approved, by="mallory", modified=modified, **how)
+        self._refused(work, rid, STANDING_WORDS[self.decided[rid].status])
+        event(f"second decision on a {self.decided[rid].status} request")
+
+    @precondition(lambda self: self.exec_ids)
+    @rule(
+        data=st.data(),
+        kind=st.sampled_from(
+            ["unknown request", "other execution's request", "no request id", "bad signal"]
+        ),
+        signal=st.sampled_from(["approve", "reject"]),
+    )
+    def stale_signal(self, data: st.DataObject, kind: str, signal: str) -> None:
+        execution_id = data.draw(st.sampled_from(self.exec_ids), label="execution")
+        words: tuple[str, ...] = ()
+        if kind == "unknown request":
+            request_id: str | None = "apr-999999"
+            words = ("apr-999999",)
+        elif kind == "other execution's request":
+            others = [r for r in self._all_requests() if r.execution_id != execution_id]
+            if not others:
+                return
+            request_id = data.draw(st.sampled_from(others), label="request").request_id
+            words = (request_id, execution_id)
+        elif kind == "no request id":
+            request_id = None
+        else:
+            signal, request_id = "pause", None
+        self._refused(self.app.signal(execution_id, signal, request_id=request_id), *words)
+
+    @rule(
+        what=st.sampled_from(["execution", "request"]),
+        signal=st.sampled_from(["approve", "reject", "stop"]),
+    )
+    def unknown_target(self, what: str, signal: str) -> None:
+        if what == "execution":
+            work: Any = self.app.signal("exec-nope", signal, request_id="apr-1")
+            self._refused(work, "exec-nope")
+        else:
+            self._refused(self.app.decide("apr-nope", approved=signal == "approve"), "apr-nope")
+
+    @rule(seconds=CLOCK_STEPS)
+    def advance_clock(self, seconds: int) -> None:
+        self.clock.advance(seconds=seconds)
+
+    @rule()
+    def fire_due_timers(self) -> None:
+        now = self.clock.now()
+        due = [r for r in self.pending if r.timeout <= now]
+        fired = self.run(self.app.fire_due_timers())
+        assert fired == len(due), f"fired {fired}, due {[r.request_id for r in due]}"
+        for request in due:
+            self.decided[request.request_id] = Decision(TIMED_OUT)
+        event(f"fire_due_timers: {min(fired, 2)}{'+' if fired >= 2 else ''} fired")
+
+    @precondition(lambda self: self.exec_ids)
+    @rule(data=st.data(), by=DECIDERS)
+    def stop(self, data: st.DataObject, by: str | None) -> None:
+        execution_id = data.draw(st.sampled_from(self.exec_ids), label="execution")
+        ex = self.executions[execution_id]
+        if ex.status in TERMINAL:
+            self._refused(self.app.signal(execution_id, "stop", by=by), f"is {ex.status}")
+            event(f"stop: refused, {ex.status}")
+            return
+        event(f"stop: {len(ex.pending_approvals)} pending cancelled")
+        stopped = self.run(self.app.signal(execution_id, "stop", by=by, reason="enough"))
+        assert stopped.status == "stopped"
+        for request in ex.pending_approvals:
+            self.decided[request.request_id] = Decision(CANCELLED, by=by, reason="enough")
+
+    @rule()
+    def restart(self) -> None:
+        """Guarantee 3: everything pending, and every execution, survives a restart."""
+        pending = self.run(self.app.pending())
+        executions = {i: self.run(self.app.store.load(i)) for i in self.exec_ids}
+        self._reopen()
+        assert self.run(self.app.pending()) == pending
+        assert {i: self.run(self.app.store.load(i)) for i in self.exec_ids} == executions
+
+    @precondition(lambda self: any(r.timeout > self.clock.now() for r in self.pending))
+    @rule(data=st.data())
+    def crash_inside_handler(self, data: st.DataObject) -> None:
+        """Guarantee 2 after a crash: the process dies inside an approved handler; the next
+        process does not run it again (at most once), it tells the model instead."""
+        live = [r for r in self.pending if r.timeout > self.clock.now()]
+        request = data.draw(st.sampled_from(live), label="request")
+        self.crash_on = request.request_id
+        try:
+            self.run(
+                self.app.signal(request.execution_id, "approve", request_id=request.request_id)
+            )
+        except Crash:
+            pass
+        else:
+            raise AssertionError("the handler did not run")
+        self.decided[request.request_id] = Decision(APPROVED)
+        self.crashed.add(request.request_id)
+        self._reopen()
+        event("crash inside an approved handler")
+
+    # -- what must hold after every step ------------------------------------------------------
+
+    def _all_requests(self) -> list[ApprovalRequest]:
+        return [r for ex in self.executions.values() for r in ex.requests]
+
+    def _request(self, request_id: str) -> ApprovalRequest:
+        for request in self._all_requests():
+            if request.request_id == request_id:
+                return request
+        raise AssertionError(f"no request {request_id}")
+
+    @invariant()
+    def guarantees_hold(self) -> None:
+        self.executions = {}
+        for execution_id in self.exec_ids:
+            ex = self.run(self.app.store.load(execution_id))
+            assert ex is not None
+            self.executions[execution_id] = ex
+        self.pending = self.run(self.app.pending())
+        audit = self.run(self.app.audit())
+        self._check_requests_and_audit(audit)
+        self._check_handler_calls(audit)
+        self._check_model_requests()
+        for execution_id, ex in self.executions.items():
+            if self.seen_seq.get(execution_id) != ex.seq:
+                self._check_replay(ex)
+                self.seen_seq[execution_id] = ex.seq
+
+    def _check_requests_and_audit(self, audit: list[AuditRecord]) -> None:
+        requests = {r.request_id: r for r in self._all_requests()}
+        # Every request is exactly where our decisions (and only ours) put it.
+        for rid, request in requests.items():
+            expected = self.decided.get(rid, Decision(PENDING)).status
+            assert request.status == expected, f"{rid} is {request.status}, expected {expected}"
+        assert set(self.decided) <= set(requests)
+        pending_ids = [r.request_id for r in self.pending]
+        assert Counter(pending_ids) == Counter(
+            rid for rid, r in requests.items() if r.status == PENDING
+        )
+        stamps = [r.timestamp for r in self.pending]
+        assert stamps == sorted(stamps), "pending() is oldest first"
+        for request in self.pending:
+            assert request == requests[request.request_id]
+        # Guarantee 7: append-only, one record per decided request, saying what we did.
+        assert audit[: len(self.audit_seen)] == self.audit_seen, "the audit log was rewritten"
+        self.audit_seen = audit
+        per_request = Counter(r.request_id for r in audit)
+        assert set(per_request) == set(self.decided), "audit records vs decisions"
+        assert max(per_request.values(), default=1) == 1, per_request
+        for record in audit:
+            request, decision = requests[record.request_id], self.decided[record.request_id]
+            assert record.decision == decision.status
+            assert record.execution_id == request.execution_id
+            assert record.tool == request.tool
+            assert record.parameters == request.parameters
+            assert record.at == request.decided_at
+            if decision.status in (APPROVED, REJECTED, CANCELLED):
+                assert record.by == decision.by == request.decided_by
+            if decision.status == APPROVED:
+                assert record.modified_params == decision.modified == request.modified_params
+            if decision.status == REJECTED:
+                assert record.reason == decision.reason == request.rejection_reason
+            if decision.status == TIMED_OUT:
+                assert record.reason and "timed out" in record.reason
+
+    def _check_handler_calls(self, audit: list[AuditRecord]) -> None:
+        approvals = {r.request_id: r for r in audit if r.decision == APPROVED}
+        keys = Counter(c.ctx.idempotency_key for c in self.calls)
+        assert max(keys.values(), default=1) == 1, f"a call ran twice: {keys.most_common(3)}"
+        for call in self.calls:
+            ctx = call.ctx
+            if call.tool in UNGATED:
+                assert ctx.request_id is None
+                assert ctx.idempotency_key == f"{ctx.execution_id}:{ctx.tool_use_id}"
+                continue
+            # Guarantee 1: a gated tool runs only for a recorded approval of that request.
+            assert call.tool in GATED_TIMEOUT_S, f"handler ran for {call.tool}"
+            assert ctx.request_id is not None, f"gated {call.tool} ran without a request"
+            record = approvals.get(ctx.request_id)
+            assert record is not None, f"{ctx.request_id} ran without an approval record"
+            request = self._request(ctx.request_id)
+            assert request.status == APPROVED
+            assert ctx.idempotency_key == ctx.request_id
+            assert (ctx.execution_id, ctx.tool_use_id, ctx.tool) == (
+                request.execution_id,
+                request.tool_use_id,
+                request.tool,
+            )
+            assert ctx.approved_by == record.by
+            assert call.params == request.effective_parameters()
+        # Guarantee 2, and that an approval does not get lost: each ran exactly once.
+        ran = Counter(c.ctx.request_id for c in self.calls if c.ctx.request_id)
+        assert ran == Counter(set(approvals)), "approved requests vs handler runs"
+
+    def _check_model_requests(self) -> None:
+        """Guarantee 5, on every request the model was ever sent."""
+        for model in self.models:
+            start = self.checked.get(id(model), 0)
+            for request in model.requests[start:]:
+                self._check_model_request(request)
+            self.checked[id(model)] = len(model.requests)
+
+    def _check_model_request(self, request: ModelRequest) -> None:
+        messages = request.messages
+        ex = self.executions[request.execution_id]
+        by_tool_use = {r.tool_use_id: r for r in ex.requests}
+        assert messages[0] == {"role": "user", "content": ex.input}
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2) + [
+            "user"
+        ], "roles must alternate, ending with the user"
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            uses = [b["id"] for b in message["content"] if b.get("type") == "tool_use"]
+            assert uses, "an assistant turn without tool_use ends the execution"
+            answer = messages[i + 1]["content"]
+            assert isinstance(answer, list)
+            results = [b for b in answer if b.get("type") == "tool_result"]
+            assert answer[: len(results)] == results, "tool_result blocks must come first"
+            assert Counter(b["tool_use_id"] for b in results) == Counter(uses)
+            for result in results:
+                gate = by_tool_use.get(result["tool_use_id"])
+                if gate is None:
+                    continue
+                content = json.dumps(result["content"])
+                if gate.status == REJECTED:
+                    assert result["is_error"] and "approval_rejected" in content
+                elif gate.status == TIMED_OUT:
+                    assert result["is_error"] and "approval_timeout" in content
+                elif gate.status == APPROVED:
+                    assert result["is_error"] == (gate.request_id in self.crashed)
+                else:
+                    raise AssertionError(f"model saw a result for {gate.status} {gate.request_id}")
+
+    def _check_replay(self, stored: Execution) -> None:
+        events = self.run(self.app.store.events(stored.id))
+        assert len(events) == stored.seq
+        ex = Execution(agent=stored.agent)
+        records = []
+        for logged in events:
+            source = ex.status
+            ex, commands = decide(ex, logged)
+            assert (logged.TAG, source, ex.status) in MOVES
+            records += [c.record for c in commands if isinstance(c, RecordDecision)]
+        assert ex == stored, f"replaying {stored.id} does not reproduce it"
+        assert records == self.run(self.app.audit(execution_id=stored.id))
+
+
+ClearanceMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestClearance = ClearanceMachine.TestCase
