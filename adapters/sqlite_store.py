@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-import attrs
-
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import (
     AuditRecord,
@@ -261,9 +259,9 @@ class SQLiteStore:
             return None
         spec = self._spec(row[0])
         data = json.loads(row[1])
-        data["agent"] = converter.unstructure(spec)
         # The spec object we hold, not an equal copy: commit() finds its id by identity.
-        return attrs.evolve(execution_from_data(data), agent=spec)
+        data["agent"] = spec
+        return execution_from_data(data)
 
     async def events(self, execution_id: str) -> list[Event]:
         rows = self._db.execute(

@@ -145,6 +145,11 @@ class Clearance:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._background = None
+        for agent in self._agents.values():
+            close_model = getattr(agent.model, "aclose", None)
+            if close_model is not None:
+                with contextlib.suppress(Exception):
+                    await close_model()
         retire(self.engine.worker)
         await self.store.close()
 
@@ -287,7 +292,11 @@ def _model_port(model: Model) -> ModelPort:
         from clearance.adapters.anthropic_model import AnthropicModel
 
         return AnthropicModel(model)
+    if model.provider == "openai":
+        from clearance.adapters.openai_model import OpenAIModel
+
+        return OpenAIModel(model)
     raise ClearanceError(
-        f"unknown model provider {model.provider!r}; accepted: 'anthropic', or pass any "
+        f"unknown model provider {model.provider!r}; accepted: 'anthropic', 'openai', or pass any "
         "object with async reply(request) as model="
     )

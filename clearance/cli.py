@@ -635,7 +635,7 @@ class Demo:
         )
 
     async def run(self) -> int:
-        model, description = demo_model()
+        model, description = demo_model(scripted=self.args.scripted)
         timeout_ms: int = self.args.timeout_ms
         say(
             "Clearance demo: the refund scenario (human approval for a sensitive tool call)",
@@ -725,6 +725,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT_MS,
         metavar="MS",
         help=f"approval timeout in milliseconds (default {DEFAULT_TIMEOUT_MS})",
+    )
+    demo.add_argument(
+        "--scripted",
+        action="store_true",
+        help="use the built-in scripted model even when ANTHROPIC_API_KEY is set",
     )
     demo.set_defaults(run=cmd_demo)
 

@@ -71,6 +71,8 @@ class Model:
     top_p: float | None = None
     stop_sequences: Sequence[str] = ()
     timeout: float | None = None  # seconds per model call
+    max_retries: int = 4  # for 429 / 529 / 5xx / connection errors, with backoff
+    client: Any = attrs.field(default=None, repr=False, eq=False)  # an injected SDK client
 
 
 @attrs.frozen

@@ -13,6 +13,7 @@ place that picks the model, so a real one can be slotted in there.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -190,12 +191,22 @@ def refund_script(request: ModelRequest) -> Sequence[Block]:
     return [text(final_answer(request))]
 
 
-def demo_model() -> tuple[Model | ModelPort, str]:
-    """The model the demo runs, and how to describe it to the user.
+CLAUDE = "claude-sonnet-4-20250514"
 
-    The one place to choose a model: a real one (e.g. Claude when an API key is
-    set) slots in here and the rest of the demo does not change."""
-    return ScriptedModel(refund_script), "scripted model (a built-in script; no API key used)"
+
+def demo_model(*, scripted: bool = False) -> tuple[Model | ModelPort, str]:
+    """The model the demo runs, and how to describe it to the user: Claude when
+    ANTHROPIC_API_KEY is set (ANTHROPIC_BASE_URL and CLEARANCE_DEMO_MODEL are
+    honoured), the built-in script otherwise or with `scripted=True`."""
+    if os.environ.get("ANTHROPIC_API_KEY") and not scripted:
+        name = os.environ.get("CLEARANCE_DEMO_MODEL") or CLAUDE
+        model = Model(
+            provider="anthropic", model=name, base_url=os.environ.get("ANTHROPIC_BASE_URL") or None
+        )
+        return model, f"Claude ({name}, because ANTHROPIC_API_KEY is set)"
+    return ScriptedModel(refund_script), (
+        "scripted model (a built-in script; set ANTHROPIC_API_KEY to use Claude)"
+    )
 
 
 def define_refund_agent(

@@ -42,7 +42,7 @@ from clearance.core.execution import EXECUTING, PENDING, Execution
 from clearance.definition import HostedAgent
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
-from clearance.ports.model import ModelRequest
+from clearance.ports.model import ModelCallError, ModelRequest
 from clearance.ports.store import Conflict, OutboxEntry, Store
 from clearance.ports.tools import ToolContext
 from clearance.worker import is_orphaned
@@ -280,9 +280,8 @@ class Engine:
             reply = await agent.model.reply(request)
         except Exception as err:  # the model port's failure is the execution's, not ours
             log.warning("execution %s: model call failed: %s", ex.id, err)
-            return ModelFailed(
-                turn, f"model call failed: {type(err).__name__}: {err}", self.clock.now()
-            )
+            cause = str(err) if isinstance(err, ModelCallError) else f"{type(err).__name__}: {err}"
+            return ModelFailed(turn, f"model call failed: {cause}", self.clock.now())
         tickets = []
         for block in reply.content:
             if block.get("type") == "tool_use":

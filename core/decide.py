@@ -66,6 +66,14 @@ from clearance.core.schema import check, problems, with_defaults
 
 Step = tuple[Execution, list[Command]]
 
+# Stop reasons that end a turn without a finished answer, and what to tell people.
+UNFINISHED = {
+    "max_tokens": "the model reached its max_tokens limit before finishing its answer "
+    "(stop_reason 'max_tokens'); raise Model(max_tokens=...) and run it again",
+    "refusal": "the model declined to continue (stop_reason 'refusal'); its partial text "
+    "is in output",
+}
+
 
 def decide(execution: Execution, event: Event) -> tuple[Execution, tuple[Command, ...]]:
     source = execution.status
@@ -136,6 +144,11 @@ def _model_replied(ex: Execution, ev: ModelReplied) -> Step:
     uses = [b for b in content if b.get("type") == "tool_use"]
     if not uses:
         output = "".join(str(b.get("text", "")) for b in content if b.get("type") == "text")
+        unfinished = UNFINISHED.get(ev.stop_reason)
+        if unfinished is not None:
+            # A cut-off or refused answer must not pass for a finished one.
+            new = attrs.evolve(ex, status=FAILED, output=output, error=unfinished)
+            return new, [Finish(FAILED, output, unfinished)]
         return attrs.evolve(ex, status=COMPLETED, output=output), [Finish(COMPLETED, output)]
     ids = [str(b.get("id", "")) for b in uses]
     if len(set(ids)) != len(ids) or "" in ids:

@@ -13,6 +13,7 @@ from typing import Any
 import cattrs
 from cattrs.strategies import configure_tagged_union
 
+from clearance.core.agent import AgentSpec
 from clearance.core.commands import AuditRecord, Command
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution, ToolContent
@@ -38,6 +39,11 @@ def _build() -> cattrs.Converter:
     conv.register_structure_hook(datetime, lambda v, _: parse_stamp(v))
     conv.register_structure_hook(Any, lambda v, _: v)
     conv.register_structure_hook(ToolContent, lambda v, _: v)
+    # A store holds each agent spec once and hands the object in: take it as it is.
+    build_agent = conv.get_structure_hook(AgentSpec)
+    conv.register_structure_hook(
+        AgentSpec, lambda v, t: v if isinstance(v, AgentSpec) else build_agent(v, t)
+    )
     for union in (Event, Command):
         configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")
     return conv

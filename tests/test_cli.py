@@ -42,7 +42,12 @@ TIMEOUT_ANSWER = (
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CLEARANCE_DB"}
+    # No real API key leaks into the demo: these tests are about the scripted model.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CLEARANCE_DB", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+    }
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -639,3 +639,22 @@ async def test_a_caller_that_stops_waiting_does_not_strand_the_execution(
             break
         await asyncio.sleep(0.01)
     assert (await app.get_execution(execution_id)).output == "done"
+
+
+@pytest.mark.parametrize("stop_reason", ["max_tokens", "refusal"])
+async def test_cut_off_or_refused_answers_fail_with_the_text_kept(
+    app: Clearance, recorder: Recorder, stop_reason: str
+) -> None:
+    async def cut_off(request: Any) -> Any:
+        from clearance import ModelReply
+
+        return ModelReply(content=[{"type": "text", "text": "Partial"}], stop_reason=stop_reason)
+
+    class CutOff:
+        reply = staticmethod(cut_off)
+
+    app.define(tag="a", model=CutOff(), tools=recorder.tools(requires_confirmation=False))
+    ex = await app.run("a", input="go")
+    assert ex.status == "failed"
+    assert ex.output == "Partial"
+    assert f"stop_reason '{stop_reason}'" in (ex.error or "")
