@@ -105,6 +105,7 @@ class Clearance:
         self.engine = Engine(store, self.clock, ids or RandomIds(), new_worker_id(), self._agents)
         self._background: asyncio.Task[None] | None = None
         self._driving: set[asyncio.Task[Execution]] = set()
+        self._retired_models: list[ModelPort] = []  # replaced by define(); closed on close()
 
     @classmethod
     def open(
@@ -145,8 +146,8 @@ class Clearance:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._background = None
-        for agent in self._agents.values():
-            close_model = getattr(agent.model, "aclose", None)
+        for model in [*self._retired_models, *(a.model for a in self._agents.values())]:
+            close_model = getattr(model, "aclose", None)
             if close_model is not None:
                 with contextlib.suppress(Exception):
                     await close_model()
@@ -177,6 +178,9 @@ class Clearance:
                 "model must be Model(provider=..., model=...) or an object with "
                 f"async reply(request), got {type(model).__name__}"
             )
+        replaced = self._agents.get(tag)
+        if replaced is not None and replaced.model is not port:
+            self._retired_models.append(replaced.model)
         self._agents[tag] = compile_agent(
             tag=tag,
             name=name,

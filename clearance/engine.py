@@ -243,9 +243,15 @@ class Engine:
             try:
                 ex, more = await self._feed(ex, event, done=entry.id)
             except Refusal as refusal:
-                log.info("execution %s: result dropped: %s", ex.id, refusal)
-                ex = await self._load(ex.id)
-                continue
+                if not (isinstance(event, ModelReplied) and refusal.code == "invalid_reply"):
+                    log.info("execution %s: result dropped: %s", ex.id, refusal)
+                    ex = await self._load(ex.id)
+                    continue
+                # A reply no tool_result can answer must fail the run, not strand it.
+                failed = ModelFailed(
+                    event.turn, f"the model's reply could not be used: {refusal}", event.at
+                )
+                ex, more = await self._feed(await self._load(ex.id), failed)
             queue.extend(e for e in more if e.claimed_by == self.worker)
         return ex
 

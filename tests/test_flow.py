@@ -658,3 +658,39 @@ async def test_cut_off_or_refused_answers_fail_with_the_text_kept(
     assert ex.status == "failed"
     assert ex.output == "Partial"
     assert f"stop_reason '{stop_reason}'" in (ex.error or "")
+
+
+async def test_a_reply_with_repeated_tool_use_ids_fails_the_run_instead_of_stranding_it(
+    app: Clearance, recorder: Recorder
+) -> None:
+    model = ScriptedModel(
+        [
+            [
+                tool_use("get-order", {"orderId": "A"}, id="x"),
+                tool_use("get-order", {"orderId": "B"}, id="x"),
+            ]
+        ]
+    )
+    define_refund_agent(app, recorder, model=model)
+    ex = await app.run("safe-agent", input="go")
+    assert ex.status == "failed"
+    assert "repeated tool_use ids" in (ex.error or "")
+    assert recorder.calls == []
+
+
+async def test_redefining_an_agent_closes_the_replaced_model_on_close(tmp_path: Any) -> None:
+    closed: list[str] = []
+
+    class Closable(ScriptedModel):
+        def __init__(self, name: str) -> None:
+            super().__init__([[text("hi")]])
+            self.label = name
+
+        async def aclose(self) -> None:
+            closed.append(self.label)
+
+    app = Clearance.open("memory://")
+    app.define(tag="a", model=Closable("first"))
+    app.define(tag="a", model=Closable("second"))
+    await app.close()
+    assert sorted(closed) == ["first", "second"]

@@ -608,12 +608,6 @@ async def test_aclose_closes_the_client_it_made_but_not_an_injected_one(
     await injected.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: Clearance.close() does not call the model port's aclose(), so the "
-    "AsyncOpenAI client OpenAIModel made keeps its pooled connection open "
-    "(ResourceWarning: unclosed transport)",
-)
 def test_closing_clearance_closes_the_sdk_client_it_made(
     tmp_path: Path, fake: FakeOpenAI, url: str
 ) -> None:
