@@ -39,10 +39,17 @@ from clearance.core.wire import (
     event_to_data,
     execution_from_data,
     execution_to_data,
+    parse_stamp,
     request_from_data,
     stamp,
 )
-from clearance.ports.store import Conflict, DueTimer, OutboxEntry
+from clearance.ports.store import (
+    Conflict,
+    Delivery,
+    DeliveryAttempt,
+    DueTimer,
+    OutboxEntry,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
@@ -78,6 +85,23 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_execution ON audit (execution_id);
 CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
+    agent_tag TEXT NOT NULL, url TEXT NOT NULL, webhook_id TEXT NOT NULL,
+    status TEXT NOT NULL, next_attempt_at TEXT NOT NULL, expires_at TEXT NOT NULL,
+    claimed_by TEXT, lease_until TEXT
+);
+CREATE INDEX IF NOT EXISTS deliveries_due
+    ON deliveries (next_attempt_at) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_request ON deliveries (request_id);
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    delivery_id INTEGER NOT NULL, at TEXT NOT NULL, status_code INTEGER, error TEXT,
+    outcome TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS delivery_attempts_of ON delivery_attempts (delivery_id);
+CREATE TABLE IF NOT EXISTS disabled_endpoints (
+    url TEXT PRIMARY KEY, at TEXT NOT NULL, reason TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
@@ -225,6 +249,21 @@ class SQLiteStore:
             db.execute("DELETE FROM timers WHERE request_id = ?", (command.request_id,))
         elif isinstance(command, PublishApprovalRequest):
             request = command.request
+            if execution.agent.approval_webhook:
+                # In the same transaction: a request committed is a request delivered.
+                db.execute(
+                    "INSERT INTO deliveries (request_id, execution_id, agent_tag, url, webhook_id,"
+                    " status, next_attempt_at, expires_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    (
+                        request.request_id,
+                        execution.id,
+                        execution.agent_tag,
+                        execution.agent.approval_webhook,
+                        f"msg_{request.request_id}",
+                        stamp(request.timestamp),
+                        stamp(request.timeout),
+                    ),
+                )
             db.execute(
                 "INSERT INTO approvals (request_id, execution_id, agent_tag, status, created_at,"
                 " body) VALUES (?, ?, ?, ?, ?, ?)",
@@ -381,6 +420,115 @@ class SQLiteStore:
     async def discard(self, entry_id: int) -> None:
         with self._write():
             self._db.execute("DELETE FROM outbox WHERE id = ?", (entry_id,))
+
+    # -- webhook deliveries ------------------------------------------------------------------
+
+    _DELIVERY = (
+        "SELECT id, request_id, execution_id, agent_tag, url, webhook_id, status,"
+        " next_attempt_at, expires_at FROM deliveries"
+    )
+
+    def _deliveries(self, rows: list[Any]) -> list[Delivery]:
+        out = []
+        for i, rid, eid, tag, url, wid, status, next_at, expires in rows:
+            attempts = tuple(
+                DeliveryAttempt(parse_stamp(at), code, error, outcome)
+                for at, code, error, outcome in self._db.execute(
+                    "SELECT at, status_code, error, outcome FROM delivery_attempts"
+                    " WHERE delivery_id = ? ORDER BY rowid",
+                    (i,),
+                )
+            )
+            out.append(
+                Delivery(
+                    i,
+                    rid,
+                    eid,
+                    tag,
+                    url,
+                    wid,
+                    status,
+                    attempts,
+                    parse_stamp(next_at),
+                    parse_stamp(expires),
+                )
+            )
+        return out
+
+    async def claim_deliveries(
+        self,
+        agent_tags: Sequence[str],
+        worker: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+    ) -> list[Delivery]:
+        if not agent_tags:
+            return []
+        marks = ",".join("?" * len(agent_tags))
+        due = (
+            f" WHERE status = 'pending' AND next_attempt_at <= ? AND agent_tag IN ({marks})"
+            " AND (claimed_by IS NULL OR lease_until <= ?)"
+        )
+        args = (stamp(now), *agent_tags, stamp(now))
+        rows = self._db.execute(
+            self._DELIVERY + due + " ORDER BY next_attempt_at LIMIT ?", (*args, limit)
+        ).fetchall()
+        if not rows:
+            return []
+        won = []
+        with self._write():
+            for row in rows:
+                cur = self._db.execute(
+                    "UPDATE deliveries SET claimed_by = ?, lease_until = ? WHERE id = ?"
+                    " AND status = 'pending' AND (claimed_by IS NULL OR lease_until <= ?)",
+                    (worker, stamp(lease_until), row[0], stamp(now)),
+                )
+                if cur.rowcount == 1:
+                    won.append(row)
+        return self._deliveries(won)
+
+    async def record_attempt(
+        self,
+        delivery_id: int,
+        attempt: DeliveryAttempt,
+        status: str,
+        next_attempt_at: datetime | None,
+    ) -> None:
+        with self._write():
+            self._db.execute(
+                "INSERT INTO delivery_attempts (delivery_id, at, status_code, error, outcome)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    delivery_id,
+                    stamp(attempt.at),
+                    attempt.status_code,
+                    attempt.error,
+                    attempt.outcome,
+                ),
+            )
+            self._db.execute(
+                "UPDATE deliveries SET status = ?, claimed_by = NULL, lease_until = NULL,"
+                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
+                (status, stamp(next_attempt_at) if next_attempt_at else None, delivery_id),
+            )
+
+    async def deliveries(self, request_id: str) -> list[Delivery]:
+        rows = self._db.execute(
+            self._DELIVERY + " WHERE request_id = ? ORDER BY id", (request_id,)
+        ).fetchall()
+        return self._deliveries(rows)
+
+    async def disable_endpoint(self, url: str, at: datetime, reason: str) -> None:
+        with self._write():
+            self._db.execute(
+                "INSERT OR IGNORE INTO disabled_endpoints (url, at, reason) VALUES (?, ?, ?)",
+                (url, stamp(at), reason),
+            )
+
+    async def endpoint_disabled(self, url: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM disabled_endpoints WHERE url = ?", (url,))
+        return row.fetchone() is not None
 
     async def close(self) -> None:
         self._db.close()

@@ -15,8 +15,9 @@ import attrs
 from clearance.adapters.clock import SystemClock
 from clearance.adapters.ids import RandomIds
 from clearance.adapters.sqlite_store import SQLiteStore
+from clearance.callback import callback_url, secret_bytes
 from clearance.core.commands import AuditRecord
-from clearance.core.errors import ClearanceError
+from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
 from clearance.definition import (
@@ -27,11 +28,12 @@ from clearance.definition import (
     Tool,
     compile_agent,
 )
+from clearance.delivery import WebhookDelivery
 from clearance.engine import Engine
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
-from clearance.ports.store import Store
+from clearance.ports.store import Delivery, Store
 from clearance.worker import new_worker_id, retire
 
 log = logging.getLogger("clearance")
@@ -97,13 +99,34 @@ class Clearance:
         clock: Clock | None = None,
         ids: IdSource | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
+        public_url: str | None = None,
+        webhook_secret: str | None = None,
+        api_key: str | None = None,
+        webhook_timeout: float = 10.0,
+        webhook_retry_base: float = 1.0,
     ) -> None:
+        if webhook_secret is not None:
+            secret_bytes(webhook_secret)  # a malformed secret fails here, not at first delivery
         self.store = store
+        self.public_url = public_url.rstrip("/") if public_url else None
+        self.webhook_secret = webhook_secret
+        self.api_key = api_key  # bearer token for the HTTP API's signal/read routes
         self.clock: Clock = clock or SystemClock()
         self.poll_interval = poll_interval
         self._agents: dict[str, HostedAgent] = {}
         self.engine = Engine(store, self.clock, ids or RandomIds(), new_worker_id(), self._agents)
+        self.webhooks = WebhookDelivery(
+            store,
+            self.clock,
+            self.engine.worker,
+            self._agents,
+            public_url=lambda: self.public_url,
+            secret=lambda: self.webhook_secret,
+            timeout=webhook_timeout,
+            retry_base=webhook_retry_base,
+        )
         self._background: asyncio.Task[None] | None = None
+        self._delivering: asyncio.Task[None] | None = None
         self._driving: set[asyncio.Task[Execution]] = set()
         self._retired_models: list[ModelPort] = []  # replaced by define(); closed on close()
 
@@ -116,16 +139,31 @@ class Clearance:
         ids: IdSource | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         synchronous: str = "FULL",
+        public_url: str | None = None,
+        webhook_secret: str | None = None,
+        api_key: str | None = None,
+        webhook_timeout: float = 10.0,
+        webhook_retry_base: float = 1.0,
     ) -> Clearance:
+        """`public_url` is where this instance's HTTP API is reachable (callbackUrl is
+        built on it); `webhook_secret` ('whsec_…') signs webhooks and callback tokens;
+        `api_key` protects the HTTP API's signal and read routes."""
         return cls(
             open_store(url, synchronous=synchronous),
             clock=clock,
             ids=ids,
             poll_interval=poll_interval,
+            public_url=public_url,
+            webhook_secret=webhook_secret,
+            api_key=api_key,
+            webhook_timeout=webhook_timeout,
+            webhook_retry_base=webhook_retry_base,
         )
 
     async def __aenter__(self) -> Clearance:
         self._background = asyncio.create_task(self._watch(), name="clearance-watch")
+        # Apart from the watch loop, so a slow receiver never delays decisions or timers.
+        self._delivering = asyncio.create_task(self._deliver(), name="clearance-webhooks")
         return self
 
     async def __aexit__(
@@ -139,13 +177,14 @@ class Clearance:
     async def close(self) -> None:
         """Stop background work and close the store. Work cut short here is
         taken over by the next process that hosts the agent."""
-        tasks = [*self._driving, *([self._background] if self._background else [])]
+        tasks = [*self._driving, *(t for t in (self._background, self._delivering) if t)]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._background = None
+        self._background = self._delivering = None
+        await self.webhooks.aclose()
         for model in [*self._retired_models, *(a.model for a in self._agents.values())]:
             close_model = getattr(model, "aclose", None)
             if close_model is not None:
@@ -178,6 +217,15 @@ class Clearance:
                 "model must be Model(provider=..., model=...) or an object with "
                 f"async reply(request), got {type(model).__name__}"
             )
+        hitl = human_in_loop or HumanInLoop()
+        if hitl.approval_webhook and not (self.public_url and self.webhook_secret):
+            raise DefinitionError(
+                "approval_webhook needs a callbackUrl to send: open Clearance with "
+                "public_url='https://…' (where its HTTP API is reachable) and "
+                "webhook_secret='whsec_…'"
+            )
+        if hitl.webhook_secret is not None:
+            secret_bytes(hitl.webhook_secret)
         replaced = self._agents.get(tag)
         if replaced is not None and replaced.model is not port:
             self._retired_models.append(replaced.model)
@@ -189,7 +237,7 @@ class Clearance:
             model_name=str(model_name),
             system_prompt=system_prompt,
             tools=tools,
-            human_in_loop=human_in_loop or HumanInLoop(),
+            human_in_loop=hitl,
             max_iterations=max_iterations,
         )
 
@@ -237,7 +285,7 @@ class Clearance:
         """Decide by request id alone, as the spec's callback body does."""
         execution_id = await self.store.execution_of_request(request_id)
         if execution_id is None:
-            raise ClearanceError(f"no approval request '{request_id}'")
+            raise Refusal("unknown_request", f"no approval request '{request_id}'")
         return await self.signal(
             execution_id,
             "approve" if approved else "reject",
@@ -256,13 +304,37 @@ class Clearance:
     async def get_execution(self, execution_id: str) -> ExecutionHistory:
         ex = await self.store.load(execution_id)
         if ex is None:
-            raise ClearanceError(f"no execution '{execution_id}'")
+            raise Refusal("unknown_execution", f"no execution '{execution_id}'")
         return ExecutionHistory(ex, tuple(await self.store.events(execution_id)))
 
     async def audit(
         self, *, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]:
         return await self.store.audit(execution_id, request_id)
+
+    def callback_url(self, request: ApprovalRequest) -> str:
+        """The spec's callbackUrl for `request`: POST a decision there, no API key needed."""
+        if not self.public_url or not self.webhook_secret:
+            raise ClearanceError(
+                "callback URLs need Clearance.open(..., public_url='https://…', "
+                "webhook_secret='whsec_…')"
+            )
+        return callback_url(self.public_url, self.webhook_secret, request)
+
+    def asgi(self) -> Any:
+        """The HTTP API as an ASGI app (Starlette), to serve or mount in your own app."""
+        from clearance.http_api import build_asgi
+
+        return build_asgi(self)
+
+    async def deliver_webhooks(self) -> int:
+        """Attempt every webhook delivery that is due now and wait for the answers;
+        returns how many were attempted. The background task does this by itself."""
+        return await self.webhooks.deliver_due()
+
+    async def deliveries(self, request_id: str) -> list[Delivery]:
+        """Every webhook delivery of one approval request, with each attempt."""
+        return await self.store.deliveries(request_id)
 
     async def fire_due_timers(self) -> int:
         """Time out every approval due at `clock.now()`; returns how many."""
@@ -278,6 +350,14 @@ class Clearance:
         self._driving.add(task)
         task.add_done_callback(self._driving.discard)
         return await asyncio.shield(task)
+
+    async def _deliver(self) -> None:
+        while True:
+            try:
+                await self.webhooks.start_due()
+            except Exception:
+                log.exception("clearance webhook step failed")
+            await asyncio.sleep(self.poll_interval)
 
     async def _watch(self) -> None:
         while True:

@@ -1,4 +1,5 @@
-"""The `clearance` command: run the demo, list pending approvals, decide them, read the log.
+"""The `clearance` command: run the demo, list pending approvals, decide them, read the log,
+serve the HTTP API.
 
 Every command works on one SQLite database (`--db`, or $CLEARANCE_DB, else
 ./clearance.db). Deciding needs no agent definition: `clearance approve` records
@@ -15,13 +16,16 @@ import getpass
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import uvicorn
 
 from clearance.app import Clearance
 from clearance.core.commands import AuditRecord
@@ -64,6 +68,8 @@ from clearance.demo import (
 from clearance.ports.tools import ToolContext
 
 DB_ENV = "CLEARANCE_DB"
+SECRET_ENV = "CLEARANCE_WEBHOOK_SECRET"  # secrets come from the environment, never argv
+API_KEY_ENV = "CLEARANCE_API_KEY"
 DEFAULT_DB = "clearance.db"
 POLL_SECONDS = 0.2  # how often the demo looks for decisions made by other processes
 
@@ -686,6 +692,46 @@ async def cmd_demo(args: argparse.Namespace) -> int:
         return await Demo(app, args, path).run()
 
 
+# -- serve ----------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which would end the
+        # process before Clearance closes its store: shut down gracefully and return.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=False)
+    secret = os.environ.get(SECRET_ENV) or None
+    api_key = os.environ.get(API_KEY_ENV) or None
+    async with Clearance.open(
+        f"sqlite:///{path}", public_url=args.public_url, webhook_secret=secret, api_key=api_key
+    ) as app:
+        config = uvicorn.Config(
+            app.asgi(), host=args.host, port=args.port, lifespan="off", log_level="info"
+        )
+        say(
+            f"Clearance HTTP API for {path} (OpenAPI at /openapi.json)",
+            f"  callbacks:          {'on' if secret else f'off (set ${SECRET_ENV})'}",
+            f"  signal/read routes: {'on' if api_key else f'off (set ${API_KEY_ENV})'}",
+        )
+        await _Server(config).serve()
+    say("Stopped; anything pending stays pending in the database.")
+    return 0
+
+
 # -- the parser ---------------------------------------------------------------------------
 
 
@@ -766,6 +812,18 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--request", metavar="ID", help="only this approval request")
     audit.add_argument("--json", action="store_true", help="one JSON record per line")
     audit.set_defaults(run=cmd_audit)
+
+    serve = command(
+        "serve",
+        f"serve the HTTP API (callbacks, signals, reads) and fire timeouts; secrets from "
+        f"${SECRET_ENV} and ${API_KEY_ENV}",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=positive_int, default=8000, help="port (8000)")
+    serve.add_argument(
+        "--public-url", metavar="URL", help="where callers reach this server; callbackUrl base"
+    )
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

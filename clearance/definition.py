@@ -55,6 +55,9 @@ class HumanInLoop:
     approval_timeout: int = DEFAULT_TIMEOUT_MS
     approval_webhook: str | None = None
     approval_broker: dict[str, Any] | None = None
+    # Signs this agent's webhooks instead of the instance's secret ('whsec_…'). Callback
+    # tokens always use the instance's secret, so any process sharing it can check them.
+    webhook_secret: str | None = attrs.field(default=None, repr=False)
     approval_order: str = SEQUENTIAL
 
 
@@ -83,6 +86,7 @@ class HostedAgent:
     model: ModelPort
     handlers: dict[str, Handler]
     confirmation_messages: dict[str, ConfirmationMessage | None]
+    webhook_secret: str | None = None
 
     def reason(self, tool: str, params: dict[str, Any]) -> str:
         message = self.confirmation_messages.get(tool)
@@ -126,10 +130,18 @@ def compile_agent(
             f"approval_order must be one of {', '.join(APPROVAL_ORDERS)}, got "
             f"{hitl.approval_order!r}"
         )
-    if hitl.approval_webhook is not None or hitl.approval_broker is not None:
+    if hitl.approval_broker is not None:
         raise DefinitionError(
-            "approval_webhook and approval_broker are not available in this version; "
-            "decide approvals with signal(), the CLI or pending()"
+            "approval_broker is not available in this version; use approval_webhook, "
+            "signal(), the HTTP API or the CLI"
+        )
+    webhook = hitl.approval_webhook
+    if webhook is not None and not (
+        isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
+    ):
+        raise DefinitionError(
+            f"approval_webhook must be an http(s) URL, e.g. 'https://your-app.com/api/approvals', "
+            f"got {webhook!r}"
         )
     default_timeout = _positive_ms("HumanInLoop.approval_timeout", hitl.approval_timeout)
     if isinstance(hitl.always_require_approval, str):
@@ -190,10 +202,12 @@ def compile_agent(
         tools=tuple(specs),
         approval_order=hitl.approval_order,
         max_iterations=max_iterations,
+        approval_webhook=webhook,
     )
     return HostedAgent(
         spec=spec,
         model=model,
         handlers={t.tag: t.handler for t in tools if t.handler is not None},
         confirmation_messages={t.tag: t.confirmation_message for t in tools},
+        webhook_secret=hitl.webhook_secret,
     )

@@ -92,13 +92,17 @@ class Engine:
         by: str | None = None,
     ) -> Execution:
         if signal not in SIGNALS:
-            raise ClearanceError(f"unknown signal {signal!r}; accepted: {', '.join(SIGNALS)}")
+            raise Refusal(
+                "unknown_signal", f"unknown signal {signal!r}; accepted: {', '.join(SIGNALS)}"
+            )
         ex = await self._load(execution_id)
         if signal == "stop":
             event: Event = StopRequested(self.clock.now(), by, reason)
         else:
             if not request_id:
-                raise ClearanceError(f"signal '{signal}' needs request_id (the 'apr-…' id)")
+                raise Refusal(
+                    "missing_request_id", f"signal '{signal}' needs request_id (the 'apr-…' id)"
+                )
             ex = await self._expire(ex, request_id)
             if signal == "approve":
                 event = Approved(request_id, self.clock.now(), by, modified_params)
@@ -177,7 +181,7 @@ class Engine:
     async def _load(self, execution_id: str) -> Execution:
         ex = await self.store.load(execution_id)
         if ex is None:
-            raise ClearanceError(f"no execution '{execution_id}'")
+            raise Refusal("unknown_execution", f"no execution '{execution_id}'")
         return ex
 
     async def _expire(self, ex: Execution, request_id: str) -> Execution:

@@ -35,6 +35,7 @@ class AgentSpec:
     tools: tuple[ToolSpec, ...]
     approval_order: str = SEQUENTIAL
     max_iterations: int = 20
+    approval_webhook: str | None = None  # where approval requests are POSTed
 
     def tool(self, tag: str) -> ToolSpec | None:
         for tool in self.tools:

@@ -16,6 +16,10 @@ class Refusal(ClearanceError):
     machine-readable; the message is for people.
     """
 
+    # Codes: wrong_state, unknown_request, already_decided, expired, not_due,
+    # invalid_parameters, stale_model_reply, stale_tool_result, invalid_reply,
+    # invalid_event; and from the runtime: unknown_execution, unknown_signal,
+    # missing_request_id.
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code

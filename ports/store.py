@@ -45,6 +45,32 @@ class DueTimer:
     due_at: datetime
 
 
+@attrs.frozen
+class DeliveryAttempt:
+    at: datetime
+    status_code: int | None  # None: no HTTP answer (connection error, timeout)
+    error: str | None
+    outcome: str  # delivered | retry | failed | disabled | expired
+
+
+@attrs.frozen
+class Delivery:
+    """One approval request on its way to one webhook URL, with every attempt so far.
+    status: pending (being tried) | delivered | failed (4xx or out of attempts) |
+    disabled (the endpoint answered 410) | expired (no retry before the request expires)."""
+
+    id: int
+    request_id: str
+    execution_id: str
+    agent_tag: str
+    url: str
+    webhook_id: str  # the same on every retry (Standard Webhooks `webhook-id`)
+    status: str
+    attempts: tuple[DeliveryAttempt, ...]
+    next_attempt_at: datetime
+    expires_at: datetime
+
+
 class Store(Protocol):
     commits: int  # successful write transactions, for benchmarks and tests
 
@@ -92,5 +118,28 @@ class Store(Protocol):
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]: ...
+
+    async def claim_deliveries(
+        self,
+        agent_tags: Sequence[str],
+        worker: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+    ) -> list[Delivery]: ...
+
+    async def record_attempt(
+        self,
+        delivery_id: int,
+        attempt: DeliveryAttempt,
+        status: str,
+        next_attempt_at: datetime | None,
+    ) -> None: ...
+
+    async def deliveries(self, request_id: str) -> list[Delivery]: ...
+
+    async def disable_endpoint(self, url: str, at: datetime, reason: str) -> None: ...
+
+    async def endpoint_disabled(self, url: str) -> bool: ...
 
     async def close(self) -> None: ...
