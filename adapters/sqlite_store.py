@@ -462,15 +462,18 @@ class SQLiteStore:
         now: datetime,
         lease_until: datetime,
         limit: int,
+        exclude_urls: Sequence[str] = (),
     ) -> list[Delivery]:
         if not agent_tags:
             return []
-        marks = ",".join("?" * len(agent_tags))
+        tags = ",".join("?" * len(agent_tags))
         due = (
-            f" WHERE status = 'pending' AND next_attempt_at <= ? AND agent_tag IN ({marks})"
+            f" WHERE status = 'pending' AND next_attempt_at <= ? AND agent_tag IN ({tags})"
             " AND (claimed_by IS NULL OR lease_until <= ?)"
         )
-        args = (stamp(now), *agent_tags, stamp(now))
+        if exclude_urls:
+            due += f" AND url NOT IN ({','.join('?' * len(exclude_urls))})"
+        args = (stamp(now), *agent_tags, stamp(now), *exclude_urls)
         rows = self._db.execute(
             self._DELIVERY + due + " ORDER BY next_attempt_at LIMIT ?", (*args, limit)
         ).fetchall()
@@ -487,6 +490,14 @@ class SQLiteStore:
                 if cur.rowcount == 1:
                     won.append(row)
         return self._deliveries(won)
+
+    async def release_delivery(self, delivery_id: int, worker: str) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE deliveries SET claimed_by = NULL, lease_until = NULL"
+                " WHERE id = ? AND claimed_by = ?",
+                (delivery_id, worker),
+            )
 
     async def record_attempt(
         self,

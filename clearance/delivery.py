@@ -7,7 +7,8 @@ as their own tasks, bounded in number, so a slow or dead receiver delays only
 its own deliveries. Retry policy: 2xx delivered; 408, 429, 5xx, timeouts and
 connection errors retried with exponential backoff and full jitter, never past
 the request's expiry; 410 disables the endpoint; any other answer fails the
-delivery for good. Every attempt is recorded.
+delivery for good; a request decided meanwhile is skipped. Every attempt is
+recorded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import datetime, timedelta
 
 from clearance.adapters.webhook_sender import Answer, WebhookSender
 from clearance.callback import callback_url
-from clearance.core.execution import iso
+from clearance.core.execution import PENDING, ApprovalRequest, iso
 from clearance.definition import HostedAgent
 from clearance.ports.clock import Clock
 from clearance.ports.store import Delivery, DeliveryAttempt, Store
@@ -50,7 +51,8 @@ class WebhookDelivery:
         retry_base: float = 1.0,
         retry_cap: float = 300.0,
         max_attempts: int = 12,
-        concurrency: int = 16,
+        concurrency: int = 64,
+        per_endpoint: int = 4,
     ) -> None:
         self.store = store
         self.clock = clock
@@ -64,6 +66,8 @@ class WebhookDelivery:
         self.max_attempts = max_attempts
         self._sender = WebhookSender(timeout)
         self.concurrency = concurrency
+        self.per_endpoint = per_endpoint
+        self._in_flight: dict[str, int] = {}  # attempts running, by URL
         self._running: set[asyncio.Task[None]] = set()
 
     async def start_due(self) -> int:
@@ -74,12 +78,23 @@ class WebhookDelivery:
         now = self.clock.now()
         # The lease outlives one attempt, so a live worker is never raced for it.
         lease = now + timedelta(seconds=self.timeout * 2 + 5)
-        due = await self.store.claim_deliveries(list(self.agents), self.worker, now, lease, free)
+        # One hanging receiver may hold at most `per_endpoint` slots: the rest stay free
+        # for healthy endpoints.
+        busy = [u for u, n in self._in_flight.items() if n >= self.per_endpoint]
+        due = await self.store.claim_deliveries(
+            list(self.agents), self.worker, now, lease, free, exclude_urls=busy
+        )
+        started = 0
         for delivery in due:
+            if self._in_flight.get(delivery.url, 0) >= self.per_endpoint:
+                await self.store.release_delivery(delivery.id, self.worker)
+                continue
+            self._in_flight[delivery.url] = self._in_flight.get(delivery.url, 0) + 1
             task = asyncio.create_task(self._attempt(delivery))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
-        return len(due)
+            started += 1
+        return started
 
     async def deliver_due(self) -> int:
         """Start what is due and wait for those attempts to finish (tests, CLI)."""
@@ -91,8 +106,17 @@ class WebhookDelivery:
     async def _attempt(self, delivery: Delivery) -> None:
         try:
             await self._try(delivery)
+        except asyncio.CancelledError:
+            # Closing mid-attempt: hand the delivery back at once rather than make the
+            # next process wait for the lease to lapse.
+            await self.store.release_delivery(delivery.id, self.worker)
+            raise
         except Exception:  # one broken delivery must not stop the others
             log.exception("webhook delivery %s failed unexpectedly", delivery.webhook_id)
+        finally:
+            self._in_flight[delivery.url] -= 1
+            if not self._in_flight[delivery.url]:
+                del self._in_flight[delivery.url]
 
     async def _try(self, delivery: Delivery) -> None:
         now = self.clock.now()
@@ -104,12 +128,20 @@ class WebhookDelivery:
         if now >= delivery.expires_at:
             await self._record(delivery, None, "the approval request expired", "expired", "expired")
             return
-        body = await self._body(delivery)
-        if body is None:
+        ex = await self.store.load(delivery.execution_id)
+        request = ex.request(delivery.request_id) if ex else None
+        if request is None:
             await self._record(
                 delivery, None, "the approval request no longer exists", "failed", "failed"
             )
             return
+        if request.status != PENDING:
+            # Decided elsewhere first (CLI, signal, timeout): nobody needs asking any more.
+            await self._record(
+                delivery, None, f"the request was already {request.status}", "skipped", "skipped"
+            )
+            return
+        body = self._body(request)
         agent = self.agents.get(delivery.agent_tag)
         secret = (agent.webhook_secret if agent else None) or self._secret()
         if secret is None:
@@ -149,11 +181,7 @@ class WebhookDelivery:
         attempt = DeliveryAttempt(self.clock.now(), code, error, outcome)
         await self.store.record_attempt(delivery.id, attempt, status, next_at)
 
-    async def _body(self, delivery: Delivery) -> str | None:
-        ex = await self.store.load(delivery.execution_id)
-        request = ex.request(delivery.request_id) if ex else None
-        if request is None:
-            return None
+    def _body(self, request: ApprovalRequest) -> str:
         public_url, secret = self._public_url(), self._secret()
         body = {
             "type": "approval_request",

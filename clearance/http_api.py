@@ -610,8 +610,7 @@ _SCHEMAS: dict[str, Any] = {
         ],
     },
     "SignalBody": {
-        "description": "The spec's signal: approve or reject one request, or stop the "
-        "execution.",
+        "description": "The spec's signal: approve or reject one request, or stop the execution.",
         "oneOf": [
             _signal_variant(
                 "approve",
@@ -726,7 +725,7 @@ _SCHEMAS: dict[str, Any] = {
     },
 }
 
-_BEARER = [{"bearer": []}]
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
 
 
 def openapi_document(root_path: str = "") -> dict[str, Any]:

@@ -50,14 +50,15 @@ class DeliveryAttempt:
     at: datetime
     status_code: int | None  # None: no HTTP answer (connection error, timeout)
     error: str | None
-    outcome: str  # delivered | retry | failed | disabled | expired
+    outcome: str  # delivered | retry | failed | disabled | expired | skipped
 
 
 @attrs.frozen
 class Delivery:
     """One approval request on its way to one webhook URL, with every attempt so far.
     status: pending (being tried) | delivered | failed (4xx or out of attempts) |
-    disabled (the endpoint answered 410) | expired (no retry before the request expires)."""
+    disabled (the endpoint answered 410) | expired (no retry before the request expires) |
+    skipped (the request was decided before it could be delivered)."""
 
     id: int
     request_id: str
@@ -126,7 +127,10 @@ class Store(Protocol):
         now: datetime,
         lease_until: datetime,
         limit: int,
+        exclude_urls: Sequence[str] = (),
     ) -> list[Delivery]: ...
+
+    async def release_delivery(self, delivery_id: int, worker: str) -> None: ...
 
     async def record_attempt(
         self,
