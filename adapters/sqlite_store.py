@@ -88,7 +88,8 @@ CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
     agent_tag TEXT NOT NULL, url TEXT NOT NULL, webhook_id TEXT NOT NULL,
-    status TEXT NOT NULL, next_attempt_at TEXT NOT NULL, expires_at TEXT NOT NULL,
+    signer TEXT NOT NULL, status TEXT NOT NULL, next_attempt_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
     claimed_by TEXT, lease_until TEXT
 );
 CREATE INDEX IF NOT EXISTS deliveries_due
@@ -253,13 +254,15 @@ class SQLiteStore:
                 # In the same transaction: a request committed is a request delivered.
                 db.execute(
                     "INSERT INTO deliveries (request_id, execution_id, agent_tag, url, webhook_id,"
-                    " status, next_attempt_at, expires_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                    " signer, status, next_attempt_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                     (
                         request.request_id,
                         execution.id,
                         execution.agent_tag,
                         execution.agent.approval_webhook,
                         f"msg_{request.request_id}",
+                        "agent" if execution.agent.own_webhook_secret else "instance",
                         stamp(request.timestamp),
                         stamp(request.timeout),
                     ),
@@ -464,11 +467,10 @@ class SQLiteStore:
         limit: int,
         exclude_urls: Sequence[str] = (),
     ) -> list[Delivery]:
-        if not agent_tags:
-            return []
         tags = ",".join("?" * len(agent_tags))
         due = (
-            f" WHERE status = 'pending' AND next_attempt_at <= ? AND agent_tag IN ({tags})"
+            " WHERE status = 'pending' AND next_attempt_at <= ?"
+            f" AND (signer = 'instance' OR agent_tag IN ({tags}))"
             " AND (claimed_by IS NULL OR lease_until <= ?)"
         )
         if exclude_urls:

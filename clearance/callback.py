@@ -66,7 +66,8 @@ def check_token(secret: str, request_id: str, token: str | None, now: datetime) 
     if not token:
         raise TokenError(401, "missing callback token: use the callbackUrl exactly as sent")
     expires_text, _, mac = token.partition(".")
-    if not expires_text.isdigit() or not mac:
+    # isdecimal() alone admits non-ASCII digits that int() may still refuse.
+    if not (expires_text.isascii() and expires_text.isdecimal()) or not mac:
         raise TokenError(403, "malformed callback token")
     expected = _mac(secret, request_id, int(expires_text))
     if not hmac.compare_digest(expected.encode(), mac.encode()):

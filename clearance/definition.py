@@ -203,6 +203,7 @@ def compile_agent(
         approval_order=hitl.approval_order,
         max_iterations=max_iterations,
         approval_webhook=webhook,
+        own_webhook_secret=hitl.webhook_secret is not None,
     )
     return HostedAgent(
         spec=spec,

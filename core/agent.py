@@ -36,6 +36,9 @@ class AgentSpec:
     approval_order: str = SEQUENTIAL
     max_iterations: int = 20
     approval_webhook: str | None = None  # where approval requests are POSTed
+    # Signed with the agent's own secret, which only processes hosting it know; else
+    # any process with the instance's secret (e.g. `clearance serve`) may deliver.
+    own_webhook_secret: bool = False
 
     def tool(self, tag: str) -> ToolSpec | None:
         for tool in self.tools:

@@ -742,3 +742,26 @@ async def test_closing_mid_attempt_hands_the_delivery_back_at_once(
     assert delivery.status == "delivered"
     assert waited < 2.0, f"redelivery waited {waited:.2f}s for a lease"
     assert [h.headers["webhook-id"] for h in receiver.hits] == [f"msg_{request_id}"] * 2
+
+
+@pytest.mark.parametrize("own_secret", [False, True])
+async def test_a_process_hosting_no_agent_delivers_only_instance_signed_webhooks(
+    db: Path, recorder: Recorder, own_secret: bool
+) -> None:
+    """`clearance serve` hosts no agent: it can sign with the instance's secret, never
+    with an agent's own, so it must leave those deliveries to the agent's host."""
+    receiver = Receiver()
+    agent_secret = "whsec_" + base64.b64encode(b"agent-secret-0123456789abcdef").decode()
+    with serving(receiver.app) as url:
+        host = open_app(db)  # no `async with`: this process never delivers
+        define(host, recorder, url + "/hook", webhook_secret=agent_secret if own_secret else None)
+        _, request_id = await paused(host)
+        await host.close()
+        server = open_app(db)  # defines nothing, like `clearance serve`
+        attempted = await server.deliver_webhooks()
+        [delivery] = await server.deliveries(request_id)
+        await server.close()
+    if own_secret:
+        assert (attempted, delivery.status, receiver.hits) == (0, "pending", [])
+    else:
+        assert (attempted, delivery.status, len(receiver.hits)) == (1, "delivered", 1)
