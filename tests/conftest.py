@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -101,3 +104,16 @@ def define_refund_agent(
         human_in_loop=hitl or HumanInLoop(enabled=True, approval_timeout=300_000),
     )
     return model
+
+
+async def wait_for(predicate: Callable[[], Any], seconds: float = 20.0) -> Any:
+    """Poll `predicate` (sync or async) until it returns something truthy; return that."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")

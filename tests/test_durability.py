@@ -8,13 +8,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from agent_process import refund_agent
+from conftest import wait_for
 
 from clearance import Clearance
 from clearance.core.execution import TERMINAL
@@ -55,18 +54,6 @@ def lines(db: Path, name: str) -> list[str]:
 def kill(proc: subprocess.Popen[str]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
-
-
-async def wait_for(predicate: Callable[[], Any], seconds: float = 20.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not reached in time")
 
 
 async def host_until_terminal(db: Path, execution_id: str, **options: Any) -> Any:

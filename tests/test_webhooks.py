@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from conftest import REFUND, Recorder, refund_script
+from conftest import REFUND, Recorder, refund_script, wait_for
 from servers import free_port, serving
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from starlette.applications import Starlette
@@ -169,18 +169,6 @@ def define(
         ),
     )
     return model
-
-
-async def wait_for(predicate: Callable[[], Any], seconds: float = 10.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 async def settled(app: Clearance, request_id: str, seconds: float = 10.0) -> Delivery:
