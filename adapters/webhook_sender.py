@@ -29,12 +29,17 @@ def signed_headers(secret: str, webhook_id: str, at: datetime, body: str) -> dic
 
 class WebhookSender:
     def __init__(self, timeout: float = 10.0) -> None:
-        self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False)
+        self.timeout = timeout
+        # Made on first use: building an SSL context costs ~24 ms, which every short-lived
+        # process (`clearance approve`) would pay for nothing.
+        self._client: httpx.AsyncClient | None = None
 
     async def post(
         self, url: str, *, secret: str, webhook_id: str, at: datetime, body: str
     ) -> Answer:
         headers = signed_headers(secret, webhook_id, at, body)
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.timeout, follow_redirects=False)
         try:
             response = await self._client.post(url, content=body.encode(), headers=headers)
         except httpx.TimeoutException as err:
@@ -46,4 +51,6 @@ class WebhookSender:
         return Answer(response.status_code, response.text[:200] or response.reason_phrase)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None

@@ -512,6 +512,10 @@ def build_asgi(app: Clearance, *, max_body: int = MAX_BODY) -> Starlette:
 # -- the OpenAPI document ----------------------------------------------------------------
 
 
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
 def _ref(name: str) -> dict[str, Any]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -746,12 +750,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     "description": "The token from the callbackUrl is the credential; no API "
                     "key. Exactly one decision per request ever wins.",
                     "parameters": [
-                        {
-                            "name": "requestId",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        },
+                        _path_param("requestId"),
                         {
                             "name": "token",
                             "in": "query",
@@ -775,14 +774,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     "operationId": "signal",
                     "summary": "Approve or reject a request of an execution, or stop it.",
                     "security": _BEARER,
-                    "parameters": [
-                        {
-                            "name": "executionId",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
+                    "parameters": [_path_param("executionId")],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": _ref("SignalBody")}},
@@ -840,14 +832,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     "operationId": "getExecution",
                     "summary": "An execution: status, output, approvals, usage and events.",
                     "security": _BEARER,
-                    "parameters": [
-                        {
-                            "name": "executionId",
-                            "in": "path",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
+                    "parameters": [_path_param("executionId")],
                     "responses": {
                         "200": _json(_ref("Execution"), "The execution."),
                         **_errors(401, 403, 404, 503),
