@@ -101,8 +101,28 @@ def _field(tool: str, where: str, field: Any) -> dict[str, Any]:
 
 
 @lru_cache(maxsize=1024)
-def _validator(schema_json: str) -> Draft202012Validator:
+def _validator_of_text(schema_json: str) -> Draft202012Validator:
+    # Built from the canonical text, whose sorted keys fix the order errors come in.
     return Draft202012Validator(json.loads(schema_json))
+
+
+# The validator of each schema dict by its identity, so that a call does not spell the
+# schema out as JSON again to find it (a third of a valid call's cost). A spec's schema
+# is not changed once made (ToolSpec is frozen and nothing edits its dict). Each entry
+# holds its dict, so no other dict can take that id while the entry stands.
+_BY_IDENTITY: dict[int, tuple[dict[str, Any], Draft202012Validator]] = {}
+
+
+def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+    hit = _BY_IDENTITY.get(id(schema))
+    if hit is not None and hit[0] is schema:
+        return hit[1]
+    if len(_BY_IDENTITY) >= 1024:
+        # Specs loaded from the store bring new dicts each time: start over, not grow.
+        _BY_IDENTITY.clear()
+    validator = _validator_of_text(canonical(schema))
+    _BY_IDENTITY[id(schema)] = (schema, validator)
+    return validator
 
 
 def canonical(value: Any) -> str:
@@ -123,7 +143,9 @@ def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, A
 
 def problems(schema: dict[str, Any], params: Any) -> list[str]:
     """Each way `params` fails `schema`, naming the field; empty when valid."""
-    validator = _validator(canonical(schema))
+    validator = _validator(schema)
+    if validator.is_valid(params):  # the usual case, without collecting and sorting errors
+        return []
     found = []
     for err in sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.path))):
         field = ".".join(str(p) for p in err.absolute_path) or "(parameters)"

@@ -18,11 +18,16 @@ from clearance.core.commands import AuditRecord, Command
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution, ToolContent
 
-STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"
-
 
 def stamp(at: datetime) -> str:
-    return at.astimezone(UTC).strftime(STAMP)
+    """`2026-11-26T05:49:04.230957Z`: fixed width, so text order is time order.
+
+    isoformat, not strftime: a few times faster (every commit stamps several
+    times), and it zero-pads years before 1000 where glibc's `%Y` does not.
+    """
+    if at.tzinfo is not UTC:
+        at = at.astimezone(UTC)
+    return at.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_stamp(text: str) -> datetime:

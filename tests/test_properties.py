@@ -40,6 +40,7 @@ from hypothesis.stateful import (
 )
 
 from clearance import Clearance, ClearanceError, HumanInLoop, Tool, ToolContext
+from clearance.adapters.sqlite_store import SQLiteStore
 from clearance.core.commands import AuditRecord, RecordDecision
 from clearance.core.decide import decide
 from clearance.core.execution import (
@@ -225,6 +226,10 @@ class ClearanceMachine(RuleBasedStateMachine):
 
     def _open(self) -> Clearance:
         app = Clearance.open(self.url, clock=self.clock, ids=self.ids, synchronous="NORMAL")
+        # A snapshot every 3 events, not 16: runs here are short, and loads must mix a
+        # snapshot with a replayed tail (other processes keep the default).
+        assert isinstance(app.store, SQLiteStore)
+        app.store.snapshot_every = 3
         for tag, (order, max_iterations) in AGENTS.items():
             model = ScriptedModel(self._script)
             self.models.append(model)

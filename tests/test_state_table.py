@@ -13,6 +13,10 @@ not), and check the outcome is one of exactly two things:
 
 Never any other exception. Acceptance is checked both ways: an event that fits
 a state the table says takes it must be accepted, not refused.
+
+`decide()` looks moves up in sets read off the machines rather than triggering
+them each step; one test triggers the machines for every state x event x
+destination and checks the sets say the same.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 import attrs
 import pytest
 
+from clearance.core import machine
 from clearance.core.agent import PARALLEL, SEQUENTIAL, AgentSpec, ToolSpec
 from clearance.core.commands import COMMAND_TYPES, RecordDecision, RunTool
 from clearance.core.decide import decide, standing_decision
@@ -154,6 +159,30 @@ def test_request_table_is_pending_then_exactly_one_outcome() -> None:
         ("cancel", PENDING, CANCELLED),
     } == REQUEST_MOVES
     assert set(REQUEST_STATUSES) == {PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED}
+
+
+def test_the_sets_decide_looks_up_are_what_the_machines_allow() -> None:
+    """decide() checks moves in sets read off the machines at import, not by triggering
+    them; for every state x event x destination a trigger must say the same."""
+    events = {t for t, _, _ in EXECUTION_TABLE} | {e.TAG for e in EVENT_TYPES}
+    for event in sorted(events):
+        for source in EXECUTION_STATUSES:
+            allowed = {
+                d for d in EXECUTION_STATUSES if machine.execution_move_allowed(event, source, d)
+            }
+            looked_up = {d for e, s, d in machine.EXECUTION_MOVES if (e, s) == (event, source)}
+            assert looked_up == allowed, (event, source)
+            assert ((event, source) in machine.EXECUTION_ACCEPTS) == bool(allowed), (event, source)
+    actions = {t for t, _, _ in REQUEST_TABLE}
+    for action in sorted(actions):
+        for source in REQUEST_STATUSES:
+            for dest in REQUEST_STATUSES:
+                allowed = machine.request_move_allowed(action, source, dest)
+                assert ((action, source, dest) in machine.REQUEST_MOVES) == allowed, action
+    # And the machines hold exactly the reviewed tables, nothing more.
+    assert machine.EXECUTION_MOVES == MOVES
+    assert machine.EXECUTION_ACCEPTS == ACCEPTS
+    assert machine.REQUEST_MOVES == REQUEST_MOVES
 
 
 # -- building executions from real events ----------------------------------------------------

@@ -1,0 +1,185 @@
+"""The SQLite store's layout: an event log folded into state, snapshots, packed bodies."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REFUND, Recorder, define_refund_agent
+from hypothesis import given
+from hypothesis import strategies as st
+
+from clearance import Clearance, ClearanceError, HumanInLoop
+from clearance.adapters.packed_json import pack, unpack
+from clearance.adapters.sqlite_store import SCHEMA_VERSION, SQLiteStore
+from clearance.core.decide import decide
+from clearance.core.events import Approved
+from clearance.core.execution import Execution
+from clearance.ports.store import Conflict
+from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
+    max_leaves=30,
+)
+
+
+@given(json_values)
+def test_packed_bodies_round_trip(value: Any) -> None:
+    assert unpack(pack(value)) == value
+
+
+def test_a_blob_of_an_unknown_dictionary_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"first byte 7b; known dictionaries: 1"):
+        unpack(b'{"type":"started"}')
+    with pytest.raises(ValueError, match="first byte nothing"):
+        unpack(b"")
+
+
+def test_a_model_reply_is_stored_in_under_half_its_json() -> None:
+    reply = {
+        "type": "model_replied",
+        "turn": 1,
+        "content": [
+            {"type": "text", "text": "I need to process a refund of $50 for order ORD-123"},
+            {"type": "tool_use", "name": "process-refund", "input": REFUND, "id": "toolu_01_01"},
+        ],
+        "stop_reason": "tool_use",
+        "at": "2026-11-26T05:49:04.230957Z",
+        "usage": {"input_tokens": 1200, "output_tokens": 80},
+        "tickets": [
+            {
+                "tool_use_id": "toolu_01_01",
+                "request_id": "apr-3a062e1903a948f9",
+                "reason": "Calling 'process-refund' requires approval",
+            }
+        ],
+    }
+    assert len(pack(reply)) < len(json.dumps(reply, separators=(",", ":"))) / 2
+
+
+def _lookups(count: int) -> ScriptedModel:
+    """`count` ungated lookups, one per turn, then the gated refund, then an answer."""
+    turns = [[tool_use("get-order", {"orderId": f"ORD-{i}"})] for i in range(count)]
+    turns += [[tool_use("process-refund", REFUND)], [text("Refunded.")]]
+    return ScriptedModel(turns)
+
+
+async def _long_run(tmp_path: Path, **store: Any) -> tuple[Clearance, Execution]:
+    app = Clearance.open(f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds())
+    assert isinstance(app.store, SQLiteStore)
+    for name, value in store.items():
+        setattr(app.store, name, value)
+    define_refund_agent(app, Recorder(), model=_lookups(12))
+    ex = await app.run("safe-agent", input="Refund ORD-123 after checking 12 orders")
+    return app, ex
+
+
+async def test_a_long_run_loads_from_its_latest_snapshot_and_the_tail(tmp_path: Path) -> None:
+    app, ex = await _long_run(tmp_path)  # 1 start + 12 x (reply, tool) + gated reply = 26
+    try:
+        assert (ex.status, ex.seq) == ("awaiting_approval", 26)
+        db = sqlite3.connect(tmp_path / "a.db")
+        assert db.execute("SELECT execution_id, seq FROM snapshots").fetchall() == [(ex.id, 16)]
+        assert await app.store.load(ex.id) == ex
+        # Events before the snapshot are no longer read to load: spoil one and load again.
+        with db:
+            db.execute("UPDATE events SET body = x'01ff' WHERE seq = 3")
+        assert await app.store.load(ex.id) == ex
+        # Those after it are: the spoiled tail is an error, never a silently different state.
+        with db:
+            db.execute("UPDATE events SET body = x'01ff' WHERE seq = 20")
+        with pytest.raises(Exception):  # noqa: B017 (zlib's error type is private)
+            await app.store.load(ex.id)
+        db.close()
+    finally:
+        await app.close()
+
+
+async def test_without_snapshots_the_whole_log_is_folded(tmp_path: Path) -> None:
+    app, ex = await _long_run(tmp_path, snapshot_every=1000)
+    try:
+        db = sqlite3.connect(tmp_path / "a.db")
+        assert db.execute("SELECT count(*) FROM snapshots").fetchone() == (0,)
+        db.close()
+        assert await app.store.load(ex.id) == ex
+        request = ex.pending_approvals[0]
+        done = await app.signal(ex.id, "approve", request_id=request.request_id, by="ops")
+        assert done.status == "completed"
+        assert await app.store.load(ex.id) == done
+    finally:
+        await app.close()
+
+
+async def test_a_stale_commit_is_a_conflict_and_writes_nothing(tmp_path: Path) -> None:
+    async with Clearance.open(
+        f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds()
+    ) as app:
+        define_refund_agent(app, Recorder())
+        ex = await app.run("safe-agent", input="Refund ORD-123")
+        request = ex.pending_approvals[0]
+        event = Approved(request.request_id, ex.updated_at or ex.created_at, "ops")  # type: ignore[arg-type]
+        winner, commands = decide(ex, event)
+        await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
+        rows = _row_counts(tmp_path / "a.db")
+        with pytest.raises(Conflict, match=f"moved past version {ex.seq}"):
+            await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
+        assert _row_counts(tmp_path / "a.db") == rows
+        with pytest.raises(ValueError, match="one event past"):
+            await app.store.commit(ex, event, commands, expected_seq=ex.seq, claimed_by=None)
+
+
+def _row_counts(path: Path) -> dict[str, int]:
+    db = sqlite3.connect(path)
+    try:
+        tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
+    finally:
+        db.close()
+
+
+def test_a_file_of_another_schema_version_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE executions (id TEXT PRIMARY KEY, state TEXT)")
+    db.execute("INSERT INTO executions VALUES ('exec-1', '{}')")
+    db.commit()
+    db.close()
+    with pytest.raises(ClearanceError, match=rf"schema version 0.*reads schema {SCHEMA_VERSION}"):
+        SQLiteStore(str(path))
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT * FROM executions").fetchall() == [("exec-1", "{}")]
+    assert [t for (t,) in db.execute("SELECT name FROM sqlite_master")] == [
+        "executions",
+        "sqlite_autoindex_executions_1",
+    ]
+    db.close()
+
+
+def test_a_file_this_version_made_opens_again(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    SQLiteStore(path)._db.close()
+    store = SQLiteStore(path)
+    assert store._db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    store._db.close()
+
+
+def test_snapshot_every_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="snapshot_every must be 1 or more, got 0"):
+        SQLiteStore(str(tmp_path / "a.db"), snapshot_every=0)
+
+
+async def test_a_paused_run_keeps_its_request_readable_after_restart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    hitl = HumanInLoop(enabled=True, approval_timeout=60_000)
+    async with Clearance.open(url, clock=FakeClock(), ids=SequentialIds()) as app:
+        define_refund_agent(app, Recorder(), hitl=hitl)
+        ex = await app.run("safe-agent", input="Refund ORD-123")
+    async with Clearance.open(url, clock=FakeClock(), ids=SequentialIds("b")) as app:
+        (pending,) = await app.pending()
+        assert pending == ex.pending_approvals[0]
+        assert (await app.get_execution(ex.id)).execution == ex
