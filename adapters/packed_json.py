@@ -7,9 +7,9 @@ RFC 1951/1950's `zdict`) shrinks a model reply to about a third. This is
 what keeps a paused execution at about a quarter of the bytes LangGraph
 stores for an interrupted thread (BENCHMARKS.md).
 
-The first byte names the dictionary. A blob written with one can only be
-read with that same dictionary, byte for byte: never edit `_DICTIONARIES[1]`,
-add a version and point `_CURRENT` at it.
+The first byte names the dictionary (0: none, the JSON as it is). A blob
+written with one can only be read with that same dictionary, byte for byte:
+never edit `_DICTIONARIES[1]`, add a version and point `_CURRENT` at it.
 """
 
 from __future__ import annotations
@@ -52,8 +52,16 @@ _LEVEL = 6
 _MEMLEVEL = 4
 
 
+# Below this, deflate saves a few dozen bytes at the price of priming the dictionary
+# (most of a pack's time): short bodies (decisions, small tool results) stay plain.
+_PLAIN_BELOW = 200
+_PLAIN = 0
+
+
 def pack(data: Any) -> bytes:
     text = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) < _PLAIN_BELOW:
+        return bytes((_PLAIN,)) + text
     deflate = zlib.compressobj(
         _LEVEL, zlib.DEFLATED, _WBITS, _MEMLEVEL, zlib.Z_DEFAULT_STRATEGY, _DICTIONARIES[_CURRENT]
     )
@@ -61,12 +69,14 @@ def pack(data: Any) -> bytes:
 
 
 def unpack(blob: bytes) -> Any:
+    if blob[:1] == bytes((_PLAIN,)):
+        return json.loads(blob[1:])
     zdict = _DICTIONARIES.get(blob[0]) if blob else None
     if zdict is None:
         head = blob[:1].hex() or "nothing"
         raise ValueError(
-            f"not a packed JSON body (first byte {head}; known dictionaries:"
-            f" {', '.join(map(str, _DICTIONARIES))})"
+            f"not a packed JSON body (first byte {head}; known: 0 for plain JSON,"
+            f" dictionaries {', '.join(map(str, _DICTIONARIES))})"
         )
     inflate = zlib.decompressobj(_WBITS, zdict)
     return json.loads(inflate.decompress(blob[1:]) + inflate.flush())

@@ -83,9 +83,9 @@ CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (created_at) WHERE sta
 CREATE INDEX IF NOT EXISTS approvals_pending_tag
     ON approvals (agent_tag, created_at) WHERE status = 'pending';
 CREATE TABLE IF NOT EXISTS timers (
-    request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, due_at TEXT NOT NULL
+    due_at TEXT NOT NULL, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
+    PRIMARY KEY (due_at, request_id)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS timers_due ON timers (due_at);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
     body TEXT NOT NULL, claimed_by TEXT
@@ -96,7 +96,6 @@ CREATE TABLE IF NOT EXISTS audit (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_execution ON audit (execution_id);
-CREATE INDEX IF NOT EXISTS audit_request ON audit (request_id);
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
     agent_tag TEXT NOT NULL, url TEXT NOT NULL, webhook_id TEXT NOT NULL,
@@ -124,7 +123,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -277,11 +276,18 @@ class SQLiteStore:
             )
         if isinstance(command, StartTimer):
             db.execute(
-                "INSERT OR REPLACE INTO timers (request_id, execution_id, due_at) VALUES (?, ?, ?)",
-                (command.request_id, execution.id, stamp(command.due_at)),
+                "INSERT OR REPLACE INTO timers (due_at, request_id, execution_id) VALUES (?, ?, ?)",
+                (stamp(command.due_at), command.request_id, execution.id),
             )
         elif isinstance(command, CancelTimer):
-            db.execute("DELETE FROM timers WHERE request_id = ?", (command.request_id,))
+            # Keyed by due time first, so the sweep needs no second index; a request's
+            # timer is due at its timeout (decide() starts it so).
+            timed = execution.request(command.request_id)
+            if timed is not None:
+                db.execute(
+                    "DELETE FROM timers WHERE due_at = ? AND request_id = ?",
+                    (stamp(timed.timeout), command.request_id),
+                )
         elif isinstance(command, PublishApprovalRequest):
             request = command.request
             if execution.agent.approval_webhook:
@@ -392,9 +398,12 @@ class SQLiteStore:
         )
         return [DueTimer(e, r, converter.structure(d, datetime)) for e, r, d in rows]
 
-    async def drop_timer(self, request_id: str) -> None:
+    async def drop_timer(self, timer: DueTimer) -> None:
         with self._write():
-            self._db.execute("DELETE FROM timers WHERE request_id = ?", (request_id,))
+            self._db.execute(
+                "DELETE FROM timers WHERE due_at = ? AND request_id = ?",
+                (stamp(timer.due_at), timer.request_id),
+            )
 
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
@@ -405,8 +414,12 @@ class SQLiteStore:
             where.append("execution_id = ?")
             args.append(execution_id)
         if request_id is not None:
-            where.append("request_id = ?")
-            args.append(request_id)
+            # Through the request's execution: one index on the append-only log, not two.
+            where.append(
+                "execution_id = (SELECT execution_id FROM approvals WHERE request_id = ?)"
+                " AND request_id = ?"
+            )
+            args += [request_id, request_id]
         if where:
             sql += " WHERE " + " AND ".join(where)
         rows = self._db.execute(sql + " ORDER BY id", args)

@@ -120,13 +120,13 @@ class Engine:
             for timer in due:
                 ex = await self.store.load(timer.execution_id)
                 if ex is None:
-                    await self.store.drop_timer(timer.request_id)
+                    await self.store.drop_timer(timer)
                     continue
                 try:
                     new, entries = await self._feed(ex, TimerFired(timer.request_id, now))
                 except Refusal:
                     # Decided or cancelled in the meantime: the decision stands.
-                    await self.store.drop_timer(timer.request_id)
+                    await self.store.drop_timer(timer)
                     continue
                 fired += 1
                 await self._drive(new, entries)

@@ -30,11 +30,15 @@ json_values = st.recursive(
 
 @given(json_values)
 def test_packed_bodies_round_trip(value: Any) -> None:
-    assert unpack(pack(value)) == value
+    packed = pack(value)
+    assert unpack(packed) == value
+    # Short bodies stay plain JSON (first byte 0); longer ones are deflated (dictionary 1).
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    assert packed[0] == (0 if len(text) < 200 else 1)
 
 
 def test_a_blob_of_an_unknown_dictionary_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"first byte 7b; known dictionaries: 1"):
+    with pytest.raises(ValueError, match=r"first byte 7b; known: 0 for plain JSON, dictionaries 1"):
         unpack(b'{"type":"started"}')
     with pytest.raises(ValueError, match="first byte nothing"):
         unpack(b"")
