@@ -5,9 +5,9 @@ one execution are serialised by SQLite and settled by the version check in
 `commit`: exactly one wins, the other gets `Conflict` and decides again.
 A paused execution is a few rows on disk and nothing in memory.
 
-An execution is stored as its event log (`events`, one packed row per step)
-and rebuilt by folding the log through `decide()`; `executions` holds only
-what never changes (its agent), and `snapshots` a state every
+An execution is stored as its event log (`events`, one packed row per step,
+the first also naming its agent spec) and rebuilt by folding the log through
+`decide()`; `snapshots` holds a state every
 `SNAPSHOT_EVERY` events so a long run's load replays a bounded tail. A step
 therefore appends one small row instead of rewriting the whole state: fewer
 pages per commit, and about a sixth of LangGraph's bytes per paused run.
@@ -65,11 +65,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS agents (
     spec_id TEXT PRIMARY KEY, body TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS executions (
-    id TEXT PRIMARY KEY, agent_tag TEXT NOT NULL, spec_id TEXT NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
-    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL,
+    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL, spec_id TEXT,
     PRIMARY KEY (execution_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -123,7 +120,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 2
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -225,22 +222,18 @@ class SQLiteStore:
         if execution.seq != expected_seq + 1:
             raise ValueError(f"commit expects the state one event past {expected_seq}")
         with self._write():
-            if expected_seq == 0:
-                try:
-                    db.execute(
-                        "INSERT INTO executions (id, agent_tag, spec_id) VALUES (?, ?, ?)",
-                        (execution.id, execution.agent_tag, self._spec_id(execution.agent)),
-                    )
-                except sqlite3.IntegrityError:
-                    raise Conflict(f"execution {execution.id} already exists") from None
+            # The first event names the agent spec the log folds from (the rest, NULL).
+            spec_id = self._spec_id(execution.agent) if expected_seq == 0 else None
             try:
                 # The log's key is the version check: whoever appends event n+1 first
                 # wins; a racer that also read version n finds the slot taken.
                 db.execute(
-                    "INSERT INTO events (execution_id, seq, body) VALUES (?, ?, ?)",
-                    (execution.id, execution.seq, pack(event_to_data(event))),
+                    "INSERT INTO events (execution_id, seq, body, spec_id) VALUES (?, ?, ?, ?)",
+                    (execution.id, execution.seq, pack(event_to_data(event)), spec_id),
                 )
             except sqlite3.IntegrityError:
+                if expected_seq == 0:
+                    raise Conflict(f"execution {execution.id} already exists") from None
                 raise Conflict(
                     f"execution {execution.id} moved past version {expected_seq}"
                 ) from None
@@ -335,8 +328,8 @@ class SQLiteStore:
 
     async def load(self, execution_id: str) -> Execution | None:
         row = self._db.execute(
-            "SELECT e.spec_id, s.seq, s.state FROM executions e"
-            " LEFT JOIN snapshots s ON s.execution_id = e.id WHERE e.id = ?",
+            "SELECT e.spec_id, s.seq, s.state FROM events e LEFT JOIN snapshots s"
+            " ON s.execution_id = e.execution_id WHERE e.execution_id = ? AND e.seq = 1",
             (execution_id,),
         ).fetchone()
         if row is None:
@@ -364,7 +357,7 @@ class SQLiteStore:
 
     async def spec_of(self, execution_id: str) -> AgentSpec | None:
         row = self._db.execute(
-            "SELECT spec_id FROM executions WHERE id = ?", (execution_id,)
+            "SELECT spec_id FROM events WHERE execution_id = ? AND seq = 1", (execution_id,)
         ).fetchone()
         return None if row is None else self._spec(row[0])
 
