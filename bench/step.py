@@ -2,10 +2,12 @@
 
 The event mix is real: the scenarios below run through Clearance (in-memory
 store, fake clock), and their stored event logs are replayed through
-`decide()` from a fresh `Execution`, as the replay guarantee does. The
-reference is one trigger on the shared machine (`execution_move_allowed`) for
-the same (event, source, destination) triples, which `decide()` itself makes
-once per step.
+`decide()` from a fresh `Execution`, as the replay guarantee does (and as
+the SQLite store does on every load). The reference is one trigger on the
+shared machine (`execution_move_allowed`) for the same (event, source,
+destination) triples. `decide()` no longer triggers the machine itself: it
+checks each move against sets read from the same machines once at import
+(`core/machine.py`; tests/test_state_table.py keeps the two equal).
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ parameters go through one well-kept validator. A full JSON Schema object
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
+import fastjsonschema
 import jsonschema
 from jsonschema.validators import Draft202012Validator
 
@@ -106,23 +108,57 @@ def _validator_of_text(schema_json: str) -> Draft202012Validator:
     return Draft202012Validator(json.loads(schema_json))
 
 
-# The validator of each schema dict by its identity, so that a call does not spell the
-# schema out as JSON again to find it (a third of a valid call's cost). A spec's schema
-# is not changed once made (ToolSpec is frozen and nothing edits its dict). Each entry
-# holds its dict, so no other dict can take that id while the entry stands.
-_BY_IDENTITY: dict[int, tuple[dict[str, Any], Draft202012Validator]] = {}
+# Keywords that mean the same in draft-07 (all fastjsonschema speaks) and in 2020-12
+# (what jsonschema checks here), with `items` as one schema for every element.
+_SHARED_KEYWORDS = frozenset(
+    {"type", "properties", "required", "additionalProperties", "enum", "items"}
+    | {"description", "default", "title"}
+)
+FastCheck = Callable[[Any], Any]
 
 
-def _validator(schema: dict[str, Any]) -> Draft202012Validator:
+def _shared_only(schema: Any) -> bool:
+    if not isinstance(schema, dict) or not schema.keys() <= _SHARED_KEYWORDS:
+        return False
+    subschemas = list(schema.get("properties", {}).values())
+    for key in ("items", "additionalProperties"):
+        if key in schema and not isinstance(schema[key], bool):
+            subschemas.append(schema[key])
+    return isinstance(schema.get("properties", {}), dict) and all(map(_shared_only, subschemas))
+
+
+def _fast_check(schema: dict[str, Any]) -> FastCheck | None:
+    """jsonschema walks a schema per call (most of a step's validation cost);
+    fastjsonschema compiles it to Python once. It only ever answers "valid":
+    a failure, and any schema using keywords beyond the shared few, goes to
+    jsonschema, which alone words the problems (tests/test_schema.py checks
+    the two agree)."""
+    if not _shared_only(schema):
+        return None
+    check: FastCheck = fastjsonschema.compile(
+        schema, use_default=False, use_formats=False, detailed_exceptions=False
+    )
+    return check
+
+
+# The validators of each schema dict by its identity, so that a call does not spell the
+# schema out as JSON again to find them (a third of a valid call's cost). A spec's
+# schema is not changed once made (ToolSpec is frozen and nothing edits its dict). Each
+# entry holds its dict, so no other dict can take that id while the entry stands.
+_BY_IDENTITY: dict[int, tuple[dict[str, Any], Draft202012Validator, FastCheck | None]] = {}
+
+
+def _validators(schema: dict[str, Any]) -> tuple[Draft202012Validator, FastCheck | None]:
     hit = _BY_IDENTITY.get(id(schema))
     if hit is not None and hit[0] is schema:
-        return hit[1]
+        return hit[1], hit[2]
     if len(_BY_IDENTITY) >= 1024:
         # Specs loaded from the store bring new dicts each time: start over, not grow.
         _BY_IDENTITY.clear()
     validator = _validator_of_text(canonical(schema))
-    _BY_IDENTITY[id(schema)] = (schema, validator)
-    return validator
+    fast = _fast_check(schema)
+    _BY_IDENTITY[id(schema)] = (schema, validator, fast)
+    return validator, fast
 
 
 def canonical(value: Any) -> str:
@@ -143,8 +179,14 @@ def with_defaults(schema: dict[str, Any], params: dict[str, Any]) -> dict[str, A
 
 def problems(schema: dict[str, Any], params: Any) -> list[str]:
     """Each way `params` fails `schema`, naming the field; empty when valid."""
-    validator = _validator(schema)
-    if validator.is_valid(params):  # the usual case, without collecting and sorting errors
+    validator, fast = _validators(schema)
+    if fast is not None:
+        try:
+            fast(params)
+            return []
+        except fastjsonschema.JsonSchemaValueException:
+            pass
+    elif validator.is_valid(params):  # the usual case, without collecting and sorting errors
         return []
     found = []
     for err in sorted(validator.iter_errors(params), key=lambda e: list(map(str, e.path))):

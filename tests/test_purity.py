@@ -18,6 +18,7 @@ ALLOWED = {
     "typing",
     "attrs",
     "cattrs",
+    "fastjsonschema",
     "jsonschema",
     "transitions",
     "clearance",
