@@ -27,7 +27,7 @@ def stamp(at: datetime) -> str:
     """
     if at.tzinfo is not UTC:
         at = at.astimezone(UTC)
-    return at.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    return at.isoformat(timespec="microseconds")[:-6] + "Z"  # "+00:00" -> "Z"
 
 
 def parse_stamp(text: str) -> datetime:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from clearance.adapters.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from clearance.core.decide import decide
 from clearance.core.events import Approved
 from clearance.core.execution import Execution
+from clearance.core.wire import parse_stamp, stamp
 from clearance.ports.store import Conflict
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
 
@@ -187,3 +189,12 @@ async def test_a_paused_run_keeps_its_request_readable_after_restart(tmp_path: P
         (pending,) = await app.pending()
         assert pending == ex.pending_approvals[0]
         assert (await app.get_execution(ex.id)).execution == ex
+
+
+@given(st.datetimes(datetime(2, 1, 1), datetime(9999, 12, 30), timezones=st.timezones()))
+def test_stamps_are_fixed_width_utc_and_read_back_exactly(at: datetime) -> None:
+    text = stamp(at)
+    assert len(text) == 27 and text.endswith("Z"), text
+    assert parse_stamp(text) == at
+    # Fixed width, so text order is time order: what the timer sweep's index relies on.
+    assert (text < stamp(at + timedelta(microseconds=1))) is True
