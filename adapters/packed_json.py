@@ -56,10 +56,12 @@ _MEMLEVEL = 4
 # (most of a pack's time): short bodies (decisions, small tool results) stay plain.
 _PLAIN_BELOW = 200
 _PLAIN = 0
+# One encoder, not one per call (what json.dumps makes for non-default options).
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def pack(data: Any) -> bytes:
-    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode()
+    text = _encode(data).encode()
     if len(text) < _PLAIN_BELOW:
         return bytes((_PLAIN,)) + text
     deflate = zlib.compressobj(

@@ -74,7 +74,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 );
 CREATE TABLE IF NOT EXISTS approvals (
     request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
-    status TEXT NOT NULL, created_at TEXT NOT NULL, body BLOB NOT NULL
+    status TEXT NOT NULL, created_at TEXT NOT NULL, body BLOB
 );
 CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (created_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS approvals_pending_tag
@@ -126,8 +126,7 @@ SCHEMA_VERSION = 2
 SNAPSHOT_EVERY = 16
 
 
-def _dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class SQLiteStore:
@@ -320,9 +319,11 @@ class SQLiteStore:
             )
             decided = execution.request(record.request_id)
             if decided is not None:
+                # The body is only the inbox's copy of a pending request: once decided,
+                # the log holds the request and the audit log its decision.
                 db.execute(
-                    "UPDATE approvals SET status = ?, body = ? WHERE request_id = ?",
-                    (decided.status, pack(converter.unstructure(decided)), decided.request_id),
+                    "UPDATE approvals SET status = ?, body = NULL WHERE request_id = ?",
+                    (decided.status, decided.request_id),
                 )
         return None
 

@@ -198,3 +198,26 @@ def test_stamps_are_fixed_width_utc_and_read_back_exactly(at: datetime) -> None:
     assert parse_stamp(text) == at
     # Fixed width, so text order is time order: what the timer sweep's index relies on.
     assert (text < stamp(at + timedelta(microseconds=1))) is True
+
+
+async def test_a_decided_request_leaves_the_inbox_copy_and_keeps_its_status(
+    tmp_path: Path,
+) -> None:
+    async with Clearance.open(
+        f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds()
+    ) as app:
+        define_refund_agent(app, Recorder())
+        first = await app.run("safe-agent", input="Refund ORD-1")
+        second = await app.run("safe-agent", input="Refund ORD-2")
+        request = first.pending_approvals[0]
+        await app.signal(first.id, "reject", request_id=request.request_id, reason="no")
+        db = sqlite3.connect(tmp_path / "a.db")
+        rows = db.execute("SELECT request_id, status, body IS NULL FROM approvals ORDER BY rowid")
+        assert rows.fetchall() == [
+            (request.request_id, "rejected", 1),
+            (second.pending_approvals[0].request_id, "pending", 0),
+        ]
+        db.close()
+        assert await app.pending() == second.pending_approvals
+        (record,) = await app.audit(request_id=request.request_id)
+        assert (record.decision, record.reason) == ("rejected", "no")
