@@ -1,10 +1,13 @@
 """The store port: executions, their event log, pending approvals, timers, outbox and audit.
 
-`commit` is the one write the engine makes per event: the new state, the
-event, and the event's commands, atomically and only if nobody else moved the
-execution first (optimistic version = `Execution.seq`). Store effects among the
-commands (timers, the pending list, audit records) are applied in the same
-transaction; `CallModel` / `RunTool` go to the outbox.
+`commit` is the one write the engine makes per event: the event and the
+event's commands, atomically and only if nobody else moved the execution first
+(optimistic version = `Execution.seq`, which must be `expected_seq + 1`). It
+also gets the new state, which `decide()` made from the event: a store may
+keep it (the SQLite one keeps a snapshot every few events) or rebuild it on
+`load` by folding the log. Store effects among the commands (timers, the
+pending list, audit records) are applied in the same transaction; `CallModel`
+/ `RunTool` go to the outbox.
 
 Methods are async so network databases fit the same port; the SQLite adapter
 answers inline (its writes are short and local).
