@@ -48,6 +48,7 @@ from clearance.core.decide import standing_decision
 from clearance.core.errors import ClearanceError, InvalidParameters, Refusal
 from clearance.core.execution import PENDING, REQUEST_STATUSES, TIMED_OUT, ApprovalRequest, iso
 from clearance.core.wire import event_to_data
+from clearance.ports.store import UnreadableExecution
 
 if TYPE_CHECKING:
     from clearance.app import Clearance
@@ -332,6 +333,8 @@ def _routes(app: Clearance, max_body: int) -> list[Route]:
             )
         except Refusal as refusal:
             await _refused(app, refusal, request_id)
+        except UnreadableExecution:
+            raise  # not "busy": trying again cannot help (see _unreadable)
         except ClearanceError as err:
             _fail(503, "busy", f"{err}; try again")
         decided = ex.request(request_id)
@@ -378,6 +381,8 @@ def _routes(app: Clearance, max_body: int) -> list[Route]:
             )
         except Refusal as refusal:
             await _refused(app, refusal, request_id)
+        except UnreadableExecution:
+            raise  # not "busy": trying again cannot help (see _unreadable)
         except ClearanceError as err:
             _fail(503, "busy", f"{err}; try again")
         decided = ex.request(request_id) if request_id else None
@@ -495,6 +500,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error_response(err)
 
 
+async def _unreadable(request: Request, exc: Exception) -> Response:
+    return _error_response(ApiError(500, "unreadable_execution", str(exc)))
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     return _error_response(ApiError(500, "internal_error", "internal error; see the server log"))
 
@@ -503,7 +512,11 @@ def build_asgi(app: Clearance, *, max_body: int = MAX_BODY) -> Starlette:
     """The HTTP API over `app` as a Starlette app: serve it, or mount it in your own."""
     api = Starlette(
         routes=_routes(app, max_body),
-        exception_handlers={HTTPException: _http_error, 500: _server_error},
+        exception_handlers={
+            HTTPException: _http_error,
+            UnreadableExecution: _unreadable,
+            500: _server_error,
+        },
     )
     api.state.clearance = app
     return api

@@ -32,6 +32,11 @@ class Conflict(ClearanceError):
     """Someone else changed the execution first: reload and decide again."""
 
 
+class UnreadableExecution(ClearanceError):
+    """An execution's stored log or snapshot does not read back (another version of
+    Clearance wrote it, or the file was changed): never a silently different state."""
+
+
 @attrs.frozen
 class OutboxEntry:
     id: int

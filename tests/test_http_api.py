@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1035,3 +1036,17 @@ async def test_clearance_serve_answers_openapi_and_callbacks(tmp_path: Path) -> 
     assert "Traceback" not in err.decode()
     assert "Stopped" in out.decode()
     assert SECRET not in out.decode() + err.decode()
+
+
+async def test_an_execution_whose_log_does_not_read_back_is_a_500_naming_it(api: Api) -> None:
+    request = await api.start()
+    db = sqlite3.connect(api.app.store.path)  # type: ignore[attr-defined]
+    with db:
+        db.execute("UPDATE events SET body = x'01ff' WHERE seq = 2")
+    db.close()
+    response = await api.respond(request, {"approved": True})
+    message = error(response, 500, "unreadable_execution")
+    assert f"execution {request.execution_id}: its stored event 2 cannot" in message
+    response = await api.client.get(f"/executions/{request.execution_id}", headers=AUTH)
+    assert "stored event 2 cannot be read back" in error(response, 500, "unreadable_execution")
+    assert api.recorder.calls == []

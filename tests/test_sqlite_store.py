@@ -20,7 +20,7 @@ from clearance.core.decide import decide
 from clearance.core.events import Approved
 from clearance.core.execution import Execution
 from clearance.core.wire import parse_stamp, stamp
-from clearance.ports.store import Conflict
+from clearance.ports.store import Conflict, UnreadableExecution
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
 
 json_values = st.recursive(
@@ -99,7 +99,7 @@ async def test_a_long_run_loads_from_its_latest_snapshot_and_the_tail(tmp_path: 
         # Those after it are: the spoiled tail is an error, never a silently different state.
         with db:
             db.execute("UPDATE events SET body = x'01ff' WHERE seq = 20")
-        with pytest.raises(Exception):  # noqa: B017 (zlib's error type is private)
+        with pytest.raises(UnreadableExecution, match="stored event 20 cannot be read back"):
             await app.store.load(ex.id)
         db.close()
     finally:
@@ -221,3 +221,33 @@ async def test_a_decided_request_leaves_the_inbox_copy_and_keeps_its_status(
         assert await app.pending() == second.pending_approvals
         (record,) = await app.audit(request_id=request.request_id)
         assert (record.decision, record.reason) == ("rejected", "no")
+
+
+async def test_a_log_that_no_longer_replays_is_named_not_taken_for_a_refusal(
+    tmp_path: Path,
+) -> None:
+    async with Clearance.open(
+        f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds()
+    ) as app:
+        define_refund_agent(app, Recorder())
+        ex = await app.run("safe-agent", input="Refund ORD-123")
+        # A well-formed event that decide() refuses where it stands: a second start.
+        started = {
+            "type": "started",
+            "execution_id": ex.id,
+            "input": "again",
+            "at": "2024-01-15T10:30:00.000000Z",
+            "session_id": None,
+        }
+        db = sqlite3.connect(tmp_path / "a.db")
+        with db:
+            db.execute(
+                "INSERT INTO events (execution_id, seq, body) VALUES (?, 3, ?)",
+                (ex.id, pack(started)),
+            )
+        db.close()
+        request = ex.pending_approvals[0]
+        with pytest.raises(
+            UnreadableExecution, match=r"stored event 3 cannot be read back \(Refusal"
+        ):
+            await app.signal(ex.id, "approve", request_id=request.request_id)
