@@ -56,12 +56,13 @@ _MEMLEVEL = 4
 # (most of a pack's time): short bodies (decisions, small tool results) stay plain.
 _PLAIN_BELOW = 200
 _PLAIN = 0
-# One encoder, not one per call (what json.dumps makes for non-default options).
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# Compact JSON text, also for the store's plain-text columns. One encoder, not one
+# per call (what json.dumps makes for non-default options).
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def pack(data: Any) -> bytes:
-    text = _encode(data).encode()
+    text = compact_json(data).encode()
     if len(text) < _PLAIN_BELOW:
         return bytes((_PLAIN,)) + text
     deflate = zlib.compressobj(

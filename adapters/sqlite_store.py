@@ -7,10 +7,10 @@ A paused execution is a few rows on disk and nothing in memory.
 
 An execution is stored as its event log (`events`, one packed row per step,
 the first also naming its agent spec) and rebuilt by folding the log through
-`decide()`; `snapshots` holds a state every
-`SNAPSHOT_EVERY` events so a long run's load replays a bounded tail. A step
-therefore appends one small row instead of rewriting the whole state: fewer
-pages per commit, and about a sixth of LangGraph's bytes per paused run.
+`decide()`; `snapshots` holds a state every `SNAPSHOT_EVERY` events so a long
+run's load replays a bounded tail. A step therefore appends one small row
+instead of rewriting the whole state: fewer pages per commit, and about a
+sixth of LangGraph's bytes per paused run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from clearance.adapters.packed_json import pack, unpack
+from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import (
     AuditRecord,
@@ -125,9 +125,6 @@ SCHEMA_VERSION = 2
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
-
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class SQLiteStore:
@@ -261,7 +258,12 @@ class SQLiteStore:
             cur = db.execute(
                 "INSERT INTO outbox (execution_id, agent_tag, body, claimed_by)"
                 " VALUES (?, ?, ?, ?)",
-                (execution.id, execution.agent_tag, _dumps(command_to_data(command)), claimed_by),
+                (
+                    execution.id,
+                    execution.agent_tag,
+                    compact_json(command_to_data(command)),
+                    claimed_by,
+                ),
             )
             assert cur.lastrowid is not None
             return OutboxEntry(
@@ -316,7 +318,11 @@ class SQLiteStore:
             record = command.record
             db.execute(
                 "INSERT INTO audit (request_id, execution_id, body) VALUES (?, ?, ?)",
-                (record.request_id, record.execution_id, _dumps(converter.unstructure(record))),
+                (
+                    record.request_id,
+                    record.execution_id,
+                    compact_json(converter.unstructure(record)),
+                ),
             )
             decided = execution.request(record.request_id)
             if decided is not None:
