@@ -75,72 +75,69 @@ def _lookups(count: int) -> ScriptedModel:
     return ScriptedModel(turns)
 
 
-async def _long_run(tmp_path: Path, **store: Any) -> tuple[Clearance, Execution]:
-    app = Clearance.open(f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds())
+async def _long_run(app: Clearance, **store: Any) -> Execution:
     assert isinstance(app.store, SQLiteStore)
     for name, value in store.items():
         setattr(app.store, name, value)
     define_refund_agent(app, Recorder(), model=_lookups(12))
-    ex = await app.run("safe-agent", input="Refund ORD-123 after checking 12 orders")
-    return app, ex
+    return await app.run("safe-agent", input="Refund ORD-123 after checking 12 orders")
 
 
-async def test_a_long_run_loads_from_its_latest_snapshot_and_the_tail(tmp_path: Path) -> None:
-    app, ex = await _long_run(tmp_path)  # 1 start + 12 x (reply, tool) + gated reply = 26
-    try:
-        assert (ex.status, ex.seq) == ("awaiting_approval", 26)
-        db = sqlite3.connect(tmp_path / "a.db")
-        assert db.execute("SELECT execution_id, seq FROM snapshots").fetchall() == [(ex.id, 16)]
-        assert await app.store.load(ex.id) == ex
-        # Events before the snapshot are no longer read to load: spoil one and load again.
-        with db:
-            db.execute("UPDATE events SET body = x'01ff' WHERE seq = 3")
-        assert await app.store.load(ex.id) == ex
-        # Those after it are: the spoiled tail is an error, never a silently different state.
-        with db:
-            db.execute("UPDATE events SET body = x'01ff' WHERE seq = 20")
-        with pytest.raises(UnreadableExecution, match="stored event 20 cannot be read back"):
-            await app.store.load(ex.id)
-        db.close()
-    finally:
-        await app.close()
+def _db(tmp_path: Path) -> sqlite3.Connection:
+    """The `app` fixture's file, opened beside it."""
+    return sqlite3.connect(tmp_path / "approvals.db")
 
 
-async def test_without_snapshots_the_whole_log_is_folded(tmp_path: Path) -> None:
-    app, ex = await _long_run(tmp_path, snapshot_every=1000)
-    try:
-        db = sqlite3.connect(tmp_path / "a.db")
-        assert db.execute("SELECT count(*) FROM snapshots").fetchone() == (0,)
-        db.close()
-        assert await app.store.load(ex.id) == ex
-        request = ex.pending_approvals[0]
-        done = await app.signal(ex.id, "approve", request_id=request.request_id, by="ops")
-        assert done.status == "completed"
-        assert await app.store.load(ex.id) == done
-    finally:
-        await app.close()
+async def test_a_long_run_loads_from_its_latest_snapshot_and_the_tail(
+    app: Clearance, tmp_path: Path
+) -> None:
+    ex = await _long_run(app)  # 1 start + 12 x (reply, tool) + gated reply = 26
+    assert (ex.status, ex.seq) == ("awaiting_approval", 26)
+    db = _db(tmp_path)
+    assert db.execute("SELECT execution_id, seq FROM snapshots").fetchall() == [(ex.id, 16)]
+    assert await app.store.load(ex.id) == ex
+    # Events before the snapshot are no longer read to load: spoil one and load again.
+    with db:
+        db.execute("UPDATE events SET body = x'01ff' WHERE seq = 3")
+    assert await app.store.load(ex.id) == ex
+    # Those after it are: the spoiled tail is an error, never a silently different state.
+    with db:
+        db.execute("UPDATE events SET body = x'01ff' WHERE seq = 20")
+    with pytest.raises(UnreadableExecution, match="stored event 20 cannot be read back"):
+        await app.store.load(ex.id)
+    db.close()
 
 
-async def test_a_stale_commit_is_a_conflict_and_writes_nothing(tmp_path: Path) -> None:
-    async with Clearance.open(
-        f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds()
-    ) as app:
-        define_refund_agent(app, Recorder())
-        ex = await app.run("safe-agent", input="Refund ORD-123")
-        request = ex.pending_approvals[0]
-        event = Approved(request.request_id, ex.updated_at or ex.created_at, "ops")  # type: ignore[arg-type]
-        winner, commands = decide(ex, event)
+async def test_without_snapshots_the_whole_log_is_folded(app: Clearance, tmp_path: Path) -> None:
+    ex = await _long_run(app, snapshot_every=1000)
+    db = _db(tmp_path)
+    assert db.execute("SELECT count(*) FROM snapshots").fetchone() == (0,)
+    db.close()
+    assert await app.store.load(ex.id) == ex
+    request = ex.pending_approvals[0]
+    done = await app.signal(ex.id, "approve", request_id=request.request_id, by="ops")
+    assert done.status == "completed"
+    assert await app.store.load(ex.id) == done
+
+
+async def test_a_stale_commit_is_a_conflict_and_writes_nothing(
+    app: Clearance, tmp_path: Path
+) -> None:
+    define_refund_agent(app, Recorder())
+    ex = await app.run("safe-agent", input="Refund ORD-123")
+    request = ex.pending_approvals[0]
+    event = Approved(request.request_id, ex.updated_at or ex.created_at, "ops")  # type: ignore[arg-type]
+    winner, commands = decide(ex, event)
+    await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
+    rows = _row_counts(_db(tmp_path))
+    with pytest.raises(Conflict, match=f"moved past version {ex.seq}"):
         await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
-        rows = _row_counts(tmp_path / "a.db")
-        with pytest.raises(Conflict, match=f"moved past version {ex.seq}"):
-            await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
-        assert _row_counts(tmp_path / "a.db") == rows
-        with pytest.raises(ValueError, match="one event past"):
-            await app.store.commit(ex, event, commands, expected_seq=ex.seq, claimed_by=None)
+    assert _row_counts(_db(tmp_path)) == rows
+    with pytest.raises(ValueError, match="one event past"):
+        await app.store.commit(ex, event, commands, expected_seq=ex.seq, claimed_by=None)
 
 
-def _row_counts(path: Path) -> dict[str, int]:
-    db = sqlite3.connect(path)
+def _row_counts(db: sqlite3.Connection) -> dict[str, int]:
     try:
         tables = [t for (t,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
         return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables}
@@ -201,53 +198,45 @@ def test_stamps_are_fixed_width_utc_and_read_back_exactly(at: datetime) -> None:
 
 
 async def test_a_decided_request_leaves_the_inbox_copy_and_keeps_its_status(
-    tmp_path: Path,
+    app: Clearance, tmp_path: Path
 ) -> None:
-    async with Clearance.open(
-        f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds()
-    ) as app:
-        define_refund_agent(app, Recorder())
-        first = await app.run("safe-agent", input="Refund ORD-1")
-        second = await app.run("safe-agent", input="Refund ORD-2")
-        request = first.pending_approvals[0]
-        await app.signal(first.id, "reject", request_id=request.request_id, reason="no")
-        db = sqlite3.connect(tmp_path / "a.db")
-        rows = db.execute("SELECT request_id, status, body IS NULL FROM approvals ORDER BY rowid")
-        assert rows.fetchall() == [
-            (request.request_id, "rejected", 1),
-            (second.pending_approvals[0].request_id, "pending", 0),
-        ]
-        db.close()
-        assert await app.pending() == second.pending_approvals
-        (record,) = await app.audit(request_id=request.request_id)
-        assert (record.decision, record.reason) == ("rejected", "no")
+    define_refund_agent(app, Recorder())
+    first = await app.run("safe-agent", input="Refund ORD-1")
+    second = await app.run("safe-agent", input="Refund ORD-2")
+    request = first.pending_approvals[0]
+    await app.signal(first.id, "reject", request_id=request.request_id, reason="no")
+    db = _db(tmp_path)
+    rows = db.execute("SELECT request_id, status, body IS NULL FROM approvals ORDER BY rowid")
+    assert rows.fetchall() == [
+        (request.request_id, "rejected", 1),
+        (second.pending_approvals[0].request_id, "pending", 0),
+    ]
+    db.close()
+    assert await app.pending() == second.pending_approvals
+    (record,) = await app.audit(request_id=request.request_id)
+    assert (record.decision, record.reason) == ("rejected", "no")
 
 
 async def test_a_log_that_no_longer_replays_is_named_not_taken_for_a_refusal(
-    tmp_path: Path,
+    app: Clearance, tmp_path: Path
 ) -> None:
-    async with Clearance.open(
-        f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock(), ids=SequentialIds()
-    ) as app:
-        define_refund_agent(app, Recorder())
-        ex = await app.run("safe-agent", input="Refund ORD-123")
-        # A well-formed event that decide() refuses where it stands: a second start.
-        started = {
-            "type": "started",
-            "execution_id": ex.id,
-            "input": "again",
-            "at": "2024-01-15T10:30:00.000000Z",
-            "session_id": None,
-        }
-        db = sqlite3.connect(tmp_path / "a.db")
-        with db:
-            db.execute(
-                "INSERT INTO events (execution_id, seq, body) VALUES (?, 3, ?)",
-                (ex.id, pack(started)),
-            )
-        db.close()
-        request = ex.pending_approvals[0]
-        with pytest.raises(
-            UnreadableExecution, match=r"stored event 3 cannot be read back \(Refusal"
-        ):
-            await app.signal(ex.id, "approve", request_id=request.request_id)
+    define_refund_agent(app, Recorder())
+    ex = await app.run("safe-agent", input="Refund ORD-123")
+    # A well-formed event that decide() refuses where it stands: a second start.
+    started = {
+        "type": "started",
+        "execution_id": ex.id,
+        "input": "again",
+        "at": "2024-01-15T10:30:00.000000Z",
+        "session_id": None,
+    }
+    db = _db(tmp_path)
+    with db:
+        db.execute(
+            "INSERT INTO events (execution_id, seq, body) VALUES (?, 3, ?)",
+            (ex.id, pack(started)),
+        )
+    db.close()
+    request = ex.pending_approvals[0]
+    with pytest.raises(UnreadableExecution, match=r"stored event 3 cannot be read back \(Refusal"):
+        await app.signal(ex.id, "approve", request_id=request.request_id)
