@@ -19,9 +19,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Yields the base URL (`http://127.0.0.1:PORT`) while the server runs."""
-    port = free_port()
+def serving(app: Any, port: int | None = None) -> Iterator[str]:
+    """Yields the base URL (`http://127.0.0.1:PORT`) while the server runs; `port` is
+    one chosen beforehand (to start a receiver late), else a free one."""
+    port = port or free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -15,10 +15,9 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,24 +110,6 @@ class Receiver:
                 self.in_flight -= 1
             answer = answer.status
         return Response(f"answer {answer}", status_code=answer)
-
-
-@contextmanager
-def serving_on(app: Any, port: int) -> Iterator[str]:
-    """Like `servers.serving`, on a port chosen beforehand (to start a receiver late)."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "receiver did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -382,7 +363,7 @@ async def test_connection_refused_is_retried_until_the_receiver_comes_up(
 
         await wait_for(refused_twice)
         assert receiver.hits == []
-        with serving_on(receiver.app, port):
+        with serving(receiver.app, port):
             delivery = await settled(app, request_id)
 
     assert delivery.status == "delivered"
@@ -466,7 +447,7 @@ async def test_request_decided_before_delivery_is_skipped(db: Path, recorder: Re
         await wait_for(refused_once)
         ex = await app.signal(execution_id, "approve", request_id=request_id, by="cli")
         assert ex.status == "completed"
-        with serving_on(receiver.app, port):
+        with serving(receiver.app, port):
             delivery = await settled(app, request_id)
             await asyncio.sleep(0.1)
 
