@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -453,6 +453,17 @@ class SQLiteStore:
     def _entries(self, rows: Iterator[Any]) -> list[OutboxEntry]:
         return [OutboxEntry(i, e, t, command_from_data(json.loads(b)), c) for i, e, t, b, c in rows]
 
+    def _claim_each(
+        self, rows: list[Any], update: str, params: Callable[[int], tuple[Any, ...]]
+    ) -> list[Any]:
+        """The rows (id first) that `update`, guarded by the state they were found in
+        without a lock, still takes, all in one write: of two hosts that saw the same
+        row, exactly one gets it."""
+        if not rows:
+            return []
+        with self._write():
+            return [row for row in rows if self._db.execute(update, params(row[0])).rowcount == 1]
+
     async def claim_queued(
         self, agent_tags: Sequence[str], worker: str, limit: int
     ) -> list[OutboxEntry]:
@@ -465,17 +476,11 @@ class SQLiteStore:
             f" WHERE claimed_by IS NULL AND agent_tag IN ({marks}) ORDER BY id LIMIT ?",
             (*agent_tags, limit),
         ).fetchall()
-        if not rows:
-            return []
-        won = []
-        with self._write():
-            for row in rows:
-                cur = self._db.execute(
-                    "UPDATE outbox SET claimed_by = ? WHERE id = ? AND claimed_by IS NULL",
-                    (worker, row[0]),
-                )
-                if cur.rowcount == 1:
-                    won.append(row)
+        won = self._claim_each(
+            rows,
+            "UPDATE outbox SET claimed_by = ? WHERE id = ? AND claimed_by IS NULL",
+            lambda entry_id: (worker, entry_id),
+        )
         return [
             OutboxEntry(e.id, e.execution_id, e.agent_tag, e.command, worker)
             for e in self._entries(iter(won))
@@ -560,18 +565,12 @@ class SQLiteStore:
         rows = self._db.execute(
             self._DELIVERY + due + " ORDER BY next_attempt_at LIMIT ?", (*args, limit)
         ).fetchall()
-        if not rows:
-            return []
-        won = []
-        with self._write():
-            for row in rows:
-                cur = self._db.execute(
-                    "UPDATE deliveries SET claimed_by = ?, lease_until = ? WHERE id = ?"
-                    " AND status = 'pending' AND (claimed_by IS NULL OR lease_until <= ?)",
-                    (worker, stamp(lease_until), row[0], stamp(now)),
-                )
-                if cur.rowcount == 1:
-                    won.append(row)
+        won = self._claim_each(
+            rows,
+            "UPDATE deliveries SET claimed_by = ?, lease_until = ? WHERE id = ?"
+            " AND status = 'pending' AND (claimed_by IS NULL OR lease_until <= ?)",
+            lambda delivery_id: (worker, stamp(lease_until), delivery_id, stamp(now)),
+        )
         return self._deliveries(won)
 
     async def release_delivery(self, delivery_id: int, worker: str) -> None:
