@@ -550,6 +550,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
         415: "The body is not Content-Type: application/json.",
         422: "The body or query is not valid; error.problems names each invalid "
         "modified parameter and why.",
+        500: "The execution's stored log no longer reads back (error.code "
+        "unreadable_execution names the row; trying again cannot help).",
         503: "The route's secret (webhook_secret or api_key) is not configured.",
     }
     return {str(s): _json(_ref("Error"), described[s]) for s in statuses}
@@ -778,7 +780,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("Decision"), "Decided."),
-                        **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 503),
+                        **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 500, 503),
                     },
                 }
             },
@@ -794,7 +796,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     },
                     "responses": {
                         "200": _json(_ref("SignalResult"), "Signalled."),
-                        **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 503),
+                        **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 500, 503),
                     },
                 }
             },
@@ -848,7 +850,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     "parameters": [_path_param("executionId")],
                     "responses": {
                         "200": _json(_ref("Execution"), "The execution."),
-                        **_errors(401, 403, 404, 503),
+                        **_errors(401, 403, 404, 500, 503),
                     },
                 }
             },

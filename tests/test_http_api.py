@@ -1050,3 +1050,10 @@ async def test_an_execution_whose_log_does_not_read_back_is_a_500_naming_it(api:
     response = await api.client.get(f"/executions/{request.execution_id}", headers=AUTH)
     assert "stored event 2 cannot be read back" in error(response, 500, "unreadable_execution")
     assert api.recorder.calls == []
+    paths = openapi_document()["paths"]
+    for path, method in (
+        ("/approvals/{requestId}/respond", "post"),
+        ("/executions/{executionId}/signal", "post"),
+        ("/executions/{executionId}", "get"),
+    ):
+        assert "unreadable_execution" in paths[path][method]["responses"]["500"]["description"]
