@@ -61,8 +61,16 @@ _PLAIN = 0
 compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+# For the rare body holding a lone surrogate (a model's garbage, kept faithfully in
+# the log so its refusal can be replayed): escaped, it is plain ASCII JSON.
+_ascii_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
 def pack(data: Any) -> bytes:
-    text = compact_json(data).encode()
+    try:
+        text = compact_json(data).encode()
+    except UnicodeEncodeError:
+        text = _ascii_json(data).encode()
     if len(text) < _PLAIN_BELOW:
         return bytes((_PLAIN,)) + text
     deflate = zlib.compressobj(

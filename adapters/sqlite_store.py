@@ -15,9 +15,11 @@ sixth of LangGraph's bytes per paused run.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -25,20 +27,18 @@ from typing import Any
 
 from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.core.agent import AgentSpec
-from clearance.core.commands import (
-    AuditRecord,
-    CallModel,
-    CancelTimer,
-    Command,
-    PublishApprovalRequest,
-    RecordDecision,
-    RunTool,
-    StartTimer,
-)
-from clearance.core.decide import decide
+from clearance.core.commands import AuditRecord, CallModel, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.replay import (
+    DECIDE_VERSION,
+    OLDEST_VERSION,
+    ReplayFailed,
+    UnknownVersion,
+    replay,
+)
+from clearance.core.rows import Writes
 from clearance.core.schema import canonical
 from clearance.core.wire import (
     audit_from_data,
@@ -54,12 +54,15 @@ from clearance.core.wire import (
     stamp,
 )
 from clearance.ports.store import (
+    Claim,
+    ClaimRequest,
     Conflict,
     Delivery,
     DeliveryAttempt,
     DueTimer,
-    OutboxEntry,
+    LeaseLost,
     UnreadableExecution,
+    Work,
 )
 
 SCHEMA = """
@@ -68,6 +71,7 @@ CREATE TABLE IF NOT EXISTS agents (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL, spec_id TEXT,
+    decide_version INTEGER,
     PRIMARY KEY (execution_id, seq)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -84,22 +88,24 @@ CREATE TABLE IF NOT EXISTS timers (
     due_at TEXT NOT NULL, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
     PRIMARY KEY (due_at, request_id)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
-    body TEXT NOT NULL, claimed_by TEXT
+CREATE TABLE IF NOT EXISTS work (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT NOT NULL,
+    agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT,
+    lease_until TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS outbox_queued ON outbox (agent_tag) WHERE claimed_by IS NULL;
+CREATE INDEX IF NOT EXISTS work_claimable ON work (agent_tag, lease_until);
+CREATE INDEX IF NOT EXISTS work_of ON work (execution_id);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_execution ON audit (execution_id);
 CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
-    agent_tag TEXT NOT NULL, url TEXT NOT NULL, webhook_id TEXT NOT NULL,
-    signer TEXT NOT NULL, status TEXT NOT NULL, next_attempt_at TEXT NOT NULL,
-    expires_at TEXT NOT NULL,
-    claimed_by TEXT, lease_until TEXT
+    id INTEGER PRIMARY KEY, request_id TEXT NOT NULL,
+    execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL, url TEXT NOT NULL,
+    webhook_id TEXT NOT NULL, signer TEXT NOT NULL, status TEXT NOT NULL,
+    next_attempt_at TEXT NOT NULL, expires_at TEXT NOT NULL,
+    claimed_by TEXT, lease_until TEXT, channel TEXT NOT NULL DEFAULT 'webhook'
 );
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (next_attempt_at) WHERE status = 'pending';
@@ -121,10 +127,42 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
+# How often `wait_for_work` looks for another process's commit.
+WAKE_POLL = 0.02
+
+
+def _from_2(db: sqlite3.Connection) -> int:
+    """Schema 2 (0.1) to 3: the outbox becomes the leased work queue, the log records
+    the decide() version (NULL reads as 1), deliveries name their channel. A claim
+    held under 2 named a pid; it is taken as lapsed, so the next worker takes it
+    over: a model call is made again, a tool run reported as of unknown outcome."""
+    db.execute("ALTER TABLE events ADD COLUMN decide_version INTEGER")
+    db.execute("ALTER TABLE deliveries ADD COLUMN channel TEXT NOT NULL DEFAULT 'webhook'")
+    db.execute(
+        "CREATE TABLE work (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT NOT NULL,"
+        " agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT,"
+        " lease_until TEXT NOT NULL DEFAULT '')"
+    )
+    db.execute(
+        "INSERT INTO work (id, execution_id, agent_tag, body, holder, lease_until)"
+        " SELECT id, execution_id, agent_tag, body, claimed_by, '' FROM outbox ORDER BY id"
+    )
+    db.execute("DROP TABLE outbox")
+    return 3
+
+
+# Each step upgrades a file in place by one schema version, at open.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {2: _from_2}
+
+
+def _work_command(body: str) -> CallModel | RunTool:
+    command = command_from_data(json.loads(body))
+    assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
+    return command
 
 
 class SQLiteStore:
@@ -151,18 +189,24 @@ class SQLiteStore:
         with self._write():
             (version,) = self._db.execute("PRAGMA user_version").fetchone()
             (tables,) = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-            if tables and version != SCHEMA_VERSION:
+            if tables and version not in MIGRATIONS and version != SCHEMA_VERSION:
                 raise ClearanceError(
                     f"{path} holds Clearance tables of schema version {version}; this version"
-                    f" of Clearance reads schema {SCHEMA_VERSION} only: finish or drop its"
-                    " executions with the Clearance that wrote them, or use a new file"
+                    f" of Clearance reads schema {SCHEMA_VERSION} and upgrades"
+                    f" {', '.join(map(str, sorted(MIGRATIONS)))}: open it with a newer"
+                    " Clearance, or use a new file"
                 )
+            # In place, in the same transaction as the check: a crash leaves the old file.
+            while tables and version != SCHEMA_VERSION:
+                version = MIGRATIONS[version](self._db)
             for statement in SCHEMA.split(";\n"):
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        # spec_id by the id() of specs we hold: a strong reference keeps ids unique.
-        self._spec_ids: dict[int, tuple[AgentSpec, str]] = {}
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        # (spec, spec_id, body) by the id() of specs we hold: a strong reference keeps
+        # ids unique.
+        self._spec_ids: dict[int, tuple[AgentSpec, str, str]] = {}
         self._specs: dict[str, AgentSpec] = {}
 
     @contextmanager
@@ -178,62 +222,75 @@ class SQLiteStore:
     # -- agents ---------------------------------------------------------------------
 
     def _spec_id(self, spec: AgentSpec) -> str:
+        """The spec's id, its row written in the current transaction. Only the id is
+        cached: a commit that rolls back (a Conflict) takes the row with it, so the
+        next first event writes it again (an ignored insert when it is there)."""
         known = self._spec_ids.get(id(spec))
-        if known is not None:
-            return known[1]
-        body = canonical(converter.unstructure(spec))
-        spec_id = hashlib.sha256(body.encode()).hexdigest()[:24]
+        if known is None:
+            body = canonical(converter.unstructure(spec))
+            known = (spec, hashlib.sha256(body.encode()).hexdigest()[:24], body)
+            self._spec_ids[id(spec)] = known
+            self._specs.setdefault(known[1], spec)
+        _, spec_id, body = known
         self._db.execute(
             "INSERT OR IGNORE INTO agents (spec_id, body) VALUES (?, ?)", (spec_id, body)
         )
-        self._spec_ids[id(spec)] = (spec, spec_id)
-        self._specs.setdefault(spec_id, spec)
         return spec_id
-
-    async def remember_agent(self, spec: AgentSpec) -> str:
-        return self._spec_id(spec)
 
     def _spec(self, spec_id: str) -> AgentSpec:
         spec = self._specs.get(spec_id)
         if spec is None:
             row = self._db.execute("SELECT body FROM agents WHERE spec_id = ?", (spec_id,))
-            spec = converter.structure(json.loads(row.fetchone()[0]), AgentSpec)
+            found = row.fetchone()
+            if found is None:
+                raise UnreadableExecution(f"agent spec {spec_id} is not in the store")
+            spec = converter.structure(json.loads(found[0]), AgentSpec)
             self._specs[spec_id] = spec
-            self._spec_ids[id(spec)] = (spec, spec_id)
+            self._spec_ids[id(spec)] = (spec, spec_id, found[0])
         return spec
 
     # -- executions and their log -------------------------------------------------------
 
     async def commit(
         self,
-        execution: Execution,
-        event: Event,
-        commands: Sequence[Command],
+        writes: Writes,
         *,
         expected_seq: int,
-        claimed_by: str | None,
-        done: int | None = None,
-    ) -> list[OutboxEntry]:
-        entries: list[OutboxEntry] = []
-        db = self._db
+        claim: ClaimRequest | None = None,
+        done: Claim | None = None,
+    ) -> list[Work]:
+        execution, db = writes.execution, self._db
         if execution.seq != expected_seq + 1:
             raise ValueError(f"commit expects the state one event past {expected_seq}")
         with self._write():
-            # The first event names the agent spec the log folds from (the rest, NULL).
-            spec_id = self._spec_id(execution.agent) if expected_seq == 0 else None
+            # The first event names the agent spec the log folds from and the decide()
+            # version that wrote it (the rest, NULL).
+            first = expected_seq == 0
             try:
                 # The log's key is the version check: whoever appends event n+1 first
                 # wins; a racer that also read version n finds the slot taken.
                 db.execute(
-                    "INSERT INTO events (execution_id, seq, body, spec_id) VALUES (?, ?, ?, ?)",
-                    (execution.id, execution.seq, pack(event_to_data(event)), spec_id),
+                    "INSERT INTO events (execution_id, seq, body, spec_id, decide_version)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (
+                        execution.id,
+                        execution.seq,
+                        pack(event_to_data(writes.event)),
+                        self._spec_id(execution.agent) if first else None,
+                        DECIDE_VERSION if first else None,
+                    ),
                 )
             except sqlite3.IntegrityError:
-                if expected_seq == 0:
+                if first:
                     raise Conflict(f"execution {execution.id} already exists") from None
                 raise Conflict(
                     f"execution {execution.id} moved past version {expected_seq}"
                 ) from None
+            if done is not None and not self._delete_work(done):
+                raise LeaseLost(
+                    f"work {done.id} of execution {execution.id} is no longer held by"
+                    f" {done.holder}: its lease ran out and it was taken over"
+                )
             if execution.seq % self.snapshot_every == 0:
                 state = execution_to_data(execution)
                 del state["agent"]  # stored once per distinct spec, in `agents`
@@ -241,67 +298,29 @@ class SQLiteStore:
                     "INSERT OR REPLACE INTO snapshots (execution_id, seq, state) VALUES (?, ?, ?)",
                     (execution.id, execution.seq, pack(state)),
                 )
-            for command in commands:
-                entry = self._apply(execution, command, claimed_by)
-                if entry is not None:
-                    entries.append(entry)
-            if done is not None:
-                db.execute("DELETE FROM outbox WHERE id = ?", (done,))
+            self._apply(writes)
+            queued = self._queue(writes, claim)
         self.commits += 1
-        return entries
+        return queued
 
-    def _apply(
-        self, execution: Execution, command: Command, claimed_by: str | None
-    ) -> OutboxEntry | None:
-        db = self._db
-        if isinstance(command, CallModel | RunTool):
-            cur = db.execute(
-                "INSERT INTO outbox (execution_id, agent_tag, body, claimed_by)"
-                " VALUES (?, ?, ?, ?)",
-                (
-                    execution.id,
-                    execution.agent_tag,
-                    compact_json(command_to_data(command)),
-                    claimed_by,
-                ),
+    def _apply(self, writes: Writes) -> None:
+        db, execution = self._db, writes.execution
+        if writes.drop_queued_work:
+            # Unstarted work of a finished execution never starts; held work goes on.
+            db.execute(
+                "DELETE FROM work WHERE execution_id = ? AND holder IS NULL", (execution.id,)
             )
-            assert cur.lastrowid is not None
-            return OutboxEntry(
-                cur.lastrowid, execution.id, execution.agent_tag, command, claimed_by
-            )
-        if isinstance(command, StartTimer):
+        for timer in writes.timers_started:
             db.execute(
                 "INSERT OR REPLACE INTO timers (due_at, request_id, execution_id) VALUES (?, ?, ?)",
-                (stamp(command.due_at), command.request_id, execution.id),
+                (stamp(timer.due_at), timer.request_id, execution.id),
             )
-        elif isinstance(command, CancelTimer):
-            # Keyed by due time first, so the sweep needs no second index; a request's
-            # timer is due at its timeout (decide() starts it so).
-            timed = execution.request(command.request_id)
-            if timed is not None:
-                db.execute(
-                    "DELETE FROM timers WHERE due_at = ? AND request_id = ?",
-                    (stamp(timed.timeout), command.request_id),
-                )
-        elif isinstance(command, PublishApprovalRequest):
-            request = command.request
-            if execution.agent.approval_webhook:
-                # In the same transaction: a request committed is a request delivered.
-                db.execute(
-                    "INSERT INTO deliveries (request_id, execution_id, agent_tag, url, webhook_id,"
-                    " signer, status, next_attempt_at, expires_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                    (
-                        request.request_id,
-                        execution.id,
-                        execution.agent_tag,
-                        execution.agent.approval_webhook,
-                        f"msg_{request.request_id}",
-                        "agent" if execution.agent.own_webhook_secret else "instance",
-                        stamp(request.timestamp),
-                        stamp(request.timeout),
-                    ),
-                )
+        for timer in writes.timers_cancelled:
+            db.execute(
+                "DELETE FROM timers WHERE due_at = ? AND request_id = ?",
+                (stamp(timer.due_at), timer.request_id),
+            )
+        for request in writes.requests_opened:
             db.execute(
                 "INSERT INTO approvals (request_id, execution_id, agent_tag, status, created_at,"
                 " body) VALUES (?, ?, ?, ?, ?, ?)",
@@ -314,8 +333,25 @@ class SQLiteStore:
                     pack(converter.unstructure(request)),
                 ),
             )
-        elif isinstance(command, RecordDecision):
-            record = command.record
+        for d in writes.deliveries:
+            # In the same transaction: a request committed is a request delivered.
+            db.execute(
+                "INSERT INTO deliveries (request_id, execution_id, agent_tag, url, webhook_id,"
+                " signer, status, next_attempt_at, expires_at, channel)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                (
+                    d.request_id,
+                    execution.id,
+                    execution.agent_tag,
+                    d.target,
+                    d.message_id,
+                    d.signer,
+                    stamp(d.not_before),
+                    stamp(d.expires_at),
+                    d.channel,
+                ),
+            )
+        for record in writes.audit:
             db.execute(
                 "INSERT INTO audit (request_id, execution_id, body) VALUES (?, ?, ?)",
                 (
@@ -324,40 +360,62 @@ class SQLiteStore:
                     compact_json(converter.unstructure(record)),
                 ),
             )
-            decided = execution.request(record.request_id)
-            if decided is not None:
-                # The body is only the inbox's copy of a pending request: once decided,
-                # the log holds the request and the audit log its decision.
-                db.execute(
-                    "UPDATE approvals SET status = ?, body = NULL WHERE request_id = ?",
-                    (decided.status, decided.request_id),
-                )
-        return None
+        for request_id, status in writes.requests_decided:
+            # The body is only the inbox's copy of a pending request: once decided,
+            # the log holds the request and the audit log its decision.
+            db.execute(
+                "UPDATE approvals SET status = ?, body = NULL WHERE request_id = ?",
+                (status, request_id),
+            )
+
+    def _queue(self, writes: Writes, claim: ClaimRequest | None) -> list[Work]:
+        execution, queued = writes.execution, []
+        for n, command in enumerate(writes.work):
+            holder = claim.holder if claim is not None and n < claim.limit else None
+            cur = self._db.execute(
+                "INSERT INTO work (execution_id, agent_tag, body, holder, lease_until)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    execution.id,
+                    execution.agent_tag,
+                    compact_json(command_to_data(command)),
+                    holder,
+                    stamp(claim.until) if claim is not None and holder else "",
+                ),
+            )
+            assert cur.lastrowid is not None
+            queued.append(Work(cur.lastrowid, execution.id, execution.agent_tag, command, holder))
+        return queued
 
     async def load(self, execution_id: str) -> Execution | None:
         row = self._db.execute(
-            "SELECT e.spec_id, s.seq, s.state FROM events e LEFT JOIN snapshots s"
-            " ON s.execution_id = e.execution_id WHERE e.execution_id = ? AND e.seq = 1",
+            "SELECT e.spec_id, e.decide_version, s.seq, s.state FROM events e"
+            " LEFT JOIN snapshots s ON s.execution_id = e.execution_id"
+            " WHERE e.execution_id = ? AND e.seq = 1",
             (execution_id,),
         ).fetchone()
         if row is None:
             return None
-        spec_id, since, state = row
+        spec_id, version, since, state = row
         # The spec object we hold, not an equal copy: commit() finds its id by identity.
         spec = self._spec(spec_id)
-        if state is None:
-            ex, since = Execution(agent=spec), 0
-        else:
+        snapshot = None
+        if state is not None:
             with self._reading(execution_id, f"snapshot at event {since}"):
                 data = unpack(state)
                 data["agent"] = spec
-                ex = execution_from_data(data)
-        # decide() is pure and deterministic, so folding the log rebuilds the state the
-        # steps made (tests/test_properties.py checks it on every run it generates).
-        for seq, body in self._log(execution_id, since):
+                snapshot = execution_from_data(data)
+        events = []
+        for seq, body in self._log(execution_id, since or 0):
             with self._reading(execution_id, f"event {seq}"):
-                ex, _ = decide(ex, event_from_data(unpack(body)))
-        return ex
+                events.append((seq, event_from_data(unpack(body))))
+        try:
+            return replay(spec, snapshot, [e for _, e in events], version or OLDEST_VERSION)
+        except ReplayFailed as failed:
+            with self._reading(execution_id, f"event {events[failed.index][0]}"):
+                raise failed.error from None
+        except UnknownVersion as newer:
+            raise UnreadableExecution(f"execution {execution_id}: {newer}") from None
 
     def _log(self, execution_id: str, after: int = 0) -> list[tuple[int, bytes]]:
         return self._db.execute(
@@ -384,12 +442,6 @@ class SQLiteStore:
             with self._reading(execution_id, f"event {seq}"):
                 events.append(event_from_data(unpack(body)))
         return events
-
-    async def spec_of(self, execution_id: str) -> AgentSpec | None:
-        row = self._db.execute(
-            "SELECT spec_id FROM events WHERE execution_id = ? AND seq = 1", (execution_id,)
-        ).fetchone()
-        return None if row is None else self._spec(row[0])
 
     # -- approvals, timers, audit --------------------------------------------------------
 
@@ -419,7 +471,7 @@ class SQLiteStore:
             " ORDER BY due_at LIMIT ?",
             (stamp(now), limit),
         )
-        return [DueTimer(e, r, converter.structure(d, datetime)) for e, r, d in rows]
+        return [DueTimer(e, r, parse_stamp(d)) for e, r, d in rows]
 
     async def drop_timer(self, timer: DueTimer) -> None:
         with self._write():
@@ -427,6 +479,19 @@ class SQLiteStore:
                 "DELETE FROM timers WHERE due_at = ? AND request_id = ?",
                 (stamp(timer.due_at), timer.request_id),
             )
+
+    async def postpone_timer(self, timer: DueTimer, until: datetime) -> None:
+        with self._write():
+            cur = self._db.execute(
+                "DELETE FROM timers WHERE due_at = ? AND request_id = ?",
+                (stamp(timer.due_at), timer.request_id),
+            )
+            if cur.rowcount:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO timers (due_at, request_id, execution_id)"
+                    " VALUES (?, ?, ?)",
+                    (stamp(until), timer.request_id, timer.execution_id),
+                )
 
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
@@ -448,78 +513,103 @@ class SQLiteStore:
         rows = self._db.execute(sql + " ORDER BY id", args)
         return [audit_from_data(json.loads(body)) for (body,) in rows]
 
-    # -- the outbox ------------------------------------------------------------------------
-
-    def _entries(self, rows: Iterator[Any]) -> list[OutboxEntry]:
-        return [OutboxEntry(i, e, t, command_from_data(json.loads(b)), c) for i, e, t, b, c in rows]
+    # -- the work queue ----------------------------------------------------------------------
 
     def _claim_each(
-        self, rows: list[Any], update: str, params: Callable[[int], tuple[Any, ...]]
+        self, rows: list[Any], update: str, params: Callable[[Any], tuple[Any, ...]]
     ) -> list[Any]:
         """The rows (id first) that `update`, guarded by the state they were found in
-        without a lock, still takes, all in one write: of two hosts that saw the same
+        without a lock, still takes, all in one write: of two workers that saw the same
         row, exactly one gets it."""
         if not rows:
             return []
         with self._write():
-            return [row for row in rows if self._db.execute(update, params(row[0])).rowcount == 1]
+            return [row for row in rows if self._db.execute(update, params(row)).rowcount == 1]
 
-    async def claim_queued(
-        self, agent_tags: Sequence[str], worker: str, limit: int
-    ) -> list[OutboxEntry]:
-        if not agent_tags:
+    async def claim_work(
+        self,
+        agent_tags: Sequence[str],
+        holder: str,
+        now: datetime,
+        until: datetime,
+        limit: int,
+        skip: Sequence[int] = (),
+    ) -> list[Work]:
+        if not agent_tags or limit <= 0:
             return []
         marks = ",".join("?" * len(agent_tags))
-        # Look first without a write lock: this runs on every poll of every host.
+        skipped = f" AND id NOT IN ({','.join('?' * len(skip))})" if skip else ""
+        # Look first without a write lock: this runs on every poll of every worker.
+        # Queued work has lease_until '' (before any time), so one range finds both it
+        # and work whose holder stopped renewing.
         rows = self._db.execute(
-            "SELECT id, execution_id, agent_tag, body, claimed_by FROM outbox"
-            f" WHERE claimed_by IS NULL AND agent_tag IN ({marks}) ORDER BY id LIMIT ?",
-            (*agent_tags, limit),
+            "SELECT id, execution_id, agent_tag, body, holder FROM work"
+            f" WHERE agent_tag IN ({marks}) AND lease_until <= ?{skipped} ORDER BY id LIMIT ?",
+            (*agent_tags, stamp(now), *skip, limit),
         ).fetchall()
         won = self._claim_each(
             rows,
-            "UPDATE outbox SET claimed_by = ? WHERE id = ? AND claimed_by IS NULL",
-            lambda entry_id: (worker, entry_id),
+            "UPDATE work SET holder = ?, lease_until = ?"
+            " WHERE id = ? AND holder IS ? AND lease_until <= ?",
+            lambda row: (holder, stamp(until), row[0], row[4], stamp(now)),
         )
-        return [
-            OutboxEntry(e.id, e.execution_id, e.agent_tag, e.command, worker)
-            for e in self._entries(iter(won))
-        ]
+        return [Work(i, e, t, _work_command(b), holder, previous) for i, e, t, b, previous in won]
 
-    async def claimed_by_others(self, agent_tags: Sequence[str], worker: str) -> list[OutboxEntry]:
-        if not agent_tags:
+    async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
+        if not claims:
             return []
-        marks = ",".join("?" * len(agent_tags))
-        rows = self._db.execute(
-            "SELECT id, execution_id, agent_tag, body, claimed_by FROM outbox"
-            f" WHERE claimed_by IS NOT NULL AND claimed_by != ? AND agent_tag IN ({marks})"
-            " ORDER BY id",
-            (worker, *agent_tags),
-        )
-        return self._entries(rows)
-
-    async def reclaim(self, entry_id: int, previous: str, worker: str) -> bool:
         with self._write():
-            cur = self._db.execute(
-                "UPDATE outbox SET claimed_by = ? WHERE id = ? AND claimed_by = ?",
-                (worker, entry_id, previous),
-            )
+            return [
+                c
+                for c in claims
+                if self._db.execute(
+                    "UPDATE work SET lease_until = ? WHERE id = ? AND holder = ?",
+                    (stamp(until), c.id, c.holder),
+                ).rowcount
+                == 1
+            ]
+
+    def _delete_work(self, claim: Claim) -> bool:
+        cur = self._db.execute(
+            "DELETE FROM work WHERE id = ? AND holder = ?", (claim.id, claim.holder)
+        )
         return cur.rowcount == 1
 
-    async def discard(self, entry_id: int) -> None:
+    async def complete(self, claim: Claim) -> bool:
         with self._write():
-            self._db.execute("DELETE FROM outbox WHERE id = ?", (entry_id,))
+            return self._delete_work(claim)
+
+    async def release(self, claim: Claim) -> None:
+        with self._write():
+            self._db.execute(
+                "UPDATE work SET holder = NULL, lease_until = '' WHERE id = ? AND holder = ?",
+                (claim.id, claim.holder),
+            )
+
+    async def wait_for_work(self, seconds: float) -> bool:
+        # SQLite has no notifications; `data_version` changes when another connection
+        # commits, and reading it costs a few microseconds, so poll it finely.
+        deadline = time.monotonic() + seconds
+        while True:
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+            if version != self._data_version:
+                self._data_version = version
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(WAKE_POLL, left))
 
     # -- webhook deliveries ------------------------------------------------------------------
 
     _DELIVERY = (
         "SELECT id, request_id, execution_id, agent_tag, url, webhook_id, status,"
-        " next_attempt_at, expires_at FROM deliveries"
+        " next_attempt_at, expires_at, channel, signer FROM deliveries"
     )
 
     def _deliveries(self, rows: list[Any]) -> list[Delivery]:
         out = []
-        for i, rid, eid, tag, url, wid, status, next_at, expires in rows:
+        for i, rid, eid, tag, url, wid, status, next_at, expires, channel, signer in rows:
             attempts = tuple(
                 DeliveryAttempt(parse_stamp(at), code, error, outcome)
                 for at, code, error, outcome in self._db.execute(
@@ -540,6 +630,8 @@ class SQLiteStore:
                     attempts,
                     parse_stamp(next_at),
                     parse_stamp(expires),
+                    channel,
+                    signer,
                 )
             )
         return out
@@ -551,17 +643,27 @@ class SQLiteStore:
         now: datetime,
         lease_until: datetime,
         limit: int,
+        *,
+        instance_signed: bool,
+        channels: Sequence[str] = ("webhook",),
         exclude_urls: Sequence[str] = (),
     ) -> list[Delivery]:
         tags = ",".join("?" * len(agent_tags))
+        # Only what this worker can carry out: an agent-signed delivery where it hosts
+        # the agent; an instance-signed one only with the instance's secret, so a process
+        # without it (the CLI, a reviewer's app, `serve` without the env var) never takes
+        # one, not even of an agent it hosts; and only on a channel it has an adapter for.
+        signer = f"(signer = 'agent' AND agent_tag IN ({tags}))"
+        if instance_signed:
+            signer = f"(signer = 'instance' OR {signer})"
         due = (
             " WHERE status = 'pending' AND next_attempt_at <= ?"
-            f" AND (signer = 'instance' OR agent_tag IN ({tags}))"
+            f" AND {signer} AND channel IN ({','.join('?' * len(channels))})"
             " AND (claimed_by IS NULL OR lease_until <= ?)"
         )
         if exclude_urls:
             due += f" AND url NOT IN ({','.join('?' * len(exclude_urls))})"
-        args = (stamp(now), *agent_tags, stamp(now), *exclude_urls)
+        args = (stamp(now), *agent_tags, *channels, stamp(now), *exclude_urls)
         rows = self._db.execute(
             self._DELIVERY + due + " ORDER BY next_attempt_at LIMIT ?", (*args, limit)
         ).fetchall()
@@ -569,7 +671,7 @@ class SQLiteStore:
             rows,
             "UPDATE deliveries SET claimed_by = ?, lease_until = ? WHERE id = ?"
             " AND status = 'pending' AND (claimed_by IS NULL OR lease_until <= ?)",
-            lambda delivery_id: (worker, stamp(lease_until), delivery_id, stamp(now)),
+            lambda row: (worker, stamp(lease_until), row[0], stamp(now)),
         )
         return self._deliveries(won)
 
@@ -584,11 +686,25 @@ class SQLiteStore:
     async def record_attempt(
         self,
         delivery_id: int,
+        worker: str,
         attempt: DeliveryAttempt,
         status: str,
         next_attempt_at: datetime | None,
-    ) -> None:
+    ) -> bool:
         with self._write():
+            cur = self._db.execute(
+                "UPDATE deliveries SET status = ?, claimed_by = NULL, lease_until = NULL,"
+                " next_attempt_at = COALESCE(?, next_attempt_at)"
+                " WHERE id = ? AND claimed_by = ?",
+                (
+                    status,
+                    stamp(next_attempt_at) if next_attempt_at else None,
+                    delivery_id,
+                    worker,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False  # taken over after our lease ran out: theirs to record
             self._db.execute(
                 "INSERT INTO delivery_attempts (delivery_id, at, status_code, error, outcome)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -600,11 +716,7 @@ class SQLiteStore:
                     attempt.outcome,
                 ),
             )
-            self._db.execute(
-                "UPDATE deliveries SET status = ?, claimed_by = NULL, lease_until = NULL,"
-                " next_attempt_at = COALESCE(?, next_attempt_at) WHERE id = ?",
-                (status, stamp(next_attempt_at) if next_attempt_at else None, delivery_id),
-            )
+        return True
 
     async def deliveries(self, request_id: str) -> list[Delivery]:
         rows = self._db.execute(

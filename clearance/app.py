@@ -15,11 +15,14 @@ import attrs
 from clearance.adapters.clock import SystemClock
 from clearance.adapters.ids import RandomIds
 from clearance.adapters.sqlite_store import SQLiteStore
+from clearance.adapters.webhook_channel import WebhookChannel
+from clearance.adapters.webhook_sender import WebhookSender
 from clearance.callback import callback_url, secret_bytes
 from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.rows import AGENT_SIGNER
 from clearance.definition import (
     DEFAULT_MAX_ITERATIONS,
     HostedAgent,
@@ -28,13 +31,18 @@ from clearance.definition import (
     Tool,
     compile_agent,
 )
-from clearance.delivery import WebhookDelivery
-from clearance.engine import Engine
+from clearance.delivery import DeliveryRelay
+from clearance.engine import (
+    DEFAULT_LEASE,
+    DEFAULT_MAX_CONCURRENCY,
+    DEFAULT_RENEW_EVERY,
+    Engine,
+    new_worker_id,
+)
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
 from clearance.ports.store import Delivery, Store
-from clearance.worker import new_worker_id, retire
 
 log = logging.getLogger("clearance")
 
@@ -104,6 +112,9 @@ class Clearance:
         api_key: str | None = None,
         webhook_timeout: float = 10.0,
         webhook_retry_base: float = 1.0,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        lease: float = DEFAULT_LEASE,
+        renew_every: float = DEFAULT_RENEW_EVERY,
     ) -> None:
         if webhook_secret is not None:
             secret_bytes(webhook_secret)  # a malformed secret fails here, not at first delivery
@@ -114,12 +125,32 @@ class Clearance:
         self.clock: Clock = clock or SystemClock()
         self.poll_interval = poll_interval
         self._agents: dict[str, HostedAgent] = {}
-        self.engine = Engine(store, self.clock, ids or RandomIds(), new_worker_id(), self._agents)
-        self.webhooks = WebhookDelivery(
+        self.engine = Engine(
+            store,
+            self.clock,
+            ids or RandomIds(),
+            new_worker_id(),
+            self._agents,
+            max_concurrency=max_concurrency,
+            lease=lease,
+            renew_every=renew_every,
+        )
+
+        def secret_for(delivery: Delivery) -> str | None:
+            """Who signs a webhook: the agent's own secret, or the instance's."""
+            if delivery.signer == AGENT_SIGNER:
+                agent = self._agents.get(delivery.agent_tag)
+                return agent.webhook_secret if agent else None
+            return self.webhook_secret
+
+        webhook = WebhookChannel(WebhookSender(webhook_timeout), secret_for, self.clock)
+        # Approval requests go out through the channels (closed with the relay).
+        self.webhooks = DeliveryRelay(
             store,
             self.clock,
             self.engine.worker,
             self._agents,
+            [webhook],
             public_url=lambda: self.public_url,
             secret=lambda: self.webhook_secret,
             timeout=webhook_timeout,
@@ -144,10 +175,18 @@ class Clearance:
         api_key: str | None = None,
         webhook_timeout: float = 10.0,
         webhook_retry_base: float = 1.0,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        lease: float = DEFAULT_LEASE,
+        renew_every: float = DEFAULT_RENEW_EVERY,
     ) -> Clearance:
         """`public_url` is where this instance's HTTP API is reachable (callbackUrl is
         built on it); `webhook_secret` ('whsec_…') signs webhooks and callback tokens;
-        `api_key` protects the HTTP API's signal and read routes."""
+        `api_key` protects the HTTP API's signal and read routes.
+
+        `max_concurrency` bounds the model calls and tool runs this process carries
+        out at once (sync handlers run on a thread pool of that size). Each is
+        claimed with a lease of `lease` seconds, renewed every `renew_every` while
+        it runs; work whose lease runs out is taken over by any process."""
         return cls(
             open_store(url, synchronous=synchronous),
             clock=clock,
@@ -158,6 +197,9 @@ class Clearance:
             api_key=api_key,
             webhook_timeout=webhook_timeout,
             webhook_retry_base=webhook_retry_base,
+            max_concurrency=max_concurrency,
+            lease=lease,
+            renew_every=renew_every,
         )
 
     async def __aenter__(self) -> Clearance:
@@ -184,13 +226,13 @@ class Clearance:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._background = self._delivering = None
+        await self.engine.close()
         await self.webhooks.aclose()
         for model in [*self._retired_models, *(a.model for a in self._agents.values())]:
             close_model = getattr(model, "aclose", None)
             if close_model is not None:
                 with contextlib.suppress(Exception):
                     await close_model()
-        retire(self.engine.worker)
         await self.store.close()
 
     # -- defining agents -------------------------------------------------------------------
@@ -337,8 +379,11 @@ class Clearance:
         return await self.store.deliveries(request_id)
 
     async def fire_due_timers(self) -> int:
-        """Time out every approval due at `clock.now()`; returns how many."""
-        return await self.engine.fire_due_timers()
+        """Time out every approval due at `clock.now()`; returns how many. Returns when
+        the executions it moved rest again (the model has been told)."""
+        fired = await self.engine.fire_due_timers()
+        await asyncio.gather(*(self._shielded(self.engine.settle(ex)) for ex in fired))
+        return len(fired)
 
     # -- background ---------------------------------------------------------------------
 
@@ -362,13 +407,32 @@ class Clearance:
     async def _watch(self) -> None:
         while True:
             try:
-                await self.engine.recover()
                 await self.engine.pickup()
                 if self.clock.drives_timers:
                     await self.engine.fire_due_timers()
             except Exception:  # keep watching: one bad execution must not stop the rest
                 log.exception("clearance background step failed")
-            await asyncio.sleep(self.poll_interval)
+            try:
+                await self.engine.wait_for_work(self.poll_interval)
+            except Exception:
+                log.exception("clearance could not wait for work")
+                await asyncio.sleep(self.poll_interval)
+
+    # -- reads for the HTTP API and the CLI ------------------------------------------------
+
+    async def execution_of_request(self, request_id: str) -> str | None:
+        """The id of the execution approval request `request_id` belongs to, or None."""
+        return await self.store.execution_of_request(request_id)
+
+    async def request(self, request_id: str) -> ApprovalRequest | None:
+        """Approval request `request_id` as it stands now (pending or decided), or None."""
+        execution_id = await self.store.execution_of_request(request_id)
+        ex = await self.store.load(execution_id) if execution_id else None
+        return ex.request(request_id) if ex else None
+
+    async def execution(self, execution_id: str) -> Execution | None:
+        """Execution `execution_id`'s current state without its events, or None."""
+        return await self.store.load(execution_id)
 
 
 def _model_port(model: Model) -> ModelPort:

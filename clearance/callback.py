@@ -12,6 +12,7 @@ import base64
 import hashlib
 import hmac
 from datetime import UTC, datetime
+from typing import ClassVar
 from urllib.parse import quote
 
 from clearance.core.errors import ClearanceError
@@ -21,11 +22,15 @@ SECRET_PREFIX = "whsec_"
 
 
 class TokenError(ClearanceError):
-    """A callback token that does not admit this request: `status` is the HTTP answer."""
+    """A callback token that does not admit this request: `status` is the HTTP answer and
+    `code` the error code it carries (missing_token, invalid_token, expired)."""
+
+    CODES: ClassVar[dict[int, str]] = {401: "missing_token", 403: "invalid_token", 410: "expired"}
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+        self.code = self.CODES[status]
 
 
 def secret_bytes(secret: str) -> bytes:
@@ -69,8 +74,12 @@ def check_token(secret: str, request_id: str, token: str | None, now: datetime) 
     # isdecimal() alone admits non-ASCII digits that int() may still refuse.
     if not (expires_text.isascii() and expires_text.isdecimal()) or not mac:
         raise TokenError(403, "malformed callback token")
-    expected = _mac(secret, request_id, int(expires_text))
+    try:
+        expires = int(expires_text)
+    except ValueError:  # more digits than int() reads
+        raise TokenError(403, "malformed callback token") from None
+    expected = _mac(secret, request_id, expires)
     if not hmac.compare_digest(expected.encode(), mac.encode()):
         raise TokenError(403, "callback token is not valid for this approval request")
-    if now.astimezone(UTC).timestamp() >= int(expires_text):
+    if now.astimezone(UTC).timestamp() >= expires:
         raise TokenError(410, "this approval request has expired; it can no longer be decided")

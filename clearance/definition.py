@@ -21,6 +21,9 @@ from clearance.ports.model import ModelPort
 from clearance.ports.tools import Handler
 
 DEFAULT_TIMEOUT_MS = 300_000
+# The longest approval timeout: 366 days. A deadline must be a date (the core adds it to
+# the time a request opens), and a human who has not answered in a year will not.
+MAX_TIMEOUT_MS = 366 * 24 * 3_600_000
 DEFAULT_MAX_ITERATIONS = 20
 # What the Anthropic and OpenAI tool APIs accept as a tool name.
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -96,10 +99,10 @@ class HostedAgent:
 
 
 def _positive_ms(what: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TIMEOUT_MS:
         raise DefinitionError(
-            f"{what} must be a positive whole number of milliseconds (e.g. 300000 for 5 "
-            f"minutes), got {value!r}"
+            f"{what} must be a positive whole number of milliseconds, at most "
+            f"{MAX_TIMEOUT_MS} (366 days), e.g. 300000 for 5 minutes; got {value!r}"
         )
     return value
 
@@ -146,6 +149,14 @@ def compile_agent(
     default_timeout = _positive_ms("HumanInLoop.approval_timeout", hitl.approval_timeout)
     if isinstance(hitl.always_require_approval, str):
         raise DefinitionError("always_require_approval must be a list of tool tags, not a string")
+    if hitl.always_require_approval and not hitl.enabled:
+        # As with requires_confirmation: a safety list that silently gates nothing.
+        listed = ", ".join(repr(t) for t in hitl.always_require_approval)
+        raise DefinitionError(
+            f"always_require_approval names {listed} but human_in_loop is not enabled, so "
+            "they would run without approval; pass HumanInLoop(enabled=True, ...) or drop "
+            "always_require_approval"
+        )
     seen: set[str] = set()
     specs = []
     for tool in tools:

@@ -1,49 +1,50 @@
-"""Webhook delivery of approval requests, from the store: durable, retried, never blocking.
+"""The delivery relay: approval requests from the store out through their channels,
+durable, retried, never blocking.
 
 Each approval request of an agent with `approval_webhook` gets a `deliveries`
-row in the same transaction that opens it, so a request committed before a
-crash is delivered after the restart, with the same `webhook-id`. Attempts run
-as their own tasks, bounded in number, so a slow or dead receiver delays only
-its own deliveries. Retry policy: 2xx delivered; 408, 429, 5xx, timeouts and
-connection errors retried with exponential backoff and full jitter, never past
-the request's expiry; 410 disables the endpoint; any other answer fails the
-delivery for good; a request decided meanwhile is skipped. Every attempt is
-recorded.
+row per channel in the same transaction that opens it, so a request committed
+before a crash is delivered after the restart, with the same message id
+(`webhook-id`). The relay claims due rows with a lease, and only rows it can
+carry out: of a channel it has an adapter for (`ApprovalChannel`), signed with
+a secret it holds. Attempts run as their own tasks, bounded in number and per
+target, so a slow or dead receiver delays only its own deliveries.
+
+What every channel shares is here, once; a channel only sends and classifies
+(`clearance.ports.channel`). Before each attempt: a disabled target, an expired
+request or one decided meanwhile (skipped) ends the delivery unsent. After it:
+delivered; disabled (the target is disabled for every later delivery); failed
+for good; or retried with exponential backoff and full jitter, never past the
+request's expiry nor `max_attempts`. Every attempt is recorded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
+from typing import Any
 
-from clearance.adapters.webhook_sender import Answer, WebhookSender
+from clearance import views
 from clearance.callback import callback_url
-from clearance.core.execution import PENDING, ApprovalRequest, iso
+from clearance.core.execution import PENDING, ApprovalRequest
 from clearance.definition import HostedAgent
+from clearance.ports.channel import DELIVERED, DISABLED, FAILED, RETRY, ApprovalChannel, Sent
 from clearance.ports.clock import Clock
 from clearance.ports.store import Delivery, DeliveryAttempt, Store
 
 log = logging.getLogger("clearance")
 
-RETRYABLE = frozenset({408, 429})
 
-
-def is_retryable(answer: Answer) -> bool:
-    code = answer.status_code
-    return code is None or code in RETRYABLE or code >= 500
-
-
-class WebhookDelivery:
+class DeliveryRelay:
     def __init__(
         self,
         store: Store,
         clock: Clock,
         worker: str,
         agents: dict[str, HostedAgent],
+        channels: Iterable[ApprovalChannel],
         *,
         public_url: Callable[[], str | None],
         secret: Callable[[], str | None],
@@ -54,39 +55,62 @@ class WebhookDelivery:
         concurrency: int = 64,
         per_endpoint: int = 4,
     ) -> None:
+        """`agents`: the agents this process hosts (it may sign with their own secrets);
+        `secret`: the instance's webhook secret, if this process has it; `timeout`: how
+        long one send may take (a channel's own timeout; the lease outlives twice it)."""
         self.store = store
         self.clock = clock
         self.worker = worker
         self.agents = agents
+        self.channels: dict[str, ApprovalChannel] = {}
+        for channel in channels:
+            if channel.name in self.channels:
+                raise ValueError(f"two approval channels are named {channel.name!r}")
+            self.channels[channel.name] = channel
         self._public_url = public_url
         self._secret = secret
         self.timeout = timeout
         self.retry_base = retry_base
         self.retry_cap = retry_cap
         self.max_attempts = max_attempts
-        self._sender = WebhookSender(timeout)
         self.concurrency = concurrency
         self.per_endpoint = per_endpoint
-        self._in_flight: dict[str, int] = {}  # attempts running, by URL
+        self._in_flight: dict[str, int] = {}  # attempts running, by target
         self._running: set[asyncio.Task[None]] = set()
 
     async def start_due(self) -> int:
         """Start an attempt for every delivery that is due; returns how many started."""
         free = self.concurrency - len(self._running)  # claim only what can start now
-        if free <= 0:
+        if free <= 0 or not self.channels:
             return 0
         now = self.clock.now()
-        # The lease outlives one attempt, so a live worker is never raced for it.
+        # The lease outlives one attempt (`_send` cuts a send off before it runs out),
+        # so a live worker is never raced for it.
         lease = now + timedelta(seconds=self.timeout * 2 + 5)
         # One hanging receiver may hold at most `per_endpoint` slots: the rest stay free
         # for healthy endpoints.
         busy = [u for u, n in self._in_flight.items() if n >= self.per_endpoint]
         due = await self.store.claim_deliveries(
-            list(self.agents), self.worker, now, lease, free, exclude_urls=busy
+            list(self.agents),
+            self.worker,
+            now,
+            lease,
+            free,
+            instance_signed=self._secret() is not None,
+            channels=list(self.channels),
+            exclude_urls=busy,
         )
         started = 0
         for delivery in due:
             if self._in_flight.get(delivery.url, 0) >= self.per_endpoint:
+                await self.store.release_delivery(delivery.id, self.worker)
+                continue
+            if delivery.channel not in self.channels:  # a store that ignored `channels`
+                log.warning(
+                    "delivery %s: no %r channel in this process; handed back",
+                    delivery.webhook_id,
+                    delivery.channel,
+                )
                 await self.store.release_delivery(delivery.id, self.worker)
                 continue
             self._in_flight[delivery.url] = self._in_flight.get(delivery.url, 0) + 1
@@ -112,7 +136,7 @@ class WebhookDelivery:
             await self.store.release_delivery(delivery.id, self.worker)
             raise
         except Exception:  # one broken delivery must not stop the others
-            log.exception("webhook delivery %s failed unexpectedly", delivery.webhook_id)
+            log.exception("delivery %s failed unexpectedly", delivery.webhook_id)
         finally:
             self._in_flight[delivery.url] -= 1
             if not self._in_flight[delivery.url]:
@@ -141,33 +165,44 @@ class WebhookDelivery:
                 delivery, None, f"the request was already {request.status}", "skipped", "skipped"
             )
             return
-        body = self._body(request)
-        agent = self.agents.get(delivery.agent_tag)
-        secret = (agent.webhook_secret if agent else None) or self._secret()
-        if secret is None:
-            await self._record(delivery, None, "no webhook_secret configured", "failed", "failed")
-            return
-        answer = await self._sender.post(
-            delivery.url, secret=secret, webhook_id=delivery.webhook_id, at=now, body=body
-        )
-        code = answer.status_code
-        if code is not None and 200 <= code < 300:
-            await self._record(delivery, code, None, "delivered", "delivered")
-        elif code == 410:
-            await self.store.disable_endpoint(delivery.url, now, "answered 410 Gone")
-            await self._record(delivery, code, answer.error, "disabled", "disabled")
-        elif not is_retryable(answer):
-            await self._record(delivery, code, answer.error, "failed", "failed")
-        else:
+        body = views.webhook_body(request, self._callback_url(request))
+        sent = await self._send(self.channels[delivery.channel], delivery, body)
+        code, error = sent.status_code, sent.error
+        if sent.outcome == DELIVERED:
+            await self._record(delivery, code, error, "delivered", "delivered")
+        elif sent.outcome == DISABLED:
+            reason = "answered 410 Gone" if code == 410 else error or "the target refused"
+            await self.store.disable_endpoint(delivery.url, now, reason)
+            await self._record(delivery, code, error, "disabled", "disabled")
+        elif sent.outcome == FAILED:
+            await self._record(delivery, code, error, "failed", "failed")
+        else:  # RETRY
             attempts = len(delivery.attempts) + 1
             backoff = min(self.retry_cap, self.retry_base * 2 ** (attempts - 1))
             next_at = self.clock.now() + timedelta(seconds=random.uniform(0, backoff))
             if attempts >= self.max_attempts:
-                await self._record(delivery, code, answer.error, "failed", "failed")
+                await self._record(delivery, code, error, "failed", "failed")
             elif next_at >= delivery.expires_at:
-                await self._record(delivery, code, answer.error, "expired", "expired")
+                await self._record(delivery, code, error, "expired", "expired")
             else:
-                await self._record(delivery, code, answer.error, "retry", "pending", next_at)
+                await self._record(delivery, code, error, "retry", "pending", next_at)
+
+    async def _send(
+        self, channel: ApprovalChannel, delivery: Delivery, body: dict[str, Any]
+    ) -> Sent:
+        """One send, cut off before the claim's lease can run out; a channel that raises
+        or hangs counts as worth another try."""
+        try:
+            return await asyncio.wait_for(channel.send(delivery, body), self.timeout * 2)
+        except TimeoutError:
+            return Sent(RETRY, None, f"{channel.name} send timed out after {self.timeout * 2:g}s")
+        except Exception as err:
+            log.exception("%s channel failed on delivery %s", channel.name, delivery.webhook_id)
+            return Sent(RETRY, None, f"{type(err).__name__}: {err}")
+
+    def _callback_url(self, request: ApprovalRequest) -> str | None:
+        public_url, secret = self._public_url(), self._secret()
+        return callback_url(public_url, secret, request) if public_url and secret else None
 
     async def _record(
         self,
@@ -179,27 +214,22 @@ class WebhookDelivery:
         next_at: datetime | None = None,
     ) -> None:
         attempt = DeliveryAttempt(self.clock.now(), code, error, outcome)
-        await self.store.record_attempt(delivery.id, attempt, status, next_at)
-
-    def _body(self, request: ApprovalRequest) -> str:
-        public_url, secret = self._public_url(), self._secret()
-        body = {
-            "type": "approval_request",
-            "requestId": request.request_id,
-            "executionId": request.execution_id,
-            "agentTag": request.agent_tag,
-            "tool": request.tool,
-            "parameters": request.parameters,
-            "timestamp": iso(request.timestamp),
-            "expiresAt": iso(request.timeout),
-            "callbackUrl": callback_url(public_url, secret, request)
-            if public_url and secret
-            else None,
-        }
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        if not await self.store.record_attempt(delivery.id, self.worker, attempt, status, next_at):
+            log.warning(
+                "delivery %s: taken over by another worker after its lease ran out;"
+                " this attempt (%s) is not recorded",
+                delivery.webhook_id,
+                outcome,
+            )
 
     async def aclose(self) -> None:
+        """Cancel the attempts running (each hands its delivery back), then close the
+        channels this relay was handed."""
         for task in list(self._running):
             task.cancel()
         await asyncio.gather(*self._running, return_exceptions=True)
-        await self._sender.aclose()
+        for channel in self.channels.values():
+            try:
+                await channel.aclose()
+            except Exception:
+                log.exception("closing the %s channel failed", channel.name)

@@ -1,11 +1,30 @@
-"""The engine: load, decide, commit, carry out, feed back.
+"""The engine: load, decide, commit, carry out, feed back — concurrently, under leases.
 
-Each event is one store commit holding the new state, the event and its
-commands (the transactional outbox). The engine then carries out the outbox
-commands it claimed (model calls, tool runs) and feeds their results back as
-events. Races between processes are settled by the store's version check:
-on `Conflict` the engine reloads and decides again, so a second decision for
-one request is refused by `decide()` itself, never by luck of timing.
+Theory of operation
+-------------------
+Each event is one store commit: the event, and the rows the pure core says its
+commands write (`core.rows.writes`), among them the units of work it queues (a
+model call, a tool run). A process that hosts the agent and has a free slot
+claims that work in the same commit, with a lease; the rest waits in the queue
+for any hosting process's pickup. Each claimed unit runs as its own task, at
+most `max_concurrency` at a time, so a slow tool or model call delays nothing
+but its own execution: timers and pickups never wait behind it.
+
+A holder renews its leases while it works (`renew_every`). A unit whose lease
+runs out is taken over by whoever claims it next, on any host: a model call is
+made again; a tool run is not (the handler may have run), the model is told its
+outcome is unknown, with the idempotency key. The result of a unit is recorded
+in the commit that completes it, guarded by (id, holder), so a holder that lost
+its lease cannot record over its successor.
+
+Every failure while carrying out claimed work becomes an event (`tool_failed`,
+`model_failed`) or a bounded retry with backoff; when even that cannot be
+recorded, the lease lapses and another worker, or a restart, takes over. So a
+live execution always has queued or leased work, a pending request, or rests.
+
+Races between processes are settled by the store's version check: on `Conflict`
+the engine reloads and decides again, so a second decision for one request is
+refused by `decide()` itself, never by luck of timing.
 
 The engine lives here, not in `core`, because it awaits ports; `core` stays
 pure and is all the engine decides with.
@@ -14,14 +33,18 @@ pure and is all the engine decides with.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
 import json
 import logging
-from collections.abc import Sequence
+import secrets
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
 from typing import Any
 
-import attrs
-
+from clearance.adapters.clock import SystemClock
 from clearance.core.commands import CallModel, RunTool
 from clearance.core.decide import decide
 from clearance.core.errors import ClearanceError, Refusal
@@ -38,19 +61,41 @@ from clearance.core.events import (
     ToolFailed,
     ToolFinished,
 )
-from clearance.core.execution import EXECUTING, PENDING, Execution
+from clearance.core.execution import EXECUTING, PENDING, RESTING, STOPPED, Execution, Usage
+from clearance.core.json_value import NotJSON, strict
+from clearance.core.rows import writes
 from clearance.definition import HostedAgent
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelCallError, ModelRequest
-from clearance.ports.store import Conflict, OutboxEntry, Store
+from clearance.ports.store import Claim, ClaimRequest, Conflict, LeaseLost, Store, Work
 from clearance.ports.tools import ToolContext
-from clearance.worker import is_orphaned
 
 log = logging.getLogger("clearance")
 
 SIGNALS = ("approve", "reject", "stop")
+DEFAULT_MAX_CONCURRENCY = 32
+DEFAULT_LEASE = 30.0  # seconds a claim lasts unless renewed
+DEFAULT_RENEW_EVERY = 10.0  # seconds between renewals while working
 _MAX_CONFLICTS = 100
+# Recording a result: attempts before the work is left to lapse, and the backoff.
+_RECORD_TRIES = 6
+_RECORD_BACKOFF = 0.05
+# A timer whose execution cannot be loaded is tried again this much later, so it
+# never holds up the timers due after it.
+TIMER_RETRY = timedelta(seconds=60)
+# How often a caller waiting for an execution to rest looks at the store, in case
+# the work was done by another process.
+_SETTLE_LOOK = 0.2
+
+
+def new_worker_id() -> str:
+    """A random name per process and instance: nothing about liveness is read from it."""
+    return f"w-{secrets.token_hex(8)}"
+
+
+class BrokenStep(ClearanceError):
+    """decide() raised something other than a refusal: a bug, or input it cannot hold."""
 
 
 class Engine:
@@ -60,13 +105,45 @@ class Engine:
         clock: Clock,
         ids: IdSource,
         worker: str,
-        agents: dict[str, HostedAgent],
+        agents: Mapping[str, HostedAgent],
+        *,
+        max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+        lease: float = DEFAULT_LEASE,
+        renew_every: float = DEFAULT_RENEW_EVERY,
+        lease_clock: Clock | None = None,
     ) -> None:
+        if max_concurrency < 1:
+            raise ClearanceError(f"max_concurrency must be 1 or more, got {max_concurrency}")
+        if not 0 < renew_every < lease:
+            raise ClearanceError(
+                f"renew_every ({renew_every} s) must be above 0 and below lease ({lease} s), "
+                "so a lease is renewed before it runs out"
+            )
         self.store = store
         self.clock = clock
         self.ids = ids
         self.worker = worker
         self.agents = agents
+        self.max_concurrency = max_concurrency
+        self.lease = timedelta(seconds=lease)
+        self.renew_every = renew_every
+        # Leases are about processes being alive, so they run on real time even when
+        # tests move the approval clock by hand.
+        self.lease_clock: Clock = lease_clock or SystemClock()
+        self._tasks: dict[int, asyncio.Task[None]] = {}  # work id -> the task doing it
+        self._held: dict[int, Claim] = {}
+        self._started_tools: set[int] = set()  # work ids whose handler was called
+        self._reserved = 0  # slots promised to a commit in flight
+        self._heart: asyncio.Task[None] | None = None
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._wake = asyncio.Event()
+        # Sync handlers run here, no more at once than the concurrency bound.
+        self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="clearance-tool")
+
+    @property
+    def free(self) -> int:
+        """Slots for work this process could start now."""
+        return self.max_concurrency - len(self._tasks) - self._reserved
 
     # -- entry points ---------------------------------------------------------------
 
@@ -78,8 +155,7 @@ class Engine:
         if not isinstance(input, str):
             raise ClearanceError(f"input must be a string, got {type(input).__name__}")
         event = Started(self.ids.execution_id(), input, self.clock.now(), session_id)
-        new, entries = await self._feed(Execution(agent=agent.spec), event)
-        return await self._drive(new, entries)
+        return await self.settle(await self._feed(Execution(agent=agent.spec), event))
 
     async def signal(
         self,
@@ -108,73 +184,126 @@ class Engine:
                 event = Approved(request_id, self.clock.now(), by, modified_params)
             else:
                 event = Rejected(request_id, self.clock.now(), by, reason)
-        new, entries = await self._feed(ex, event)
-        return await self._drive(new, entries)
+        return await self.settle(await self._feed(ex, event))
 
-    async def fire_due_timers(self, limit: int = 1000) -> int:
-        """Fire every approval timer due at the clock's now; how many timed a request out."""
-        fired = 0
+    async def settle(self, ex: Execution) -> Execution:
+        """`ex` once it rests (awaiting approval, or finished). Where this process does
+        not host the agent, `ex` as it is: the hosting process carries on."""
+        while ex.status not in RESTING and self._hosts(ex):
+            rested = asyncio.Event()
+            self._waiters.setdefault(ex.id, set()).add(rested)
+            try:
+                ex = await self._load(ex.id)
+                if ex.status in RESTING:
+                    break
+                # Work queued while every slot was busy, or no background loop runs:
+                # carry it out from here.
+                await self.pickup()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(rested.wait(), _SETTLE_LOOK)
+            finally:
+                waiting = self._waiters.get(ex.id)
+                if waiting is not None:
+                    waiting.discard(rested)
+                    if not waiting:
+                        del self._waiters[ex.id]
+            ex = await self._load(ex.id)
+        return ex
+
+    async def fire_due_timers(self, limit: int = 1000) -> list[Execution]:
+        """Fire every approval timer due at the clock's now; returns the executions that
+        timed a request out, as the firing left them (their work goes on in tasks)."""
+        fired: list[Execution] = []
         now = self.clock.now()
         while True:
             due = await self.store.due_timers(now, limit)
             for timer in due:
-                ex = await self.store.load(timer.execution_id)
-                if ex is None:
-                    await self.store.drop_timer(timer)
-                    continue
                 try:
-                    new, entries = await self._feed(ex, TimerFired(timer.request_id, now))
-                except Refusal:
-                    # Decided or cancelled in the meantime: the decision stands.
-                    await self.store.drop_timer(timer)
-                    continue
-                fired += 1
-                await self._drive(new, entries)
+                    ex = await self.store.load(timer.execution_id)
+                    if ex is None:
+                        await self.store.drop_timer(timer)
+                        continue
+                    at = max(now, timer.due_at)
+                    fired.append(await self._feed(ex, TimerFired(timer.request_id, at)))
+                except Refusal as refusal:
+                    request = ex.request(timer.request_id) if ex is not None else None
+                    if refusal.code == "not_due" and request is not None:
+                        await self.store.postpone_timer(timer, request.timeout)
+                    else:  # decided or cancelled in the meantime: that decision stands
+                        await self.store.drop_timer(timer)
+                except Exception:
+                    # One execution that cannot be loaded or moved must not hold up the
+                    # timers due after it.
+                    log.exception(
+                        "approval timer of request %s (execution %s) could not fire; "
+                        "trying again in %s",
+                        timer.request_id,
+                        timer.execution_id,
+                        TIMER_RETRY,
+                    )
+                    with contextlib.suppress(Exception):
+                        await self.store.postpone_timer(timer, now + TIMER_RETRY)
             if len(due) < limit:
                 return fired
 
-    async def pickup(self, limit: int = 100) -> int:
-        """Carry out commands queued by processes that do not host the agent (e.g. the CLI)."""
-        entries = await self.store.claim_queued(list(self.agents), self.worker, limit)
-        await self._drive_entries(entries)
-        return len(entries)
+    async def pickup(self) -> int:
+        """Claim what this process can start now: work queued by processes that do not
+        host the agent (the CLI, a reviewer's app), work queued while every slot was
+        busy, and work whose holder stopped renewing its lease."""
+        free = self.free
+        if free <= 0 or not self.agents:
+            return 0
+        now = self.lease_clock.now()
+        taken = await self.store.claim_work(
+            list(self.agents), self.worker, now, now + self.lease, free, skip=list(self._tasks)
+        )
+        for work in taken:
+            self._spawn(work)
+        return len(taken)
 
-    async def recover(self) -> int:
-        """Take over commands claimed by workers that died on this host.
+    async def drain(self) -> int:
+        """Carry out everything this process can claim now, and the work that follows
+        from it, until it holds nothing: how many units it claimed by pickup. For
+        processes without a background loop (scripts, tests)."""
+        claimed = 0
+        while True:
+            claimed += await self.pickup()
+            if not self._tasks:
+                return claimed
+            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
 
-        A model call is re-issued. A tool run is not: the handler may have run
-        before the crash, so the model is told the outcome is unknown (at most
-        once beats at least once for refunds and deletions).
-        """
-        taken = 0
-        for entry in await self.store.claimed_by_others(list(self.agents), self.worker):
-            assert entry.claimed_by is not None
-            if not is_orphaned(entry.claimed_by, self.worker):
-                continue
-            if not await self.store.reclaim(entry.id, entry.claimed_by, self.worker):
-                continue
-            taken += 1
-            ex = await self.store.load(entry.execution_id)
-            if ex is None:
-                await self.store.discard(entry.id)
-                continue
-            command = entry.command
-            if isinstance(command, RunTool):
-                event = ToolFailed(
-                    command.tool_use_id,
-                    f"the process running this tool stopped before it reported a result; "
-                    f"it was not run again, so it may or may not have taken effect "
-                    f"(idempotency key {command.idempotency_key})",
-                    self.clock.now(),
-                )
-                try:
-                    ex, more = await self._feed(ex, event, done=entry.id)
-                except Refusal:
-                    continue
-                await self._drive(ex, more)
-            else:
-                await self._drive(ex, [attrs.evolve(entry, claimed_by=self.worker)])
-        return taken
+    async def wait_for_work(self, seconds: float) -> None:
+        """Until another process may have queued work, a slot frees up, or `seconds`."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        woken = asyncio.ensure_future(self._wake.wait())
+        looked = asyncio.ensure_future(self.store.wait_for_work(seconds))
+        try:
+            await asyncio.wait({woken, looked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in (woken, looked):
+                waiting.cancel()
+            await asyncio.gather(woken, looked, return_exceptions=True)
+        self._wake.clear()
+
+    async def close(self) -> None:
+        """Stop carrying out work. Work not yet started goes back to the queue; a tool
+        that had started keeps its lease, which lapses, and its successor reports the
+        outcome unknown rather than run it again."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._heart is not None:
+            self._heart.cancel()
+            await asyncio.gather(self._heart, return_exceptions=True)
+        for work_id, claim in list(self._held.items()):
+            if work_id not in self._started_tools:
+                with contextlib.suppress(Exception):
+                    await self.store.release(claim)
+        self._held.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -192,87 +321,184 @@ class Engine:
         if request is None or request.status != PENDING or now < request.timeout:
             return ex
         try:
-            new, entries = await self._feed(ex, TimerFired(request_id, now))
+            # Rest first, so whoever sent the late decision finds the model told.
+            return await self.settle(await self._feed(ex, TimerFired(request_id, now)))
         except Refusal:
             return await self._load(ex.id)
-        return await self._drive(new, entries)
 
     def _hosts(self, ex: Execution) -> bool:
         return ex.agent_tag in self.agents
 
     async def _feed(
-        self, ex: Execution, event: Event, done: int | None = None
-    ) -> tuple[Execution, list[OutboxEntry]]:
+        self, ex: Execution, event: Event, done: Claim | None = None, handing_over: int = 0
+    ) -> Execution:
+        """Decide `event` and commit it; start the work it queues that we can claim.
+        `done`: the work whose result `event` is; `handing_over`: slots that work frees
+        as it ends, which its follow-up may take."""
         for _ in range(_MAX_CONFLICTS):
             try:
                 new, commands = decide(ex, event)
             except Refusal:
-                if done is not None:
-                    await self.store.discard(done)
                 raise
-            claim = self.worker if self._hosts(ex) else None
+            except Exception as err:
+                raise BrokenStep(
+                    f"execution {ex.id}: decide() failed on '{event.TAG}': "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            step = writes(new, event, commands)
+            n = 0
+            if step.work and self._hosts(ex):
+                n = max(0, min(len(step.work), self.free + handing_over))
+            claim = ClaimRequest(self.worker, self._lease_until(), n) if n else None
+            self._reserved += n
             try:
-                entries = await self.store.commit(
-                    new, event, commands, expected_seq=ex.seq, claimed_by=claim, done=done
-                )
+                queued = await self.store.commit(step, expected_seq=ex.seq, claim=claim, done=done)
             except Conflict:
                 if isinstance(event, Started):
                     raise
                 ex = await self._load(ex.id)
                 continue
-            return new, entries
+            finally:
+                self._reserved -= n
+            for work in queued:
+                if work.holder == self.worker:
+                    self._spawn(work)
+            if self._hosts(ex) and len(queued) > n:
+                self._wake.set()  # queued for want of a slot: pick it up when one frees
+            if new.status in RESTING:
+                for rested in self._waiters.get(new.id, ()):
+                    rested.set()
+            return new
         raise ClearanceError(f"execution {ex.id} kept changing under {_MAX_CONFLICTS} attempts")
 
-    async def _drive_entries(self, entries: Sequence[OutboxEntry]) -> None:
-        by_execution: dict[str, list[OutboxEntry]] = {}
-        for entry in entries:
-            by_execution.setdefault(entry.execution_id, []).append(entry)
-        for execution_id, mine in by_execution.items():
-            ex = await self.store.load(execution_id)
-            if ex is None:
-                for entry in mine:
-                    await self.store.discard(entry.id)
-                continue
-            await self._drive(ex, mine)
+    def _lease_until(self) -> datetime:
+        return self.lease_clock.now() + self.lease
 
-    async def _drive(self, ex: Execution, entries: Sequence[OutboxEntry]) -> Execution:
-        """Carry out our claimed commands until the execution rests or waits on others."""
-        queue = [e for e in entries if e.claimed_by == self.worker]
-        while queue:
-            entry = queue.pop(0)
-            event = await self._carry_out(ex, entry.command)
-            if event is None:
-                await self.store.discard(entry.id)
-                continue
+    def _spawn(self, work: Work) -> None:
+        self._held[work.id] = work.claim
+        task = asyncio.create_task(self._carry(work), name=f"clearance-work-{work.id}")
+        self._tasks[work.id] = task
+        task.add_done_callback(functools.partial(self._finished, work.id))
+        if self._heart is None or self._heart.done():
+            self._heart = asyncio.create_task(self._renew_leases(), name="clearance-leases")
+
+    def _finished(self, work_id: int, _: asyncio.Task[None]) -> None:
+        self._tasks.pop(work_id, None)
+        self._held.pop(work_id, None)
+        self._started_tools.discard(work_id)
+        self._wake.set()  # a slot is free
+
+    async def _renew_leases(self) -> None:
+        while self._held:
+            await asyncio.sleep(self.renew_every)
+            claims = list(self._held.values())
             try:
-                ex, more = await self._feed(ex, event, done=entry.id)
-            except Refusal as refusal:
-                if not (isinstance(event, ModelReplied) and refusal.code == "invalid_reply"):
-                    log.info("execution %s: result dropped: %s", ex.id, refusal)
-                    ex = await self._load(ex.id)
-                    continue
-                # A reply no tool_result can answer must fail the run, not strand it.
-                failed = ModelFailed(
-                    event.turn, f"the model's reply could not be used: {refusal}", event.at
-                )
-                ex, more = await self._feed(await self._load(ex.id), failed)
-            queue.extend(e for e in more if e.claimed_by == self.worker)
-        return ex
+                kept = set(await self.store.renew(claims, self._lease_until()))
+            except Exception:
+                log.exception("could not renew %d work leases; will try again", len(claims))
+                continue
+            for claim in claims:
+                if claim not in kept:
+                    log.warning(
+                        "work %s: lease lost (taken over after it ran out); its result "
+                        "will not be recorded by this worker",
+                        claim.id,
+                    )
 
-    async def _carry_out(self, ex: Execution, command: Any) -> Event | None:
+    async def _carry(self, work: Work) -> None:
+        """Carry out one unit of work and record its outcome."""
+        try:
+            ex = await self.store.load(work.execution_id)
+            event = None if ex is None else await self._outcome(ex, work)
+            if ex is None or event is None:
+                await self.store.complete(work.claim)
+                return
+            await self._record(ex, event, work.claim)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "work %s of execution %s could not be carried out; its lease will lapse "
+                "and another worker will take it over",
+                work.id,
+                work.execution_id,
+            )
+
+    async def _outcome(self, ex: Execution, work: Work) -> Event | None:
+        command = work.command
+        if isinstance(command, RunTool) and work.previous_holder is not None:
+            call = ex.call(command.tool_use_id)
+            if call is None or call.status != EXECUTING:
+                return None
+            # At most once beats at least once for refunds and deletions.
+            return ToolFailed(
+                command.tool_use_id,
+                "the worker running this tool stopped before it reported a result; it "
+                "was not run again, so it may or may not have taken effect "
+                f"(idempotency key {command.idempotency_key})",
+                self.clock.now(),
+            )
         agent = self.agents.get(ex.agent_tag)
-        if agent is None:
+        if agent is None:  # redefined away since it was claimed
             return None
         if isinstance(command, CallModel):
             if not ex.awaiting_model or command.turn != ex.model_turn:
                 return None
             return await self._call_model(agent, ex, command.turn)
-        if isinstance(command, RunTool):
-            call = ex.call(command.tool_use_id)
-            if call is None or call.status != EXECUTING:
-                return None
-            return await self._run_tool(agent, ex, command)
-        raise TypeError(f"not an outbox command: {command!r}")
+        call = ex.call(command.tool_use_id)
+        if call is None or call.status != EXECUTING:
+            return None
+        if ex.status == STOPPED:
+            return ToolFailed(
+                command.tool_use_id,
+                "not run: the execution was stopped before the tool started",
+                self.clock.now(),
+            )
+        self._started_tools.add(work.id)
+        return await self._run_tool(agent, ex, command)
+
+    async def _record(self, ex: Execution, event: Event, claim: Claim) -> None:
+        """Commit `event` as the result of the work `claim` holds: a refusal ends the
+        work, a broken step becomes a failure event, a store error is retried with
+        backoff; past that the lease lapses and another worker takes over."""
+        delay = _RECORD_BACKOFF
+        for attempt in range(_RECORD_TRIES):
+            try:
+                await self._feed(ex, event, done=claim, handing_over=1)
+                return
+            except Refusal as refusal:
+                if isinstance(event, ModelReplied) and refusal.code == "invalid_reply":
+                    # A reply no tool_result can answer must fail the run, not strand it.
+                    event = _failure(event, f"the model's reply could not be used: {refusal}")
+                    continue
+                log.info("execution %s: result dropped: %s", ex.id, refusal)
+                await self.store.complete(claim)
+                return
+            except LeaseLost as lost:
+                log.warning("execution %s: result not recorded: %s", ex.id, lost)
+                return
+            except BrokenStep as broken:
+                failed = _failure(event, str(broken))
+                if failed is event:
+                    raise
+                log.error("%s; recorded as a failure instead", broken)
+                event = failed
+                continue
+            except Exception as err:
+                if attempt == _RECORD_TRIES - 1:
+                    raise
+                log.warning(
+                    "execution %s: could not record '%s' (%s: %s); trying again in %.2f s",
+                    ex.id,
+                    event.TAG,
+                    type(err).__name__,
+                    err,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay *= 2
+                with contextlib.suppress(Exception):  # the next attempt says what is wrong
+                    ex = await self._load(ex.id)
 
     async def _call_model(self, agent: HostedAgent, ex: Execution, turn: int) -> Event:
         request = ModelRequest(
@@ -292,13 +518,20 @@ class Engine:
             log.warning("execution %s: model call failed: %s", ex.id, err)
             cause = str(err) if isinstance(err, ModelCallError) else f"{type(err).__name__}: {err}"
             return ModelFailed(turn, f"model call failed: {cause}", self.clock.now())
+        try:
+            content, stop_reason, usage = _reply_parts(reply)
+        except ValueError as err:
+            log.warning("execution %s: unusable model reply: %s", ex.id, err)
+            return ModelFailed(
+                turn, f"the model's reply could not be used: {err}", self.clock.now()
+            )
         tickets = []
-        for block in reply.content:
-            if block.get("type") == "tool_use":
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_use":
                 params = block.get("input")
                 name = str(block.get("name", ""))
                 try:
-                    reason = agent.reason(name, params if isinstance(params, dict) else {})
+                    reason = str(agent.reason(name, params if isinstance(params, dict) else {}))
                 except Exception as err:
                     reason = (
                         f"Calling '{name}' requires approval ({type(err).__name__} in "
@@ -307,10 +540,10 @@ class Engine:
                 tickets.append(Ticket(str(block.get("id", "")), self.ids.request_id(), reason))
         return ModelReplied(
             turn=turn,
-            content=tuple(reply.content),
-            stop_reason=reply.stop_reason,
+            content=tuple(content),
+            stop_reason=stop_reason,
             at=self.clock.now(),
-            usage=reply.usage,
+            usage=usage,
             tickets=tuple(tickets),
         )
 
@@ -338,18 +571,61 @@ class Engine:
             if inspect.iscoroutinefunction(handler):
                 result = await handler(ctx, params)
             else:
-                result = await asyncio.to_thread(handler, ctx, params)
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(
+                    self._executor, functools.partial(handler, ctx, params)
+                )
                 if inspect.isawaitable(result):
                     result = await result
         except Exception as err:
+            log.warning(
+                "execution %s: tool '%s' (tool_use %s, request %s) raised %s: %s",
+                ex.id,
+                command.tool,
+                command.tool_use_id,
+                command.request_id,
+                type(err).__name__,
+                err,
+            )
             return ToolFailed(command.tool_use_id, f"{type(err).__name__}: {err}", self.clock.now())
-        return ToolFinished(command.tool_use_id, _json_ready(result), self.clock.now())
+        try:
+            # Anything without a JSON spelling (a datetime, a Decimal) becomes its text.
+            output = strict(result, f"the result of tool '{command.tool}'", default=str)
+        except NotJSON as err:
+            log.warning("execution %s: %s", ex.id, err)
+            return ToolFailed(
+                command.tool_use_id,
+                f"it ran, but its result cannot be recorded ({err}); do not assume it "
+                "had no effect",
+                self.clock.now(),
+            )
+        return ToolFinished(command.tool_use_id, output, self.clock.now())
 
 
-def _json_ready(value: Any) -> Any:
-    """Tool results are stored and sent to the model as JSON; anything else becomes text."""
+def _failure(event: Event, error: str) -> Event:
+    """The failure event standing for a result that cannot be recorded as it is."""
+    if isinstance(event, ModelReplied):
+        return ModelFailed(event.turn, error, event.at)
+    if isinstance(event, ToolFinished):
+        return ToolFailed(event.tool_use_id, error, event.at)
+    return event
+
+
+def _reply_parts(reply: Any) -> tuple[list[Any], str, Usage]:
+    """A model port's reply as the log can hold it, or ValueError saying why not."""
+    content = getattr(reply, "content", None)
+    if not isinstance(content, list | tuple):
+        raise ValueError(f"its content is {type(content).__name__}, not a list of content blocks")
     try:
-        json.dumps(value)
-        return value
-    except (TypeError, ValueError):
-        return json.loads(json.dumps(value, default=str))
+        # Tuples become lists here, so the live state and its replay from the log agree;
+        # NaN and lone surrogates survive for decide() to refuse by name.
+        content = json.loads(json.dumps(list(content), ensure_ascii=True))
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"its content is not JSON ({type(err).__name__}: {err})") from None
+    stop_reason = getattr(reply, "stop_reason", None)
+    if not isinstance(stop_reason, str):
+        raise ValueError(f"its stop_reason is {stop_reason!r}, not a string")
+    usage = getattr(reply, "usage", None)
+    if not isinstance(usage, Usage):
+        usage = Usage()
+    return content, stop_reason, usage

@@ -3,6 +3,17 @@
 No clock, no ids, no I/O: everything arrives in the event, everything to do
 leaves as a command. An event that does not fit raises `Refusal` and changes
 nothing; the engine turns it into a `ClearanceError` for whoever sent it.
+`decide()` raises nothing else, whatever the event holds.
+
+Only plain JSON reaches the state (json_value.strict), so a live state equals
+the one replaying its log gives. What people send (a start's input, a
+decision's `by`, `reason` and `modified_params`, a stop's) is refused when JSON
+or UTF-8 cannot carry it. What already happened is recorded: a model's tool
+input JSON cannot carry becomes an is_error tool result (as invalid parameters
+do), text UTF-8 cannot encode in a tool's outcome or a model failure is spelled
+out as escapes. A model reply that is not content blocks at all, or carries
+what JSON cannot outside tool input, is refused as `invalid_reply`, which the
+engine turns into a failed execution.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from clearance.core.commands import (
     RunTool,
     StartTimer,
 )
-from clearance.core.errors import Refusal
+from clearance.core.errors import InvalidParameters, Refusal, RefusalCode
 from clearance.core.events import (
     Approved,
     Event,
@@ -35,11 +46,13 @@ from clearance.core.events import (
     Rejected,
     Started,
     StopRequested,
+    Ticket,
     TimerFired,
     ToolFailed,
     ToolFinished,
 )
 from clearance.core.execution import (
+    ANSWERED,
     APPROVED,
     AWAITING,
     AWAITING_APPROVAL,
@@ -62,8 +75,19 @@ from clearance.core.execution import (
     Usage,
     iso,
 )
-from clearance.core.machine import EXECUTION_ACCEPTS, EXECUTION_MOVES, REQUEST_MOVES
-from clearance.core.schema import check, problems, with_defaults
+from clearance.core.json_value import NotJSON, check_text, strict
+from clearance.core.machine import CALL_MOVES, EXECUTION_ACCEPTS, EXECUTION_MOVES, REQUEST_MOVES
+from clearance.core.schema import check, declared_parameters, problems, with_defaults
+
+# The version of decide()'s behaviour, recorded with the logs it folds. Version 1 logs are
+# those written before version 2 (which gave a tool call its own table: "running" became
+# "executing", a rejected / timed-out / cancelled call keeps that status instead of
+# "done", a stop cancels queued and awaiting calls, and a stopped execution records the
+# outcome of a tool it was running; core.wire reads a version 1 state as version 2 would
+# have made it). Replaying a log stored by any version must give the state it had when
+# it was written: a change to decide() that would fold a stored log differently bumps
+# this version and keeps the old behaviour for the old logs.
+DECIDE_VERSION = 2
 
 
 class Changes(TypedDict, total=False):
@@ -101,12 +125,20 @@ UNFINISHED = {
 
 
 def decide(execution: Execution, event: Event) -> tuple[Execution, tuple[Command, ...]]:
+    step = _STEPS.get(type(event))
+    if step is None:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"not an event: {type(event).__name__}; accepted: "
+            + ", ".join(t.__name__ for t in _STEPS),
+        )
+    _check_at(event)
     source = execution.status
     if isinstance(event, Approved | Rejected | TimerFired):
         _check_request_open(execution, event.request_id)
     if (event.TAG, source) not in EXECUTION_ACCEPTS:
-        raise Refusal("wrong_state", _wrong_state(execution, event))
-    changes, commands = _STEPS[type(event)](execution, event)
+        raise Refusal(RefusalCode.WRONG_STATE, _wrong_state(execution, event))
+    changes, commands = step(execution, event)
     dest = changes.get("status", source)
     if (event.TAG, source, dest) not in EXECUTION_MOVES:
         raise RuntimeError(
@@ -115,6 +147,49 @@ def decide(execution: Execution, event: Event) -> tuple[Execution, tuple[Command
         )
     new = attrs.evolve(execution, **changes, seq=execution.seq + 1, updated_at=event.at)
     return new, tuple(commands)
+
+
+def _check_at(event: Event) -> None:
+    at = event.at
+    if not isinstance(at, datetime) or at.utcoffset() is None:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"a '{event.TAG}' event needs 'at', a timezone-aware datetime; got {at!r}",
+        )
+
+
+# -- the text and data events carry ------------------------------------------------------------
+
+
+def _sent_text(value: Any, what: str, *, optional: bool = True) -> Any:
+    """Text people sent (an input, a `by`, a reason): valid Unicode, or Refusal."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        accepted = "text or null" if optional else "text"
+        raise Refusal(
+            RefusalCode.INVALID_EVENT, f"{what} must be {accepted}, got {type(value).__name__}"
+        )
+    try:
+        return check_text(value, what)
+    except NotJSON as err:
+        raise Refusal(RefusalCode.INVALID_EVENT, str(err)) from None
+
+
+def _visible(text: str) -> str:
+    """Text that happened (a tool's output, an error): what UTF-8 cannot encode (lone
+    surrogates) is spelled out as a backslash escape, as `ascii()` would."""
+    try:
+        text.encode("utf-8")
+        return str(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _outcome_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise Refusal(RefusalCode.INVALID_EVENT, f"{what} must be text, got {type(value).__name__}")
+    return _visible(value)
 
 
 def _wrong_state(ex: Execution, event: Event) -> str:
@@ -132,15 +207,18 @@ def _wrong_state(ex: Execution, event: Event) -> str:
 
 
 def _started(ex: Execution, ev: Started) -> Step:
-    if not ev.execution_id:
-        raise Refusal("invalid_event", "a started event needs a non-empty execution_id")
+    if not isinstance(ev.execution_id, str) or not ev.execution_id:
+        raise Refusal(RefusalCode.INVALID_EVENT, "a started event needs a non-empty execution_id")
+    execution_id = _sent_text(ev.execution_id, "started.execution_id", optional=False)
+    text = _sent_text(ev.input, "started.input", optional=False)
+    session_id = _sent_text(ev.session_id, "started.session_id")
     changes = Changes(
-        id=ev.execution_id,
-        input=ev.input,
-        session_id=ev.session_id,
+        id=execution_id,
+        input=text,
+        session_id=session_id,
         created_at=ev.at,
         status=RUNNING,
-        messages=({"role": "user", "content": ev.input},),
+        messages=({"role": "user", "content": text},),
         model_turn=1,
         awaiting_model=True,
     )
@@ -151,24 +229,84 @@ def _check_turn(ex: Execution, turn: int) -> None:
     if not ex.awaiting_model or turn != ex.model_turn:
         waiting = f"turn {ex.model_turn}" if ex.awaiting_model else "no model call"
         raise Refusal(
-            "stale_model_reply",
+            RefusalCode.STALE_MODEL_REPLY,
             f"execution {ex.id} is waiting for {waiting}, not for model turn {turn}; "
             "this reply is stale and was ignored",
         )
 
 
+def _invalid_reply(message: str) -> Refusal:
+    return Refusal(RefusalCode.INVALID_REPLY, f"the model's reply cannot be used: {message}")
+
+
+def _reply_content(content: Any) -> tuple[list[dict[str, Any]], dict[int, str]]:
+    """The reply's content blocks as plain JSON, and for each tool_use block (by index)
+    whose input JSON cannot carry, why: that input is stored as {} and the call answered
+    with an error, as for invalid parameters."""
+    if not isinstance(content, list | tuple):
+        raise _invalid_reply(
+            f"its content must be a list of content blocks, got {type(content).__name__}"
+        )
+    blocks: list[dict[str, Any]] = []
+    unusable: dict[int, str] = {}
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            kind = type(block).__name__
+            raise _invalid_reply(
+                f"content[{i}] is not a content block (a dict with a string 'type'), got "
+                + (f"a {kind}" if not isinstance(block, dict) else "a dict without one")
+            )
+        try:
+            if block["type"] == "tool_use" and "input" in block:
+                plain = strict({**block, "input": None}, f"content[{i}]")
+                try:
+                    plain["input"] = strict(block["input"], "input")
+                except NotJSON as err:
+                    unusable[i] = str(err)
+                    plain["input"] = {}
+            else:
+                plain = strict(block, f"content[{i}]")
+        except NotJSON as err:
+            raise _invalid_reply(str(err)) from None
+        blocks.append(plain)
+    return blocks, unusable
+
+
+def _check_reply(ev: ModelReplied) -> None:
+    if not isinstance(ev.stop_reason, str):
+        raise _invalid_reply(f"its stop_reason must be text, got {type(ev.stop_reason).__name__}")
+    try:
+        check_text(ev.stop_reason, "its stop_reason")
+    except NotJSON as err:
+        raise _invalid_reply(str(err)) from None
+    usage = ev.usage
+    if not (
+        isinstance(usage, Usage)
+        and type(usage.input_tokens) is int
+        and type(usage.output_tokens) is int
+    ):
+        raise _invalid_reply("its usage must be whole numbers of input and output tokens")
+    if not isinstance(ev.tickets, tuple | list) or not all(
+        isinstance(t, Ticket) for t in ev.tickets
+    ):
+        raise Refusal(
+            RefusalCode.INVALID_EVENT, "a model_replied event's tickets must be Ticket objects"
+        )
+
+
 def _model_replied(ex: Execution, ev: ModelReplied) -> Step:
     _check_turn(ex, ev.turn)
-    content = [dict(block) for block in ev.content]
+    content, unusable = _reply_content(ev.content)
+    _check_reply(ev)
     changes = Changes(
         messages=(*ex.messages, {"role": "assistant", "content": content}),
         usage=ex.usage + ev.usage,
         stop_reason=ev.stop_reason,
         awaiting_model=False,
     )
-    uses = [b for b in content if b.get("type") == "tool_use"]
+    uses = [(i, b) for i, b in enumerate(content) if b["type"] == "tool_use"]
     if not uses:
-        output = "".join(str(b.get("text", "")) for b in content if b.get("type") == "text")
+        output = "".join(str(b.get("text", "")) for b in content if b["type"] == "text")
         changes["output"] = output
         unfinished = UNFINISHED.get(ev.stop_reason)
         if unfinished is not None:
@@ -177,76 +315,117 @@ def _model_replied(ex: Execution, ev: ModelReplied) -> Step:
             return changes, [Finish(FAILED, output, unfinished)]
         changes["status"] = COMPLETED
         return changes, [Finish(COMPLETED, output)]
-    ids = [str(b.get("id", "")) for b in uses]
+    ids = [str(b.get("id", "")) for _, b in uses]
     if len(set(ids)) != len(ids) or "" in ids:
-        raise Refusal("invalid_reply", f"model reply has missing or repeated tool_use ids: {ids}")
-    tickets = {t.tool_use_id: t for t in ev.tickets}
-    calls: list[ToolCall] = []
-    for block in uses:
-        tool_use_id, name, params = str(block["id"]), str(block.get("name", "")), block.get("input")
-        tool = ex.agent.tool(name)
-        if tool is None:
-            calls.append(
-                _done_call(
-                    tool_use_id,
-                    name,
-                    params,
-                    _error(
-                        "unknown_tool",
-                        f"No tool named '{name}'. Available tools: {ex.agent.tool_names()}.",
-                    ),
-                )
-            )
-            continue
+        raise Refusal(
+            RefusalCode.INVALID_REPLY, f"model reply has missing or repeated tool_use ids: {ids}"
+        )
+    tickets = {t.tool_use_id: t for t in ev.tickets if isinstance(t.tool_use_id, str)}
+    calls = [_new_call(ex, str(b["id"]), b, unusable.get(i), tickets) for i, b in uses]
+    return _advance(ex, ev, calls, changes, [])
+
+
+def _new_call(
+    ex: Execution,
+    tool_use_id: str,
+    block: dict[str, Any],
+    unusable: str | None,
+    tickets: dict[str, Ticket],
+) -> ToolCall:
+    """The call for one tool_use: queued, or answered at once when it cannot be carried
+    out (queued -> done, in this same step)."""
+    name, params = str(block.get("name", "")), block.get("input")
+    call = ToolCall(tool_use_id=tool_use_id, tool=name, parameters={}, status=QUEUED)
+    tool = ex.agent.tool(name)
+    if tool is None:
+        return _answer(
+            call,
+            params,
+            _error(
+                "unknown_tool",
+                f"No tool named '{name}'. Available tools: {ex.agent.tool_names()}.",
+            ),
+        )
+    if unusable is not None:
+        return _answer(call, {}, _invalid_parameters(name, [unusable]))
+    try:
         params = with_defaults(tool.input_schema, params) if isinstance(params, dict) else params
         found = problems(tool.input_schema, params)
-        if found:
-            calls.append(
-                _done_call(
-                    tool_use_id,
-                    name,
-                    params,
-                    _error(
-                        "invalid_parameters",
-                        f"Invalid parameters for '{name}': {'; '.join(found)}. "
-                        "Fix them and call the tool again.",
-                        problems=found,
-                    ),
-                )
-            )
-            continue
-        assert isinstance(params, dict)  # the schema's "type": "object" held
-        ticket = tickets.get(tool_use_id)
-        if tool.gated and ticket is None:
-            raise Refusal("invalid_event", f"gated tool_use {tool_use_id} arrived without a ticket")
-        calls.append(
-            ToolCall(
-                tool_use_id=tool_use_id,
-                tool=name,
-                parameters=params,
-                status=QUEUED,
-                gated=tool.gated,
-                request_id=ticket.request_id if ticket else "",
-                reason=ticket.reason if ticket else "",
-            )
+    except Exception as err:  # the schema, not the parameters: e.g. a $ref that does not resolve
+        return _answer(call, params, _schema_error(name, err))
+    if found:
+        return _answer(call, params, _invalid_parameters(name, found))
+    assert isinstance(params, dict)  # the schema's "type": "object" held
+    ticket = tickets.get(tool_use_id)
+    if tool.gated and ticket is None:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT, f"gated tool_use {tool_use_id} arrived without a ticket"
         )
-    return _advance(ex, ev, calls, changes, [])
+    request_id = reason = ""
+    if ticket is not None:  # the engine makes one for every tool_use, gated or not
+        request_id = _ticket_text(ticket.request_id, tool_use_id, "request_id")
+        reason = _ticket_text(ticket.reason, tool_use_id, "reason")
+    if tool.gated and not request_id:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"the ticket for tool_use {tool_use_id} has no request_id",
+        )
+    return attrs.evolve(
+        call,
+        parameters=params,
+        gated=tool.gated,
+        request_id=request_id,
+        reason=reason,
+    )
+
+
+def _ticket_text(value: Any, tool_use_id: str, what: str) -> str:
+    if not isinstance(value, str):
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"the ticket for tool_use {tool_use_id} has a {what} of type {type(value).__name__}",
+        )
+    return _visible(value)
+
+
+def _invalid_parameters(name: str, found: list[str]) -> ToolResult:
+    return _error(
+        "invalid_parameters",
+        f"Invalid parameters for '{name}': {'; '.join(found)}. Fix them and call the tool again.",
+        problems=found,
+    )
+
+
+def _schema_error(name: str, err: Exception) -> ToolResult:
+    detail = _visible(f"{type(err).__name__}: {err}")
+    if len(detail) > 300:
+        detail = detail[:300] + "..."
+    return _error(
+        "invalid_tool_schema",
+        f"Tool '{name}' cannot be called: its parameter schema could not be evaluated "
+        f"({detail}). The tool did not run.",
+    )
 
 
 def _model_failed(ex: Execution, ev: ModelFailed) -> Step:
     _check_turn(ex, ev.turn)
-    changes = Changes(status=FAILED, error=ev.error, awaiting_model=False)
-    return changes, [Finish(FAILED, error=ev.error)]
+    error = _outcome_text(ev.error, "model_failed.error")
+    changes = Changes(status=FAILED, error=error, awaiting_model=False)
+    return changes, [Finish(FAILED, error=error)]
 
 
-def _done_call(tool_use_id: str, name: str, params: Any, result: ToolResult) -> ToolCall:
-    return ToolCall(
-        tool_use_id=tool_use_id,
-        tool=name,
-        parameters=params if isinstance(params, dict) else {"input": params},
-        status=DONE,
-        result=result,
-    )
+def _move(call: ToolCall, action: str, status: str, **changes: Any) -> ToolCall:
+    """`call` moved to `status` by `action`, which CALL_TABLE must allow."""
+    if (action, call.status, status) not in CALL_MOVES:
+        raise RuntimeError(
+            f"bug: tool call {call.tool_use_id} cannot {action} from {call.status} to {status}"
+        )
+    return attrs.evolve(call, status=status, **changes)
+
+
+def _answer(call: ToolCall, params: Any, result: ToolResult) -> ToolCall:
+    parameters = params if isinstance(params, dict) else {"input": params}
+    return _move(call, "answer", DONE, parameters=parameters, result=result)
 
 
 def _error(code: str, message: str, **extra: Any) -> ToolResult:
@@ -269,11 +448,15 @@ def _advance(
     parallel = ex.agent.approval_order == PARALLEL
     requests = list(changes.get("requests", ex.requests))
     for i, call in enumerate(calls):
-        if call.status == DONE:
+        if call.status in ANSWERED:
             continue
         if call.status == QUEUED:
             tool = _tool(ex, call.tool)
             if call.gated:
+                timeout = _deadline(ev.at, tool.approval_timeout_ms)
+                if timeout is None:
+                    calls[i] = _answer(call, call.parameters, _deadline_error(ev, tool))
+                    continue
                 request = ApprovalRequest(
                     request_id=call.request_id,
                     execution_id=ex.id,
@@ -283,17 +466,17 @@ def _advance(
                     parameters=call.parameters,
                     reason=call.reason,
                     timestamp=ev.at,
-                    timeout=ev.at + timedelta(milliseconds=tool.approval_timeout_ms),
+                    timeout=timeout,
                     timeout_ms=tool.approval_timeout_ms,
                 )
                 requests.append(request)
-                calls[i] = attrs.evolve(call, status=AWAITING)
+                calls[i] = _move(call, "gate", AWAITING)
                 commands += [
                     PublishApprovalRequest(request),
                     StartTimer(request.request_id, request.timeout),
                 ]
             else:
-                calls[i] = attrs.evolve(call, status=EXECUTING)
+                calls[i] = _move(call, "run", EXECUTING)
                 commands.append(
                     RunTool(
                         tool_use_id=call.tool_use_id,
@@ -305,11 +488,30 @@ def _advance(
         if not parallel:
             break
     changes["requests"] = tuple(requests)
-    if all(c.status == DONE for c in calls):
+    if all(c.status in ANSWERED for c in calls):
         return _next_turn(ex, calls, changes, commands)
     busy = any(c.status == EXECUTING for c in calls)
     changes["calls"], changes["status"] = tuple(calls), RUNNING if busy else AWAITING_APPROVAL
     return changes, commands
+
+
+def _deadline(at: datetime, ms: Any) -> datetime | None:
+    """When an approval opened at `at` expires; None when no datetime can say it."""
+    if isinstance(ms, bool) or not isinstance(ms, int):
+        return None
+    try:
+        return at + timedelta(milliseconds=ms)
+    except OverflowError:
+        return None
+
+
+def _deadline_error(ev: Event, tool: ToolSpec) -> ToolResult:
+    return _error(
+        "invalid_approval_timeout",
+        f"Tool '{tool.tag}' cannot be called: its approval deadline cannot be computed "
+        f"(approval_timeout_ms={tool.approval_timeout_ms!r} from {iso(ev.at)}). "
+        "The tool did not run.",
+    )
 
 
 def _next_turn(
@@ -346,9 +548,11 @@ def _tool(ex: Execution, tag: str) -> ToolSpec:
     return tool
 
 
-def _finish_call(ex: Execution, tool_use_id: str, result: ToolResult) -> list[ToolCall]:
+def _settle_call(
+    ex: Execution, tool_use_id: str, action: str, status: str, result: ToolResult
+) -> list[ToolCall]:
     return [
-        attrs.evolve(c, status=DONE, result=result) if c.tool_use_id == tool_use_id else c
+        _move(c, action, status, result=result) if c.tool_use_id == tool_use_id else c
         for c in ex.calls
     ]
 
@@ -358,26 +562,51 @@ def _tool_done(ex: Execution, ev: ToolFinished | ToolFailed) -> Step:
     if call is None or call.status != EXECUTING:
         state = "unknown" if call is None else call.status
         raise Refusal(
-            "stale_tool_result",
+            RefusalCode.STALE_TOOL_RESULT,
             f"execution {ex.id} is not running tool_use {ev.tool_use_id} (it is {state}); "
             "this result was ignored",
         )
     if isinstance(ev, ToolFailed):
-        result = _error("tool_failed", f"Tool '{call.tool}' failed: {ev.error}")
+        error = _outcome_text(ev.error, "tool_failed.error")
+        result = _error("tool_failed", f"Tool '{call.tool}' failed: {error}")
     else:
-        output = ev.output if isinstance(ev.output, str) else json.dumps(ev.output)
-        request = ex.request(call.request_id) if call.request_id else None
-        if request is not None and request.modified_params is not None:
-            # The model must know it did not get exactly what it asked for.
-            note = (
-                "A human approved this call with modified parameters: "
-                f"{json.dumps(request.modified_params)}. It ran with "
-                f"{json.dumps(call.parameters)}."
-            )
-            result = ToolResult([{"type": "text", "text": note}, {"type": "text", "text": output}])
-        else:
-            result = ToolResult(output)
-    return _advance(ex, ev, _finish_call(ex, ev.tool_use_id, result), Changes(), [])
+        result = _tool_result(ex, call, ev.output)
+    calls = _settle_call(ex, ev.tool_use_id, "finish", DONE, result)
+    if ex.status == STOPPED:
+        # The tool was running when the execution stopped: its outcome is kept, and
+        # nothing follows (no model turn, no other call starts).
+        return Changes(calls=tuple(calls)), []
+    return _advance(ex, ev, calls, Changes(), [])
+
+
+def _tool_result(ex: Execution, call: ToolCall, output: Any) -> ToolResult:
+    try:
+        text = _visible(output) if isinstance(output, str) else _dumps(output)
+    except Exception as err:  # a handler's result that no JSON spells: tell the model
+        return _error(
+            "unreadable_tool_result",
+            f"Tool '{call.tool}' ran, but its result cannot be sent as JSON "
+            f"({type(err).__name__}: {_visible(str(err))}).",
+        )
+    request = ex.request(call.request_id) if call.request_id else None
+    if request is not None and request.modified_params is not None:
+        # The model must know it did not get exactly what it asked for.
+        note = (
+            "A human approved this call with modified parameters: "
+            f"{json.dumps(request.modified_params)}. It ran with "
+            f"{json.dumps(call.parameters)}."
+        )
+        return ToolResult([{"type": "text", "text": note}, {"type": "text", "text": text}])
+    return ToolResult(text)
+
+
+def _dumps(output: Any) -> str:
+    """A tool's output as JSON text (ASCII: any escape is spelled out); a value of another
+    type by its text, as the engine makes it (a datetime becomes its isoformat)."""
+    try:
+        return json.dumps(output)
+    except TypeError:
+        return json.dumps(output, default=str)
 
 
 # -- decisions ---------------------------------------------------------------------
@@ -388,11 +617,11 @@ def _check_request_open(ex: Execution, request_id: str) -> ApprovalRequest:
     if request is None:
         known = ", ".join(r.request_id for r in ex.requests) or "none"
         raise Refusal(
-            "unknown_request",
+            RefusalCode.UNKNOWN_REQUEST,
             f"execution {ex.id} has no approval request '{request_id}' (its requests: {known})",
         )
     if request.status != PENDING:
-        raise Refusal("already_decided", standing_decision(request))
+        raise Refusal(RefusalCode.ALREADY_DECIDED, standing_decision(request))
     return request
 
 
@@ -448,50 +677,83 @@ def _decide_request(
 def _check_not_expired(request: ApprovalRequest, ev: Approved | Rejected) -> None:
     if ev.at >= request.timeout:
         raise Refusal(
-            "expired",
+            RefusalCode.EXPIRED,
             f"approval request {request.request_id} expired at {iso(request.timeout)}; "
             "it is auto-rejected as timed out and can no longer be decided",
         )
 
 
+def _modified_params(ex: Execution, request: ApprovalRequest, modified: Any) -> dict[str, Any]:
+    """A reviewer's changes as plain JSON, to parameters the tool takes: they may change
+    what the model proposed, or set a parameter the tool declares that the model left
+    out, never add an argument (even where the tool's schema would let one through)."""
+    if not isinstance(modified, dict):
+        raise Refusal(
+            RefusalCode.INVALID_PARAMETERS,
+            f"modified_params must be a dict of parameter -> value, got {type(modified).__name__}",
+        )
+    try:
+        plain: dict[str, Any] = strict(modified, "modified_params")
+    except NotJSON as err:
+        raise InvalidParameters(request.tool, [str(err)]) from None
+    tool = _tool(ex, request.tool)
+    declared = declared_parameters(tool.input_schema)
+    known = [*declared, *(k for k in request.parameters if k not in declared)]
+    added = [k for k in plain if k not in known]
+    if added:
+        raise InvalidParameters(
+            request.tool,
+            [
+                f"{', '.join(map(repr, added))} {'is' if len(added) == 1 else 'are'} not "
+                f"among the tool's parameters ({', '.join(known) or 'none'}); a reviewer may "
+                "change what the model proposed, not add new arguments"
+            ],
+        )
+    return plain
+
+
 def _approved(ex: Execution, ev: Approved) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
-    params = request.parameters
+    by = _sent_text(ev.by, "approved.by")
+    params, modified = request.parameters, None
     if ev.modified_params is not None:
-        if not isinstance(ev.modified_params, dict):
-            raise Refusal(
-                "invalid_parameters",
-                "modified_params must be a dict of "
-                f"parameter -> value, got {type(ev.modified_params).__name__}",
-            )
-        params = {**request.parameters, **ev.modified_params}
-        check(request.tool, _tool(ex, request.tool).input_schema, params)
+        modified = _modified_params(ex, request, ev.modified_params)
+        params = {**request.parameters, **modified}
+        try:
+            check(request.tool, _tool(ex, request.tool).input_schema, params)
+        except InvalidParameters:
+            raise
+        except Exception as err:  # the schema, not the parameters
+            raise InvalidParameters(
+                request.tool,
+                [f"the tool's parameter schema could not be evaluated ({type(err).__name__})"],
+            ) from None
     requests = _decide_request(
         ex.requests,
         request,
         "approve",
         status=APPROVED,
-        decided_by=ev.by,
+        decided_by=by,
         decided_at=ev.at,
-        modified_params=ev.modified_params,
+        modified_params=modified,
     )
     calls = [
-        attrs.evolve(c, status=EXECUTING, parameters=params, approved_by=ev.by)
+        _move(c, "approve", EXECUTING, parameters=params, approved_by=by)
         if c.tool_use_id == request.tool_use_id
         else c
         for c in ex.calls
     ]
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, APPROVED, ev.at, by=ev.by, modified=ev.modified_params),
+        _decision_record(ex, request, APPROVED, ev.at, by=by, modified=modified),
         RunTool(
             tool_use_id=request.tool_use_id,
             tool=request.tool,
             parameters=params,
             idempotency_key=request.request_id,
             request_id=request.request_id,
-            approved_by=ev.by,
+            approved_by=by,
         ),
     ]
     return _advance(ex, ev, calls, Changes(requests=requests), commands)
@@ -500,28 +762,30 @@ def _approved(ex: Execution, ev: Approved) -> Step:
 def _rejected(ex: Execution, ev: Rejected) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
+    by = _sent_text(ev.by, "rejected.by")
+    reason = _sent_text(ev.reason, "rejected.reason")
     requests = _decide_request(
         ex.requests,
         request,
         "reject",
         status=REJECTED,
-        decided_by=ev.by,
+        decided_by=by,
         decided_at=ev.at,
-        rejection_reason=ev.reason,
+        rejection_reason=reason,
     )
-    because = f": {ev.reason.rstrip('.')}" if ev.reason else ""
+    because = f": {reason.rstrip('.')}" if reason else ""
     result = _error(
         "approval_rejected",
         f"A human rejected the call to '{request.tool}'{because}. The tool did not run.",
-        reason=ev.reason,
+        reason=reason,
         tool=request.tool,
         parameters=request.parameters,
     )
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, REJECTED, ev.at, by=ev.by, reason=ev.reason),
+        _decision_record(ex, request, REJECTED, ev.at, by=by, reason=reason),
     ]
-    calls = _finish_call(ex, request.tool_use_id, result)
+    calls = _settle_call(ex, request.tool_use_id, "reject", REJECTED, result)
     return _advance(ex, ev, calls, Changes(requests=requests), commands)
 
 
@@ -538,7 +802,7 @@ def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
     request = _check_request_open(ex, ev.request_id)
     if ev.at < request.timeout:
         raise Refusal(
-            "not_due",
+            RefusalCode.NOT_DUE,
             f"approval request {request.request_id} is not due until "
             f"{iso(request.timeout)} (timer fired at {iso(ev.at)})",
         )
@@ -559,11 +823,13 @@ def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
         CancelTimer(request.request_id),
         _decision_record(ex, request, TIMED_OUT, ev.at, reason=message),
     ]
-    calls = _finish_call(ex, request.tool_use_id, result)
+    calls = _settle_call(ex, request.tool_use_id, "time_out", TIMED_OUT, result)
     return _advance(ex, ev, calls, Changes(requests=requests), commands)
 
 
 def _stop(ex: Execution, ev: StopRequested) -> Step:
+    by = _sent_text(ev.by, "stop_requested.by")
+    reason = _sent_text(ev.reason, "stop_requested.reason")
     commands: list[Command] = []
     requests = ex.requests
     for request in ex.pending_approvals:
@@ -572,23 +838,29 @@ def _stop(ex: Execution, ev: StopRequested) -> Step:
             request,
             "cancel",
             status=CANCELLED,
-            decided_by=ev.by,
+            decided_by=by,
             decided_at=ev.at,
-            rejection_reason=ev.reason,
+            rejection_reason=reason,
         )
         commands += [
             CancelTimer(request.request_id),
             _decision_record(
-                ex, request, CANCELLED, ev.at, by=ev.by, reason=ev.reason or "execution stopped"
+                ex, request, CANCELLED, ev.at, by=by, reason=reason or "execution stopped"
             ),
         ]
+    # Calls not yet running never will; one that is running goes on, and its outcome is
+    # recorded when it comes (tool_finished / tool_failed: stopped -> stopped).
+    calls = tuple(
+        _move(c, "cancel", CANCELLED) if c.status in (QUEUED, AWAITING) else c for c in ex.calls
+    )
     changes = Changes(
         requests=requests,
+        calls=calls,
         status=STOPPED,
         awaiting_model=False,
-        error=ev.reason if ev.reason else ex.error,
+        error=reason if reason else ex.error,
     )
-    return changes, [*commands, Finish(STOPPED, error=ev.reason)]
+    return changes, [*commands, Finish(STOPPED, error=reason)]
 
 
 _STEPS: dict[type[Any], Callable[[Execution, Any], Step]] = {

@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 
 class ClearanceError(Exception):
     """Anything Clearance refuses to do. Nothing was changed when this is raised."""
+
+
+class RefusalCode(StrEnum):
+    """Why an event or a signal was refused: stable, machine-readable, one per cause.
+
+    A member is a `str` and compares equal to its value (`code == "expired"`), so it
+    serialises and matches as the plain text it always was.
+    """
+
+    # From decide(): the event does not fit the execution.
+    WRONG_STATE = "wrong_state"  # the execution's status takes no such event now
+    UNKNOWN_REQUEST = "unknown_request"  # no approval request by that id in the execution
+    ALREADY_DECIDED = "already_decided"  # the request has its one decision; it stands
+    EXPIRED = "expired"  # a decision after the request's deadline
+    NOT_DUE = "not_due"  # a timer fired before the request's deadline
+    INVALID_PARAMETERS = "invalid_parameters"  # modified parameters the tool does not take
+    STALE_MODEL_REPLY = "stale_model_reply"  # a reply to a model call nobody waits for
+    STALE_TOOL_RESULT = "stale_tool_result"  # a result for a tool call that is not executing
+    INVALID_REPLY = "invalid_reply"  # a model reply that cannot be used (malformed content)
+    INVALID_EVENT = "invalid_event"  # an event whose fields are not what they must be
+    # From the runtime, before decide() sees anything.
+    UNKNOWN_EXECUTION = "unknown_execution"
+    UNKNOWN_SIGNAL = "unknown_signal"
+    MISSING_REQUEST_ID = "missing_request_id"
 
 
 class Refusal(ClearanceError):
@@ -12,17 +38,27 @@ class Refusal(ClearanceError):
 
     `decide()` raises it instead of changing anything: a second decision, a
     decision for an unknown or stale request, an approval after timeout, a
-    reply to a model call nobody is waiting for. `code` is stable and
-    machine-readable; the message is for people.
+    reply to a model call nobody is waiting for. `code` is a `RefusalCode`
+    (given as the member or its string value); the message is for people.
     """
 
-    # Codes: wrong_state, unknown_request, already_decided, expired, not_due,
-    # invalid_parameters, stale_model_reply, stale_tool_result, invalid_reply,
-    # invalid_event; and from the runtime: unknown_execution, unknown_signal,
-    # missing_request_id.
-    def __init__(self, code: str, message: str) -> None:
+    code: RefusalCode
+
+    def __init__(self, code: RefusalCode | str, message: str) -> None:
+        # The message goes out as JSON and to terminals: whatever an event held, it is
+        # valid UTF-8 text (a lone surrogate quoted from the event is spelled as an escape).
+        try:
+            message.encode("utf-8")
+        except UnicodeEncodeError:
+            message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
-        self.code = code
+        try:
+            self.code = RefusalCode(code)
+        except ValueError:
+            known = ", ".join(RefusalCode)
+            raise ValueError(
+                f"unknown refusal code {code!r}; add it to RefusalCode (known: {known})"
+            ) from None
 
 
 class InvalidParameters(Refusal):
@@ -30,7 +66,8 @@ class InvalidParameters(Refusal):
 
     def __init__(self, tool: str, problems: list[str]) -> None:
         super().__init__(
-            "invalid_parameters", f"invalid parameters for tool '{tool}': " + "; ".join(problems)
+            RefusalCode.INVALID_PARAMETERS,
+            f"invalid parameters for tool '{tool}': " + "; ".join(problems),
         )
         self.tool = tool
         self.problems = problems

@@ -32,11 +32,19 @@ TIMED_OUT = "timed_out"
 CANCELLED = "cancelled"
 REQUEST_STATUSES = (PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED)
 
-# A tool call's progress within one model turn.
+# A tool call's progress within one model turn (its table is CALL_TABLE in machine.py).
+# A call that is decided keeps its outcome: rejected, timed_out or cancelled, like its
+# approval request; `done` is a call that ran (or was answered at once with an error).
 QUEUED = "queued"
 AWAITING = "awaiting_approval"
-EXECUTING = "running"
+EXECUTING = "executing"  # "running" before DECIDE_VERSION 2, as an execution's status is
 DONE = "done"
+CALL_STATUSES = (QUEUED, AWAITING, EXECUTING, DONE, REJECTED, TIMED_OUT, CANCELLED)
+# Calls whose tool_result is known: the model gets it with the turn's others.
+ANSWERED = frozenset({DONE, REJECTED, TIMED_OUT})
+# Calls that will never change again (a cancelled call has no result: its execution
+# stopped, so no model turn follows).
+SETTLED = ANSWERED | {CANCELLED}
 
 
 def iso(at: datetime) -> str:
@@ -112,7 +120,7 @@ class ApprovalRequest:
 
 @attrs.frozen
 class ToolCall:
-    """One tool_use of the current model turn, until its tool_result is known."""
+    """One tool_use of the current model turn, until the turn's tool_results go to the model."""
 
     tool_use_id: str
     tool: str

@@ -12,15 +12,17 @@ made only of dict, list, str, int, float, bool and None.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from typing import Any
 
 from clearance.core.errors import ClearanceError
 
 JSONValue = dict[str, Any] | list[Any] | str | int | float | bool | None
+_INFINITY = float("inf")
 
-ACCEPTED = "JSON values: objects with string keys, arrays, strings, finite numbers, true, false, null"
+ACCEPTED = (
+    "JSON values: objects with string keys, arrays, strings, finite numbers, true, false, null"
+)
 
 
 class NotJSON(ClearanceError, ValueError):
@@ -50,7 +52,7 @@ def _strict(value: Any, path: str, default: Callable[[Any], Any] | None, seen: s
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
+        if value != value or value in (_INFINITY, -_INFINITY):  # NaN, or +/- Infinity
             raise NotJSON(f"{path} is {value!r}, which JSON cannot carry; accepted: finite numbers")
         return float(value)
     if isinstance(value, dict | list | tuple):
@@ -66,7 +68,9 @@ def _strict(value: Any, path: str, default: Callable[[Any], Any] | None, seen: s
                             f"{path} has a key {key!r} of type {type(key).__name__}; "
                             "accepted: string keys"
                         )
-                    out[_text(key, f"{path} key")] = _strict(item, f"{path}.{key}", default, seen)
+                    # The key first: the item's path spells it, so it must be valid text.
+                    key = _text(key, f"{path} key")
+                    out[key] = _strict(item, f"{path}.{key}", default, seen)
                 return out
             return [_strict(item, f"{path}[{i}]", default, seen) for i, item in enumerate(value)]
         finally:

@@ -1,30 +1,46 @@
-"""The state tables of an execution and of an approval request.
+"""The state tables of an execution, of an approval request and of a tool call.
 
 Theory of operation
 -------------------
+The tables are the specification: every row is a move some run takes (the walk
+in tests/test_state_table.py reaches each one through `decide()`), and
+`decide()` takes no move that is not a row. A move that is not is a bug in
+`decide()`, never a user error.
+
 An execution is `running` while the machine owes it work (a model call or a
 tool run is outstanding), `awaiting_approval` while only humans do, and then
 `completed`, `failed` or `stopped` for good. Which of those an event leads to
 depends on the event's content (a reply with a gated tool_use pauses, one
 without tools completes), so `decide()` works out the destination and this
 module checks that the move `(event, source -> destination)` is in the table.
-A move that is not is a bug in `decide()`, never a user error.
+A stopped execution still records the outcome of a tool that was executing
+when it stopped (it stays stopped, and nothing goes to the model).
 
 An approval request is `pending` until exactly one outcome: `approved`,
 `rejected`, `timed_out` or `cancelled` (the execution stopped). A second
 decision finds no row from its outcome and is refused, naming the one that
 stands.
 
-Both tables are held by ONE module-level `transitions.Machine` each, shared by
-every execution and triggered on a single scratch model: no Machine and no
-model registration per execution, which would be slow and would leak.
-`transitions` is used nowhere else.
+A tool call (one tool_use of the current model turn) is born `queued`. A gated
+call then waits for its human (`awaiting_approval`) and an ungated one runs
+(`executing`); an approved call runs; a running call ends `done` with the tool's
+outcome. A rejected, timed-out or cancelled call keeps that status. A call that
+cannot be carried out at all (unknown tool, invalid parameters, a parameter
+schema or approval deadline that cannot be evaluated) is answered at once:
+`queued -> done` with an is_error result, within the step that made it. Every
+`done`, `rejected` and `timed_out` call gives the model exactly one
+tool_result; `cancelled` calls give none, as no model turn follows a stop.
+
+Each table is held by ONE module-level `transitions.Machine`, shared by every
+execution and triggered on a single scratch model: no Machine and no model
+registration per execution, which would be slow and would leak. `transitions`
+is used nowhere else.
 
 `decide()` does not trigger them on each step, though: a trigger costs about
 as much as the rest of a step (~10 µs against a set lookup's ~0.05 µs), so the
 moves each machine allows are read off its transitions once, at import, into
-`EXECUTION_MOVES`, `EXECUTION_ACCEPTS` and `REQUEST_MOVES`, which `decide()`
-looks up. The machines stay the source of those sets, and
+`EXECUTION_MOVES`, `EXECUTION_ACCEPTS`, `REQUEST_MOVES` and `CALL_MOVES`, which
+`decide()` looks up. The machines stay the source of those sets, and
 tests/test_state_table.py checks that every (event, source, destination) the
 sets allow is what a trigger allows, so the two cannot drift apart.
 """
@@ -37,13 +53,18 @@ from transitions import Machine, MachineError
 
 from clearance.core.execution import (
     APPROVED,
+    AWAITING,
     AWAITING_APPROVAL,
+    CALL_STATUSES,
     CANCELLED,
     COMPLETED,
     CREATED,
+    DONE,
+    EXECUTING,
     EXECUTION_STATUSES,
     FAILED,
     PENDING,
+    QUEUED,
     REJECTED,
     REQUEST_STATUSES,
     RUNNING,
@@ -51,26 +72,32 @@ from clearance.core.execution import (
     TIMED_OUT,
 )
 
-_LIVE = (RUNNING, AWAITING_APPROVAL)
-
 # (event, source, destinations): read it as "in <source>, <event> may lead to <destinations>".
 Table = tuple[tuple[str, str, tuple[str, ...]], ...]
 
 EXECUTION_TABLE: Table = (
     ("started", CREATED, (RUNNING,)),
     # A reply: run ungated tools or call the model again (running), wait for a human
-    # (awaiting_approval), answer (completed), or hit max_iterations (failed).
+    # (awaiting_approval), answer (completed), or end cut off or at max_iterations (failed).
     ("model_replied", RUNNING, (RUNNING, AWAITING_APPROVAL, COMPLETED, FAILED)),
     ("model_failed", RUNNING, (FAILED,)),
+    # A tool's outcome: the next tool or approval of the turn, or the next model turn.
     ("tool_finished", RUNNING, (RUNNING, AWAITING_APPROVAL, FAILED)),
     ("tool_failed", RUNNING, (RUNNING, AWAITING_APPROVAL, FAILED)),
-    # With parallel approvals a decision can land while another tool is running.
-    *(
-        (d, s, (RUNNING, AWAITING_APPROVAL, FAILED))
-        for d in ("approved", "rejected", "timer_fired")
-        for s in _LIVE
-    ),
-    *(("stop_requested", s, (STOPPED,)) for s in (CREATED, *_LIVE)),
+    # ... also of a tool that was executing when the execution stopped: recorded, and the
+    # execution stays stopped.
+    ("tool_finished", STOPPED, (STOPPED,)),
+    ("tool_failed", STOPPED, (STOPPED,)),
+    # An approval runs its tool, so the execution is running after it. A decision lands
+    # on a running execution only with parallel approvals, while another call executes,
+    # which keeps it running.
+    ("approved", AWAITING_APPROVAL, (RUNNING,)),
+    ("approved", RUNNING, (RUNNING,)),
+    ("rejected", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL, FAILED)),
+    ("rejected", RUNNING, (RUNNING,)),
+    ("timer_fired", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL, FAILED)),
+    ("timer_fired", RUNNING, (RUNNING,)),
+    *(("stop_requested", s, (STOPPED,)) for s in (CREATED, RUNNING, AWAITING_APPROVAL)),
 )
 
 REQUEST_TABLE: Table = (
@@ -78,6 +105,20 @@ REQUEST_TABLE: Table = (
     ("reject", PENDING, (REJECTED,)),
     ("time_out", PENDING, (TIMED_OUT,)),
     ("cancel", PENDING, (CANCELLED,)),
+)
+
+# (action, source, destinations) for one tool call; the actions are decide()'s, not events:
+# one event can move several calls (a stop cancels every open one) or none.
+CALL_TABLE: Table = (
+    ("gate", QUEUED, (AWAITING,)),  # a gated call opens its approval request
+    ("run", QUEUED, (EXECUTING,)),  # an ungated call runs
+    ("answer", QUEUED, (DONE,)),  # cannot be carried out: an is_error result at once
+    ("approve", AWAITING, (EXECUTING,)),
+    ("reject", AWAITING, (REJECTED,)),
+    ("time_out", AWAITING, (TIMED_OUT,)),
+    ("finish", EXECUTING, (DONE,)),  # tool_finished or tool_failed
+    ("cancel", QUEUED, (CANCELLED,)),  # the execution stopped
+    ("cancel", AWAITING, (CANCELLED,)),
 )
 
 
@@ -107,10 +148,13 @@ def _machine(states: tuple[str, ...], table: Table) -> Machine:
 
 _EXECUTION = _machine(EXECUTION_STATUSES, EXECUTION_TABLE)
 _REQUEST = _machine(REQUEST_STATUSES, REQUEST_TABLE)
+_CALL = _machine(CALL_STATUSES, CALL_TABLE)
 _SCRATCH_EXECUTION = _Scratch()
 _SCRATCH_REQUEST = _Scratch()
+_SCRATCH_CALL = _Scratch()
 _EXECUTION.add_model(_SCRATCH_EXECUTION)
 _REQUEST.add_model(_SCRATCH_REQUEST)
+_CALL.add_model(_SCRATCH_CALL)
 
 
 def _allowed(machine: Machine, scratch: _Scratch, trigger: str, source: str, dest: str) -> bool:
@@ -131,6 +175,10 @@ def request_move_allowed(action: str, source: str, dest: str) -> bool:
     return _allowed(_REQUEST, _SCRATCH_REQUEST, action, source, dest)
 
 
+def call_move_allowed(action: str, source: str, dest: str) -> bool:
+    return _allowed(_CALL, _SCRATCH_CALL, action, source, dest)
+
+
 def _moves(machine: Machine) -> frozenset[tuple[str, str, str]]:
     # Every transition is guarded by `is_destination` alone, so (trigger, source, dest)
     # is allowed exactly when the machine has that transition. (`dest` is typed optional
@@ -148,3 +196,4 @@ def _moves(machine: Machine) -> frozenset[tuple[str, str, str]]:
 EXECUTION_MOVES = _moves(_EXECUTION)
 EXECUTION_ACCEPTS = frozenset((event, source) for event, source, _ in EXECUTION_MOVES)
 REQUEST_MOVES = _moves(_REQUEST)
+CALL_MOVES = _moves(_CALL)

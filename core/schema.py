@@ -5,7 +5,9 @@ default, items, properties}}`. We translate that once, at definition time, to
 a JSON Schema object (what the Anthropic API wants as `input_schema` anyway)
 and validate with `jsonschema`, so model-provided and human-modified
 parameters go through one well-kept validator. A full JSON Schema object
-(`{"type": "object", "properties": ...}`) is accepted as is.
+(`{"type": "object", "properties": ...}`) is accepted as is, once it is plain
+JSON and each of its `$ref`s resolves within it: the core fetches nothing, so a
+reference to anything outside the schema could never be evaluated.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jsonschema
 from jsonschema.validators import Draft202012Validator
 
 from clearance.core.errors import DefinitionError, InvalidParameters
+from clearance.core.json_value import NotJSON, strict
 
 TYPES = ("string", "number", "integer", "boolean", "array", "object", "null")
 FIELD_KEYS = ("type", "required", "description", "enum", "default", "items", "properties")
@@ -38,12 +41,133 @@ def to_json_schema(tool: str, parameters: dict[str, Any]) -> dict[str, Any]:
             f"tool '{tool}': parameters must be a dict of name -> field, got "
             f"{type(parameters).__name__}"
         )
-    schema = dict(parameters) if is_json_schema(parameters) else _object(tool, "", parameters)
+    given = dict(parameters) if is_json_schema(parameters) else _object(tool, "", parameters)
+    try:
+        # Sent to the model and stored with every execution: plain JSON only (a tuple
+        # becomes a list; NaN, say, in a default is refused).
+        schema: dict[str, Any] = strict(given, "parameters")
+    except NotJSON as err:
+        raise DefinitionError(f"tool '{tool}': invalid parameter schema: {err}") from None
     try:
         Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as err:
         raise DefinitionError(f"tool '{tool}': invalid parameter schema: {err.message}") from None
+    unresolved = unresolved_refs(schema)
+    if unresolved:
+        raise DefinitionError(
+            f"tool '{tool}': invalid parameter schema: $ref {unresolved[0]!r} does not resolve "
+            "within the schema; refer to a part of the tool's own schema ('#/$defs/name', "
+            "'#anchor', or the $id of one of its subschemas): nothing outside it is fetched"
+        )
     return schema
+
+
+def declared_parameters(schema: dict[str, Any]) -> list[str]:
+    """The parameter names a tool's schema declares (its top-level `properties`)."""
+    properties = schema.get("properties")
+    return list(properties) if isinstance(properties, dict) else []
+
+
+# -- $ref resolution, within the schema only -----------------------------------------------------
+
+# Keywords whose value is a schema, a list of schemas, or a map of name -> schema. Values
+# of other keywords (enum, const, default, examples) are data: a "$ref" there is no reference.
+_SCHEMA_KEYWORDS = frozenset(
+    {"items", "additionalProperties", "not", "if", "then", "else", "contains"}
+    | {"propertyNames", "unevaluatedItems", "unevaluatedProperties", "additionalItems"}
+    | {"contentSchema"}
+)
+_SCHEMA_LIST_KEYWORDS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
+_SCHEMA_MAP_KEYWORDS = frozenset(
+    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
+)
+
+
+def _subschemas(node: dict[str, Any]) -> list[Any]:
+    found: list[Any] = []
+    for key, value in node.items():
+        if key in _SCHEMA_KEYWORDS and isinstance(value, dict):
+            found.append(value)
+        elif key in _SCHEMA_LIST_KEYWORDS and isinstance(value, list):
+            found.extend(v for v in value if isinstance(v, dict))
+        elif key in _SCHEMA_MAP_KEYWORDS and isinstance(value, dict):
+            found.extend(v for v in value.values() if isinstance(v, dict))
+    return found
+
+
+def unresolved_refs(schema: dict[str, Any]) -> list[str]:
+    """Each `$ref` / `$dynamicRef` of `schema` that does not resolve within it, in order.
+
+    Resolved as JSON Schema 2020-12 does for references inside one document: the
+    part before '#' names the schema itself (empty) or a subschema by its `$id` as
+    written; the fragment is a JSON pointer ('/...', '~0', '~1' and %-escapes
+    undone) or an `$anchor` / `$dynamicAnchor` of that (sub)schema.
+    """
+    resources: dict[str, dict[str, Any]] = {}
+    refs: list[tuple[str, dict[str, Any]]] = []
+
+    def walk(node: dict[str, Any], resource: dict[str, Any]) -> None:
+        if isinstance(node.get("$id"), str):
+            resource = node
+            resources[node["$id"].rstrip("#")] = node
+        for key in ("$ref", "$dynamicRef"):
+            if isinstance(node.get(key), str):
+                refs.append((node[key], resource))
+        for sub in _subschemas(node):
+            walk(sub, resource)
+
+    walk(schema, schema)
+    return [ref for ref, resource in refs if not _resolves(ref, resource, resources, schema)]
+
+
+def _resolves(
+    ref: str, here: dict[str, Any], resources: dict[str, dict[str, Any]], root: dict[str, Any]
+) -> bool:
+    base, _, fragment = ref.partition("#")
+    target: Any = here if not base else resources.get(base)
+    if target is None:
+        return False
+    fragment = _percent_decoded(fragment)
+    if not fragment:
+        return True
+    if not fragment.startswith("/"):
+        return _has_anchor(target, fragment)
+    for token in fragment[1:].split("/"):
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and token in target:
+            target = target[token]
+        elif isinstance(target, list) and token.isdigit() and int(token) < len(target):
+            target = target[int(token)]
+        else:
+            return False
+    return True
+
+
+def _has_anchor(resource: dict[str, Any], name: str) -> bool:
+    stack = [resource]
+    while stack:
+        node = stack.pop()
+        if name in (node.get("$anchor"), node.get("$dynamicAnchor")):
+            return True
+        # A subschema with its own $id holds its own anchors.
+        stack.extend(s for s in _subschemas(node) if not isinstance(s.get("$id"), str))
+    return False
+
+
+def _percent_decoded(text: str) -> str:
+    if "%" not in text:
+        return text
+    out = bytearray()
+    i = 0
+    while i < len(text):
+        pair = text[i + 1 : i + 3]
+        if text[i] == "%" and len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+            out += bytes.fromhex(pair)
+            i += 3
+        else:
+            out += text[i].encode("utf-8", "surrogatepass")
+            i += 1
+    return out.decode("utf-8", "replace")
 
 
 def _object(tool: str, path: str, fields: dict[str, Any]) -> dict[str, Any]:

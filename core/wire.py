@@ -3,6 +3,13 @@
 Events and commands are tagged unions: `{"type": "<TAG>", ...}`, with the
 class's stable `TAG`, so renaming a class never breaks a stored log.
 Datetimes travel as ISO-8601 UTC strings with microseconds (sortable as text).
+
+States written by decide() version 1 (see `DECIDE_VERSION`) read as version 2
+would have made them from the same events: a tool call's "running" is
+"executing", a gated call whose result is its rejection or timeout has that
+status rather than "done", and a stopped execution's queued and awaiting calls
+are cancelled. A snapshot of either version and the events after it then fold
+to the state the whole log folds to.
 """
 
 from __future__ import annotations
@@ -10,13 +17,27 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import cattrs
 from cattrs.strategies import configure_tagged_union
 
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import AuditRecord, Command
 from clearance.core.events import Event
-from clearance.core.execution import ApprovalRequest, Execution, ToolContent
+from clearance.core.execution import (
+    AWAITING,
+    CANCELLED,
+    DONE,
+    EXECUTING,
+    QUEUED,
+    REJECTED,
+    STOPPED,
+    TIMED_OUT,
+    ApprovalRequest,
+    Execution,
+    ToolCall,
+    ToolContent,
+)
 
 
 def stamp(at: datetime) -> str:
@@ -39,6 +60,39 @@ def _tag(cls: type) -> str:
     return str(vars(cls)["TAG"])
 
 
+# decide() version 1 wrote a call that ran as "running"; a rejection or a timeout left it
+# "done" with a result that begins like this (the JSON text of decide's error result).
+_LEGACY_RUNNING = "running"
+_LEGACY_OUTCOMES = (
+    ('{"error": "approval_rejected"', REJECTED),
+    ('{"error": "approval_timeout"', TIMED_OUT),
+)
+
+
+def _call_status(data: dict[str, Any]) -> str:
+    status = data.get("status")
+    if status == _LEGACY_RUNNING:
+        return EXECUTING
+    if status == DONE and data.get("gated"):
+        result = data.get("result") or {}
+        content = result.get("content")
+        if result.get("is_error") and isinstance(content, str):
+            for prefix, outcome in _LEGACY_OUTCOMES:
+                if content.startswith(prefix):
+                    return outcome
+    return str(status)
+
+
+def _cancel_open_calls(ex: Execution) -> Execution:
+    """A version 1 stop left queued and awaiting calls as they were; version 2 cancels them."""
+    if ex.status != STOPPED or not any(c.status in (QUEUED, AWAITING) for c in ex.calls):
+        return ex
+    calls = tuple(
+        attrs.evolve(c, status=CANCELLED) if c.status in (QUEUED, AWAITING) else c for c in ex.calls
+    )
+    return attrs.evolve(ex, calls=calls)
+
+
 def _build() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_unstructure_hook(datetime, stamp)
@@ -50,6 +104,19 @@ def _build() -> cattrs.Converter:
     conv.register_structure_hook(
         AgentSpec, lambda v, t: v if isinstance(v, AgentSpec) else build_agent(v, t)
     )
+    build_call = conv.get_structure_hook(ToolCall)
+
+    def structure_call(data: Any, cls: type) -> ToolCall:
+        status = _call_status(data)
+        if status != data.get("status"):
+            data = {**data, "status": status}
+        call: ToolCall = build_call(data, cls)
+        return call
+
+    conv.register_structure_hook(ToolCall, structure_call)
+    # Built after the ToolCall hook, so that it structures its calls with it.
+    build_execution = conv.get_structure_hook(Execution)
+    conv.register_structure_hook(Execution, lambda v, t: _cancel_open_calls(build_execution(v, t)))
     for union in (Event, Command):
         configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")
     return conv

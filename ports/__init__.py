@@ -3,19 +3,21 @@
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort, ModelReply, ModelRequest
-from clearance.ports.store import Conflict, DueTimer, OutboxEntry, Store
+from clearance.ports.store import Claim, Conflict, DueTimer, LeaseLost, Store, Work
 from clearance.ports.tools import Handler, ToolContext
 
 __all__ = [
+    "Claim",
     "Clock",
     "Conflict",
     "DueTimer",
     "Handler",
     "IdSource",
+    "LeaseLost",
     "ModelPort",
     "ModelReply",
     "ModelRequest",
-    "OutboxEntry",
     "Store",
     "ToolContext",
+    "Work",
 ]

@@ -1,16 +1,22 @@
-"""The store port: executions, their event log, pending approvals, timers, outbox and audit.
+"""The store ports: persistence only, split by job.
 
-`commit` is the one write the engine makes per event: the event and the
-event's commands, atomically and only if nobody else moved the execution first
-(optimistic version = `Execution.seq`, which must be `expected_seq + 1`). It
-also gets the new state, which `decide()` made from the event: a store may
-keep it (the SQLite one keeps a snapshot every few events) or rebuild it on
-`load` by folding the log. Store effects among the commands (timers, the
-pending list, audit records) are applied in the same transaction; `CallModel`
-/ `RunTool` go to the outbox.
+A store moves rows. What a step writes is decided by the pure core
+(`core.rows.writes`), and an execution is rebuilt by the pure core
+(`core.replay.replay`); an adapter turns those into its database's statements
+and nothing else, so SQLite and PostgreSQL behave alike by construction. The
+contract suite in `clearance.testing.contract` holds every adapter to these
+Protocols.
 
-Methods are async so network databases fit the same port; the SQLite adapter
-answers inline (its writes are short and local).
+- `ExecutionLog`: the event log and the one write per step (`commit`).
+- `Inbox`: reads for people and tools (pending requests, audit records).
+- `Timers`: approval deadlines, found by due time.
+- `WorkQueue`: model calls and tool runs, claimed with a lease that the holder
+  renews; an expired lease is taken over by any worker on any host. Liveness is
+  never judged by hostname or pid.
+- `DeliveryQueue`: approval requests on their way out, one row per (request,
+  channel), leased the same way, every attempt recorded.
+
+Methods are async so network databases fit; the SQLite adapter answers inline.
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ from typing import Protocol
 
 import attrs
 
-from clearance.core.agent import AgentSpec
-from clearance.core.commands import AuditRecord, Command
+from clearance.core.commands import AuditRecord, CallModel, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.rows import WEBHOOK, Writes
 
 
 class Conflict(ClearanceError):
     """Someone else changed the execution first: reload and decide again."""
+
+
+class LeaseLost(ClearanceError):
+    """The work was taken over after its lease ran out: its result is not ours to record."""
 
 
 class UnreadableExecution(ClearanceError):
@@ -38,12 +48,38 @@ class UnreadableExecution(ClearanceError):
 
 
 @attrs.frozen
-class OutboxEntry:
+class Claim:
+    """Who holds a unit of work: completing or releasing it names both."""
+
+    id: int
+    holder: str
+
+
+@attrs.frozen
+class ClaimRequest:
+    """Claim the first `limit` units of work a commit queues, as `holder`, until `until`."""
+
+    holder: str
+    until: datetime
+    limit: int
+
+
+@attrs.frozen
+class Work:
+    """A model call or tool run, queued or held. `previous_holder` is set when this
+    claim took the work over from a holder whose lease ran out."""
+
     id: int
     execution_id: str
     agent_tag: str
-    command: Command
-    claimed_by: str | None
+    command: CallModel | RunTool
+    holder: str | None
+    previous_holder: str | None = None
+
+    @property
+    def claim(self) -> Claim:
+        assert self.holder is not None, "only held work has a claim"
+        return Claim(self.id, self.holder)
 
 
 @attrs.frozen
@@ -63,8 +99,8 @@ class DeliveryAttempt:
 
 @attrs.frozen
 class Delivery:
-    """One approval request on its way to one webhook URL, with every attempt so far.
-    status: pending (being tried) | delivered | failed (4xx or out of attempts) |
+    """One approval request on its way out on one channel, with every attempt so far.
+    status: pending (being tried) | delivered | failed (refused or out of attempts) |
     disabled (the endpoint answered 410) | expired (no retry before the request expires) |
     skipped (the request was decided before it could be delivered)."""
 
@@ -78,56 +114,88 @@ class Delivery:
     attempts: tuple[DeliveryAttempt, ...]
     next_attempt_at: datetime
     expires_at: datetime
+    channel: str = "webhook"
+    signer: str = "instance"
 
 
-class Store(Protocol):
-    commits: int  # successful write transactions, for benchmarks and tests
-
-    async def remember_agent(self, spec: AgentSpec) -> str: ...
-
+class ExecutionLog(Protocol):
     async def commit(
         self,
-        execution: Execution,
-        event: Event,
-        commands: Sequence[Command],
+        writes: Writes,
         *,
         expected_seq: int,
-        claimed_by: str | None,
-        done: int | None = None,
-    ) -> list[OutboxEntry]: ...
+        claim: ClaimRequest | None = None,
+        done: Claim | None = None,
+    ) -> list[Work]:
+        """Append `writes.event` as event `expected_seq + 1` and apply the rest, in one
+        transaction, or raise Conflict (another event took that slot) and write nothing.
+        `claim` takes the first units of work queued here at once; `done` completes
+        the work whose result this is, or raises LeaseLost and writes nothing.
+        Returns the work queued, claimed or not."""
+        ...
 
     async def load(self, execution_id: str) -> Execution | None: ...
 
     async def events(self, execution_id: str) -> list[Event]: ...
 
-    async def spec_of(self, execution_id: str) -> AgentSpec | None: ...
 
+class Inbox(Protocol):
     async def execution_of_request(self, request_id: str) -> str | None: ...
 
     async def pending(
         self, agent_tag: str | None = None, limit: int | None = None
     ) -> list[ApprovalRequest]: ...
 
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
-
-    async def drop_timer(self, timer: DueTimer) -> None: ...
-
-    async def claim_queued(
-        self, agent_tags: Sequence[str], worker: str, limit: int
-    ) -> list[OutboxEntry]: ...
-
-    async def claimed_by_others(
-        self, agent_tags: Sequence[str], worker: str
-    ) -> list[OutboxEntry]: ...
-
-    async def reclaim(self, entry_id: int, previous: str, worker: str) -> bool: ...
-
-    async def discard(self, entry_id: int) -> None: ...
-
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]: ...
 
+
+class Timers(Protocol):
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
+
+    async def drop_timer(self, timer: DueTimer) -> None: ...
+
+    async def postpone_timer(self, timer: DueTimer, until: datetime) -> None:
+        """Try `timer` again at `until`: one that cannot fire now (its execution does
+        not read back) must not hold up the timers due after it."""
+        ...
+
+
+class WorkQueue(Protocol):
+    async def claim_work(
+        self,
+        agent_tags: Sequence[str],
+        holder: str,
+        now: datetime,
+        until: datetime,
+        limit: int,
+        skip: Sequence[int] = (),
+    ) -> list[Work]:
+        """Queued work, or work whose lease ran out before `now`, of these agents; at
+        most `limit`, each held by `holder` until `until`. Of two workers that race
+        for one unit, exactly one gets it. `skip`: ids the caller is working on."""
+        ...
+
+    async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
+        """Extend these leases to `until`; returns the ones still held."""
+        ...
+
+    async def complete(self, claim: Claim) -> bool:
+        """Drop finished work whose result needs no event; False if not held."""
+        ...
+
+    async def release(self, claim: Claim) -> None:
+        """Hand held work back to the queue unstarted (closing), for anyone to claim."""
+        ...
+
+    async def wait_for_work(self, seconds: float) -> bool:
+        """Return when another process may have queued work or decided something (True),
+        or after `seconds` (False)."""
+        ...
+
+
+class DeliveryQueue(Protocol):
     async def claim_deliveries(
         self,
         agent_tags: Sequence[str],
@@ -135,23 +203,41 @@ class Store(Protocol):
         now: datetime,
         lease_until: datetime,
         limit: int,
+        *,
+        instance_signed: bool,
+        channels: Sequence[str] = (WEBHOOK,),
         exclude_urls: Sequence[str] = (),
-    ) -> list[Delivery]: ...
+    ) -> list[Delivery]:
+        """Due deliveries this worker can carry out, at most `limit`, each held by
+        `worker` until `lease_until`: only on `channels` (those it has an adapter for;
+        the webhook alone unless told); agent-signed ones only of agents it hosts
+        (`agent_tags`), instance-signed ones only if it holds the instance's secret
+        (`instance_signed`), whatever agent they belong to; none to `exclude_urls`
+        (targets already busy here)."""
+        ...
 
     async def release_delivery(self, delivery_id: int, worker: str) -> None: ...
 
     async def record_attempt(
         self,
         delivery_id: int,
+        worker: str,
         attempt: DeliveryAttempt,
         status: str,
         next_attempt_at: datetime | None,
-    ) -> None: ...
+    ) -> bool:
+        """Record an attempt of a delivery `worker` holds; False (nothing written) if its
+        lease was taken over meanwhile."""
+        ...
 
     async def deliveries(self, request_id: str) -> list[Delivery]: ...
 
     async def disable_endpoint(self, url: str, at: datetime, reason: str) -> None: ...
 
     async def endpoint_disabled(self, url: str) -> bool: ...
+
+
+class Store(ExecutionLog, Inbox, Timers, WorkQueue, DeliveryQueue, Protocol):
+    """Every job a store does; the composition root opens one and hands it around."""
 
     async def close(self) -> None: ...

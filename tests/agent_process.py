@@ -80,7 +80,10 @@ def refund_agent(
 
 async def pause(args: argparse.Namespace) -> None:
     clock = FakeClock(datetime.fromisoformat(args.fake_now)) if args.fake_now else None
-    async with Clearance.open(f"sqlite:///{args.db}", clock=clock, poll_interval=0.05) as app:
+    # A short lease, so a killed host's claims are taken over within seconds.
+    async with Clearance.open(
+        f"sqlite:///{args.db}", clock=clock, poll_interval=0.05, lease=2, renew_every=0.5
+    ) as app:
         refund_agent(
             app,
             args.db,

@@ -8,6 +8,7 @@ system clock, which must pick their decisions up without a restart.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -20,9 +21,10 @@ from typing import Any
 
 import pytest
 
-from clearance import Clearance, ModelRequest, ToolContext
+from clearance import Clearance, HumanInLoop, ModelRequest, ToolContext
 from clearance.cli import main, parse_assignment
 from clearance.core.execution import TERMINAL, Execution
+from clearance.core.json_value import loads
 from clearance.demo import (
     AGENT_TAG,
     REFUND_PARAMS,
@@ -30,7 +32,9 @@ from clearance.demo import (
     define_refund_agent,
     final_answer,
     money,
+    refund_tools,
 )
+from clearance.testing import ScriptedModel, text, tool_use
 
 APPROVED_ANSWER = "I've processed the $50 refund for order ORD-123"
 REJECTED_ANSWER = "I wasn't able to process the refund. The approval was rejected because"
@@ -474,3 +478,55 @@ def test_final_answer_reads_the_last_tool_result() -> None:
     timeout = json.dumps({"error": "approval_timeout", "message": "..."})
     assert final_answer(_request_with({"content": timeout, "is_error": True})) == TIMEOUT_ANSWER
     assert money(50) == "$50" and money(25.5) == "$25.50"
+
+
+# -- strict JSON at the command line ----------------------------------------------------------
+
+
+def test_set_values_json_cannot_carry_are_refused() -> None:
+    for raw in ("1e999", "-1e999", "NaN", "Infinity", "-Infinity", '"\\ud800"', '["\\udc00"]'):
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            parse_assignment(f"amount={raw}")
+        assert "amount" in str(refused.value) and "\n" not in str(refused.value)
+    # What is not JSON at all stays text, as before.
+    for raw in ("{bad", "1e", "ORD-9", "[1,", "Damaged item", "nan"):
+        assert parse_assignment(f"x={raw}") == ("x", raw)
+
+
+async def test_approve_with_an_out_of_range_number_is_refused(host: Host, tmp_path: Path) -> None:
+    ex = await host.start()
+    (request,) = ex.pending_approvals
+    db = str(host.db)
+    code, out, err = await acli(
+        tmp_path, "approve", request.request_id, "--set", "amount=1e999", "--db", db
+    )
+    assert code == 2, (out, err)
+    no_traceback((code, out, err))
+    assert len(err.strip().splitlines()) == 1, err  # one line, naming the value
+    assert "amount" in err and "1e999" in err
+    assert (await host.app.get_execution(ex.id)).status == "awaiting_approval"
+    assert await host.app.audit() == []
+    assert host.refunds == []
+
+
+async def test_json_output_is_strict_json_whatever_a_request_holds(
+    host: Host, tmp_path: Path
+) -> None:
+    odd = {**REFUND_PARAMS, "amount": float("nan")}
+    host.app.define(
+        tag="odd-agent",
+        model=ScriptedModel([[tool_use("process-refund", odd)], [text("Done.")]]),
+        tools=refund_tools(),
+        human_in_loop=HumanInLoop(enabled=True),
+    )
+    ex = await host.app.run("odd-agent", input=USER_INPUT)
+    if not ex.pending_approvals:
+        pytest.skip("the core refuses NaN parameters now: no request can carry one")
+    db = str(host.db)
+    code, out, err = await acli(tmp_path, "pending", "--db", db, "--agent", "odd-agent", "--json")
+    assert code == 0, err
+    [listed] = [loads(line) for line in out.splitlines()]
+    assert listed["parameters"]["amount"] == "NaN"
+    code, out, err = await acli(tmp_path, "show", ex.id, "--db", db, "--json")
+    assert code == 0, err
+    assert loads(out)["requests"][0]["parameters"]["amount"] == "NaN"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -207,21 +206,3 @@ async def test_crash_during_a_model_call_reissues_it(db: Path) -> None:
         ex = await app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
         assert ex.status == "completed"
     assert len(lines(db, "tool")) == 1
-
-
-def test_claims_of_live_or_remote_workers_are_left_alone() -> None:
-    from clearance.worker import is_orphaned, new_worker_id, retire
-
-    me = new_worker_id()
-    host = me.split(":")[0]
-    assert not is_orphaned(me, me)
-    assert is_orphaned(f"{host}:{os.getpid()}:00000000", me)  # our pid, earlier incarnation
-    other = new_worker_id()  # another open instance in this process
-    assert not is_orphaned(other, me)
-    retire(other)
-    assert is_orphaned(other, me)
-    assert not is_orphaned(f"{host}:1:abcd", me) or not Path("/proc/1").exists()
-    assert not is_orphaned("another-host:12345:abcd", me)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    assert is_orphaned(f"{host}:{dead.pid}:abcd", me)

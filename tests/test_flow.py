@@ -367,7 +367,7 @@ async def test_hitl_disabled_runs_everything(app: Clearance, recorder: Recorder)
         app,
         recorder,
         requires_confirmation=False,
-        hitl=HumanInLoop(enabled=False, always_require_approval=["process-refund"]),
+        hitl=HumanInLoop(enabled=False),
     )
     ex = await app.run("safe-agent", input="Refund order ORD-123")
     assert ex.status == "completed"
@@ -545,6 +545,20 @@ def test_definition_errors_say_what_to_do(recorder: Recorder) -> None:
             model=model,
             tools=recorder.tools(),
             human_in_loop=HumanInLoop(enabled=True, approval_timeout=0),
+        )
+    with pytest.raises(DefinitionError, match=r"at most 31622400000 \(366 days\)"):
+        app.define(
+            tag="a",
+            model=model,
+            tools=recorder.tools(),
+            human_in_loop=HumanInLoop(enabled=True, approval_timeout=10**15),
+        )
+    with pytest.raises(DefinitionError, match=r"always_require_approval.*not enabled"):
+        app.define(
+            tag="a",
+            model=model,
+            tools=recorder.tools(requires_confirmation=False),
+            human_in_loop=HumanInLoop(always_require_approval=["process-refund"]),
         )
     with pytest.raises(DefinitionError, match="approval_order must be one of"):
         app.define(

@@ -44,7 +44,7 @@ from clearance import ApprovalRequest, Clearance
 from clearance.callback import token_for
 from clearance.core.wire import event_to_data
 from clearance.http_api import MAX_BODY, build_asgi, openapi_document
-from clearance.testing import FakeClock, SequentialIds
+from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
 
 SECRET = "whsec_" + base64.b64encode(b"clearance http api test secret!").decode()
 API_KEY = "ck_test_0123456789abcdef"
@@ -332,6 +332,26 @@ ERRORS: dict[str, tuple[int, str, Case]] = {
         _raw(b'{"approved": true, "by": ' + b"9" * 5000 + b"}"),
     ),
     "lone surrogate": (422, "invalid_body", _raw(b'{"approved": true, "by": "\\ud800"}')),
+    "Infinity": (
+        400,
+        "invalid_json",
+        _raw(b'{"approved": true, "modifiedParams": {"amount": Infinity}}'),
+    ),
+    "-Infinity": (
+        400,
+        "invalid_json",
+        _raw(b'{"approved": true, "modifiedParams": {"amount": -Infinity}}'),
+    ),
+    "1e999": (
+        400,
+        "invalid_json",
+        _raw(b'{"approved": true, "modifiedParams": {"amount": 1e999}}'),
+    ),
+    "lone surrogate in a key": (
+        422,
+        "invalid_body",
+        _raw(b'{"approved": true, "modifiedParams": {"\\udc00": 1}}'),
+    ),
     "nested 40 deep": (422, "invalid_body", _raw(b"[" * 40 + b"]" * 40)),
     "nested 60000 deep": (422, "invalid_body", _raw(b"[" * 60000)),
     "array body": (422, "invalid_body", _body([{"approved": True}])),
@@ -375,7 +395,7 @@ async def test_callback_error_changes_nothing(api: Api, case: str) -> None:
     if code == "invalid_parameters":
         problems = response.json()["error"]["problems"]
         field = "amount" if case == "amount of the wrong type" else "amout"
-        assert any(p.startswith(("amount:", "(parameters):")) and field in p for p in problems)
+        assert any(field in p for p in problems), problems  # each problem names its field
         assert "process-refund" in message
     # The request is still decidable afterwards, unless its time is up.
     if status != 410:
@@ -1057,3 +1077,174 @@ async def test_an_execution_whose_log_does_not_read_back_is_a_500_naming_it(api:
         ("/executions/{executionId}", "get"),
     ):
         assert "unreadable_execution" in paths[path][method]["responses"]["500"]["description"]
+
+
+# -- one place per rule, and strict JSON on the way out ----------------------------------------
+
+
+def _strict_json(response: httpx.Response) -> Any:
+    """The answer's body, read as strict JSON: no NaN, no Infinity, valid UTF-8."""
+    from clearance.core.json_value import loads
+
+    return loads(response.content, "the answer")
+
+
+async def test_a_nan_parameter_never_breaks_the_listing_or_the_answers(api: Api) -> None:
+    """A model's NaN parameter, as the model proposed it: the listing, the execution and
+    the decision's answer stay 200 with strict JSON (NaN is spelt as the text "NaN")."""
+    odd = {**REFUND, "amount": float("nan")}
+    define_refund_agent(
+        api.app,
+        api.recorder,
+        model=ScriptedModel([[tool_use("process-refund", odd)], [text("Done.")]]),
+    )
+    ex = await api.app.run("safe-agent", input="Refund order ORD-123")
+    listed = await api.client.get("/approvals", headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    if not ex.pending_approvals:
+        assert _strict_json(listed) == {"approvals": []}
+        pytest.skip("the core refuses NaN parameters now: no request can carry one")
+    [request] = ex.pending_approvals
+    [approval] = _strict_json(listed)["approvals"]
+    assert approval["parameters"] == {**REFUND, "amount": "NaN"}
+    shown = await api.client.get(f"/executions/{ex.id}", headers=AUTH)
+    assert shown.status_code == 200, shown.text
+    assert _strict_json(shown)["pendingApprovals"][0]["parameters"]["amount"] == "NaN"
+    decided = await api.respond(request, {"approved": False, "reason": "odd amount"})
+    assert decided.status_code == 200, decided.text
+    assert _strict_json(decided)["parameters"]["amount"] == "NaN"
+
+
+class _OddFacade:
+    """Just what GET /approvals asks of `Clearance`, holding a request no core would make
+    now: the listing must answer strict JSON all the same."""
+
+    api_key = API_KEY
+    webhook_secret = None
+    public_url = None
+
+    def __init__(self, request: ApprovalRequest) -> None:
+        self.request = request
+
+    async def pending(self, agent_tag: str | None, *, limit: int) -> list[ApprovalRequest]:
+        return [self.request]
+
+
+async def test_a_listing_answers_strict_json_whatever_a_request_holds() -> None:
+    now = FakeClock().now()
+    odd = ApprovalRequest(
+        "apr-1", "exec-1", "safe-agent", "process-refund", "toolu_1", {}, "r", now, now, 0
+    )
+    odd = attrs.evolve(odd, parameters={"amount": float("nan"), "note": "a\ud800b"})
+    transport = httpx.ASGITransport(app=build_asgi(_OddFacade(odd)))  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://clearance.test") as client:
+        listed = await client.get("/approvals", headers=AUTH)
+    assert listed.status_code == 200, listed.text
+    [approval] = _strict_json(listed)["approvals"]
+    assert approval["parameters"] == {"amount": "NaN", "note": "a\ufffdb"}
+
+
+def test_views_encode_strict_json_whatever_a_request_holds() -> None:
+    from clearance import views
+    from clearance.core.json_value import loads
+    from clearance.testing import FakeClock
+
+    now = FakeClock().now()
+    request = ApprovalRequest(
+        request_id="apr-1",
+        execution_id="exec-1",
+        agent_tag="safe-agent",
+        tool="process-refund",
+        tool_use_id="toolu_1",
+        parameters={"amount": float("inf"), "low": float("-inf"), "note": "a\ud800b"},
+        reason="Refund request requires approval",
+        timestamp=now,
+        timeout=now,
+        timeout_ms=0,
+    )
+    for data in (
+        views.approval_request(request),
+        views.approval(request, None),
+        views.webhook_body(request, "https://example.test/cb"),
+    ):
+        for text_ in (views.dumps(data), views.dumps(data, compact=True), views.encode(data)):
+            parameters = loads(text_)["parameters"]
+            assert parameters == {"amount": "Infinity", "low": "-Infinity", "note": "a\ufffdb"}
+    # What is JSON already goes out unchanged.
+    plain = views.approval_request(attrs.evolve(request, parameters=REFUND))
+    assert json.loads(views.dumps(plain)) == plain
+
+
+def test_the_spec_views_keep_their_fields() -> None:
+    from clearance import views
+    from clearance.testing import FakeClock
+
+    now = FakeClock().now()
+    request = ApprovalRequest(
+        "apr-1", "exec-1", "safe-agent", "process-refund", "toolu_1", REFUND, "r", now, now, 0
+    )
+    assert list(views.approval_request(request)) == [
+        "requestId",
+        "executionId",
+        "agentTag",
+        "tool",
+        "parameters",
+        "reason",
+        "timestamp",
+        "timeout",
+    ]
+    assert views.webhook_body(request, None) == {
+        "type": "approval_request",
+        "requestId": "apr-1",
+        "executionId": "exec-1",
+        "agentTag": "safe-agent",
+        "tool": "process-refund",
+        "parameters": REFUND,
+        "timestamp": "2024-01-15T10:30:00Z",
+        "expiresAt": "2024-01-15T10:30:00Z",
+        "callbackUrl": None,
+    }
+
+
+def test_every_refusal_code_has_a_status() -> None:
+    from clearance.core.errors import RefusalCode
+    from clearance.http_errors import REFUSAL_STATUS
+
+    assert set(REFUSAL_STATUS) == set(RefusalCode)
+    assert all(400 <= status < 500 for status in REFUSAL_STATUS.values())
+
+
+def test_the_signal_names_are_the_engines() -> None:
+    from clearance.engine import SIGNALS
+
+    variants = openapi_document()["components"]["schemas"]["SignalBody"]["oneOf"]
+    assert [v["properties"]["signal"]["const"] for v in variants] == list(SIGNALS)
+    result = openapi_document()["components"]["schemas"]["SignalResult"]
+    assert result["properties"]["signal"]["enum"] == list(SIGNALS)
+
+
+def test_the_http_layer_talks_to_the_facade_only() -> None:
+    """No route (and no command) reaches past `Clearance` into its store."""
+    import ast
+
+    import clearance
+
+    root = Path(clearance.__file__).resolve().parent
+    for path in [*root.glob("http_*.py"), *root.glob("cli*.py"), root / "views.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute):
+                assert node.attr != "store", f"{path.name}:{node.lineno} reaches into the store"
+
+
+async def test_the_facade_reads_one_request(api: Api) -> None:
+    request = await api.start()
+    assert await api.app.execution_of_request(request.request_id) == request.execution_id
+    assert await api.app.request(request.request_id) == request
+    assert await api.app.execution_of_request("apr-ghost") is None
+    assert await api.app.request("apr-ghost") is None
+    await api.respond(request, {"approved": True, "by": "ops"})
+    decided = await api.app.request(request.request_id)
+    assert decided is not None and (decided.status, decided.decided_by) == ("approved", "ops")
+    ex = await api.app.execution(request.execution_id)
+    assert ex is not None and ex.status == "completed"
+    assert await api.app.execution("exec-ghost") is None

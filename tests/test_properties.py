@@ -25,6 +25,7 @@ import threading
 from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -108,6 +109,19 @@ class Crash(BaseException):
     """The process dies inside a tool handler, after the handler took effect."""
 
 
+class _Ahead:
+    """Real time, `shift` later: the lease clock of a process started after others'
+    leases ran out."""
+
+    drives_timers = False
+
+    def __init__(self, shift: timedelta) -> None:
+        self.shift = shift
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.shift
+
+
 @attrs.frozen
 class HandlerCall:
     tool: str
@@ -156,6 +170,7 @@ class ClearanceMachine(RuleBasedStateMachine):
         self.plans: dict[str, list[tuple[str, list[str]]]] = {}
         self.calls: list[HandlerCall] = []
         self.crash_on: str | None = None
+        self.lease_shift = timedelta(0)
         self.models: list[ScriptedModel] = []
         self.checked: dict[int, int] = {}  # id(model) -> requests already checked
         self.decided: dict[str, Decision] = {}
@@ -226,6 +241,11 @@ class ClearanceMachine(RuleBasedStateMachine):
 
     def _open(self) -> Clearance:
         app = Clearance.open(self.url, clock=self.clock, ids=self.ids, synchronous="NORMAL")
+        # Each process opened here starts after every lease of the ones before it ran out
+        # (leases run on real time, which a test cannot wait out): its clock for leases
+        # runs an hour ahead of the previous process's.
+        self.lease_shift += timedelta(hours=1)
+        app.engine.lease_clock = _Ahead(self.lease_shift)
         # A snapshot every 3 events, not 16: runs here are short, and loads must mix a
         # snapshot with a replayed tail (other processes keep the default).
         assert isinstance(app.store, SQLiteStore)
@@ -248,16 +268,16 @@ class ClearanceMachine(RuleBasedStateMachine):
 
     async def _reopen(self, while_down: Coroutine[Any, Any, Any] | None = None) -> None:
         """A new process on the same file: close this one, (let `while_down` happen,) open
-        another and do what its background watch does first: take over work orphaned by
-        dead workers, then pick up work queued by processes that do not host the agent."""
+        another and do what its background watch does: claim work whose lease ran out
+        (orphaned by a dead worker) and work queued by processes that do not host the
+        agent, and carry it out."""
         await self.app.close()
         try:
             if while_down is not None:
                 await while_down
         finally:
             self.app = self._open()
-            await self.app.engine.recover()
-            await self.app.engine.pickup()
+            await self.app.engine.drain()
 
     def teardown(self) -> None:
         try:
@@ -360,7 +380,7 @@ class ClearanceMachine(RuleBasedStateMachine):
         try:
             await elsewhere()
         finally:
-            await self.app.engine.pickup()
+            await self.app.engine.drain()
 
     # -- rules ----------------------------------------------------------------------------------
 
@@ -552,18 +572,26 @@ class ClearanceMachine(RuleBasedStateMachine):
         live = [r for r in self.pending if r.timeout > self.clock.now()]
         request = data.draw(st.sampled_from(live), label="request")
         self.crash_on = request.request_id
-        try:
-            self.run(
-                self.app.signal(request.execution_id, "approve", request_id=request.request_id)
-            )
-        except Crash:
-            pass
-        else:
+        if not self.run(self._approve_until_crash(request)):
             raise AssertionError("the handler did not run")
         self.decided[request.request_id] = Decision(APPROVED)
         self.crashed.add(request.request_id)
         self.run(self._reopen())
         event("crash inside an approved handler")
+
+    async def _approve_until_crash(self, request: ApprovalRequest) -> bool:
+        """Approve; the handler runs in its own task and "dies" there (Crash). The caller
+        stops waiting, as a process that died would; the work keeps its lease."""
+        deciding = asyncio.ensure_future(
+            self.app.signal(request.execution_id, "approve", request_id=request.request_id)
+        )
+        for _ in range(2000):
+            if self.crash_on is None or deciding.done():
+                break
+            await asyncio.sleep(0.005)
+        deciding.cancel()
+        await asyncio.gather(deciding, return_exceptions=True)
+        return self.crash_on is None
 
     @precondition(lambda self: any(r.timeout > self.clock.now() for r in self.pending))
     @rule(data=st.data(), first=st.booleans(), second=st.booleans())
@@ -602,7 +630,7 @@ class ClearanceMachine(RuleBasedStateMachine):
         status = APPROVED if approved else REJECTED
         assert STANDING_WORDS[status] in str(loser) and f"by {by}" in str(loser), str(loser)
         self.decided[rid] = Decision(status, by=by)
-        self.run(self.app.engine.pickup())
+        self.run(self.app.engine.drain())
         event(f"race: {'approve' if first else 'reject'} vs {'approve' if second else 'reject'}")
 
     # -- what must hold after every step ------------------------------------------------------

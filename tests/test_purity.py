@@ -13,6 +13,7 @@ ALLOWED = {
     "__future__",
     "collections",
     "datetime",
+    "enum",
     "functools",
     "json",
     "typing",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from clearance.adapters.sqlite_store import SCHEMA_VERSION, SQLiteStore
 from clearance.core.decide import decide
 from clearance.core.events import Approved
 from clearance.core.execution import Execution
+from clearance.core.rows import writes
 from clearance.core.wire import parse_stamp, stamp
 from clearance.ports.store import Conflict, UnreadableExecution
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
@@ -128,13 +129,13 @@ async def test_a_stale_commit_is_a_conflict_and_writes_nothing(
     request = ex.pending_approvals[0]
     event = Approved(request.request_id, ex.updated_at or ex.created_at, "ops")  # type: ignore[arg-type]
     winner, commands = decide(ex, event)
-    await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
+    await app.store.commit(writes(winner, event, commands), expected_seq=ex.seq)
     rows = _row_counts(_db(tmp_path))
     with pytest.raises(Conflict, match=f"moved past version {ex.seq}"):
-        await app.store.commit(winner, event, commands, expected_seq=ex.seq, claimed_by=None)
+        await app.store.commit(writes(winner, event, commands), expected_seq=ex.seq)
     assert _row_counts(_db(tmp_path)) == rows
     with pytest.raises(ValueError, match="one event past"):
-        await app.store.commit(ex, event, commands, expected_seq=ex.seq, claimed_by=None)
+        await app.store.commit(writes(ex, event, commands), expected_seq=ex.seq)
 
 
 def _row_counts(db: sqlite3.Connection) -> dict[str, int]:
@@ -192,9 +193,13 @@ async def test_a_paused_run_keeps_its_request_readable_after_restart(tmp_path: P
 def test_stamps_are_fixed_width_utc_and_read_back_exactly(at: datetime) -> None:
     text = stamp(at)
     assert len(text) == 27 and text.endswith("Z"), text
-    assert parse_stamp(text) == at
+    # Compared as UTC instants: aware datetimes in a zone compare unequal across a
+    # DST fold (PEP 495), so `== at` fails for e.g. Africa/Ceuta 1999-10-31 02:00.
+    instant = at.astimezone(UTC)
+    assert parse_stamp(text) == instant
     # Fixed width, so text order is time order: what the timer sweep's index relies on.
-    assert (text < stamp(at + timedelta(microseconds=1))) is True
+    # (The next microsecond is taken in UTC: `at + 1 µs` would drop a fold=1.)
+    assert (text < stamp(instant + timedelta(microseconds=1))) is True
 
 
 async def test_a_decided_request_leaves_the_inbox_copy_and_keeps_its_status(
@@ -240,3 +245,13 @@ async def test_a_log_that_no_longer_replays_is_named_not_taken_for_a_refusal(
     request = ex.pending_approvals[0]
     with pytest.raises(UnreadableExecution, match=r"stored event 3 cannot be read back \(Refusal"):
         await app.signal(ex.id, "approve", request_id=request.request_id)
+
+
+@pytest.mark.parametrize("fold", [0, 1])
+def test_a_stamp_of_an_ambiguous_local_time_reads_back_as_the_same_instant(fold: int) -> None:
+    # The example Hypothesis once drew: 02:00 happened twice in Ceuta that night.
+    from zoneinfo import ZoneInfo
+
+    at = datetime(1999, 10, 31, 2, 0, tzinfo=ZoneInfo("Africa/Ceuta"), fold=fold)
+    assert parse_stamp(stamp(at)) == at.astimezone(UTC)
+    assert parse_stamp(stamp(at)).timestamp() == at.timestamp()

@@ -59,6 +59,7 @@ from clearance.core.execution import (
     EXECUTION_STATUSES,
     FAILED,
     PENDING,
+    QUEUED,
     REJECTED,
     REQUEST_STATUSES,
     RUNNING,
@@ -121,6 +122,9 @@ REVIEWED_ACCEPTS = {
         for s in (RUNNING, AWAITING_APPROVAL)
     ),
     *(("stop_requested", s) for s in (CREATED, RUNNING, AWAITING_APPROVAL)),
+    # The outcome of a tool that was executing when the execution stopped.
+    ("tool_finished", STOPPED),
+    ("tool_failed", STOPPED),
 }
 MOVES = {(t, s, d) for t, s, dests in EXECUTION_TABLE for d in dests}
 ACCEPTS = {(t, s) for t, s, _ in EXECUTION_TABLE}
@@ -146,8 +150,14 @@ def test_execution_table_is_the_reviewed_one() -> None:
     for _, source, dests in EXECUTION_TABLE:
         assert source in EXECUTION_STATUSES
         assert set(dests) <= set(EXECUTION_STATUSES)
-    # Nothing ever leaves a terminal status, and nothing goes back to 'created'.
-    assert not any(s in TERMINAL for _, s, _ in EXECUTION_TABLE)
+    # Nothing ever leaves a terminal status (a stopped one only records the late outcome
+    # of a tool it was running), and nothing goes back to 'created'.
+    for event, source, dests in EXECUTION_TABLE:
+        if source in TERMINAL:
+            assert (event, source, dests) in (
+                ("tool_finished", STOPPED, (STOPPED,)),
+                ("tool_failed", STOPPED, (STOPPED,)),
+            )
     assert not any(CREATED in dests for _, _, dests in EXECUTION_TABLE)
 
 
@@ -466,6 +476,7 @@ def test_status_x_event(status: str, variant: str, event_type: type[Event]) -> N
             assert new.updated_at == event.at
             assert all(isinstance(c, COMMAND_TYPES) for c in commands)
             check_request_moves(ex, new, event)
+            check_call_moves(ex, new)
     assert tried, f"no representative event of {event_type.__name__} for {status}[{variant}]"
 
 
@@ -487,6 +498,25 @@ def check_request_moves(old: Execution, new: Execution, event: Event) -> None:
             assert (action, request.status, changed.status) in REQUEST_MOVES
     for request_id in set(after) - set(before):
         assert after[request_id].status == PENDING
+
+
+def call_moves_of_a_step(old: Execution, new: Execution) -> set[tuple[str, str]]:
+    """The (source, destination) moves the tool calls made in one step. A call is born
+    'queued', so a new call in any other status moved from 'queued'. Calls of a turn
+    that ended leave the state with it."""
+    before = {c.tool_use_id: c.status for c in old.calls}
+    moves = set()
+    for call in new.calls:
+        source = before.get(call.tool_use_id, QUEUED)
+        if call.status != source:
+            moves.add((source, call.status))
+    return moves
+
+
+def check_call_moves(old: Execution, new: Execution) -> None:
+    allowed = {(s, d) for _, s, dests in machine.CALL_TABLE for d in dests}
+    for move in call_moves_of_a_step(old, new):
+        assert move in allowed, f"tool call move {move} is not in CALL_TABLE"
 
 
 # -- every request status x every decision --------------------------------------------------
@@ -628,3 +658,241 @@ def test_decision_after_the_deadline_is_refused_as_expired() -> None:
     with pytest.raises(Refusal) as early:
         decide(ex, TimerFired("apr-1", request.timeout - timedelta(microseconds=1)))
     assert early.value.code == "not_due"
+
+
+# -- every move of the tables is one decide() takes --------------------------------------------
+
+# What a model may say in one turn, for the walk below.
+REPLIES: dict[str, tuple[Callable[[int], list[dict[str, Any]]], str]] = {
+    "answer": (lambda t: [say("done")], "end_turn"),
+    "cut off": (lambda t: [say("partial")], "max_tokens"),
+    "refund": (lambda t: [refund(f"t{t}a")], "tool_use"),
+    "lookup": (lambda t: [lookup(f"t{t}a")], "tool_use"),
+    "unknown tool": (lambda t: [use(f"t{t}a", "teleport", {})], "tool_use"),
+    "invalid refund": (lambda t: [use(f"t{t}a", "refund", {"amount": "lots"})], "tool_use"),
+    "two refunds": (lambda t: [refund(f"t{t}a"), refund(f"t{t}b", 20)], "tool_use"),
+    "refund, lookup": (lambda t: [refund(f"t{t}a"), lookup(f"t{t}b")], "tool_use"),
+    "lookup, refund": (lambda t: [lookup(f"t{t}a"), refund(f"t{t}b")], "tool_use"),
+    # A call answered at once shows in the state only while another one is open.
+    "unknown tool, refund": (
+        lambda t: [use(f"t{t}a", "teleport", {}), refund(f"t{t}b")],
+        "tool_use",
+    ),
+}
+
+
+def candidate_events(ex: Execution) -> Iterator[Event]:
+    """Every event worth trying on `ex`; decide() refuses those that do not fit."""
+    at = (ex.updated_at or T0) + timedelta(seconds=1)
+    yield Started("exec-1", "go", at)
+    turn = ex.model_turn
+    for make, stop_reason in REPLIES.values():
+        blocks = make(turn)
+        tickets = tuple(
+            Ticket(b["id"], f"apr-{b['id']}", "why") for b in blocks if b["type"] == "tool_use"
+        )
+        yield ModelReplied(turn, tuple(blocks), stop_reason, at, tickets=tickets)
+    yield ModelFailed(turn, "overloaded", at)
+    for call in ex.calls:
+        yield ToolFinished(call.tool_use_id, "ok", at)
+        yield ToolFailed(call.tool_use_id, "boom", at)
+    for request in ex.pending_approvals:
+        yield Approved(request.request_id, at, by="bob")
+        yield Rejected(request.request_id, at, by="bob", reason="no")
+        yield TimerFired(request.request_id, max(at, request.timeout))
+    yield StopRequested(at, by="ops")
+
+
+def signature(ex: Execution) -> tuple[Any, ...]:
+    return (
+        ex.agent.approval_order,
+        ex.agent.max_iterations,
+        ex.status,
+        ex.awaiting_model,
+        ex.model_turn,
+        tuple((c.tool, c.status) for c in ex.calls),
+        tuple(r.status for r in ex.requests if r.status == PENDING),
+    )
+
+
+def walk(depth: int = 7) -> tuple[set[tuple[str, str, str]], set[tuple[str, str]]]:
+    """Breadth-first over every event sequence (up to `depth` events, states told apart by
+    what decides their future): the execution moves and tool-call moves decide() takes."""
+    frontier = [
+        Execution(agent=agent(order, limit))
+        for order in (SEQUENTIAL, PARALLEL)
+        for limit in (1, 2, 20)
+    ]
+    seen = {signature(ex) for ex in frontier}
+    taken: set[tuple[str, str, str]] = set()
+    call_moves: set[tuple[str, str]] = set()
+    for _ in range(depth):
+        following = []
+        for ex in frontier:
+            for event in candidate_events(ex):
+                try:
+                    new, _ = decide(ex, event)
+                except Refusal:
+                    continue
+                taken.add((event.TAG, ex.status, new.status))
+                call_moves |= call_moves_of_a_step(ex, new)
+                if signature(new) not in seen:
+                    seen.add(signature(new))
+                    following.append(new)
+        frontier = following
+    return taken, call_moves
+
+
+WALKED = walk()
+
+
+def test_every_move_of_the_execution_table_is_one_decide_takes() -> None:
+    """A row no run can take is a wrong specification: it would let a bug in decide()
+    through unnoticed. (decide() refuses to take a move that is not a row.)"""
+    taken, _ = WALKED
+    never = MOVES - taken
+    assert not never, f"moves of EXECUTION_TABLE no event sequence takes: {sorted(never)}"
+    assert taken <= MOVES
+
+
+def test_every_move_of_the_tool_call_table_is_one_decide_takes() -> None:
+    _, call_moves = WALKED
+    rows = {(s, d) for _, s, dests in machine.CALL_TABLE for d in dests}
+    assert call_moves == rows
+
+
+# -- the tool call's own table -------------------------------------------------------------------
+
+
+def test_the_tool_call_table_is_the_reviewed_one() -> None:
+    from clearance.core.execution import CALL_STATUSES, DONE
+
+    assert set(CALL_STATUSES) == {
+        QUEUED,
+        "awaiting_approval",
+        EXECUTING,
+        DONE,
+        REJECTED,
+        TIMED_OUT,
+        CANCELLED,
+    }
+    # A tool call's status never reads like an execution's ("running" was both).
+    assert EXECUTING == "executing"
+    assert not set(CALL_STATUSES) & {RUNNING, COMPLETED, FAILED, STOPPED, CREATED}
+    assert {(t, s, d) for t, s, dests in machine.CALL_TABLE for d in dests} == {
+        ("gate", QUEUED, "awaiting_approval"),
+        ("run", QUEUED, EXECUTING),
+        ("answer", QUEUED, DONE),
+        ("approve", "awaiting_approval", EXECUTING),
+        ("reject", "awaiting_approval", REJECTED),
+        ("time_out", "awaiting_approval", TIMED_OUT),
+        ("finish", EXECUTING, DONE),
+        ("cancel", QUEUED, CANCELLED),
+        ("cancel", "awaiting_approval", CANCELLED),
+    }
+    for action, _, _ in machine.CALL_TABLE:
+        for source in CALL_STATUSES:
+            allowed = {d for d in CALL_STATUSES if machine.call_move_allowed(action, source, d)}
+            looked_up = {d for a, s, d in machine.CALL_MOVES if (a, s) == (action, source)}
+            assert allowed == looked_up, (action, source)
+
+
+def test_a_decided_call_keeps_its_outcome_and_the_model_gets_one_result_each() -> None:
+    life = two_refunds()
+    life.reject("apr-1")
+    assert [c.status for c in life.ex.calls] == [REJECTED, "awaiting_approval"]
+    life.time_out("apr-2")
+    assert life.ex.calls == () and life.ex.awaiting_model
+    results = life.ex.messages[-1]["content"]
+    assert [(r["tool_use_id"], r["is_error"]) for r in results] == [("tu1", True), ("tu2", True)]
+    assert "approval_rejected" in results[0]["content"]
+    assert "approval_timeout" in results[1]["content"]
+
+
+# -- stop ------------------------------------------------------------------------------------------
+
+
+def test_stop_cancels_queued_and_awaiting_calls_and_leaves_an_executing_one_running() -> None:
+    life = Life().start().reply(lookup("tu1"), refund("tu2"), refund("tu3"))
+    assert [c.status for c in life.ex.calls] == [EXECUTING, QUEUED, QUEUED]
+    assert [c.status for c in life.stop().ex.calls] == [EXECUTING, CANCELLED, CANCELLED]
+    stopped = Life().start().reply(refund("tu1"), refund("tu2")).stop().ex
+    assert [c.status for c in stopped.calls] == [CANCELLED, CANCELLED]
+    assert [r.status for r in stopped.requests] == [CANCELLED]
+    parallel = Life(agent(PARALLEL)).start().reply(lookup("tu1"), refund("tu2")).stop().ex
+    assert [c.status for c in parallel.calls] == [EXECUTING, CANCELLED]
+
+
+@pytest.mark.parametrize("outcome", ["finished", "failed"])
+def test_a_stopped_execution_records_the_outcome_of_the_tool_it_was_running(outcome: str) -> None:
+    life = Life(agent(PARALLEL)).start().reply(lookup("tu1"), refund("tu2")).stop()
+    stopped = life.ex
+    at = life.now()
+    event: Event = (
+        ToolFinished("tu1", {"found": 1}, at)
+        if outcome == "finished"
+        else ToolFailed("tu1", "x", at)
+    )
+    new, commands = decide(stopped, event)
+    assert commands == ()  # nothing for the model, nothing for the audit log
+    assert new.status == STOPPED and new.error == stopped.error
+    assert new.messages == stopped.messages and new.requests == stopped.requests
+    done = new.call("tu1")
+    assert done is not None and done.status == "done" and done.result is not None
+    assert done.result.is_error == (outcome == "failed")
+    # Once: a second outcome, or one for a call that was not executing, is stale.
+    for late in (ToolFinished("tu1", "again", at), ToolFinished("tu2", "never ran", at)):
+        with pytest.raises(Refusal) as caught:
+            decide(new, late)
+        assert caught.value.code == "stale_tool_result"
+    with pytest.raises(Refusal) as caught:
+        decide(stopped, ToolFinished("tu2", "never ran", at))
+    assert caught.value.code == "stale_tool_result" and "(it is cancelled)" in str(caught.value)
+
+
+# -- stored states of earlier versions -------------------------------------------------------------
+
+
+def test_decide_has_a_version() -> None:
+    from clearance.core.decide import DECIDE_VERSION
+
+    assert DECIDE_VERSION == 2
+
+
+def downgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A state as decide() version 1 wrote it: a tool call that runs is 'running', one
+    that was rejected or timed out is 'done', a stopped execution leaves its calls be."""
+    old = copy.deepcopy(data)
+    for call in old["calls"]:
+        status = call["status"]
+        if status == EXECUTING:
+            call["status"] = "running"
+        elif status in (REJECTED, TIMED_OUT):
+            call["status"] = "done"
+        elif status == CANCELLED:
+            call["status"] = "awaiting_approval" if call["request_id"] else QUEUED
+    return old
+
+
+LEGACY_CASES = {
+    "approved, running": lambda: two_refunds().approve("apr-1"),
+    "rejected, next open": lambda: two_refunds().reject("apr-1"),
+    "timed out, next open": lambda: two_refunds().time_out("apr-1"),
+    "stopped": lambda: Life().start().reply(refund("tu1"), lookup("tu2")).stop(),
+    "stopped, parallel": lambda: (
+        Life(agent(PARALLEL)).start().reply(lookup("tu1"), refund("tu2")).stop()
+    ),
+    "ungated running": lambda: Life().start().reply(lookup("tu1")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEGACY_CASES))
+def test_a_state_written_by_version_1_reads_as_version_2_made_it(case: str) -> None:
+    from clearance.core.wire import execution_from_data, execution_to_data
+
+    ex = LEGACY_CASES[case]().ex
+    data = execution_to_data(ex)
+    assert execution_from_data(data) == ex
+    legacy = downgraded(data)
+    assert legacy != data
+    assert execution_from_data(legacy) == ex

@@ -734,3 +734,35 @@ async def test_a_process_hosting_no_agent_delivers_only_instance_signed_webhooks
         assert (attempted, delivery.status, receiver.hits) == (0, "pending", [])
     else:
         assert (attempted, delivery.status, len(receiver.hits)) == (1, "delivered", 1)
+
+
+@pytest.mark.parametrize("hosts_the_agent", [True, False])
+async def test_a_process_without_the_instance_secret_never_claims_instance_signed_deliveries(
+    db: Path, recorder: Recorder, hosts_the_agent: bool
+) -> None:
+    """The CLI, a reviewer's app or `serve` without the env var cannot sign with the
+    instance's secret: it must leave instance-signed deliveries pending for a process
+    that can, never claim them and fail them for good, even for an agent it hosts."""
+    receiver = Receiver()
+    with serving(receiver.app) as url:
+        host = open_app(db)  # no `async with`: this process never delivers
+        define(host, recorder, url + "/hook")
+        _, request_id = await paused(host)
+        await host.close()
+        keyless = open_app(db, webhook_secret=None, public_url=None)
+        if hosts_the_agent:  # the same agent, defined without the webhook it cannot sign
+            define(keyless, recorder)
+        attempted = await keyless.deliver_webhooks()
+        [delivery] = await keyless.deliveries(request_id)
+        await keyless.close()
+        assert (attempted, delivery.status, delivery.attempts, receiver.hits) == (
+            0,
+            "pending",
+            (),
+            [],
+        )
+        # A process that holds the secret delivers it afterwards, as if nothing happened.
+        async with open_app(db) as server:
+            assert await server.deliver_webhooks() == 1
+            [delivery] = await server.deliveries(request_id)
+    assert (delivery.status, len(receiver.hits)) == ("delivered", 1)

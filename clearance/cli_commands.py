@@ -1,0 +1,397 @@
+"""The `clearance` commands but the demo: list pending approvals, decide them, show an
+execution, read the audit log, serve the HTTP API; and what they share with the demo
+(the database, `--set` values, the lines they print for people).
+
+Every command works on one SQLite database (`--db`, or $CLEARANCE_DB, else
+./clearance.db). Deciding needs no agent definition: `clearance approve` records
+the decision and returns, and the process hosting the agent (the demo, your
+app) notices it within its poll interval and carries on. `--json` output is
+`views`' camelCase, strict JSON. Errors are one line on stderr and exit code 1;
+usage errors (bad arguments, a `--set` value JSON cannot carry) exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from clearance import views
+from clearance.app import Clearance
+from clearance.core import json_value
+from clearance.core.commands import AuditRecord
+from clearance.core.decide import duration
+from clearance.core.errors import ClearanceError
+from clearance.core.events import (
+    Approved,
+    Event,
+    ModelFailed,
+    ModelReplied,
+    Rejected,
+    Started,
+    StopRequested,
+    TimerFired,
+    ToolFailed,
+    ToolFinished,
+)
+from clearance.core.execution import (
+    APPROVED,
+    CANCELLED,
+    REJECTED,
+    TIMED_OUT,
+    ApprovalRequest,
+    iso,
+)
+
+DB_ENV = "CLEARANCE_DB"
+SECRET_ENV = "CLEARANCE_WEBHOOK_SECRET"  # secrets come from the environment, never argv
+API_KEY_ENV = "CLEARANCE_API_KEY"
+DEFAULT_DB = "clearance.db"
+
+
+class UsageError(Exception):
+    """Arguments that parse but do not make sense together: exit code 2."""
+
+
+def say(*lines: str) -> None:
+    for line in lines:
+        print(line, flush=True)
+
+
+def warn(message: str) -> None:
+    print(f"clearance: error: {message}", file=sys.stderr, flush=True)
+
+
+def default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return "cli"
+
+
+def split_assignment(text: str) -> tuple[str, str]:
+    """`amount=25` -> ('amount', '25'): the shape NAME=VALUE, the value still as typed."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. amount=25), got {text!r}")
+    return key, raw
+
+
+def assignment_value(key: str, raw: str) -> Any:
+    """The value of `--set key=raw`: JSON when it parses, else the text as typed. JSON that
+    JSON cannot carry (1e999, NaN, Infinity, a lone surrogate escape) is refused with
+    NotJSON rather than read as something else."""
+    shown = f"--set {key}={raw}".encode("utf-8", "backslashreplace").decode("utf-8")
+    try:
+        json_value.check_text(key, "the name")
+        try:
+            value: Any = json.loads(raw)  # reads NaN and 1e999 as floats: refused below
+        except ValueError:
+            value = raw  # not JSON at all: text
+        return json_value.strict(value, "the value")
+    except json_value.NotJSON as err:
+        raise json_value.NotJSON(f"{shown}: {err}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`amount=25` -> ('amount', 25): the value is JSON when it parses, else a string.
+    Raises ArgumentTypeError for a malformed assignment or a value JSON cannot carry."""
+    key, raw = split_assignment(text)
+    try:
+        return key, assignment_value(key, raw)
+    except json_value.NotJSON as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def modified_params(assignments: Sequence[tuple[str, str]] | None) -> dict[str, Any] | None:
+    """The `--set` assignments as modified parameters (None for none); UsageError for a
+    value JSON cannot carry."""
+    changes: dict[str, Any] = {}
+    for key, raw in assignments or ():
+        try:
+            changes[key] = assignment_value(key, raw)
+        except json_value.NotJSON as err:
+            raise UsageError(str(err)) from None
+    return changes or None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
+def db_path(args: argparse.Namespace, *, must_exist: bool) -> Path:
+    path = Path(args.db or os.environ.get(DB_ENV) or DEFAULT_DB).expanduser().resolve()
+    if must_exist and not path.is_file():
+        raise ClearanceError(
+            f"no database at {path}; pass --db PATH (or set ${DB_ENV}) to the database the "
+            "agent uses, e.g. the one `clearance demo` printed"
+        )
+    return path
+
+
+@asynccontextmanager
+async def opened(path: Path) -> AsyncIterator[Clearance]:
+    async with Clearance.open(f"sqlite:///{path}") as app:
+        yield app
+
+
+def compact(value: Any, limit: int = 0) -> str:
+    out = views.dumps(value)
+    if limit and len(out) > limit:
+        out = out[: limit - 1] + "…"
+    return out
+
+
+def _relative(at: datetime) -> str:
+    seconds = int((at - datetime.now(UTC)).total_seconds())
+    if seconds <= 0:
+        return "expired"
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"in {hours}h{minutes:02d}m"
+    if minutes:
+        return f"in {minutes}m{seconds:02d}s"
+    return f"in {seconds}s"
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+
+
+def sentence(text: str) -> str:
+    """'rejected: Too expensive.' stays as it is; 'approved' -> 'approved.'."""
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def describe_decision(request: ApprovalRequest) -> str:
+    by = f" by {request.decided_by}" if request.decided_by else ""
+    if request.status == APPROVED:
+        if request.modified_params:
+            return f"approved{by} with changes {compact(request.modified_params)}"
+        return f"approved{by}"
+    if request.status == REJECTED:
+        because = f": {request.rejection_reason}" if request.rejection_reason else ""
+        return f"rejected{by}{because}"
+    if request.status == TIMED_OUT:
+        return f"timed out after {duration(request.timeout_ms)}"
+    if request.status == CANCELLED:
+        return f"cancelled{by}"
+    return request.status
+
+
+def audit_line(record: AuditRecord) -> str:
+    parts = [
+        iso(record.at),
+        record.decision,
+        record.request_id,
+        record.tool,
+        f"params={compact(record.parameters)}",
+    ]
+    if record.modified_params is not None:
+        parts.append(f"modified={compact(record.modified_params)}")
+    if record.by:
+        parts.append(f"by={record.by}")
+    if record.reason:
+        parts.append(f"reason={views.dumps(record.reason)}")
+    return "  ".join(parts)
+
+
+# -- pending / approve / reject / show / audit -------------------------------------------
+
+
+async def cmd_pending(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=True)
+    async with opened(path) as app:
+        requests = await app.pending(args.agent)
+    if args.json:
+        for request in requests:
+            say(views.dumps(views.approval_request(request)))
+        return 0
+    if not requests:
+        which = f" for agent '{args.agent}'" if args.agent else ""
+        say(f"No pending approval requests{which} in {path}.")
+        return 0
+    rows = [("REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS", "EXPIRES")]
+    for r in requests:
+        rows.append(
+            (
+                r.request_id,
+                r.execution_id,
+                r.agent_tag,
+                r.tool,
+                compact(r.parameters, 60),
+                f"{iso(r.timeout)} ({_relative(r.timeout)})",
+            )
+        )
+    say(*_table(rows))
+    return 0
+
+
+async def _decide(args: argparse.Namespace, approved: bool) -> int:
+    changes = modified_params(args.set)
+    path = db_path(args, must_exist=True)
+    by = args.by or default_user()
+    async with opened(path) as app:
+        ex = await app.decide(
+            args.request_id,
+            approved=approved,
+            modified_params=changes,
+            reason=None if approved else args.reason,
+            by=by,
+        )
+    request = ex.request(args.request_id)
+    assert request is not None  # decide() found it
+    say(sentence(f"{args.request_id}: {describe_decision(request)}"))
+    if approved:
+        say(f"'{request.tool}' will run with {compact(request.effective_parameters())}.")
+    say(
+        f"Execution {ex.id} is {ex.status}; the process hosting agent '{ex.agent_tag}' "
+        f"carries on from here (see: clearance show {ex.id} --db {shlex.quote(str(path))})."
+    )
+    return 0
+
+
+async def cmd_approve(args: argparse.Namespace) -> int:
+    return await _decide(args, approved=True)
+
+
+async def cmd_reject(args: argparse.Namespace) -> int:
+    return await _decide(args, approved=False)
+
+
+def _event_summary(event: Event) -> str:
+    if isinstance(event, Started):
+        return f"input={views.dumps(event.input)}"
+    if isinstance(event, ModelReplied):
+        parts = []
+        for block in event.content:
+            if block.get("type") == "text":
+                parts.append(views.dumps(block.get("text", "")))
+            elif block.get("type") == "tool_use":
+                parts.append(f"tool_use {block.get('name')} {compact(block.get('input'))}")
+        return f"turn {event.turn}: " + "; ".join(parts)
+    if isinstance(event, ModelFailed):
+        return f"turn {event.turn}: {event.error}"
+    if isinstance(event, ToolFinished):
+        return f"{event.tool_use_id}: {compact(event.output, 100)}"
+    if isinstance(event, ToolFailed):
+        return f"{event.tool_use_id}: {event.error}"
+    if isinstance(event, Approved):
+        by = f" by {event.by}" if event.by else ""
+        changes = f" with {compact(event.modified_params)}" if event.modified_params else ""
+        return f"{event.request_id}{by}{changes}"
+    if isinstance(event, Rejected):
+        by = f" by {event.by}" if event.by else ""
+        return f"{event.request_id}{by}: {event.reason or '(no reason)'}"
+    if isinstance(event, TimerFired):
+        return event.request_id
+    if isinstance(event, StopRequested):
+        by = f" by {event.by}" if event.by else ""
+        return f"{by.strip()} {event.reason or ''}".strip()
+    return ""
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=True)
+    async with opened(path) as app:
+        history = await app.get_execution(args.execution_id)
+        records = await app.audit(execution_id=args.execution_id)
+    ex = history.execution
+    if args.json:
+        say(views.dumps(views.execution_report(ex, history.events, records), indent=2))
+        return 0
+    say(f"Execution {ex.id}  agent {ex.agent_tag}  status {ex.status}")
+    say(f"Input:  {ex.input}")
+    if ex.output is not None:
+        say(f"Output: {ex.output}")
+    if ex.error is not None:
+        say(f"Error:  {ex.error}")
+    if ex.requests:
+        say("", "Approval requests:")
+        for r in ex.requests:
+            say(f"  {r.request_id}  {r.tool}  {compact(r.parameters)}  {describe_decision(r)}")
+    say("", "Events:")
+    for event in history.events:
+        say(f"  {iso(event.at)}  {event.TAG:<15} {_event_summary(event)}")
+    if records:
+        say("", "Audit:")
+        for record in records:
+            say("  " + audit_line(record))
+    return 0
+
+
+async def cmd_audit(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=True)
+    async with opened(path) as app:
+        records = await app.audit(execution_id=args.execution, request_id=args.request)
+    if args.json:
+        for record in records:
+            say(views.dumps(views.audit_record(record)))
+    elif not records:
+        say(f"No decisions recorded in {path}.")
+    else:
+        say(*(audit_line(r) for r in records))
+    return 0
+
+
+# -- serve ----------------------------------------------------------------------------------
+
+
+class _Server(uvicorn.Server):
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises SIGTERM/SIGINT once it has shut down, which would end the
+        # process before Clearance closes its store: shut down gracefully and return.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=False)
+    secret = os.environ.get(SECRET_ENV) or None
+    api_key = os.environ.get(API_KEY_ENV) or None
+    async with Clearance.open(
+        f"sqlite:///{path}", public_url=args.public_url, webhook_secret=secret, api_key=api_key
+    ) as app:
+        config = uvicorn.Config(
+            app.asgi(), host=args.host, port=args.port, lifespan="off", log_level="info"
+        )
+        say(
+            f"Clearance HTTP API for {path} (OpenAPI at /openapi.json)",
+            f"  callbacks:          {'on' if secret else f'off (set ${SECRET_ENV})'}",
+            f"  signal/read routes: {'on' if api_key else f'off (set ${API_KEY_ENV})'}",
+        )
+        await _Server(config).serve()
+    say("Stopped; anything pending stays pending in the database.")
+    return 0

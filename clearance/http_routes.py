@@ -1,0 +1,237 @@
+"""The HTTP API's routes: credentials first, then the body (`http_bodies`), then exactly one
+call on the `Clearance` facade, then the answer (`views`), or an error (`http_errors`).
+
+The routes talk to the facade only: `decide`, `signal`, `pending`, `get_execution`
+and its reads (`request`, `execution`); never to its store.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from clearance import views
+from clearance.callback import TokenError, check_token
+from clearance.core.decide import standing_decision
+from clearance.core.errors import ClearanceError, InvalidParameters, Refusal, RefusalCode
+from clearance.core.execution import PENDING, TIMED_OUT, ApprovalRequest, iso
+from clearance.http_bodies import callback_decision, listing, read_json, signal_call
+from clearance.http_errors import REFUSAL_STATUS, ApiError, fail
+from clearance.openapi import openapi_document
+from clearance.ports.store import UnreadableExecution
+
+if TYPE_CHECKING:
+    from clearance.app import Clearance
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class JSONView(Response):
+    """A JSON answer, encoded by `views.encode`: strict JSON that no value can break."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return views.encode(content)
+
+
+def error_response(err: ApiError) -> Response:
+    return JSONView(err.body(), status_code=err.status, headers=err.headers or None)
+
+
+# -- credentials -------------------------------------------------------------------------
+
+
+def require_api_key(app: Clearance, request: Request) -> None:
+    if not app.api_key:
+        fail(
+            503,
+            "not_configured",
+            "this route needs an API key: Clearance.open(..., api_key=...), or "
+            "$CLEARANCE_API_KEY for `clearance serve`",
+        )
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        err = ApiError(401, "unauthorized", "send Authorization: Bearer <api key>")
+        err.headers["WWW-Authenticate"] = "Bearer"
+        raise err
+    if not hmac.compare_digest(given.strip().encode("latin-1"), app.api_key.encode("utf-8")):
+        fail(403, "forbidden", "the API key is not valid")
+
+
+def require_token(app: Clearance, request: Request, request_id: str) -> None:
+    if not app.webhook_secret:
+        fail(
+            503,
+            "not_configured",
+            "callbacks need a webhook secret: Clearance.open(..., webhook_secret='whsec_…'), "
+            "or $CLEARANCE_WEBHOOK_SECRET for `clearance serve`",
+        )
+    token = request.query_params.get("token")
+    try:
+        check_token(app.webhook_secret, request_id, token, app.clock.now())
+    except TokenError as err:
+        fail(err.status, err.code, str(err))
+
+
+# -- refusals ----------------------------------------------------------------------------
+
+
+async def refused(app: Clearance, refusal: Refusal, request_id: str | None) -> NoReturn:
+    """The HTTP answer for a refusal; nothing was changed when `decide()` refused. A second
+    decision names the one that stands (410 when that is a timeout)."""
+    code, message = refusal.code, str(refusal)
+    if isinstance(refusal, InvalidParameters):
+        fail(REFUSAL_STATUS[code], code, message, problems=list(refusal.problems))
+    if code == RefusalCode.ALREADY_DECIDED and request_id:
+        request = await app.request(request_id)
+        if request is not None:
+            if request.status == TIMED_OUT:
+                code = RefusalCode.EXPIRED
+            standing = views.decision_summary(request)
+            fail(REFUSAL_STATUS[code], code, standing_decision(request), decision=standing)
+    fail(REFUSAL_STATUS[code], code, message)
+
+
+async def refuse_if_past_deadline(app: Clearance, execution_id: str, request_id: str) -> None:
+    """A decision after the deadline is a 410 that changes nothing here; the timer sweep
+    records the timeout (the engine would record it first and then refuse)."""
+    ex = await app.execution(execution_id)
+    request = ex.request(request_id) if ex else None
+    if request is not None and request.status == PENDING and app.clock.now() >= request.timeout:
+        code = RefusalCode.EXPIRED
+        fail(
+            REFUSAL_STATUS[code],
+            code,
+            f"approval request {request_id} expired at {iso(request.timeout)}; it is "
+            "auto-rejected as timed out and can no longer be decided",
+        )
+
+
+# -- routes ------------------------------------------------------------------------------
+
+
+def routes(app: Clearance, max_body: int) -> list[Route]:
+    def callback_url(request: ApprovalRequest) -> str | None:
+        return app.callback_url(request) if app.public_url and app.webhook_secret else None
+
+    async def respond(request: Request) -> Response:
+        request_id = request.path_params["requestId"]
+        require_token(app, request, request_id)
+        call = callback_decision(await read_json(request, max_body))
+        try:
+            ex = await app.decide(
+                request_id,
+                approved=call.approved,
+                reason=call.reason,
+                modified_params=call.modified_params,
+                by=call.by,
+            )
+        except Refusal as refusal:
+            await refused(app, refusal, request_id)
+        except UnreadableExecution:
+            raise  # not "busy": trying again cannot help (see unreadable)
+        except ClearanceError as err:
+            fail(503, "busy", f"{err}; try again")
+        decided = ex.request(request_id)
+        assert decided is not None  # decide() just decided it
+        return JSONView(views.decision(decided, ex.status))
+
+    async def signal(request: Request) -> Response:
+        require_api_key(app, request)
+        execution_id = request.path_params["executionId"]
+        call = signal_call(await read_json(request, max_body))
+        if call.request_id:
+            await refuse_if_past_deadline(app, execution_id, call.request_id)
+        try:
+            ex = await app.signal(
+                execution_id,
+                call.name,
+                request_id=call.request_id,
+                modified_params=call.modified_params,
+                reason=call.reason,
+                by=call.by,
+            )
+        except Refusal as refusal:
+            await refused(app, refusal, call.request_id)
+        except UnreadableExecution:
+            raise  # not "busy": trying again cannot help (see unreadable)
+        except ClearanceError as err:
+            fail(503, "busy", f"{err}; try again")
+        decided = ex.request(call.request_id) if call.request_id else None
+        if decided is None:
+            answer = {"signal": call.name, "executionId": ex.id, "executionStatus": ex.status}
+        else:
+            answer = {"signal": call.name, **views.decision(decided, ex.status)}
+        return JSONView(answer)
+
+    async def approvals(request: Request) -> Response:
+        require_api_key(app, request)
+        query = listing(request.query_params)
+        pending = await app.pending(query.agent_tag, limit=query.limit)
+        return JSONView({"approvals": [views.approval(r, callback_url) for r in pending]})
+
+    async def execution(request: Request) -> Response:
+        require_api_key(app, request)
+        try:
+            history = await app.get_execution(request.path_params["executionId"])
+        except Refusal as refusal:
+            await refused(app, refusal, None)
+        return JSONView(views.execution(history.execution, history.events, callback_url))
+
+    async def openapi(request: Request) -> Response:
+        return JSONView(openapi_document(request.scope.get("root_path", "")))
+
+    return [
+        Route("/approvals/{requestId}/respond", guarded(respond), methods=["POST"]),
+        Route("/executions/{executionId}/signal", guarded(signal), methods=["POST"]),
+        Route("/approvals", guarded(approvals), methods=["GET"]),
+        Route("/executions/{executionId}", guarded(execution), methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+
+
+def guarded(endpoint: Endpoint) -> Endpoint:
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as err:
+            return error_response(err)
+
+    return answer
+
+
+# -- errors outside the routes ------------------------------------------------------------
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = {
+        404: f"no route {request.url.path}; see /openapi.json",
+        405: f"{request.method} is not allowed on {request.url.path}; see /openapi.json",
+    }.get(exc.status_code, str(exc.detail))
+    err = ApiError(exc.status_code, code, message)
+    err.headers.update(exc.headers or {})
+    return error_response(err)
+
+
+async def unreadable(request: Request, exc: Exception) -> Response:
+    return error_response(ApiError(500, "unreadable_execution", str(exc)))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return error_response(ApiError(500, "internal_error", "internal error; see the server log"))
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+    HTTPException: http_error,
+    UnreadableExecution: unreadable,
+    500: server_error,
+}

@@ -1,0 +1,366 @@
+"""The HTTP API described as OpenAPI 3.1: what `GET /openapi.json` serves.
+
+Hand-written, next to the routes it describes; tests check that it covers every
+route and that every answer conforms to it (schemathesis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clearance.core.execution import PENDING, REQUEST_STATUSES
+from clearance.engine import SIGNALS
+from clearance.http_bodies import DEFAULT_LIMIT, MAX_BODY, MAX_LIMIT
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    described = {
+        400: "The body is not valid UTF-8 JSON.",
+        401: "The credential is missing.",
+        403: "The credential is not valid.",
+        404: "No such approval request, execution or route.",
+        409: "Already decided (error.decision names the decision that stands), "
+        "or the execution is in a state that takes no such signal.",
+        410: "The approval request expired or timed out; it can no longer be decided.",
+        413: f"The body is larger than the limit ({MAX_BODY // 1024} KiB by default).",
+        415: "The body is not Content-Type: application/json.",
+        422: "The body or query is not valid; error.problems names each invalid "
+        "modified parameter and why.",
+        500: "The execution's stored log no longer reads back (error.code "
+        "unreadable_execution names the row; trying again cannot help).",
+        503: "The route's secret (webhook_secret or api_key) is not configured.",
+    }
+    return {str(s): _json(_ref("Error"), described[s]) for s in statuses}
+
+
+_TEXT_OR_NULL = {"type": ["string", "null"]}
+_OBJECT_OR_NULL = {"type": ["object", "null"]}
+_BY = {"type": ["string", "null"], "description": "Who decides; recorded in the audit log."}
+
+
+def _signal_variant(signal: str, fields: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": fields,
+    }
+    if required:
+        payload["required"] = required
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["signal", "payload"] if required else ["signal"],
+        "properties": {"signal": {"const": signal}, "payload": payload},
+    }
+
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "problems": {"type": "array", "items": {"type": "string"}},
+                    "decision": {
+                        "type": "object",
+                        "properties": {
+                            "status": {"type": "string"},
+                            "by": _TEXT_OR_NULL,
+                            "at": _TEXT_OR_NULL,
+                        },
+                    },
+                },
+            }
+        },
+    },
+    "CallbackBody": {
+        "description": "The spec's callback body: approve, approve with modified "
+        "parameters, or reject with a reason.",
+        "oneOf": [
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["approved"],
+                "properties": {
+                    "approved": {"const": True},
+                    "modifiedParams": _OBJECT_OR_NULL,
+                    "by": _BY,
+                },
+            },
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["approved"],
+                "properties": {
+                    "approved": {"const": False},
+                    "reason": _TEXT_OR_NULL,
+                    "by": _BY,
+                },
+            },
+        ],
+    },
+    "SignalBody": {
+        "description": "The spec's signal: approve or reject one request, or stop the execution.",
+        "oneOf": [
+            _signal_variant(
+                "approve",
+                {"requestId": {"type": "string"}, "modifiedParams": _OBJECT_OR_NULL, "by": _BY},
+                ["requestId"],
+            ),
+            _signal_variant(
+                "reject",
+                {"requestId": {"type": "string"}, "reason": _TEXT_OR_NULL, "by": _BY},
+                ["requestId"],
+            ),
+            _signal_variant("stop", {"reason": _TEXT_OR_NULL, "by": _BY}, []),
+        ],
+    },
+    "Decision": {
+        "type": "object",
+        "required": [
+            "requestId",
+            "executionId",
+            "decision",
+            "tool",
+            "parameters",
+            "executionStatus",
+        ],
+        "properties": {
+            "requestId": {"type": "string"},
+            "executionId": {"type": "string"},
+            "decision": {"enum": ["approved", "rejected"]},
+            "tool": {"type": "string"},
+            "parameters": {
+                "type": "object",
+                "description": "What the tool runs with (modified parameters merged in).",
+            },
+            "modifiedParams": {"type": "object"},
+            "reason": {"type": "string"},
+            "by": {"type": "string"},
+            "decidedAt": {"type": "string", "format": "date-time"},
+            "executionStatus": {"type": "string"},
+        },
+    },
+    "SignalResult": {
+        "type": "object",
+        "required": ["signal", "executionId", "executionStatus"],
+        "properties": {
+            "signal": {"enum": list(SIGNALS)},
+            "executionId": {"type": "string"},
+            "executionStatus": {"type": "string"},
+            "requestId": {"type": "string"},
+            "decision": {"enum": ["approved", "rejected"]},
+        },
+    },
+    "ApprovalRequest": {
+        "type": "object",
+        "required": [
+            "requestId",
+            "executionId",
+            "agentTag",
+            "tool",
+            "parameters",
+            "reason",
+            "timestamp",
+            "timeout",
+            "status",
+            "expiresAt",
+        ],
+        "properties": {
+            "requestId": {"type": "string"},
+            "executionId": {"type": "string"},
+            "agentTag": {"type": "string"},
+            "tool": {"type": "string"},
+            "parameters": {"type": "object"},
+            "reason": {"type": "string"},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "timeout": {"type": "string", "format": "date-time"},
+            "status": {"enum": list(REQUEST_STATUSES)},
+            "expiresAt": {"type": "string", "format": "date-time"},
+            "callbackUrl": {"type": "string"},
+            "decidedBy": _TEXT_OR_NULL,
+            "decidedAt": _TEXT_OR_NULL,
+            "modifiedParams": _OBJECT_OR_NULL,
+            "rejectionReason": _TEXT_OR_NULL,
+        },
+    },
+    "Execution": {
+        "type": "object",
+        "required": ["executionId", "agentTag", "status", "pendingApprovals", "events"],
+        "properties": {
+            "executionId": {"type": "string"},
+            "agentTag": {"type": "string"},
+            "status": {"type": "string"},
+            "input": {"type": "string"},
+            "sessionId": _TEXT_OR_NULL,
+            "output": _TEXT_OR_NULL,
+            "error": _TEXT_OR_NULL,
+            "createdAt": _TEXT_OR_NULL,
+            "updatedAt": _TEXT_OR_NULL,
+            "usage": {
+                "type": "object",
+                "properties": {
+                    "inputTokens": {"type": "integer"},
+                    "outputTokens": {"type": "integer"},
+                },
+            },
+            "pendingApprovals": {"type": "array", "items": _ref("ApprovalRequest")},
+            "approvals": {"type": "array", "items": _ref("ApprovalRequest")},
+            "events": {
+                "type": "array",
+                "items": {"type": "object", "required": ["type"]},
+                "description": "Every event of the execution, oldest first, as stored.",
+            },
+        },
+    },
+}
+
+_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def openapi_document(root_path: str = "") -> dict[str, Any]:
+    """The API as OpenAPI 3.1: what /openapi.json serves."""
+    doc: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Clearance",
+            "version": "1",
+            "description": "Human approval gates for AI agents' tool calls: decide approval "
+            "requests by callback URL or signal, and read pending requests and executions.",
+        },
+        "paths": {
+            "/approvals/{requestId}/respond": {
+                "post": {
+                    "operationId": "respond",
+                    "summary": "Decide one approval request (the webhook's callbackUrl).",
+                    "description": "The token from the callbackUrl is the credential; no API "
+                    "key. Exactly one decision per request ever wins.",
+                    "parameters": [
+                        _path_param("requestId"),
+                        {
+                            "name": "token",
+                            "in": "query",
+                            "required": True,
+                            "schema": {"type": "string"},
+                            "description": "From the callbackUrl, as sent.",
+                        },
+                    ],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("CallbackBody")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("Decision"), "Decided."),
+                        **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 500, 503),
+                    },
+                }
+            },
+            "/executions/{executionId}/signal": {
+                "post": {
+                    "operationId": "signal",
+                    "summary": "Approve or reject a request of an execution, or stop it.",
+                    "security": _BEARER,
+                    "parameters": [_path_param("executionId")],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("SignalBody")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("SignalResult"), "Signalled."),
+                        **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 500, 503),
+                    },
+                }
+            },
+            "/approvals": {
+                "get": {
+                    "operationId": "listApprovals",
+                    "summary": "Pending approval requests, oldest first.",
+                    "security": _BEARER,
+                    "parameters": [
+                        {
+                            "name": "status",
+                            "in": "query",
+                            "schema": {"enum": [PENDING], "default": PENDING},
+                            "description": "Only pending is supported.",
+                        },
+                        {"name": "agentTag", "in": "query", "schema": {"type": "string"}},
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_LIMIT,
+                                "default": DEFAULT_LIMIT,
+                            },
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["approvals"],
+                                "properties": {
+                                    "approvals": {
+                                        "type": "array",
+                                        "items": _ref("ApprovalRequest"),
+                                    }
+                                },
+                            },
+                            "Pending requests.",
+                        ),
+                        **_errors(401, 403, 422, 503),
+                    },
+                }
+            },
+            "/executions/{executionId}": {
+                "get": {
+                    "operationId": "getExecution",
+                    "summary": "An execution: status, output, approvals, usage and events.",
+                    "security": _BEARER,
+                    "parameters": [_path_param("executionId")],
+                    "responses": {
+                        "200": _json(_ref("Execution"), "The execution."),
+                        **_errors(401, 403, 404, 500, 503),
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1.")},
+                }
+            },
+        },
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The instance's api_key ($CLEARANCE_API_KEY).",
+                }
+            },
+        },
+    }
+    if root_path:
+        doc["servers"] = [{"url": root_path}]
+    return doc

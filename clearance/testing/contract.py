@@ -1,0 +1,904 @@
+"""The store contract: one pytest suite that every `Store` adapter must pass.
+
+Written once against the ports (`clearance.ports.store`), it drives real
+executions through `decide()` and commits each step's `writes()`, as the engine
+does, then reads back through the ports only. A plugin author subclasses it::
+
+    import pytest
+
+    pytest.register_assert_rewrite("clearance.testing.contract")  # in conftest.py
+
+    from clearance.testing.contract import StoreContract
+
+    class TestMyStore(StoreContract):
+        def make_store(self, path):
+            return MyStore(f"mystore://{path.name}")  # or an awaitable of one
+
+`make_store(path)` opens a store on an empty database of its own for this test
+(`path` is the test's fresh `tmp_path`: a file store puts its file there, a
+server store derives a fresh database or schema from it). `reopen(path)` opens a
+second instance on that same database, as a second worker process would; it
+defaults to `make_store(path)`, and returns None for a store that cannot share
+(SQLite's `:memory:`), which skips the tests that race two instances.
+
+Needs pytest and pytest-asyncio; import this module explicitly (the
+`clearance.testing` package does not load it). Leases are judged only by the
+`now` and `until` datetimes passed in, so no test sleeps past a lease.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from clearance.core.agent import PARALLEL, SEQUENTIAL, AgentSpec, ToolSpec
+from clearance.core.commands import CallModel, RunTool
+from clearance.core.decide import decide
+from clearance.core.events import (
+    Approved,
+    Event,
+    ModelFailed,
+    ModelReplied,
+    Rejected,
+    Started,
+    StopRequested,
+    Ticket,
+    TimerFired,
+    ToolFinished,
+)
+from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.rows import AGENT_SIGNER, INSTANCE_SIGNER, WEBHOOK, Writes, writes
+from clearance.ports.store import (
+    Claim,
+    ClaimRequest,
+    Conflict,
+    Delivery,
+    DeliveryAttempt,
+    DueTimer,
+    LeaseLost,
+    Store,
+    Work,
+)
+
+__all__ = ["StoreContract"]
+
+# Event times: fixed, so requests, timers and deliveries are easy to reason about.
+T0 = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
+FAR = T0 + timedelta(days=3650)
+TIMEOUT_MS = 60_000
+LEASE = timedelta(seconds=30)
+HOOK = "https://hooks.example/approvals"
+
+_REFUND = ToolSpec(
+    tag="refund",
+    description="Refund an order",
+    input_schema={
+        "type": "object",
+        "properties": {"order": {"type": "string"}, "amount": {"type": "number"}},
+        "required": ["order", "amount"],
+    },
+    gated=True,
+    approval_timeout_ms=TIMEOUT_MS,
+)
+_LOOKUP = ToolSpec(
+    tag="lookup",
+    description="Look up an order",
+    input_schema={
+        "type": "object",
+        "properties": {"order": {"type": "string"}},
+        "required": ["order"],
+    },
+    gated=False,
+    approval_timeout_ms=TIMEOUT_MS,
+)
+
+
+def agent(
+    tag: str = "contract-agent",
+    *,
+    parallel: bool = False,
+    webhook: str | None = None,
+    own_secret: bool = False,
+) -> AgentSpec:
+    return AgentSpec(
+        tag=tag,
+        name="Contract agent",
+        product="clearance-contract",
+        model="scripted",
+        system_prompt="You refund orders.",
+        tools=(_REFUND, _LOOKUP),
+        approval_order=PARALLEL if parallel else SEQUENTIAL,
+        approval_webhook=webhook,
+        own_webhook_secret=own_secret,
+    )
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+class Run:
+    """One execution driven through `decide()`, each step's rows committed to a store."""
+
+    def __init__(self, spec: AgentSpec, execution_id: str) -> None:
+        self.id = execution_id
+        self.ex = Execution(agent=spec)
+        self.log: list[Event] = []
+
+    @property
+    def tag(self) -> str:
+        return self.ex.agent_tag
+
+    def step(self, event: Event) -> Writes:
+        """The rows `event` writes from the current state (nothing is committed)."""
+        new, commands = decide(self.ex, event)
+        return writes(new, event, commands)
+
+    async def commit(
+        self,
+        store: Store,
+        event: Event,
+        *,
+        claim: ClaimRequest | None = None,
+        done: Claim | None = None,
+    ) -> list[Work]:
+        step = self.step(event)
+        queued = await store.commit(step, expected_seq=self.ex.seq, claim=claim, done=done)
+        self.ex = step.execution
+        self.log.append(event)
+        return queued
+
+    # -- events that fit the current state ----------------------------------------------
+
+    def started(self, seconds: float = 0) -> Started:
+        return Started(self.id, f"input of {self.id}", at(seconds))
+
+    def asks(self, seconds: float, *uses: tuple[str, str, str | None]) -> ModelReplied:
+        """The model's reply calling tools: (tool_use id, tool, request id if gated)."""
+        content = tuple(
+            {
+                "type": "tool_use",
+                "id": use_id,
+                "name": tool,
+                "input": {"order": use_id, "amount": 5},
+            }
+            if tool == "refund"
+            else {"type": "tool_use", "id": use_id, "name": tool, "input": {"order": use_id}}
+            for use_id, tool, _ in uses
+        )
+        tickets = tuple(Ticket(use_id, rid, "needs approval") for use_id, _, rid in uses if rid)
+        text = ({"type": "text", "text": "Let me do that."},)
+        return ModelReplied(
+            self.ex.model_turn, text + content, "tool_use", at(seconds), tickets=tickets
+        )
+
+    def answers(self, seconds: float) -> ModelReplied:
+        return ModelReplied(
+            self.ex.model_turn, ({"type": "text", "text": "Done."},), "end_turn", at(seconds)
+        )
+
+    def request(self, request_id: str) -> ApprovalRequest:
+        request = self.ex.request(request_id)
+        assert request is not None, request_id
+        return request
+
+
+async def _resolve(made: Store | Awaitable[Store]) -> Store:
+    if inspect.isawaitable(made):
+        return await made
+    return made
+
+
+@pytest.mark.asyncio
+class StoreContract(abc.ABC):
+    """Subclass as `Test...` and implement `make_store` (and `reopen` if needed)."""
+
+    # -- what an adapter provides ------------------------------------------------------
+
+    @abc.abstractmethod
+    def make_store(self, path: Path) -> Store | Awaitable[Store]:
+        """A store on an empty database of its own for this test."""
+
+    def reopen(self, path: Path) -> Store | Awaitable[Store] | None:
+        """A second instance on the database `make_store(path)` opened (another worker);
+        None if this store cannot share one, which skips the tests that need two."""
+        return self.make_store(path)
+
+    # -- opening and closing -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def opened(self, path: Path) -> AsyncIterator[Store]:
+        store = await _resolve(self.make_store(path))
+        try:
+            yield store
+        finally:
+            await store.close()
+
+    @asynccontextmanager
+    async def opened_twice(self, path: Path) -> AsyncIterator[tuple[Store, Store]]:
+        async with self.opened(path) as first:
+            again = self.reopen(path)
+            if again is None:
+                pytest.skip("this store cannot open a second instance on one database")
+            second = await _resolve(again)
+            try:
+                yield first, second
+            finally:
+                await second.close()
+
+    @staticmethod
+    def now() -> datetime:
+        """Lease times are real times; a lease running out is a later `now` passed in."""
+        return datetime.now(UTC)
+
+    # -- the execution log ---------------------------------------------------------------
+
+    async def test_commit_appends_the_next_event_and_a_racer_gets_conflict_writing_nothing(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            # A racer whose step would open a request, a timer, a delivery and a tool run.
+            x = Run(agent("agent-x", parallel=True, webhook=HOOK), "exec-x")
+            (call,) = await x.commit(store, x.started(), claim=ClaimRequest("w1", now + LEASE, 1))
+            assert (await store.load(x.id)) == x.ex and x.ex.seq == 1
+            loser = x.step(x.asks(1, ("tu-1", "refund", "apr-lost"), ("tu-2", "lookup", None)))
+            assert loser.requests_opened and loser.timers_started and loser.deliveries
+            assert loser.work
+            await x.commit(store, ModelFailed(1, "overloaded", at(1)), done=call.claim)
+            assert x.ex.seq == 2 and x.ex.status == "failed"
+            with pytest.raises(Conflict):
+                await store.commit(loser, expected_seq=1)
+            assert await store.events(x.id) == x.log
+            assert await store.load(x.id) == x.ex
+            assert await store.pending() == []
+            assert await store.execution_of_request("apr-lost") is None
+            assert await store.due_timers(FAR, 100) == []
+            assert await store.deliveries("apr-lost") == []
+            assert await store.claim_work([x.tag], "w2", now, now + LEASE, 100) == []
+
+            # A racer whose step would record a decision and queue the approved tool run.
+            y = Run(agent("agent-y"), "exec-y")
+            (call,) = await y.commit(store, y.started(), claim=ClaimRequest("w1", now + LEASE, 1))
+            await y.commit(store, y.asks(1, ("tu-1", "refund", "apr-y")), done=call.claim)
+            loser = y.step(Approved("apr-y", at(2), "ops"))
+            assert loser.audit and loser.work and loser.timers_cancelled
+            stop = y.step(StopRequested(at(2), "ops", "changed my mind"))
+            await y.commit(store, StopRequested(at(2), "ops", "changed my mind"))
+            with pytest.raises(Conflict):
+                await store.commit(loser, expected_seq=2)
+            assert await store.events(y.id) == y.log and len(y.log) == 3
+            assert await store.load(y.id) == y.ex
+            assert await store.audit(execution_id=y.id) == list(stop.audit)
+            assert await store.claim_work([y.tag], "w2", now, now + LEASE, 100) == []
+            assert await store.due_timers(FAR, 100) == []
+
+    async def test_a_second_start_of_one_execution_id_is_a_conflict(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            first = Run(agent(), "exec-1")
+            await first.commit(store, first.started())
+            again = Run(agent(), "exec-1")
+            with pytest.raises(Conflict):
+                await again.commit(store, again.started(5))
+            assert await store.events("exec-1") == first.log
+            (work,) = await store.claim_work([first.tag], "w", self.now(), self.now() + LEASE, 9)
+            assert work.execution_id == "exec-1" and work.command == CallModel(1)
+
+    async def test_of_two_instances_committing_one_version_exactly_one_wins(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened_twice(tmp_path) as (a, b):
+            run = Run(agent(), "exec-1")
+            await run.commit(a, run.started())
+            one = run.step(run.answers(1))
+            other = run.step(ModelFailed(1, "timeout", at(1)))
+            outcomes = await asyncio.gather(
+                a.commit(one, expected_seq=1),
+                b.commit(other, expected_seq=1),
+                return_exceptions=True,
+            )
+            lost = [o for o in outcomes if isinstance(o, BaseException)]
+            assert len(lost) == 1 and isinstance(lost[0], Conflict), outcomes
+            winner = other if isinstance(outcomes[0], BaseException) else one
+            for store in (a, b):
+                assert await store.events(run.id) == [*run.log, winner.event]
+                assert await store.load(run.id) == winner.execution
+
+    async def _approval_cycle(self, store: Store, check: Callable[[Run], Awaitable[None]]) -> Run:
+        """Start, a reply calling a gated tool, its approval (with a change), the tool's
+        result, the answer: each step committed as the engine does, then `check`ed."""
+        run = Run(agent(webhook=HOOK), "exec-1")
+        now = self.now()
+        hold = ClaimRequest("w1", now + LEASE, 1)
+        (call,) = await run.commit(store, run.started(), claim=hold)
+        await check(run)
+        await run.commit(store, run.asks(1, ("tu-1", "refund", "apr-1")), done=call.claim)
+        await check(run)
+        approval = Approved("apr-1", at(2), "ops", {"amount": 4})
+        (tool,) = await run.commit(store, approval, claim=hold)
+        await check(run)
+        (call,) = await run.commit(
+            store, ToolFinished("tu-1", {"refunded": 4}, at(3)), claim=hold, done=tool.claim
+        )
+        await check(run)
+        await run.commit(store, run.answers(4), done=call.claim)
+        await check(run)
+        assert run.ex.status == "completed" and run.ex.seq == 5
+        return run
+
+    async def test_an_agent_first_seen_in_a_conflicting_commit_still_reads_back_later(
+        self, tmp_path: Path
+    ) -> None:
+        """A store that keeps agent specs apart from the log must not take a spec as
+        stored when the commit that stored it was rolled back."""
+        async with self.opened_twice(tmp_path) as (store, other):
+            first = Run(agent("agent-a"), "exec-1")
+            await first.commit(store, first.started())
+            spec = agent("agent-b")  # not yet in the store
+            clash = Run(spec, "exec-1")
+            with pytest.raises(Conflict):
+                await clash.commit(store, clash.started())
+            later = Run(spec, "exec-2")
+            await later.commit(store, later.started())
+            assert await other.load("exec-2") == later.ex
+
+    async def test_load_after_each_commit_equals_the_state_decide_made(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            assert await store.load("exec-1") is None
+
+            async def loads_back(run: Run) -> None:
+                assert await store.load(run.id) == run.ex
+
+            await self._approval_cycle(store, loads_back)
+
+    async def _long_run(self, store: Store, check: Callable[[Run], Awaitable[None]]) -> Run:
+        """Fifteen ungated lookups, one a turn, then an answer: 32 events, past any
+        snapshot interval a store may keep (SQLite's is 16), each step `check`ed."""
+        run = Run(agent(), "exec-long")
+        await run.commit(store, run.started())
+        for i in range(15):  # the agent's max_iterations is 20
+            await run.commit(store, run.asks(2 * i + 1, (f"tu-{i}", "lookup", None)))
+            await check(run)
+            await run.commit(store, ToolFinished(f"tu-{i}", {"n": i}, at(2 * i + 2)))
+            await check(run)
+        await run.commit(store, run.answers(100))
+        await check(run)
+        assert run.ex.seq == 32 and run.ex.status == "completed"
+        return run
+
+    async def test_a_long_run_loads_back_at_every_step(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+
+            async def loads_back(run: Run) -> None:
+                assert await store.load(run.id) == run.ex
+
+            run = await self._long_run(store, loads_back)
+            assert await store.events(run.id) == run.log
+
+    async def test_another_instance_loads_the_same_state(self, tmp_path: Path) -> None:
+        async with self.opened_twice(tmp_path) as (store, other):
+
+            async def loads_back(run: Run) -> None:
+                # `other` never saw this execution's agent spec or events being written.
+                assert await other.load(run.id) == run.ex
+                assert await other.events(run.id) == run.log
+
+            await self._approval_cycle(store, loads_back)
+            await self._long_run(store, loads_back)
+
+    async def test_events_returns_the_log_in_order(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            assert await store.events("exec-1") == []
+            one, two = Run(agent(), "exec-1"), Run(agent("other"), "exec-2")
+            await one.commit(store, one.started())
+            await two.commit(store, two.started())
+            await one.commit(store, one.asks(1, ("tu-1", "refund", "apr-1")))
+            await two.commit(store, two.answers(1))
+            await one.commit(store, Rejected("apr-1", at(2), "ops", "no"))
+            assert await store.events("exec-1") == one.log and len(one.log) == 3
+            assert await store.events("exec-2") == two.log and len(two.log) == 2
+
+    # -- the inbox -------------------------------------------------------------------------
+
+    async def _awaiting(
+        self, store: Store, spec: AgentSpec, execution_id: str, request_id: str, seconds: float
+    ) -> Run:
+        """An execution paused on one approval request, opened at `seconds`."""
+        run = Run(spec, execution_id)
+        await run.commit(store, run.started())
+        await run.commit(store, run.asks(seconds, (f"tu-{request_id}", "refund", request_id)))
+        assert run.ex.status == "awaiting_approval"
+        return run
+
+    async def test_pending_lists_open_requests_oldest_first_and_drops_decided_ones(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            a, b = agent("agent-a"), agent("agent-b")
+            # Committed out of age order: `pending` orders by when a request opened.
+            one = await self._awaiting(store, a, "exec-1", "apr-1", 2)
+            two = await self._awaiting(store, b, "exec-2", "apr-2", 1)
+            three = await self._awaiting(store, a, "exec-3", "apr-3", 3)
+            r1, r2, r3 = one.request("apr-1"), two.request("apr-2"), three.request("apr-3")
+            assert await store.pending() == [r2, r1, r3]
+            assert await store.pending("agent-a") == [r1, r3]
+            assert await store.pending("agent-b") == [r2]
+            assert await store.pending("agent-c") == []
+            assert await store.pending(limit=2) == [r2, r1]
+            assert await store.pending("agent-a", limit=1) == [r1]
+            assert await store.execution_of_request("apr-2") == "exec-2"
+            assert await store.execution_of_request("apr-9") is None
+            await one.commit(store, Approved("apr-1", at(10), "ops"))
+            assert await store.pending() == [r2, r3]
+            await two.commit(store, Rejected("apr-2", at(10), "ops", "no"))
+            assert await store.pending() == [r3]
+            assert await store.pending("agent-b") == []
+            # Decided requests still lead to their execution.
+            assert await store.execution_of_request("apr-1") == "exec-1"
+
+    async def test_audit_records_read_back_by_execution_and_by_request(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            assert await store.audit() == []
+            one = await self._awaiting(store, agent("agent-a"), "exec-1", "apr-1", 1)
+            two = await self._awaiting(store, agent("agent-b"), "exec-2", "apr-2", 2)
+            approve = one.step(Approved("apr-1", at(5), "alice", {"amount": 3}))
+            await one.commit(store, Approved("apr-1", at(5), "alice", {"amount": 3}))
+            reject = two.step(Rejected("apr-2", at(6), "bob", "too much"))
+            await two.commit(store, Rejected("apr-2", at(6), "bob", "too much"))
+            (approved,), (rejected,) = approve.audit, reject.audit
+            assert (approved.decision, approved.modified_params) == ("approved", {"amount": 3})
+            assert await store.audit() == [approved, rejected]
+            assert await store.audit(execution_id="exec-1") == [approved]
+            assert await store.audit(execution_id="exec-2") == [rejected]
+            assert await store.audit(request_id="apr-2") == [rejected]
+            assert await store.audit(execution_id="exec-2", request_id="apr-2") == [rejected]
+            assert await store.audit(execution_id="exec-1", request_id="apr-2") == []
+            assert await store.audit(request_id="apr-9") == []
+            assert await store.audit(execution_id="exec-9") == []
+
+    # -- timers ----------------------------------------------------------------------------
+
+    async def _three_timers(self, store: Store) -> tuple[list[Run], list[DueTimer]]:
+        runs = [await self._awaiting(store, agent(), f"exec-{n}", f"apr-{n}", n) for n in (1, 2, 3)]
+        timers = [
+            DueTimer(run.id, f"apr-{n}", at(n + TIMEOUT_MS / 1000)) for n, run in enumerate(runs, 1)
+        ]
+        for run, timer in zip(runs, timers, strict=True):
+            assert run.request(timer.request_id).timeout == timer.due_at
+        return runs, timers
+
+    async def test_due_timers_are_found_by_due_time_soonest_first(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            _, (t1, t2, t3) = await self._three_timers(store)
+            assert await store.due_timers(t1.due_at - timedelta(microseconds=1), 10) == []
+            assert await store.due_timers(t1.due_at, 10) == [t1]
+            assert await store.due_timers(t2.due_at + timedelta(seconds=0.5), 10) == [t1, t2]
+            assert await store.due_timers(FAR, 10) == [t1, t2, t3]
+            assert await store.due_timers(FAR, 2) == [t1, t2]
+
+    async def test_a_dropped_timer_is_gone_and_a_postponed_one_moves_later(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            _, (t1, t2, t3) = await self._three_timers(store)
+            await store.drop_timer(t1)
+            assert await store.due_timers(FAR, 10) == [t2, t3]
+            later = t3.due_at + timedelta(minutes=5)
+            await store.postpone_timer(t2, later)
+            moved = DueTimer(t2.execution_id, t2.request_id, later)
+            assert await store.due_timers(t3.due_at, 10) == [t3]
+            assert await store.due_timers(later, 10) == [t3, moved]
+            # Dropping or postponing a timer that is not there changes nothing.
+            await store.drop_timer(t1)
+            await store.postpone_timer(t2, FAR)
+            assert await store.due_timers(FAR, 10) == [t3, moved]
+
+    async def test_a_decision_cancels_its_requests_timer(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            (r1, r2, r3), (_, t2, t3) = await self._three_timers(store)
+            await r1.commit(store, Approved("apr-1", at(10), "ops"))
+            assert await store.due_timers(FAR, 10) == [t2, t3]
+            await r2.commit(store, Rejected("apr-2", at(10), "ops"))
+            assert await store.due_timers(FAR, 10) == [t3]
+            await r3.commit(store, TimerFired("apr-3", t3.due_at))
+            assert await store.due_timers(FAR, 10) == []
+
+    # -- the work queue --------------------------------------------------------------------
+
+    async def test_queued_work_goes_to_exactly_one_of_two_racing_workers(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened_twice(tmp_path) as (a, b):
+            queued: list[Work] = []
+            for n in range(6):
+                run = Run(agent(), f"exec-{n}")
+                queued += await run.commit(a if n % 2 else b, run.started())
+            assert [w.holder for w in queued] == [None] * 6
+            now = self.now()
+            for _ in range(3):  # each round races for whatever is left
+                one, two = await asyncio.gather(
+                    a.claim_work(["contract-agent"], "w1", now, now + LEASE, 4),
+                    b.claim_work(["contract-agent"], "w2", now, now + LEASE, 4),
+                )
+                assert {w.holder for w in one} <= {"w1"} and {w.holder for w in two} <= {"w2"}
+                assert not {w.id for w in one} & {w.id for w in two}
+                queued = [w for w in queued if w.id not in {x.id for x in one + two}]
+            assert queued == []
+            assert await a.claim_work(["contract-agent"], "w3", now, now + LEASE, 99) == []
+
+    async def test_claimed_work_comes_back_whole(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            run = Run(agent(), "exec-1")
+            (queued,) = await run.commit(store, run.started())
+            assert queued == Work(queued.id, "exec-1", "contract-agent", CallModel(1), None)
+            now = self.now()
+            assert await store.claim_work(["another-agent"], "w1", now, now + LEASE, 9) == []
+            assert await store.claim_work([], "w1", now, now + LEASE, 9) == []
+            (work,) = await store.claim_work(["contract-agent"], "w1", now, now + LEASE, 9)
+            assert work == Work(queued.id, "exec-1", "contract-agent", CallModel(1), "w1", None)
+
+    async def test_a_claim_in_commit_holds_the_first_n_units_it_queues(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(parallel=True), "exec-1")
+            uses = [(f"tu-{i}", "lookup", None) for i in range(3)]
+            hold = ClaimRequest("w1", now + LEASE, 2)
+            (call,) = await run.commit(store, run.started(), claim=hold)
+            queued = await run.commit(store, run.asks(1, *uses), claim=hold, done=call.claim)
+            assert [w.holder for w in queued] == ["w1", "w1", None]
+            assert [w.command.tool_use_id for w in queued if isinstance(w.command, RunTool)] == [
+                "tu-0",
+                "tu-1",
+                "tu-2",
+            ]
+            assert all(w.execution_id == "exec-1" for w in queued)
+            # Only the unit left unclaimed is there for another worker.
+            taken = await store.claim_work([run.tag], "w2", now, now + LEASE, 9)
+            assert [(w.id, w.holder, w.previous_holder) for w in taken] == [
+                (queued[2].id, "w2", None)
+            ]
+            held = [w.claim for w in queued[:2]]
+            assert await store.renew(held, now + LEASE) == held
+
+    async def test_held_work_is_taken_over_only_after_its_lease_runs_out(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(), "exec-1")
+            (work,) = await run.commit(
+                store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
+            )
+            assert work.holder == "w1" and work.previous_holder is None
+            tags = [run.tag]
+            assert await store.claim_work(tags, "w2", now, now + LEASE, 9) == []
+            soon = now + LEASE / 2
+            assert await store.claim_work(tags, "w2", soon, soon + LEASE, 9) == []
+            late = now + LEASE + timedelta(seconds=1)
+            (taken,) = await store.claim_work(tags, "w2", late, late + LEASE, 9)
+            assert (taken.id, taken.holder, taken.previous_holder) == (work.id, "w2", "w1")
+            assert taken.command == work.command
+            # The old holder's lease is gone: it can neither renew nor complete.
+            assert await store.renew([work.claim], late + 2 * LEASE) == []
+            assert await store.complete(work.claim) is False
+            assert await store.claim_work(tags, "w3", late, late + LEASE, 9) == []
+            assert await store.complete(taken.claim) is True
+
+    async def test_renew_extends_only_leases_still_held(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            one, two = Run(agent(), "exec-1"), Run(agent(), "exec-2")
+            hold = ClaimRequest("w1", now + LEASE, 1)
+            (w1,) = await one.commit(store, one.started(), claim=hold)
+            (w2,) = await two.commit(store, two.started(), claim=hold)
+            late = now + LEASE + timedelta(seconds=1)
+            # Renewed in time, w1 stays held past its first lease; w2 is not renewed.
+            assert await store.renew([w1.claim], now + 10 * LEASE) == [w1.claim]
+            (taken,) = await store.claim_work([one.tag], "w2", late, late + LEASE, 9)
+            assert taken.id == w2.id and taken.previous_holder == "w1"
+            renewed = await store.renew(
+                [w1.claim, w2.claim, Claim(w1.id, "w9"), Claim(10**9, "w1")], late + LEASE
+            )
+            assert renewed == [w1.claim]
+            assert await store.renew([], late) == []
+
+    async def test_only_the_holder_completes_work(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(), "exec-1")
+            (work,) = await run.commit(
+                store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
+            )
+            assert await store.complete(Claim(work.id, "w2")) is False
+            assert await store.complete(work.claim) is True
+            assert await store.complete(work.claim) is False
+            late = now + 10 * LEASE
+            assert await store.claim_work([run.tag], "w2", late, late + LEASE, 9) == []
+
+    async def test_a_result_committed_by_a_worker_that_lost_its_lease_writes_nothing(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(webhook=HOOK), "exec-1")
+            (work,) = await run.commit(
+                store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
+            )
+            late = now + LEASE + timedelta(seconds=1)
+            (taken,) = await store.claim_work([run.tag], "w2", late, late + LEASE, 9)
+            reply = run.asks(1, ("tu-1", "refund", "apr-1"))
+            stale = run.step(reply)
+            with pytest.raises(LeaseLost):
+                await store.commit(stale, expected_seq=1, done=work.claim)
+            assert await store.events(run.id) == run.log
+            assert await store.load(run.id) == run.ex
+            assert await store.pending() == []
+            assert await store.due_timers(FAR, 9) == []
+            assert await store.deliveries("apr-1") == []
+            # The new holder's result is the one recorded, and completes the work.
+            await run.commit(store, reply, done=taken.claim)
+            assert await store.load(run.id) == run.ex and run.ex.seq == 2
+            assert await store.complete(taken.claim) is False
+            later = late + 10 * LEASE
+            assert await store.claim_work([run.tag], "w3", later, later + LEASE, 9) == []
+
+    async def test_released_work_can_be_claimed_again_at_once(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(), "exec-1")
+            (work,) = await run.commit(
+                store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
+            )
+            await store.release(Claim(work.id, "w2"))  # not w2's to release
+            assert await store.claim_work([run.tag], "w2", now, now + LEASE, 9) == []
+            await store.release(work.claim)
+            (again,) = await store.claim_work([run.tag], "w2", now, now + LEASE, 9)
+            assert (again.id, again.holder, again.previous_holder) == (work.id, "w2", None)
+            assert await store.complete(work.claim) is False
+
+    async def test_work_ids_are_never_reused(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            seen: list[int] = []
+            for n in range(4):
+                run = Run(agent(), f"exec-{n}")
+                (work,) = await run.commit(
+                    store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
+                )
+                assert work.id not in seen, (work.id, seen)
+                seen.append(work.id)
+                # Completing the newest unit empties the queue: its id must stay used.
+                assert await store.complete(work.claim) is True
+
+    async def test_a_finished_execution_drops_its_queued_work_but_not_held_work(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(parallel=True), "exec-1")
+            (call,) = await run.commit(
+                store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
+            )
+            uses = [(f"tu-{i}", "lookup", None) for i in range(3)]
+            tools = await run.commit(
+                store, run.asks(1, *uses), claim=ClaimRequest("w1", now + LEASE, 1), done=call.claim
+            )
+            assert [w.holder for w in tools] == ["w1", None, None]
+            bystander = Run(agent(), "exec-2")
+            (waiting,) = await bystander.commit(store, bystander.started())
+            stop = run.step(StopRequested(at(2), "ops"))
+            assert stop.drop_queued_work
+            await run.commit(store, StopRequested(at(2), "ops"))
+            taken = await store.claim_work([run.tag], "w2", now, now + LEASE, 9)
+            assert [w.id for w in taken] == [waiting.id]
+            # The tool already running goes on, and its outcome is recorded.
+            await run.commit(store, ToolFinished("tu-0", "ok", at(3)), done=tools[0].claim)
+            assert await store.load(run.id) == run.ex and run.ex.status == "stopped"
+            late = now + 10 * LEASE
+            assert await store.claim_work([run.tag], "w3", late, late + LEASE, 9) == [
+                Work(waiting.id, "exec-2", run.tag, CallModel(1), "w3", "w2")
+            ]
+
+    async def test_skip_leaves_out_the_work_named(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            ids = []
+            for n in range(3):
+                run = Run(agent(), f"exec-{n}")
+                (work,) = await run.commit(store, run.started())
+                ids.append(work.id)
+            taken = await store.claim_work(["contract-agent"], "w1", now, now + LEASE, 9, ids[:2])
+            assert [w.id for w in taken] == [ids[2]]
+            taken = await store.claim_work(["contract-agent"], "w1", now, now + LEASE, 1)
+            assert len(taken) == 1 and taken[0].id in ids[:2]
+
+    async def test_wait_for_work_wakes_on_another_instances_commit_or_times_out(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened_twice(tmp_path) as (a, b):
+            assert await b.wait_for_work(0.05) is False
+            waiting = asyncio.ensure_future(b.wait_for_work(30))
+            await asyncio.sleep(0)
+            run = Run(agent(), "exec-1")
+            await run.commit(a, run.started())
+            assert await asyncio.wait_for(waiting, 30) is True
+            assert await b.wait_for_work(0.05) is False
+
+    # -- deliveries ------------------------------------------------------------------------
+
+    @staticmethod
+    async def _claim(
+        store: Store,
+        tags: Sequence[str],
+        worker: str,
+        now: datetime,
+        *,
+        instance_signed: bool = True,
+        channels: Sequence[str] = (WEBHOOK,),
+        exclude_urls: Sequence[str] = (),
+    ) -> list[Delivery]:
+        return await store.claim_deliveries(
+            tags,
+            worker,
+            now,
+            now + LEASE,
+            9,
+            instance_signed=instance_signed,
+            channels=channels,
+            exclude_urls=exclude_urls,
+        )
+
+    async def _delivering(self, store: Store, spec: AgentSpec) -> tuple[Run, datetime]:
+        """An execution whose approval request awaits delivery, and a time it is due."""
+        run = await self._awaiting(store, spec, "exec-1", "apr-1", 1)
+        return run, run.request("apr-1").timestamp + timedelta(seconds=1)
+
+    async def test_a_delivery_a_commit_writes_is_claimed_once_and_its_attempts_read_back(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            run, now = await self._delivering(store, agent(webhook=HOOK))
+            request = run.request("apr-1")
+            (fresh,) = await store.deliveries("apr-1")
+            assert fresh == Delivery(
+                id=fresh.id,
+                request_id="apr-1",
+                execution_id="exec-1",
+                agent_tag=run.tag,
+                url=HOOK,
+                webhook_id=fresh.webhook_id,
+                status="pending",
+                attempts=(),
+                next_attempt_at=request.timestamp,
+                expires_at=request.timeout,
+                channel=WEBHOOK,
+                signer=INSTANCE_SIGNER,
+            )
+            assert await store.deliveries("apr-9") == []
+            assert await self._claim(store, [], "d1", request.timestamp - LEASE) == []
+            (claimed,) = await self._claim(store, [], "d1", now)
+            assert claimed == fresh
+            assert await self._claim(store, [run.tag], "d2", now) == []
+            retry = DeliveryAttempt(now, 503, "unavailable", "retry")
+            again = now + timedelta(seconds=10)
+            assert await store.record_attempt(claimed.id, "d1", retry, "pending", again) is True
+            assert await self._claim(store, [], "d2", now) == []
+            (second,) = await self._claim(store, [], "d2", again)
+            assert (second.attempts, second.next_attempt_at) == ((retry,), again)
+            ok = DeliveryAttempt(again, 200, None, "delivered")
+            assert await store.record_attempt(second.id, "d2", ok, "delivered", None) is True
+            (done,) = await store.deliveries("apr-1")
+            assert (done.status, done.attempts, done.webhook_id, done.next_attempt_at) == (
+                "delivered",
+                (retry, ok),
+                fresh.webhook_id,
+                again,
+            )
+            assert await self._claim(store, [run.tag], "d3", FAR) == []
+
+    async def test_a_claimed_delivery_is_taken_over_after_its_lease_or_once_released(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            _, now = await self._delivering(store, agent(webhook=HOOK))
+            (mine,) = await self._claim(store, [], "d1", now)
+            assert await self._claim(store, [], "d2", now + LEASE / 2) == []
+            late = now + LEASE + timedelta(seconds=1)
+            (theirs,) = await self._claim(store, [], "d2", late)
+            assert theirs.id == mine.id
+            await store.release_delivery(mine.id, "d1")  # no longer d1's: changes nothing
+            assert await self._claim(store, [], "d3", late) == []
+            await store.release_delivery(mine.id, "d2")
+            (again,) = await self._claim(store, [], "d3", late)
+            assert again.id == mine.id
+
+    async def test_a_worker_without_the_instance_secret_never_claims_instance_signed_rows(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            run, now = await self._delivering(store, agent(webhook=HOOK))
+            assert (await store.deliveries("apr-1"))[0].signer == INSTANCE_SIGNER
+            for tags in ([], [run.tag]):
+                assert await self._claim(store, tags, "d1", now, instance_signed=False) == []
+            # With the secret, whatever agents the worker hosts.
+            (claimed,) = await self._claim(store, ["another-agent"], "d1", now)
+            assert claimed.request_id == "apr-1"
+
+    async def test_agent_signed_rows_go_only_to_workers_hosting_the_agent(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            spec = agent("own-secret", webhook=HOOK, own_secret=True)
+            _, now = await self._delivering(store, spec)
+            assert (await store.deliveries("apr-1"))[0].signer == AGENT_SIGNER
+            for signed in (True, False):
+                for tags in ([], ["another-agent"]):
+                    assert await self._claim(store, tags, "d1", now, instance_signed=signed) == []
+            hosts = ["another-agent", "own-secret"]
+            (claimed,) = await self._claim(store, hosts, "d1", now, instance_signed=False)
+            assert claimed.request_id == "apr-1" and claimed.signer == AGENT_SIGNER
+
+    async def test_only_deliveries_on_the_workers_channels_are_claimed(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            run, now = await self._delivering(store, agent(webhook=HOOK))
+            for channels in ((), ("slack",)):
+                assert await self._claim(store, [run.tag], "d1", now, channels=channels) == []
+            (claimed,) = await self._claim(store, [], "d1", now, channels=("slack", WEBHOOK))
+            assert claimed.channel == WEBHOOK
+
+    async def test_exclude_urls_leaves_out_their_deliveries(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            _, now = await self._delivering(store, agent(webhook=HOOK))
+            assert await self._claim(store, [], "d1", now, exclude_urls=[HOOK]) == []
+            elsewhere = ["https://elsewhere.example/"]
+            (claimed,) = await self._claim(store, [], "d1", now, exclude_urls=elsewhere)
+            assert claimed.url == HOOK
+
+    async def test_an_attempt_by_a_worker_not_holding_the_delivery_writes_nothing(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            _, now = await self._delivering(store, agent(webhook=HOOK))
+            (before,) = await store.deliveries("apr-1")
+            attempt = DeliveryAttempt(now, 200, None, "delivered")
+            # Never claimed, then claimed by someone else.
+            assert await store.record_attempt(before.id, "d2", attempt, "delivered", None) is False
+            (claimed,) = await self._claim(store, [], "d1", now)
+            assert await store.record_attempt(claimed.id, "d2", attempt, "delivered", FAR) is False
+            assert await store.deliveries("apr-1") == [before]
+            # d1 still holds it: its attempt is recorded.
+            assert await store.record_attempt(claimed.id, "d1", attempt, "delivered", None) is True
+            (after,) = await store.deliveries("apr-1")
+            assert (after.status, after.attempts) == ("delivered", (attempt,))
+            # A delivery taken over after its lease ran out is no longer the first holder's.
+            run = await self._awaiting(store, agent(webhook=HOOK), "exec-2", "apr-2", 1)
+            (first,) = await self._claim(store, [], "d1", now)
+            late = now + LEASE + timedelta(seconds=1)
+            (taken,) = await self._claim(store, [], "d2", late)
+            assert await store.record_attempt(first.id, "d1", attempt, "delivered", None) is False
+            (unchanged,) = await store.deliveries(run.request("apr-2").request_id)
+            assert (unchanged.status, unchanged.attempts) == ("pending", ())
+            assert await store.record_attempt(taken.id, "d2", attempt, "delivered", None) is True
+
+    async def test_a_disabled_endpoint_reads_back_disabled(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            assert await store.endpoint_disabled(HOOK) is False
+            await store.disable_endpoint(HOOK, T0, "410 Gone")
+            await store.disable_endpoint(HOOK, at(5), "410 Gone again")  # no error
+            assert await store.endpoint_disabled(HOOK) is True
+            assert await store.endpoint_disabled("https://elsewhere.example/") is False

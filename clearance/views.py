@@ -1,0 +1,179 @@
+"""The camelCase views: how approval requests, decisions, audit records, executions and
+the webhook body look on the wire, for the HTTP API, the CLI's --json output and webhooks.
+
+One place per shape. The spec's approval request (`requestId, executionId, agentTag,
+tool, parameters, reason, timestamp, timeout`) is `ApprovalRequest.to_dict()`; every
+view that shows a request starts from it. Times are ISO-8601 UTC ('…Z').
+
+`dumps` (from `core.json_text`, so a channel adapter encodes a webhook body the
+same way) is the one encoder for these views: strict JSON (no NaN, no Infinity, valid
+UTF-8), and it never fails on a value JSON cannot carry: it answers with that value
+spelt as text ("NaN", "Infinity", "-Infinity"; U+FFFD for a lone surrogate), so a
+listing can never be broken by one odd parameter a model proposed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from clearance.core.commands import AuditRecord
+from clearance.core.events import Event
+from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
+from clearance.core.json_text import dumps as dumps  # the views' encoder, re-exported
+from clearance.core.json_text import encode as encode
+from clearance.core.wire import event_to_data
+
+CallbackUrl = Callable[[ApprovalRequest], str | None]
+
+
+# -- approval requests -------------------------------------------------------------------
+
+
+def approval_request(request: ApprovalRequest) -> dict[str, Any]:
+    """The spec's approval request: what `clearance pending --json` prints, and what the
+    demo shows."""
+    return request.to_dict()
+
+
+def decision_fields(request: ApprovalRequest) -> dict[str, Any]:
+    """Who decided a request, when, and with what changes or reason (null while pending)."""
+    return {
+        "decidedBy": request.decided_by,
+        "decidedAt": iso(request.decided_at) if request.decided_at else None,
+        "modifiedParams": request.modified_params,
+        "rejectionReason": request.rejection_reason,
+    }
+
+
+def approval(request: ApprovalRequest, callback_url: CallbackUrl | None = None) -> dict[str, Any]:
+    """An approval request as the HTTP API lists it: the spec's fields, its status and
+    expiry, then who decided it, or, while pending, where to decide it (`callback_url`
+    gives it, when this instance can build one)."""
+    data = approval_request(request)
+    data["status"] = request.status
+    data["expiresAt"] = iso(request.expires_at)
+    if request.status != PENDING:
+        data.update(decision_fields(request))
+    elif callback_url is not None and (url := callback_url(request)) is not None:
+        data["callbackUrl"] = url
+    return data
+
+
+def approval_with_decision(request: ApprovalRequest) -> dict[str, Any]:
+    """An approval request as `clearance show --json` prints it: the decision fields always."""
+    return {**approval_request(request), "status": request.status, **decision_fields(request)}
+
+
+# -- decisions and the audit log -----------------------------------------------------------
+
+
+def decision(request: ApprovalRequest, execution_status: str) -> dict[str, Any]:
+    """A decided request, as the callback and signal routes answer: what the tool runs with
+    (`parameters`, modified ones merged in), and only the decision fields that are set."""
+    data: dict[str, Any] = {
+        "requestId": request.request_id,
+        "executionId": request.execution_id,
+        "decision": request.status,
+        "tool": request.tool,
+        "parameters": request.effective_parameters(),
+    }
+    if request.modified_params is not None:
+        data["modifiedParams"] = request.modified_params
+    if request.rejection_reason is not None:
+        data["reason"] = request.rejection_reason
+    if request.decided_by is not None:
+        data["by"] = request.decided_by
+    if request.decided_at is not None:
+        data["decidedAt"] = iso(request.decided_at)
+    data["executionStatus"] = execution_status
+    return data
+
+
+def decision_summary(request: ApprovalRequest) -> dict[str, Any]:
+    """The decision that stands on a request, as a refused second decision names it."""
+    return {
+        "status": request.status,
+        "by": request.decided_by,
+        "at": iso(request.decided_at) if request.decided_at else None,
+    }
+
+
+def audit_record(record: AuditRecord) -> dict[str, Any]:
+    """One decision of the audit log: who decided what, when, and why."""
+    return {
+        "requestId": record.request_id,
+        "executionId": record.execution_id,
+        "agentTag": record.agent_tag,
+        "tool": record.tool,
+        "decision": record.decision,
+        "at": iso(record.at),
+        "by": record.by,
+        "parameters": record.parameters,
+        "modifiedParams": record.modified_params,
+        "reason": record.reason,
+    }
+
+
+# -- executions ----------------------------------------------------------------------------
+
+
+def execution(
+    ex: Execution, events: Sequence[Event], callback_url: CallbackUrl | None = None
+) -> dict[str, Any]:
+    """An execution as `GET /executions/{id}` answers: state, usage, approvals, events.
+    `callback_url` gives a pending request's callbackUrl, when there is one."""
+    return {
+        "executionId": ex.id,
+        "agentTag": ex.agent_tag,
+        "status": ex.status,
+        "input": ex.input,
+        "sessionId": ex.session_id,
+        "output": ex.output,
+        "error": ex.error,
+        "createdAt": iso(ex.created_at) if ex.created_at else None,
+        "updatedAt": iso(ex.updated_at) if ex.updated_at else None,
+        "usage": {
+            "inputTokens": ex.usage.input_tokens,
+            "outputTokens": ex.usage.output_tokens,
+        },
+        "pendingApprovals": [approval(r, callback_url) for r in ex.pending_approvals],
+        "approvals": [approval(r, callback_url) for r in ex.requests],
+        "events": [event_to_data(e) for e in events],
+    }
+
+
+def execution_report(
+    ex: Execution, events: Sequence[Event], records: Sequence[AuditRecord]
+) -> dict[str, Any]:
+    """An execution as `clearance show --json` prints it, with its audit records."""
+    return {
+        "executionId": ex.id,
+        "agentTag": ex.agent_tag,
+        "status": ex.status,
+        "input": ex.input,
+        "output": ex.output,
+        "error": ex.error,
+        "requests": [approval_with_decision(r) for r in ex.requests],
+        "events": [event_to_data(e) for e in events],
+        "audit": [audit_record(r) for r in records],
+    }
+
+
+# -- the webhook -------------------------------------------------------------------------
+
+
+def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str, Any]:
+    """The spec's webhook body for one approval request (`callbackUrl` null when this
+    instance has no public URL and secret to build one)."""
+    return {
+        "type": "approval_request",
+        "requestId": request.request_id,
+        "executionId": request.execution_id,
+        "agentTag": request.agent_tag,
+        "tool": request.tool,
+        "parameters": request.parameters,
+        "timestamp": iso(request.timestamp),
+        "expiresAt": iso(request.timeout),
+        "callbackUrl": callback_url,
+    }

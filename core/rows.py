@@ -1,0 +1,140 @@
+"""What one step writes: the rows a store persists for an event and its commands.
+
+A store moves rows; what a command means for the tables is a domain rule, so it
+is decided here, once, for every store (SQLite today, PostgreSQL next): a store
+adapter turns a `Writes` into SQL and nothing else. Everything in it is derived
+from the execution after the step and the step's commands, so the same step
+always writes the same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+import attrs
+
+from clearance.core.commands import (
+    AuditRecord,
+    CallModel,
+    CancelTimer,
+    Command,
+    Finish,
+    PublishApprovalRequest,
+    RecordDecision,
+    RunTool,
+    StartTimer,
+)
+from clearance.core.events import Event
+from clearance.core.execution import ApprovalRequest, Execution
+
+# Channels an approval request can be delivered on. A delivery is keyed by
+# (request, channel): one row each, retried on its own.
+WEBHOOK = "webhook"
+# Who signs a webhook: the agent's own secret (only processes hosting it have it)
+# or the instance's (any process opened with it may deliver).
+AGENT_SIGNER = "agent"
+INSTANCE_SIGNER = "instance"
+
+
+@attrs.frozen
+class TimerRow:
+    request_id: str
+    due_at: datetime
+
+
+@attrs.frozen
+class DeliveryRow:
+    """An approval request to send on one channel, from `not_before` until `expires_at`."""
+
+    request_id: str
+    channel: str
+    target: str  # the webhook URL
+    message_id: str  # the same on every attempt: receivers dedupe on it
+    signer: str
+    not_before: datetime
+    expires_at: datetime
+
+
+@attrs.frozen
+class Writes:
+    """Everything one committed step adds, changes or removes, besides the event itself."""
+
+    execution: Execution
+    event: Event
+    work: tuple[CallModel | RunTool, ...] = ()
+    timers_started: tuple[TimerRow, ...] = ()
+    timers_cancelled: tuple[TimerRow, ...] = ()
+    requests_opened: tuple[ApprovalRequest, ...] = ()
+    # Requests whose inbox row now shows a decision: (request id, status).
+    requests_decided: tuple[tuple[str, str], ...] = ()
+    audit: tuple[AuditRecord, ...] = ()
+    deliveries: tuple[DeliveryRow, ...] = ()
+    # The execution finished: work nobody has started yet must never start (a stop
+    # after an approval cancels the approved tool run in the same commit). Work a
+    # worker holds goes on, and its outcome is recorded.
+    drop_queued_work: bool = False
+
+
+def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> Writes:
+    """The rows for one step: `execution` is the state after `event`, `commands` what
+    `decide()` asked for."""
+    work: list[CallModel | RunTool] = []
+    started: list[TimerRow] = []
+    cancelled: list[TimerRow] = []
+    opened: list[ApprovalRequest] = []
+    decided: list[tuple[str, str]] = []
+    audit: list[AuditRecord] = []
+    deliveries: list[DeliveryRow] = []
+    finished = False
+    for command in commands:
+        if isinstance(command, CallModel | RunTool):
+            work.append(command)
+        elif isinstance(command, StartTimer):
+            started.append(TimerRow(command.request_id, command.due_at))
+        elif isinstance(command, CancelTimer):
+            # A request's timer is due at its timeout (decide() starts it so), which
+            # keys the row: the sweep then needs no second index.
+            timed = execution.request(command.request_id)
+            if timed is not None:
+                cancelled.append(TimerRow(command.request_id, timed.timeout))
+        elif isinstance(command, PublishApprovalRequest):
+            request = command.request
+            opened.append(request)
+            deliveries.extend(_deliveries(execution, request))
+        elif isinstance(command, RecordDecision):
+            audit.append(command.record)
+            now = execution.request(command.record.request_id)
+            if now is not None:
+                decided.append((now.request_id, now.status))
+        elif isinstance(command, Finish):
+            finished = True
+    return Writes(
+        execution=execution,
+        event=event,
+        work=tuple(work),
+        timers_started=tuple(started),
+        timers_cancelled=tuple(cancelled),
+        requests_opened=tuple(opened),
+        requests_decided=tuple(decided),
+        audit=tuple(audit),
+        deliveries=tuple(deliveries),
+        drop_queued_work=finished,
+    )
+
+
+def _deliveries(execution: Execution, request: ApprovalRequest) -> list[DeliveryRow]:
+    agent = execution.agent
+    if not agent.approval_webhook:
+        return []
+    return [
+        DeliveryRow(
+            request_id=request.request_id,
+            channel=WEBHOOK,
+            target=agent.approval_webhook,
+            message_id=f"msg_{request.request_id}",
+            signer=AGENT_SIGNER if agent.own_webhook_secret else INSTANCE_SIGNER,
+            not_before=request.timestamp,
+            expires_at=request.timeout,
+        )
+    ]
