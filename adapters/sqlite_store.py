@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import attrs
+
 from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import AuditRecord, CallModel, RunTool
@@ -159,6 +161,17 @@ def _from_2(db: sqlite3.Connection) -> int:
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {2: _from_2}
 
 
+@attrs.frozen
+class _Pending:
+    """A step waiting for its group commit."""
+
+    writes: Writes
+    expected_seq: int
+    claim: ClaimRequest | None
+    done: Claim | None
+    future: asyncio.Future[list[Work]]
+
+
 def _work_command(body: str) -> CallModel | RunTool:
     command = command_from_data(json.loads(body))
     assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
@@ -173,12 +186,15 @@ class SQLiteStore:
         synchronous: str = "FULL",
         busy_timeout_ms: int = 10_000,
         snapshot_every: int = SNAPSHOT_EVERY,
+        group_commit: bool = True,
     ):
         if synchronous.upper() not in SYNCHRONOUS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS}, got {synchronous!r}")
         if snapshot_every < 1:
             raise ValueError(f"snapshot_every must be 1 or more, got {snapshot_every}")
         self.path = path
+        self.group_commit = group_commit
+        self._batch: list[_Pending] = []
         self.snapshot_every = snapshot_every
         self.commits = 0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -259,57 +275,117 @@ class SQLiteStore:
         claim: ClaimRequest | None = None,
         done: Claim | None = None,
     ) -> list[Work]:
-        execution, db = writes.execution, self._db
-        if execution.seq != expected_seq + 1:
+        if writes.execution.seq != expected_seq + 1:
             raise ValueError(f"commit expects the state one event past {expected_seq}")
-        with self._write():
-            # The first event names the agent spec the log folds from and the decide()
-            # version that wrote it (the rest, NULL).
-            first = expected_seq == 0
-            try:
-                # The log's key is the version check: whoever appends event n+1 first
-                # wins; a racer that also read version n finds the slot taken.
-                db.execute(
-                    "INSERT INTO events (execution_id, seq, body, spec_id, decide_version)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (
-                        execution.id,
-                        execution.seq,
-                        pack(event_to_data(writes.event)),
-                        self._spec_id(execution.agent) if first else None,
-                        DECIDE_VERSION if first else None,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                if first:
-                    raise Conflict(f"execution {execution.id} already exists") from None
-                raise Conflict(
-                    f"execution {execution.id} moved past version {expected_seq}"
-                ) from None
-            if done is not None and not self._delete_work(done):
-                raise LeaseLost(
-                    f"work {done.id} of execution {execution.id} is no longer held by"
-                    f" {done.holder}: its lease ran out and it was taken over"
-                )
-            if execution.seq % self.snapshot_every == 0:
-                state = execution_to_data(execution)
-                del state["agent"]  # stored once per distinct spec, in `agents`
-                db.execute(
-                    "INSERT OR REPLACE INTO snapshots (execution_id, seq, state) VALUES (?, ?, ?)",
-                    (execution.id, execution.seq, pack(state)),
-                )
-            self._apply(writes)
-            queued = self._queue(writes, claim)
-        self.commits += 1
-        return queued
+        if not self.group_commit:
+            with self._write():
+                queued = self._step(writes, expected_seq, claim, done)
+            self.commits += 1
+            return queued
+        # Group commit: every step committed during one turn of the event loop goes into
+        # one transaction, each in its own savepoint (a Conflict or LeaseLost undoes only
+        # its own step), so executions in flight together share one fsync.
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Work]] = loop.create_future()
+        self._batch.append(_Pending(writes, expected_seq, claim, done, future))
+        if len(self._batch) == 1:
+            loop.call_soon(self._flush)
+        return await future
 
-    def _apply(self, writes: Writes) -> None:
+    def _flush(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch:
+            return
+        outcomes: list[list[Work] | Exception] = []
+        try:
+            with self._write():
+                for step in batch:
+                    self._db.execute("SAVEPOINT step")
+                    try:
+                        outcomes.append(
+                            self._step(step.writes, step.expected_seq, step.claim, step.done)
+                        )
+                    except Exception as err:
+                        self._db.execute("ROLLBACK TO step")
+                        outcomes.append(err)
+                    self._db.execute("RELEASE step")
+        except Exception as err:  # nothing of the batch is durable: each caller hears why
+            for step in batch:
+                if not step.future.done():
+                    step.future.set_exception(type(err)(*err.args))
+            return
+        self.commits += 1
+        orphaned: list[Claim] = []
+        for step, outcome in zip(batch, outcomes, strict=True):
+            if step.future.cancelled():
+                # Its caller gave up (a closing engine): work it claimed would sit held by
+                # a worker that will never start it. Hand it back to the queue.
+                if not isinstance(outcome, Exception):
+                    orphaned += [w.claim for w in outcome if w.holder is not None]
+            elif isinstance(outcome, Exception):
+                step.future.set_exception(outcome)
+            else:
+                step.future.set_result(outcome)
+        if orphaned:
+            with self._write():
+                for claim in orphaned:
+                    self._release(claim)
+
+    def _step(
+        self, writes: Writes, expected_seq: int, claim: ClaimRequest | None, done: Claim | None
+    ) -> list[Work]:
+        """One step's writes, inside the caller's transaction."""
+        execution, db = writes.execution, self._db
+        # The first event names the agent spec the log folds from and the decide()
+        # version that wrote it (the rest, NULL).
+        first = expected_seq == 0
+        try:
+            # The log's key is the version check: whoever appends event n+1 first
+            # wins; a racer that also read version n finds the slot taken.
+            db.execute(
+                "INSERT INTO events (execution_id, seq, body, spec_id, decide_version)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    execution.id,
+                    execution.seq,
+                    pack(event_to_data(writes.event)),
+                    self._spec_id(execution.agent) if first else None,
+                    DECIDE_VERSION if first else None,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            if first:
+                raise Conflict(f"execution {execution.id} already exists") from None
+            raise Conflict(f"execution {execution.id} moved past version {expected_seq}") from None
+        if done is not None and not self._delete_work(done):
+            raise LeaseLost(
+                f"work {done.id} of execution {execution.id} is no longer held by"
+                f" {done.holder}: its lease ran out and it was taken over"
+            )
+        if execution.seq % self.snapshot_every == 0:
+            state = execution_to_data(execution)
+            del state["agent"]  # stored once per distinct spec, in `agents`
+            db.execute(
+                "INSERT OR REPLACE INTO snapshots (execution_id, seq, state) VALUES (?, ?, ?)",
+                (execution.id, execution.seq, pack(state)),
+            )
+        cancelled = self._apply(writes)
+        return cancelled + self._queue(writes, claim)
+
+    def _apply(self, writes: Writes) -> list[Work]:
+        """Apply the step's rows; returns the work it cancelled."""
         db, execution = self._db, writes.execution
+        cancelled = []
         if writes.drop_queued_work:
             # Unstarted work of a finished execution never starts; held work goes on.
-            db.execute(
-                "DELETE FROM work WHERE execution_id = ? AND holder IS NULL", (execution.id,)
-            )
+            rows = db.execute(
+                "DELETE FROM work WHERE execution_id = ? AND holder IS NULL RETURNING id, body",
+                (execution.id,),
+            ).fetchall()
+            cancelled = [
+                Work(i, execution.id, execution.agent_tag, _work_command(b), None, cancelled=True)
+                for i, b in rows
+            ]
         for timer in writes.timers_started:
             db.execute(
                 "INSERT OR REPLACE INTO timers (due_at, request_id, execution_id) VALUES (?, ?, ?)",
@@ -367,6 +443,7 @@ class SQLiteStore:
                 "UPDATE approvals SET status = ?, body = NULL WHERE request_id = ?",
                 (status, request_id),
             )
+        return cancelled
 
     def _queue(self, writes: Writes, claim: ClaimRequest | None) -> list[Work]:
         execution, queued = writes.execution, []
@@ -579,12 +656,15 @@ class SQLiteStore:
         with self._write():
             return self._delete_work(claim)
 
+    def _release(self, claim: Claim) -> None:
+        self._db.execute(
+            "UPDATE work SET holder = NULL, lease_until = '' WHERE id = ? AND holder = ?",
+            (claim.id, claim.holder),
+        )
+
     async def release(self, claim: Claim) -> None:
         with self._write():
-            self._db.execute(
-                "UPDATE work SET holder = NULL, lease_until = '' WHERE id = ? AND holder = ?",
-                (claim.id, claim.holder),
-            )
+            self._release(claim)
 
     async def wait_for_work(self, seconds: float) -> bool:
         # SQLite has no notifications; `data_version` changes when another connection
@@ -736,4 +816,5 @@ class SQLiteStore:
         return row.fetchone() is not None
 
     async def close(self) -> None:
+        self._flush()  # steps committed but not yet flushed are written, not dropped
         self._db.close()

@@ -62,7 +62,7 @@ from clearance.core.events import (
     ToolFinished,
 )
 from clearance.core.execution import EXECUTING, PENDING, RESTING, STOPPED, Execution, Usage
-from clearance.core.json_value import NotJSON, strict
+from clearance.core.json_value import NotJSON, check_text, strict
 from clearance.core.rows import writes
 from clearance.definition import HostedAgent
 from clearance.ports.clock import Clock
@@ -84,6 +84,8 @@ _RECORD_BACKOFF = 0.05
 # A timer whose execution cannot be loaded is tried again this much later, so it
 # never holds up the timers due after it.
 TIMER_RETRY = timedelta(seconds=60)
+# Refusals that mean the result is simply no longer wanted (the execution moved on).
+_STALE = frozenset({"stale_model_reply", "stale_tool_result", "wrong_state"})
 # How often a caller waiting for an execution to rest looks at the store, in case
 # the work was done by another process.
 _SETTLE_LOOK = 0.2
@@ -363,8 +365,17 @@ class Engine:
             for work in queued:
                 if work.holder == self.worker:
                     self._spawn(work)
-            if self._hosts(ex) and len(queued) > n:
+            if self._hosts(ex) and sum(not w.cancelled for w in queued) > n:
                 self._wake.set()  # queued for want of a slot: pick it up when one frees
+            for work in queued:
+                if work.cancelled and isinstance(work.command, RunTool):
+                    # Closes the call in the history: it was approved, and never ran.
+                    never_ran = ToolFailed(
+                        work.command.tool_use_id,
+                        "not run: the execution was stopped before the tool started",
+                        event.at,
+                    )
+                    new = await self._feed(new, never_ran)
             if new.status in RESTING:
                 for rested in self._waiters.get(new.id, ()):
                     rested.set()
@@ -467,9 +478,11 @@ class Engine:
                 await self._feed(ex, event, done=claim, handing_over=1)
                 return
             except Refusal as refusal:
-                if isinstance(event, ModelReplied) and refusal.code == "invalid_reply":
-                    # A reply no tool_result can answer must fail the run, not strand it.
-                    event = _failure(event, f"the model's reply could not be used: {refusal}")
+                failed = _failure(event, f"the result could not be used: {refusal}")
+                if refusal.code not in _STALE and failed is not event:
+                    # A reply no tool_result can answer, a result decide() will not take:
+                    # the run fails (or the model hears of it) rather than strand.
+                    event = failed
                     continue
                 log.info("execution %s: result dropped: %s", ex.id, refusal)
                 await self.store.complete(claim)
@@ -532,6 +545,7 @@ class Engine:
                 name = str(block.get("name", ""))
                 try:
                     reason = str(agent.reason(name, params if isinstance(params, dict) else {}))
+                    check_text(reason, "confirmation_message")
                 except Exception as err:
                     reason = (
                         f"Calling '{name}' requires approval ({type(err).__name__} in "

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from clearance.core.agent import AgentSpec
-from clearance.core.decide import decide
+from clearance.core.decide import DECIDE_VERSION, decide
 from clearance.core.events import Event
 from clearance.core.execution import Execution
 
 # Logs written before versions were recorded read as version 1.
-DECIDE_VERSION = 2
 OLDEST_VERSION = 1
+__all__ = ["DECIDE_VERSION", "OLDEST_VERSION", "ReplayFailed", "UnknownVersion", "replay"]
 
 
 class UnknownVersion(ValueError):

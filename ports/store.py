@@ -75,6 +75,8 @@ class Work:
     command: CallModel | RunTool
     holder: str | None
     previous_holder: str | None = None
+    # Dropped, unstarted, by the commit that returned it (its execution finished).
+    cancelled: bool = False
 
     @property
     def claim(self) -> Claim:
@@ -131,7 +133,8 @@ class ExecutionLog(Protocol):
         transaction, or raise Conflict (another event took that slot) and write nothing.
         `claim` takes the first units of work queued here at once; `done` completes
         the work whose result this is, or raises LeaseLost and writes nothing.
-        Returns the work queued, claimed or not."""
+        Returns the work queued, claimed or not, and the queued work
+        `writes.drop_queued_work` removed (`cancelled`)."""
         ...
 
     async def load(self, execution_id: str) -> Execution | None: ...

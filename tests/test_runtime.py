@@ -47,7 +47,10 @@ async def test_a_stop_after_an_approval_made_elsewhere_cancels_the_queued_tool_r
         assert recorder.ran("process-refund") == []
         history = await host.get_execution(ex.id)
         assert history.status == "stopped"
-        assert _events(history)[-2:] == ["approved", "stop_requested"]
+        assert _events(history)[-3:] == ["approved", "stop_requested", "tool_failed"]
+        # The approved call is closed in the history as never run, not left executing.
+        assert "not run: the execution was stopped" in history.events[-1].error
+        assert [c.status for c in history.execution.calls] == ["done"]
     finally:
         await reviewer.close()
         await host.close()

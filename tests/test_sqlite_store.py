@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from datetime import UTC, datetime, timedelta
@@ -255,3 +256,81 @@ def test_a_stamp_of_an_ambiguous_local_time_reads_back_as_the_same_instant(fold:
     at = datetime(1999, 10, 31, 2, 0, tzinfo=ZoneInfo("Africa/Ceuta"), fold=fold)
     assert parse_stamp(stamp(at)) == at.astimezone(UTC)
     assert parse_stamp(stamp(at)).timestamp() == at.timestamp()
+
+
+async def _paused(app: Clearance, n: int) -> list[Execution]:
+    define_refund_agent(app, Recorder())
+    return [await app.run("safe-agent", input=f"Refund ORD-{i}") for i in range(n)]
+
+
+def _approval(ex: Execution) -> Any:
+    event = Approved(ex.pending_approvals[0].request_id, ex.created_at, "ops")  # type: ignore[arg-type]
+    new, commands = decide(ex, event)
+    return writes(new, event, commands)
+
+
+def _quiet(tmp_path: Path) -> Clearance:
+    """An instance without the background loop, so only the test commits."""
+    return Clearance.open(f"sqlite:///{tmp_path / 'approvals.db'}", clock=FakeClock())
+
+
+async def test_steps_committed_together_share_one_transaction(tmp_path: Path) -> None:
+    app = _quiet(tmp_path)
+    paused = await _paused(app, 5)
+    before = app.store.commits
+    results = await asyncio.gather(
+        *(app.store.commit(_approval(ex), expected_seq=ex.seq) for ex in paused)
+    )
+    assert app.store.commits - before == 1  # one transaction, one fsync, for five steps
+    assert [len(queued) for queued in results] == [1] * 5  # each queued its tool run
+    again = SQLiteStore(str(tmp_path / "approvals.db"))
+    try:
+        for ex in paused:
+            loaded = await again.load(ex.id)
+            assert loaded is not None and loaded.seq == ex.seq + 1
+    finally:
+        await again.close()
+        await app.close()
+
+
+async def test_a_conflict_in_a_group_undoes_only_its_own_step(tmp_path: Path) -> None:
+    app = _quiet(tmp_path)
+    first, second = await _paused(app, 2)
+    rows = _row_counts(_db(tmp_path))
+    won, lost, other = await asyncio.gather(
+        app.store.commit(_approval(first), expected_seq=first.seq),
+        app.store.commit(_approval(first), expected_seq=first.seq),
+        app.store.commit(_approval(second), expected_seq=second.seq),
+        return_exceptions=True,
+    )
+    assert isinstance(lost, Conflict) and not isinstance(won, Exception)
+    assert not isinstance(other, Exception)
+    after = _row_counts(_db(tmp_path))
+    # Two steps' rows, not three: one event, one audit record, one tool run each.
+    assert after["events"] - rows["events"] == 2
+    assert after["audit"] - rows["audit"] == 2
+    await app.close()
+
+
+async def test_a_group_that_cannot_commit_fails_every_step_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "approvals.db"
+    app = Clearance(SQLiteStore(str(path), busy_timeout_ms=50), clock=FakeClock())
+    try:
+        paused = await _paused(app, 2)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        try:
+            outcomes = await asyncio.gather(
+                *(app.store.commit(_approval(ex), expected_seq=ex.seq) for ex in paused),
+                return_exceptions=True,
+            )
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert all(isinstance(o, sqlite3.OperationalError) for o in outcomes), outcomes
+        for ex in paused:
+            assert await app.store.load(ex.id) == ex
+    finally:
+        await app.close()

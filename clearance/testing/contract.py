@@ -701,7 +701,12 @@ class StoreContract(abc.ABC):
             (waiting,) = await bystander.commit(store, bystander.started())
             stop = run.step(StopRequested(at(2), "ops"))
             assert stop.drop_queued_work
-            await run.commit(store, StopRequested(at(2), "ops"))
+            dropped = await run.commit(store, StopRequested(at(2), "ops"))
+            # The commit names the queued units it dropped, so the runtime can close them.
+            assert sorted((w.id, w.cancelled) for w in dropped) == [
+                (tools[1].id, True),
+                (tools[2].id, True),
+            ]
             taken = await store.claim_work([run.tag], "w2", now, now + LEASE, 9)
             assert [w.id for w in taken] == [waiting.id]
             # The tool already running goes on, and its outcome is recorded.
