@@ -20,6 +20,7 @@ import hashlib
 import json
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -133,6 +134,9 @@ SCHEMA_VERSION = 3
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
+# Recent states kept by execution id, checked against the log's last seq on load: a
+# bounded cache, so a paused execution still costs nothing in memory at scale.
+STATES_CACHED = 256
 # How often `wait_for_work` looks for another process's commit.
 WAKE_POLL = 0.02
 
@@ -195,6 +199,7 @@ class SQLiteStore:
         self.path = path
         self.group_commit = group_commit
         self._batch: list[_Pending] = []
+        self._states: OrderedDict[str, Execution] = OrderedDict()
         self.snapshot_every = snapshot_every
         self.commits = 0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -281,6 +286,7 @@ class SQLiteStore:
             with self._write():
                 queued = self._step(writes, expected_seq, claim, done)
             self.commits += 1
+            self._remember(writes.execution)
             return queued
         # Group commit: every step committed during one turn of the event loop goes into
         # one transaction, each in its own savepoint (a Conflict or LeaseLost undoes only
@@ -299,16 +305,23 @@ class SQLiteStore:
         outcomes: list[list[Work] | Exception] = []
         try:
             with self._write():
+                # A step alone needs no savepoint: if it fails, nothing else is lost by
+                # committing the empty transaction.
+                alone = len(batch) == 1
                 for step in batch:
-                    self._db.execute("SAVEPOINT step")
+                    if not alone:
+                        self._db.execute("SAVEPOINT step")
                     try:
                         outcomes.append(
                             self._step(step.writes, step.expected_seq, step.claim, step.done)
                         )
                     except Exception as err:
-                        self._db.execute("ROLLBACK TO step")
+                        self._db.execute("ROLLBACK" if alone else "ROLLBACK TO step")
+                        if alone:
+                            self._db.execute("BEGIN IMMEDIATE")  # for _write's COMMIT
                         outcomes.append(err)
-                    self._db.execute("RELEASE step")
+                    if not alone:
+                        self._db.execute("RELEASE step")
         except Exception as err:  # nothing of the batch is durable: each caller hears why
             for step in batch:
                 if not step.future.done():
@@ -326,6 +339,8 @@ class SQLiteStore:
                 step.future.set_exception(outcome)
             else:
                 step.future.set_result(outcome)
+            if not isinstance(outcome, Exception):
+                self._remember(step.writes.execution)
         if orphaned:
             with self._write():
                 for claim in orphaned:
@@ -465,6 +480,28 @@ class SQLiteStore:
         return queued
 
     async def load(self, execution_id: str) -> Execution | None:
+        # The state this connection last committed or folded, if no event came since:
+        # a step usually loads what the previous step wrote, so no replay is needed.
+        cached = self._states.get(execution_id)
+        if cached is not None:
+            (last,) = self._db.execute(
+                "SELECT max(seq) FROM events WHERE execution_id = ?", (execution_id,)
+            ).fetchone()
+            if last == cached.seq:
+                self._states.move_to_end(execution_id)
+                return cached
+        loaded = self._fold(execution_id)
+        if loaded is not None:
+            self._remember(loaded)
+        return loaded
+
+    def _remember(self, execution: Execution) -> None:
+        self._states[execution.id] = execution
+        self._states.move_to_end(execution.id)
+        if len(self._states) > STATES_CACHED:
+            self._states.popitem(last=False)
+
+    def _fold(self, execution_id: str) -> Execution | None:
         row = self._db.execute(
             "SELECT e.spec_id, e.decide_version, s.seq, s.state FROM events e"
             " LEFT JOIN snapshots s ON s.execution_id = e.execution_id"

@@ -117,3 +117,15 @@ def holdpoint_refund(hold: Any) -> Callable[..., Any]:
 
     guarded: Callable[..., Any] = hold.guard(kind=TOOL, ttl="5m")(process_refund)
     return guarded
+
+
+def holdpoint_refund_async(hold: Any) -> Callable[..., Any]:
+    """The same guarded call as an `async def`: `await process_refund(**PARAMS)` submits
+    it and `await hold.approve_async(id)` runs it (holdpoint's store calls go through
+    `asyncio.to_thread`, one SQLite connection per thread)."""
+
+    async def process_refund(orderId: str, amount: float, reason: str) -> dict[str, Any]:
+        return RESULT
+
+    guarded: Callable[..., Any] = hold.guard(kind=TOOL, ttl="5m")(process_refund)
+    return guarded

@@ -39,6 +39,8 @@ class Sizes:
     replay_seconds: float
     latency_samples: int
     poll_intervals: tuple[float, ...]
+    concurrent_cycles: int  # cycles per system per round in benchmark 5
+    in_flight: int  # executions kept in flight at once in benchmark 5
 
     @classmethod
     def full(cls) -> Sizes:
@@ -54,6 +56,8 @@ class Sizes:
             replay_seconds=2.0,
             latency_samples=50,
             poll_intervals=(0.2, 0.05),
+            concurrent_cycles=2_000,
+            in_flight=64,
         )
 
     @classmethod
@@ -70,6 +74,8 @@ class Sizes:
             replay_seconds=0.2,
             latency_samples=5,
             poll_intervals=(0.2, 0.05),
+            concurrent_cycles=128,
+            in_flight=64,
         )
 
 
@@ -242,9 +248,18 @@ def machine_lines() -> list[str]:
     )
     versions = ", ".join(f"{d} {version(d)}" for d in dists)
     return [
-        f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} (start)",
         f"- Machine: {os.cpu_count()} CPUs (`nproc`), {cpu_model()}, "
         f"{platform.system()} {platform.release()}",
         f"- Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}",
         f"- Versions: {versions}",
+        f"- Load average as the run began (1, 5, 15 min): {load_average()}",
     ]
+
+
+def load_average() -> str:
+    """The machine's load averages: other jobs share these CPUs and this disk."""
+    try:
+        return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"

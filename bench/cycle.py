@@ -205,7 +205,7 @@ SYSTEMS: dict[str, Callable[[Path, str, int], Run]] = {
 }
 
 
-def _rounds(ratios: list[float]) -> str:
+def paired_spread(ratios: list[float]) -> str:
     if len(ratios) < 2:
         return "1 round"
     return f"rounds {min(ratios):.2f}-{max(ratios):.2f}x"
@@ -288,20 +288,20 @@ def run(sizes: Sizes) -> Section:
             Target(
                 f"1. cycle, {synchronous}",
                 ">= 3x LangGraph (its faster saver)",
-                f"{ratio(ours / lg)} ({_rounds(vs_lg)})",
+                f"{ratio(ours / lg)} ({paired_spread(vs_lg)})",
                 ours / lg >= 3,
             ),
             Target(
                 f"1. cycle, {synchronous}",
                 ">= 1x holdpoint",
-                f"{ratio(ours / hp)} ({_rounds(vs_hp)})",
+                f"{ratio(ours / hp)} ({paired_spread(vs_hp)})",
                 ours >= hp,
             ),
             Target(
                 f"1. cycle, {synchronous}",
                 "cycles/s x commits/cycle >= 0.5x raw ceiling",
                 f"{ratio(ours * per / ceiling)} ({fmt(ours * per)} of {fmt(ceiling)} commits/s; "
-                f"{_rounds(vs_ceiling)})",
+                f"{paired_spread(vs_ceiling)})",
                 ours * per >= 0.5 * ceiling,
             ),
         ]

@@ -49,14 +49,21 @@ def _worker(kind: str, args: Sequence[str]) -> int:
     return 0
 
 
-def report(sizes: Sizes, sections: Sequence[Section], seconds: float) -> str:
+def report(
+    sizes: Sizes,
+    sections: Sequence[Section],
+    seconds: float,
+    machine: Sequence[str] | None = None,
+    only: Sequence[int] = (),
+) -> str:
+    """The markdown report; `machine`: `machine_lines()` taken when the run began."""
     kind = "quick (CI smoke sizes: numbers are not meaningful)" if sizes.quick else "full"
+    flags = "".join(f" --only {n}" for n in only) + (" --quick" if sizes.quick else "")
     lines = [
         "# Clearance benchmarks",
         "",
-        *machine_lines(),
-        f"- Run: `python -m bench{' --quick' if sizes.quick else ''}`, {kind}, "
-        f"{seconds / 60:.1f} min",
+        *(machine if machine is not None else machine_lines()),
+        f"- Run: `python -m bench{flags}`, {kind}, {seconds / 60:.1f} min",
         "",
     ]
     for section in sections:
@@ -86,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4),
+        choices=(1, 2, 3, 4, 5),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -119,16 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(profile.run(30 if args.quick else 300))
         return 0
 
-    from bench import cycle, latency, scale, step
+    from bench import concurrent, cycle, latency, scale, step
 
     benchmarks: dict[int, Callable[[Sizes], Section]] = {
         1: cycle.run,
         2: scale.run,
         3: step.run,
         4: latency.run,
+        5: concurrent.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))
+    machine = machine_lines()  # the date and the load as the run begins
     start = time.perf_counter()
     sections = []
     for number in chosen:
@@ -140,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    text = report(sizes, sections, time.perf_counter() - start)
+    text = report(
+        sizes, sections, time.perf_counter() - start, machine, sorted(set(args.only or ()))
+    )
     print(text)
     if args.out:
         args.out.write_text(text + "\n", encoding="utf-8")

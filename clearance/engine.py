@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -137,8 +138,10 @@ class Engine:
         self._started_tools: set[int] = set()  # work ids whose handler was called
         self._reserved = 0  # slots promised to a commit in flight
         self._heart: asyncio.Task[None] | None = None
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[asyncio.Future[Execution]]] = {}
+        self._working: dict[str, int] = {}  # execution id -> units carried out here now
         self._wake = asyncio.Event()
+        self._starved = False  # work of ours was left queued for want of a free slot
         # Sync handlers run here, no more at once than the concurrency bound.
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="clearance-tool")
 
@@ -191,24 +194,29 @@ class Engine:
     async def settle(self, ex: Execution) -> Execution:
         """`ex` once it rests (awaiting approval, or finished). Where this process does
         not host the agent, `ex` as it is: the hosting process carries on."""
+        loop = asyncio.get_running_loop()
         while ex.status not in RESTING and self._hosts(ex):
-            rested = asyncio.Event()
+            rested: asyncio.Future[Execution] = loop.create_future()
             self._waiters.setdefault(ex.id, set()).add(rested)
             try:
-                ex = await self._load(ex.id)
-                if ex.status in RESTING:
-                    break
-                # Work queued while every slot was busy, or no background loop runs:
-                # carry it out from here.
-                await self.pickup()
+                if not self._working.get(ex.id):
+                    # Nothing of it runs here: it was queued while every slot was busy,
+                    # or no background loop runs. Carry it out from here.
+                    ex = await self._load(ex.id)
+                    if ex.status in RESTING:
+                        break
+                    await self.pickup()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(rested.wait(), _SETTLE_LOOK)
+                    # The commit that makes it rest hands over the state: no load.
+                    ex = await asyncio.wait_for(asyncio.shield(rested), _SETTLE_LOOK)
+                    continue
             finally:
                 waiting = self._waiters.get(ex.id)
                 if waiting is not None:
                     waiting.discard(rested)
                     if not waiting:
                         del self._waiters[ex.id]
+            # Another process may have done the work: look.
             ex = await self._load(ex.id)
         return ex
 
@@ -364,9 +372,10 @@ class Engine:
                 self._reserved -= n
             for work in queued:
                 if work.holder == self.worker:
-                    self._spawn(work)
+                    self._spawn(work, new)
             if self._hosts(ex) and sum(not w.cancelled for w in queued) > n:
-                self._wake.set()  # queued for want of a slot: pick it up when one frees
+                self._starved = True  # queued for want of a slot: pick it up when one frees
+                self._wake.set()
             for work in queued:
                 if work.cancelled and isinstance(work.command, RunTool):
                     # Closes the call in the history: it was approved, and never ran.
@@ -378,26 +387,37 @@ class Engine:
                     new = await self._feed(new, never_ran)
             if new.status in RESTING:
                 for rested in self._waiters.get(new.id, ()):
-                    rested.set()
+                    if not rested.done():
+                        rested.set_result(new)
             return new
         raise ClearanceError(f"execution {ex.id} kept changing under {_MAX_CONFLICTS} attempts")
 
     def _lease_until(self) -> datetime:
         return self.lease_clock.now() + self.lease
 
-    def _spawn(self, work: Work) -> None:
+    def _spawn(self, work: Work, ex: Execution | None = None) -> None:
+        """Carry `work` out in its own task; `ex`: the state the commit that queued it
+        made, when this process made it."""
         self._held[work.id] = work.claim
-        task = asyncio.create_task(self._carry(work), name=f"clearance-work-{work.id}")
+        self._working[work.execution_id] = self._working.get(work.execution_id, 0) + 1
+        task = asyncio.create_task(self._carry(work, ex), name=f"clearance-work-{work.id}")
         self._tasks[work.id] = task
-        task.add_done_callback(functools.partial(self._finished, work.id))
+        task.add_done_callback(functools.partial(self._finished, work))
         if self._heart is None or self._heart.done():
             self._heart = asyncio.create_task(self._renew_leases(), name="clearance-leases")
 
-    def _finished(self, work_id: int, _: asyncio.Task[None]) -> None:
-        self._tasks.pop(work_id, None)
-        self._held.pop(work_id, None)
-        self._started_tools.discard(work_id)
-        self._wake.set()  # a slot is free
+    def _finished(self, work: Work, _: asyncio.Task[None]) -> None:
+        self._tasks.pop(work.id, None)
+        self._held.pop(work.id, None)
+        self._started_tools.discard(work.id)
+        left = self._working.get(work.execution_id, 1) - 1
+        if left:
+            self._working[work.execution_id] = left
+        else:
+            self._working.pop(work.execution_id, None)
+        if self._starved:  # a slot is free, and work waits for one
+            self._starved = False
+            self._wake.set()
 
     async def _renew_leases(self) -> None:
         while self._held:
@@ -409,17 +429,21 @@ class Engine:
                 log.exception("could not renew %d work leases; will try again", len(claims))
                 continue
             for claim in claims:
-                if claim not in kept:
+                # (One that finished while we renewed is not lost, just done.)
+                if claim not in kept and claim.id in self._held:
                     log.warning(
                         "work %s: lease lost (taken over after it ran out); its result "
                         "will not be recorded by this worker",
                         claim.id,
                     )
 
-    async def _carry(self, work: Work) -> None:
+    async def _carry(self, work: Work, ex: Execution | None) -> None:
         """Carry out one unit of work and record its outcome."""
         try:
-            ex = await self.store.load(work.execution_id)
+            if ex is None or isinstance(work.command, RunTool):
+                # A tool run looks at the stored state last thing before it starts, so a
+                # stop committed elsewhere a moment ago is honoured.
+                ex = await self.store.load(work.execution_id)
             event = None if ex is None else await self._outcome(ex, work)
             if ex is None or event is None:
                 await self.store.complete(work.claim)
@@ -580,7 +604,8 @@ class Engine:
             request_id=command.request_id,
             approved_by=command.approved_by,
         )
-        params = dict(command.parameters)
+        # A copy: a handler that changes its parameters must not change the stored state.
+        params = copy.deepcopy(dict(command.parameters))
         try:
             if inspect.iscoroutinefunction(handler):
                 result = await handler(ctx, params)

@@ -20,7 +20,7 @@ from clearance import views
 from clearance.callback import TokenError, check_token
 from clearance.core.decide import standing_decision
 from clearance.core.errors import ClearanceError, InvalidParameters, Refusal, RefusalCode
-from clearance.core.execution import PENDING, TIMED_OUT, ApprovalRequest, iso
+from clearance.core.execution import TIMED_OUT, ApprovalRequest
 from clearance.http_bodies import callback_decision, listing, read_json, signal_call
 from clearance.http_errors import REFUSAL_STATUS, ApiError, fail
 from clearance.openapi import openapi_document
@@ -99,21 +99,6 @@ async def refused(app: Clearance, refusal: Refusal, request_id: str | None) -> N
     fail(REFUSAL_STATUS[code], code, message)
 
 
-async def refuse_if_past_deadline(app: Clearance, execution_id: str, request_id: str) -> None:
-    """A decision after the deadline is a 410 that changes nothing here; the timer sweep
-    records the timeout (the engine would record it first and then refuse)."""
-    ex = await app.execution(execution_id)
-    request = ex.request(request_id) if ex else None
-    if request is not None and request.status == PENDING and app.clock.now() >= request.timeout:
-        code = RefusalCode.EXPIRED
-        fail(
-            REFUSAL_STATUS[code],
-            code,
-            f"approval request {request_id} expired at {iso(request.timeout)}; it is "
-            "auto-rejected as timed out and can no longer be decided",
-        )
-
-
 # -- routes ------------------------------------------------------------------------------
 
 
@@ -147,8 +132,6 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
         require_api_key(app, request)
         execution_id = request.path_params["executionId"]
         call = signal_call(await read_json(request, max_body))
-        if call.request_id:
-            await refuse_if_past_deadline(app, execution_id, call.request_id)
         try:
             ex = await app.signal(
                 execution_id,

@@ -106,6 +106,12 @@ def define_refund_agent(
     return model
 
 
+def as_if_restarted(app: Clearance) -> None:
+    """Forget the states the store's connection keeps from its own recent commits, as a
+    restart would: for tests that change the file underneath it."""
+    app.store._states.clear()  # type: ignore[attr-defined]
+
+
 async def wait_for(predicate: Callable[[], Any], seconds: float = 20.0) -> Any:
     """Poll `predicate` (sync or async) until it returns something truthy; return that."""
     deadline = time.monotonic() + seconds

@@ -51,13 +51,17 @@ def test_quick_bench_prints_a_markdown_report() -> None:
         "## 2. Scale of pending approvals",
         "## 3. Core step cost",
         "## 4. Approval latency",
+        "## 5. Concurrent executions in one process",
         "## Targets",
     ):
         assert heading in out
     assert "| synchronous | system | cycles/s |" in out
+    assert "| synchronous | system | in flight | cycles/s |" in out
+    assert "| FULL | Clearance, concurrent | 64 |" in out
     assert "|---|" in out
     # Every target has a row saying whether it was met, whatever the answer.
     targets = out.split("## Targets", 1)[1]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "target" not in line]
-    assert len(rows) >= 10
+    assert len(rows) >= 14
+    assert sum("5. concurrent" in row for row in rows) == 4
     assert all(row.rstrip().endswith(("yes |", "**no** |")) for row in rows)

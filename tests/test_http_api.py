@@ -27,7 +27,7 @@ import jsonschema
 import pytest
 import schemathesis
 import uvicorn
-from conftest import REFUND, Recorder, define_refund_agent
+from conftest import REFUND, Recorder, as_if_restarted, define_refund_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
@@ -425,18 +425,24 @@ async def test_timed_out_request_is_410_not_409(api: Api) -> None:
     request = await api.start()
     api.clock.advance(minutes=5)
     before = await api.snapshot()
-    # Due but not yet swept: 410, and the refusal records nothing.
-    for response in (
-        await api.respond(request, {"approved": True}),
-        await api.client.post(
-            f"/executions/{request.execution_id}/signal",
-            json={"signal": "approve", "payload": {"requestId": request.request_id}},
-            headers=AUTH,
-        ),
-    ):
-        error(response, 410, "expired")
+    # Due but not yet swept: the callback's token has expired, so it is refused at the
+    # door (410) and records nothing.
+    error(await api.respond(request, {"approved": True}), 410, "expired")
     assert await api.snapshot() == before
-    assert await api.app.fire_due_timers() == 1
+    # The signal route behaves as app.signal() does: the timeout the sweep would record
+    # is recorded first (the model is told), then the decision is refused with 410.
+    response = await api.client.post(
+        f"/executions/{request.execution_id}/signal",
+        json={"signal": "approve", "payload": {"requestId": request.request_id}},
+        headers=AUTH,
+    )
+    assert response.json()["error"]["decision"]["status"] == "timed_out"
+    error(response, 410, "expired")
+    executions, audit, pending, calls = await api.snapshot()
+    assert [status for _, _, status in executions] == ["completed"]
+    assert audit == ((request.request_id, "timed_out", None),) and pending == ()
+    assert calls == 0
+    assert await api.app.fire_due_timers() == 0
     before = await api.snapshot()
     response = await api.client.post(
         f"/executions/{request.execution_id}/signal",
@@ -1064,6 +1070,7 @@ async def test_an_execution_whose_log_does_not_read_back_is_a_500_naming_it(api:
     with db:
         db.execute("UPDATE events SET body = x'01ff' WHERE seq = 2")
     db.close()
+    as_if_restarted(api.app)
     response = await api.respond(request, {"approved": True})
     message = error(response, 500, "unreadable_execution")
     assert f"execution {request.execution_id}: its stored event 2 cannot" in message

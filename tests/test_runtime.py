@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REFUND, REFUND_PARAMS, Recorder, define_refund_agent, wait_for
+from conftest import (
+    REFUND,
+    REFUND_PARAMS,
+    Recorder,
+    as_if_restarted,
+    define_refund_agent,
+    wait_for,
+)
 
 from clearance import Clearance, HumanInLoop, ModelReply, Tool, ToolContext
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
@@ -399,6 +406,7 @@ async def test_an_unreadable_execution_does_not_block_later_timeouts(
     with db:
         db.execute("UPDATE events SET body = x'00ff' WHERE execution_id = ?", (broken.id,))
     db.close()
+    as_if_restarted(app)
     clock.advance(seconds=5)
     assert await app.fire_due_timers() == 1
     assert (await app.get_execution(fine.id)).status == "completed"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REFUND, Recorder, define_refund_agent
+from conftest import REFUND, Recorder, as_if_restarted, define_refund_agent
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -101,10 +101,12 @@ async def test_a_long_run_loads_from_its_latest_snapshot_and_the_tail(
     # Events before the snapshot are no longer read to load: spoil one and load again.
     with db:
         db.execute("UPDATE events SET body = x'01ff' WHERE seq = 3")
+    as_if_restarted(app)
     assert await app.store.load(ex.id) == ex
     # Those after it are: the spoiled tail is an error, never a silently different state.
     with db:
         db.execute("UPDATE events SET body = x'01ff' WHERE seq = 20")
+    as_if_restarted(app)
     with pytest.raises(UnreadableExecution, match="stored event 20 cannot be read back"):
         await app.store.load(ex.id)
     db.close()
@@ -334,3 +336,24 @@ async def test_a_group_that_cannot_commit_fails_every_step_and_writes_nothing(
             assert await app.store.load(ex.id) == ex
     finally:
         await app.close()
+
+
+async def test_a_state_kept_from_a_commit_is_not_used_once_another_process_moved_on(
+    tmp_path: Path,
+) -> None:
+    host = _quiet(tmp_path)
+    other = _quiet(tmp_path)
+    try:
+        (ex,) = await _paused(host, 1)
+        assert await host.store.load(ex.id) is ex  # kept from its own commit: no replay
+        moved = await other.signal(ex.id, "reject", request_id=ex.pending_approvals[0].request_id)
+        loaded = await host.store.load(ex.id)
+        assert loaded == moved and loaded is not ex
+        fresh = SQLiteStore(str(tmp_path / "approvals.db"))
+        try:
+            assert await fresh.load(ex.id) == loaded
+        finally:
+            await fresh.close()
+    finally:
+        await other.close()
+        await host.close()
