@@ -17,7 +17,6 @@ from typing import Any
 
 from clearance.core.errors import ClearanceError
 
-JSONValue = dict[str, Any] | list[Any] | str | int | float | bool | None
 _INFINITY = float("inf")
 
 ACCEPTED = (
