@@ -176,10 +176,13 @@ class _Pending:
     future: asyncio.Future[list[Work]]
 
 
-def _work_command(body: str) -> CallModel | RunTool:
-    command = command_from_data(json.loads(body))
+def _work_command(body: str) -> tuple[CallModel | RunTool, bool]:
+    """A work row's command, and whether a stop cancelled it before it started."""
+    data = json.loads(body)
+    cancelled = bool(data.pop("cancelled", False))
+    command = command_from_data(data)
     assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
-    return command
+    return command, cancelled
 
 
 class SQLiteStore:
@@ -201,7 +204,6 @@ class SQLiteStore:
         self._batch: list[_Pending] = []
         self._states: OrderedDict[str, Execution] = OrderedDict()
         self.snapshot_every = snapshot_every
-        self.commits = 0
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if path != ":memory:":
@@ -285,7 +287,6 @@ class SQLiteStore:
         if not self.group_commit:
             with self._write():
                 queued = self._step(writes, expected_seq, claim, done)
-            self.commits += 1
             self._remember(writes.execution)
             return queued
         # Group commit: every step committed during one turn of the event loop goes into
@@ -327,7 +328,6 @@ class SQLiteStore:
                 if not step.future.done():
                     step.future.set_exception(type(err)(*err.args))
             return
-        self.commits += 1
         orphaned: list[Claim] = []
         for step, outcome in zip(batch, outcomes, strict=True):
             if step.future.cancelled():
@@ -384,23 +384,46 @@ class SQLiteStore:
                 "INSERT OR REPLACE INTO snapshots (execution_id, seq, state) VALUES (?, ?, ?)",
                 (execution.id, execution.seq, pack(state)),
             )
-        cancelled = self._apply(writes)
+        cancelled = self._cancel_queued(writes, claim) if writes.drop_queued_work else []
+        self._apply(writes)
         return cancelled + self._queue(writes, claim)
 
-    def _apply(self, writes: Writes) -> list[Work]:
-        """Apply the step's rows; returns the work it cancelled."""
+    def _cancel_queued(self, writes: Writes, claim: ClaimRequest | None) -> list[Work]:
+        """Unstarted work of a finished execution never starts; held work goes on. A
+        queued model call is dropped. A queued tool run stays, marked cancelled (and held
+        by `claim`'s holder, if any) until its call is closed as never run: if whoever
+        closes it dies first, the worker that takes it over knows it never started."""
         db, execution = self._db, writes.execution
+        holder = claim.holder if claim is not None else None
+        until = stamp(claim.until) if claim is not None else ""
         cancelled = []
-        if writes.drop_queued_work:
-            # Unstarted work of a finished execution never starts; held work goes on.
-            rows = db.execute(
-                "DELETE FROM work WHERE execution_id = ? AND holder IS NULL RETURNING id, body",
-                (execution.id,),
-            ).fetchall()
-            cancelled = [
-                Work(i, execution.id, execution.agent_tag, _work_command(b), None, cancelled=True)
-                for i, b in rows
-            ]
+        rows = db.execute(
+            "SELECT id, body FROM work WHERE execution_id = ? AND holder IS NULL", (execution.id,)
+        ).fetchall()
+        for work_id, body in rows:
+            command, _ = _work_command(body)
+            if isinstance(command, RunTool):
+                db.execute(
+                    "UPDATE work SET body = ?, holder = ?, lease_until = ? WHERE id = ?",
+                    (
+                        compact_json({**command_to_data(command), "cancelled": True}),
+                        holder,
+                        until,
+                        work_id,
+                    ),
+                )
+                cancelled.append(
+                    Work(
+                        work_id, execution.id, execution.agent_tag, command, holder, cancelled=True
+                    )
+                )
+            else:
+                db.execute("DELETE FROM work WHERE id = ?", (work_id,))
+        return cancelled
+
+    def _apply(self, writes: Writes) -> None:
+        """Apply the step's rows besides the event and its work."""
+        db, execution = self._db, writes.execution
         for timer in writes.timers_started:
             db.execute(
                 "INSERT OR REPLACE INTO timers (due_at, request_id, execution_id) VALUES (?, ?, ?)",
@@ -458,7 +481,6 @@ class SQLiteStore:
                 "UPDATE approvals SET status = ?, body = NULL WHERE request_id = ?",
                 (status, request_id),
             )
-        return cancelled
 
     def _queue(self, writes: Writes, claim: ClaimRequest | None) -> list[Work]:
         execution, queued = writes.execution, []
@@ -667,7 +689,11 @@ class SQLiteStore:
             " WHERE id = ? AND holder IS ? AND lease_until <= ?",
             lambda row: (holder, stamp(until), row[0], row[4], stamp(now)),
         )
-        return [Work(i, e, t, _work_command(b), holder, previous) for i, e, t, b, previous in won]
+        taken = []
+        for i, e, t, b, previous in won:
+            command, cancelled = _work_command(b)
+            taken.append(Work(i, e, t, command, holder, previous, cancelled))
+        return taken
 
     async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
         if not claims:

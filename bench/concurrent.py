@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bench import cycle
 from bench.agents import (
@@ -53,12 +51,11 @@ MAX_CONCURRENCY = 32  # Clearance.open's default, spelled out
 
 @dataclass
 class Result:
-    """One timed run; `sql_commits` counts the COMMIT statements SQLite ran, when known."""
+    """One timed run: `count` cycles in `seconds`, with `commits` COMMITs SQLite ran."""
 
     count: int
     seconds: float
     commits: int
-    sql_commits: int | None = None
 
     @property
     def rate(self) -> float:
@@ -94,20 +91,6 @@ async def in_flight(one: Callable[[], Awaitable[None]], n: int, width: int) -> f
     return time.perf_counter() - start
 
 
-def store_commits(store: Any) -> int:
-    """Commits by the store's own counter (`app.store.commits`)."""
-    return int(store.commits)
-
-
-def _trace(store: Any, counter: CommitCounter) -> bool:
-    """Count the COMMITs SQLite runs on the store's connection, if it shows one."""
-    db = getattr(store, "_db", None)
-    if not isinstance(db, sqlite3.Connection):
-        return False
-    db.set_trace_callback(counter)
-    return True
-
-
 # -- the systems ------------------------------------------------------------------------
 
 
@@ -116,9 +99,8 @@ async def _clearance_concurrent(path: Path, synchronous: str, n: int, width: int
         f"sqlite:///{path}", synchronous=synchronous, max_concurrency=MAX_CONCURRENCY
     ) as app:
         model = define_refund_agent(app)
-        store: Any = app.store
-        sql = SharedCommitCounter()
-        traced = _trace(store, sql)
+        counter = CommitCounter()
+        app.store._db.set_trace_callback(counter)  # type: ignore[attr-defined]
 
         async def one() -> None:
             ex = await app.run(AGENT, input=INPUT)
@@ -129,11 +111,11 @@ async def _clearance_concurrent(path: Path, synchronous: str, n: int, width: int
 
         await in_flight(one, width, width)  # warm-up: one full set in flight, untimed
         model.requests.clear()
-        before, before_sql = store_commits(store), sql.commits
+        before = counter.commits
         seconds = await in_flight(one, n, width)
-        commits = store_commits(store) - before
+        commits = counter.commits - before
         model.requests.clear()
-    return Result(n, seconds, commits, sql.commits - before_sql if traced else None)
+    return Result(n, seconds, commits)
 
 
 def clearance_concurrent(path: Path, synchronous: str, n: int, width: int) -> Result:
@@ -158,7 +140,7 @@ async def _holdpoint_concurrent(path: Path, synchronous: str, n: int, width: int
         before = counter.commits
         seconds = await in_flight(one, n, width)
         commits = counter.commits - before
-        return Result(n, seconds, commits, commits)
+        return Result(n, seconds, commits)
     finally:
         store.close()
 
@@ -174,7 +156,7 @@ def clearance_serial(path: Path, synchronous: str, n: int, width: int) -> Result
 
 def holdpoint_serial(path: Path, synchronous: str, n: int, width: int) -> Result:
     run = cycle.holdpoint(path, synchronous, n)
-    return Result(run.count, run.seconds, run.commits, run.commits)
+    return Result(run.count, run.seconds, run.commits)
 
 
 OURS = "Clearance, concurrent"
@@ -227,11 +209,8 @@ def run(sizes: Sizes) -> Section:
         "call through `asyncio.to_thread` (the loop's default executor: "
         f"min(32, CPUs + 4) = {min(32, (os.cpu_count() or 1) + 4)} threads here), one "
         "SQLite connection per thread, writers serialised by `BEGIN IMMEDIATE` and "
-        "SQLite's busy timeout. Commits/cycle: `app.store.commits` for Clearance, the "
-        "trace hook (COMMIT statements) for holdpoint; SQLite COMMITs/cycle: the trace "
-        "hook on the store's connection (set only in the concurrent Clearance run, so "
-        "pickups and lease writes outside `commit()` count there; in the one-at-a-time "
-        "run there are none). "
+        "SQLite's busy timeout. Commits/cycle: COMMIT statements seen by SQLite's trace "
+        "hook on every connection of the system, pickups and lease writes included. "
         f"Load average (1, 5, 15 min) before: {load_before}; after: {load_after} "
         "(2 shared CPUs: other jobs may run at the same time).",
         "",
@@ -249,10 +228,9 @@ def run(sizes: Sizes) -> Section:
         for name in SYSTEMS:
             results = runs.get((name, synchronous))
             if not results:
-                rows.append([synchronous, name, "-", "could not run", "-", "-", "-"])
+                rows.append([synchronous, name, "-", "could not run", "-", "-"])
                 continue
             rate = median([r.rate for r in results])
-            sql = [r.sql_commits / r.count for r in results if r.sql_commits is not None]
             rows.append(
                 [
                     synchronous,
@@ -261,7 +239,6 @@ def run(sizes: Sizes) -> Section:
                     f"{fmt(rate)} ({fmt(min(r.rate for r in results))}-"
                     f"{fmt(max(r.rate for r in results))})",
                     fmt(median([r.commits / r.count for r in results])),
-                    fmt(median(sql)) if sql else "-",
                     "-" if name == OURS else ratio(ours / rate),
                 ]
             )
@@ -298,7 +275,6 @@ def run(sizes: Sizes) -> Section:
                 "in flight",
                 "cycles/s",
                 "commits/cycle",
-                "SQLite COMMITs/cycle",
                 "Clearance concurrent is",
             ],
             rows,

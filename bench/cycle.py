@@ -57,7 +57,8 @@ class Run:
 async def _clearance(path: Path, synchronous: str, n: int) -> Run:
     async with Clearance.open(f"sqlite:///{path}", synchronous=synchronous) as app:
         model = define_refund_agent(app)
-        store: Any = app.store
+        counter = CommitCounter()
+        app.store._db.set_trace_callback(counter)  # type: ignore[attr-defined]
 
         async def cycle() -> None:
             ex = await app.run(AGENT, input=INPUT)
@@ -68,12 +69,12 @@ async def _clearance(path: Path, synchronous: str, n: int) -> Run:
 
         for _ in range(WARMUP):
             await cycle()
-        before = store.commits
+        before = counter.commits
         start = time.perf_counter()
         for _ in range(n):
             await cycle()
         seconds = time.perf_counter() - start
-        commits = store.commits - before
+        commits = counter.commits - before
         model.requests.clear()
     return Run(n, seconds, commits)
 
@@ -232,9 +233,9 @@ def run(sizes: Sizes) -> Section:
         f"{sizes.rounds} interleaved rounds, median (min-max) reported; the raw ceiling is "
         f"{sizes.raw_commits} (FULL) or {sizes.raw_commits * 10} (NORMAL) single-row "
         "`BEGIN IMMEDIATE; INSERT; COMMIT` transactions. "
-        "Commits are counted by `app.store.commits` for Clearance and by SQLite's trace "
-        "hook (COMMIT statements) for the others. holdpoint gates a function call and has "
-        "no agent loop: its cycle is submit then approve-and-run, no model turns. "
+        "Commits are counted by SQLite's trace hook (COMMIT statements) for every "
+        "system. holdpoint gates a function call and has no agent loop: its cycle is "
+        "submit then approve-and-run, no model turns. "
         "Targets compare medians; the per-round ratios beside them show how much a noisy "
         "disk moves the answer.",
         "",

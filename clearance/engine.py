@@ -37,7 +37,6 @@ import contextlib
 import copy
 import functools
 import inspect
-import json
 import logging
 import secrets
 from collections.abc import Mapping
@@ -133,12 +132,12 @@ class Engine:
         # Leases are about processes being alive, so they run on real time even when
         # tests move the approval clock by hand.
         self.lease_clock: Clock = lease_clock or SystemClock()
-        self._tasks: dict[int, asyncio.Task[None]] = {}  # work id -> the task doing it
+        self._tasks: dict[int, asyncio.Task[Execution | None]] = {}  # work id -> the task doing it
         self._held: dict[int, Claim] = {}
         self._started_tools: set[int] = set()  # work ids whose handler was called
         self._reserved = 0  # slots promised to a commit in flight
         self._heart: asyncio.Task[None] | None = None
-        self._waiters: dict[str, set[asyncio.Future[Execution]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[Execution | None]]] = {}
         self._working: dict[str, int] = {}  # execution id -> units carried out here now
         self._wake = asyncio.Event()
         self._starved = False  # work of ours was left queued for want of a free slot
@@ -196,8 +195,11 @@ class Engine:
         not host the agent, `ex` as it is: the hosting process carries on."""
         loop = asyncio.get_running_loop()
         while ex.status not in RESTING and self._hosts(ex):
-            rested: asyncio.Future[Execution] = loop.create_future()
+            # Set to the resting state by the commit that makes it rest (no load), or
+            # to None when it is time to look in the store.
+            rested: asyncio.Future[Execution | None] = loop.create_future()
             self._waiters.setdefault(ex.id, set()).add(rested)
+            look = loop.call_later(_SETTLE_LOOK, _look, rested)
             try:
                 if not self._working.get(ex.id):
                     # Nothing of it runs here: it was queued while every slot was busy,
@@ -206,18 +208,16 @@ class Engine:
                     if ex.status in RESTING:
                         break
                     await self.pickup()
-                with contextlib.suppress(TimeoutError):
-                    # The commit that makes it rest hands over the state: no load.
-                    ex = await asyncio.wait_for(asyncio.shield(rested), _SETTLE_LOOK)
-                    continue
+                got = await rested
             finally:
+                look.cancel()
                 waiting = self._waiters.get(ex.id)
                 if waiting is not None:
                     waiting.discard(rested)
                     if not waiting:
                         del self._waiters[ex.id]
-            # Another process may have done the work: look.
-            ex = await self._load(ex.id)
+            # None: another process may have done the work; look.
+            ex = got if got is not None else await self._load(ex.id)
         return ex
 
     async def fire_due_timers(self, limit: int = 1000) -> list[Execution]:
@@ -359,7 +359,10 @@ class Engine:
             n = 0
             if step.work and self._hosts(ex):
                 n = max(0, min(len(step.work), self.free + handing_over))
-            claim = ClaimRequest(self.worker, self._lease_until(), n) if n else None
+            # A stop's cancelled tool runs are claimed too, by any process: closing one
+            # needs no handler, and must not wait for the host.
+            wanted = n or step.drop_queued_work
+            claim = ClaimRequest(self.worker, self._lease_until(), n) if wanted else None
             self._reserved += n
             try:
                 queued = await self.store.commit(step, expected_seq=ex.seq, claim=claim, done=done)
@@ -377,14 +380,10 @@ class Engine:
                 self._starved = True  # queued for want of a slot: pick it up when one frees
                 self._wake.set()
             for work in queued:
-                if work.cancelled and isinstance(work.command, RunTool):
-                    # Closes the call in the history: it was approved, and never ran.
-                    never_ran = ToolFailed(
-                        work.command.tool_use_id,
-                        "not run: the execution was stopped before the tool started",
-                        event.at,
-                    )
-                    new = await self._feed(new, never_ran)
+                if work.cancelled and work.holder == self.worker:
+                    # Close the call in the history: approved, and never run. If that
+                    # cannot be recorded, the lease lapses and a taker closes it.
+                    new = await self._carry(work, new) or new
             if new.status in RESTING:
                 for rested in self._waiters.get(new.id, ()):
                     if not rested.done():
@@ -437,8 +436,9 @@ class Engine:
                         claim.id,
                     )
 
-    async def _carry(self, work: Work, ex: Execution | None) -> None:
-        """Carry out one unit of work and record its outcome."""
+    async def _carry(self, work: Work, ex: Execution | None) -> Execution | None:
+        """Carry out one unit of work and record its outcome; the state that left, if
+        this worker recorded one."""
         try:
             if ex is None or isinstance(work.command, RunTool):
                 # A tool run looks at the stored state last thing before it starts, so a
@@ -447,8 +447,8 @@ class Engine:
             event = None if ex is None else await self._outcome(ex, work)
             if ex is None or event is None:
                 await self.store.complete(work.claim)
-                return
-            await self._record(ex, event, work.claim)
+                return None
+            return await self._record(ex, event, work.claim)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -458,9 +458,20 @@ class Engine:
                 work.id,
                 work.execution_id,
             )
+            return None
 
     async def _outcome(self, ex: Execution, work: Work) -> Event | None:
         command = work.command
+        if isinstance(command, RunTool) and (work.cancelled or ex.status == STOPPED):
+            call = ex.call(command.tool_use_id)
+            if call is None or call.status != EXECUTING:
+                return None
+            if work.cancelled or work.previous_holder is None:
+                return ToolFailed(
+                    command.tool_use_id,
+                    "not run: the execution was stopped before the tool started",
+                    self.clock.now(),
+                )
         if isinstance(command, RunTool) and work.previous_holder is not None:
             call = ex.call(command.tool_use_id)
             if call is None or call.status != EXECUTING:
@@ -483,24 +494,17 @@ class Engine:
         call = ex.call(command.tool_use_id)
         if call is None or call.status != EXECUTING:
             return None
-        if ex.status == STOPPED:
-            return ToolFailed(
-                command.tool_use_id,
-                "not run: the execution was stopped before the tool started",
-                self.clock.now(),
-            )
         self._started_tools.add(work.id)
         return await self._run_tool(agent, ex, command)
 
-    async def _record(self, ex: Execution, event: Event, claim: Claim) -> None:
+    async def _record(self, ex: Execution, event: Event, claim: Claim) -> Execution | None:
         """Commit `event` as the result of the work `claim` holds: a refusal ends the
         work, a broken step becomes a failure event, a store error is retried with
         backoff; past that the lease lapses and another worker takes over."""
         delay = _RECORD_BACKOFF
         for attempt in range(_RECORD_TRIES):
             try:
-                await self._feed(ex, event, done=claim, handing_over=1)
-                return
+                return await self._feed(ex, event, done=claim, handing_over=1)
             except Refusal as refusal:
                 failed = _failure(event, f"the result could not be used: {refusal}")
                 if refusal.code not in _STALE and failed is not event:
@@ -510,10 +514,10 @@ class Engine:
                     continue
                 log.info("execution %s: result dropped: %s", ex.id, refusal)
                 await self.store.complete(claim)
-                return
+                return None
             except LeaseLost as lost:
                 log.warning("execution %s: result not recorded: %s", ex.id, lost)
-                return
+                return None
             except BrokenStep as broken:
                 failed = _failure(event, str(broken))
                 if failed is event:
@@ -536,6 +540,14 @@ class Engine:
                 delay *= 2
                 with contextlib.suppress(Exception):  # the next attempt says what is wrong
                     ex = await self._load(ex.id)
+        log.error(
+            "execution %s: '%s' could not be recorded in %d tries; the lease will lapse and "
+            "another worker will take the work over",
+            ex.id,
+            event.TAG,
+            _RECORD_TRIES,
+        )
+        return None
 
     async def _call_model(self, agent: HostedAgent, ex: Execution, turn: int) -> Event:
         request = ModelRequest(
@@ -555,15 +567,14 @@ class Engine:
             log.warning("execution %s: model call failed: %s", ex.id, err)
             cause = str(err) if isinstance(err, ModelCallError) else f"{type(err).__name__}: {err}"
             return ModelFailed(turn, f"model call failed: {cause}", self.clock.now())
-        try:
-            content, stop_reason, usage = _reply_parts(reply)
-        except ValueError as err:
-            log.warning("execution %s: unusable model reply: %s", ex.id, err)
-            return ModelFailed(
-                turn, f"the model's reply could not be used: {err}", self.clock.now()
-            )
+        # decide() checks the reply (content blocks, strict JSON, stop_reason) and refuses
+        # what it cannot hold; _record then fails the run with its reason.
+        content: Any = getattr(reply, "content", None)
+        stop_reason: Any = getattr(reply, "stop_reason", None)
+        blocks = tuple(content) if isinstance(content, list | tuple) else ()
+        usage = getattr(reply, "usage", None)
         tickets = []
-        for block in content:
+        for block in blocks:
             if isinstance(block, dict) and block.get("type") == "tool_use":
                 params = block.get("input")
                 name = str(block.get("name", ""))
@@ -578,10 +589,10 @@ class Engine:
                 tickets.append(Ticket(str(block.get("id", "")), self.ids.request_id(), reason))
         return ModelReplied(
             turn=turn,
-            content=tuple(content),
+            content=blocks if isinstance(content, list | tuple) else content,
             stop_reason=stop_reason,
             at=self.clock.now(),
-            usage=usage,
+            usage=usage if isinstance(usage, Usage) else Usage(),
             tickets=tuple(tickets),
         )
 
@@ -641,6 +652,11 @@ class Engine:
         return ToolFinished(command.tool_use_id, output, self.clock.now())
 
 
+def _look(rested: asyncio.Future[Execution | None]) -> None:
+    if not rested.done():
+        rested.set_result(None)
+
+
 def _failure(event: Event, error: str) -> Event:
     """The failure event standing for a result that cannot be recorded as it is."""
     if isinstance(event, ModelReplied):
@@ -648,23 +664,3 @@ def _failure(event: Event, error: str) -> Event:
     if isinstance(event, ToolFinished):
         return ToolFailed(event.tool_use_id, error, event.at)
     return event
-
-
-def _reply_parts(reply: Any) -> tuple[list[Any], str, Usage]:
-    """A model port's reply as the log can hold it, or ValueError saying why not."""
-    content = getattr(reply, "content", None)
-    if not isinstance(content, list | tuple):
-        raise ValueError(f"its content is {type(content).__name__}, not a list of content blocks")
-    try:
-        # Tuples become lists here, so the live state and its replay from the log agree;
-        # NaN and lone surrogates survive for decide() to refuse by name.
-        content = json.loads(json.dumps(list(content), ensure_ascii=True))
-    except (TypeError, ValueError, RecursionError) as err:
-        raise ValueError(f"its content is not JSON ({type(err).__name__}: {err})") from None
-    stop_reason = getattr(reply, "stop_reason", None)
-    if not isinstance(stop_reason, str):
-        raise ValueError(f"its stop_reason is {stop_reason!r}, not a string")
-    usage = getattr(reply, "usage", None)
-    if not isinstance(usage, Usage):
-        usage = Usage()
-    return content, stop_reason, usage

@@ -71,8 +71,9 @@ class Writes:
     audit: tuple[AuditRecord, ...] = ()
     deliveries: tuple[DeliveryRow, ...] = ()
     # The execution finished: work nobody has started yet must never start (a stop
-    # after an approval cancels the approved tool run in the same commit). Work a
-    # worker holds goes on, and its outcome is recorded.
+    # after an approval cancels the approved tool run in the same commit, and that
+    # run's call is then closed as never run). Work a worker holds goes on, and its
+    # outcome is recorded.
     drop_queued_work: bool = False
 
 

@@ -75,7 +75,8 @@ class Work:
     command: CallModel | RunTool
     holder: str | None
     previous_holder: str | None = None
-    # Dropped, unstarted, by the commit that returned it (its execution finished).
+    # A tool run cancelled unstarted by a stop: its call is closed as never run, and
+    # the tool is never run, by whoever holds it (also after a takeover).
     cancelled: bool = False
 
     @property
@@ -133,8 +134,9 @@ class ExecutionLog(Protocol):
         transaction, or raise Conflict (another event took that slot) and write nothing.
         `claim` takes the first units of work queued here at once; `done` completes
         the work whose result this is, or raises LeaseLost and writes nothing.
-        Returns the work queued, claimed or not, and the queued work
-        `writes.drop_queued_work` removed (`cancelled`)."""
+        Returns the work queued, claimed or not, and the queued tool runs
+        `writes.drop_queued_work` cancelled (`cancelled`; held by `claim`'s holder when
+        a claim is given, however many); it drops queued model calls."""
         ...
 
     async def load(self, execution_id: str) -> Execution | None: ...

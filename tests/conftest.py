@@ -112,6 +112,19 @@ def as_if_restarted(app: Clearance) -> None:
     app.store._states.clear()  # type: ignore[attr-defined]
 
 
+class Commits:
+    """Counts the transactions a SQLite store's connection commits (SQLite's trace hook),
+    from when it is made: `Commits(app).count`."""
+
+    def __init__(self, app: Clearance) -> None:
+        self.count = 0
+        app.store._db.set_trace_callback(self._saw)  # type: ignore[attr-defined]
+
+    def _saw(self, statement: str) -> None:
+        if statement.strip().upper() == "COMMIT":
+            self.count += 1
+
+
 async def wait_for(predicate: Callable[[], Any], seconds: float = 20.0) -> Any:
     """Poll `predicate` (sync or async) until it returns something truthy; return that."""
     deadline = time.monotonic() + seconds

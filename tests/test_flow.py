@@ -7,7 +7,7 @@ import warnings
 from typing import Any
 
 import pytest
-from conftest import REFUND, Recorder, define_refund_agent
+from conftest import REFUND, Commits, Recorder, define_refund_agent
 
 from clearance import (
     Clearance,
@@ -513,12 +513,11 @@ async def test_a_pause_and_a_resume_cost_a_fixed_number_of_commits(
     app: Clearance, recorder: Recorder
 ) -> None:
     define_refund_agent(app, recorder)
-    before = app.store.commits
+    commits = Commits(app)
     ex = await app.run("safe-agent", input="Refund order ORD-123")
-    assert app.store.commits - before == 2  # started, model replied (paused)
-    before = app.store.commits
+    assert commits.count == 2  # started, model replied (paused)
     await app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
-    assert app.store.commits - before == 3  # approved, tool finished, final reply
+    assert commits.count == 5  # approved, tool finished, final reply
 
 
 async def test_memory_store_works_the_same(recorder: Recorder) -> None:

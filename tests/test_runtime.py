@@ -63,6 +63,55 @@ async def test_a_stop_after_an_approval_made_elsewhere_cancels_the_queued_tool_r
         await host.close()
 
 
+class _ResultsFail:
+    """A store on which no tool result can be committed (a full disk, say)."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def commit(self, writes: Any, **kwargs: Any) -> Any:
+        if writes.event.TAG in ("tool_failed", "tool_finished"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return await self._store.commit(writes, **kwargs)
+
+
+async def test_a_stopped_run_whose_closing_cannot_be_recorded_is_closed_by_another_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("clearance.engine._RECORD_BACKOFF", 0.001)
+    clock, recorder = FakeClock(), Recorder()
+    host = Clearance.open(_url(tmp_path), clock=clock, ids=SequentialIds("h"))
+    reviewer = Clearance.open(
+        _url(tmp_path), clock=clock, ids=SequentialIds("r"), lease=0.3, renew_every=0.1
+    )
+    try:
+        define_refund_agent(host, recorder)
+        ex = await host.run("safe-agent", input="Refund ORD-123")
+        request = ex.pending_approvals[0]
+        await reviewer.signal(ex.id, "approve", request_id=request.request_id, by="ops")
+        reviewer.engine.store = _ResultsFail(reviewer.store)  # type: ignore[assignment]
+        # The stop commits; closing the cancelled run as never run cannot be recorded.
+        stopped = await reviewer.signal(ex.id, "stop", by="ops")
+        assert stopped.status == "stopped"
+        assert [c.status for c in stopped.calls] == ["executing"]
+        # Its lease lapses and the host takes it over: closed, still never run.
+        history = await wait_for(lambda: _closed(host, ex.id), seconds=10)
+        assert "not run: the execution was stopped" in history.events[-1].error
+        assert recorder.ran("process-refund") == []
+    finally:
+        await reviewer.close()
+        await host.close()
+
+
+async def _closed(app: Clearance, execution_id: str) -> Any:
+    await app.engine.pickup()
+    history = await app.get_execution(execution_id)
+    return history if _events(history)[-1] == "tool_failed" else None
+
+
 async def test_a_tool_running_at_the_stop_has_its_outcome_recorded_and_not_sent_on(
     tmp_path: Path,
 ) -> None:
@@ -269,11 +318,11 @@ class _Garbage:
 @pytest.mark.parametrize(
     ("reply", "why"),
     [
-        (ModelReply(content=None), "not a list of content blocks"),  # type: ignore[arg-type]
+        (ModelReply(content=None), "must be a list of content blocks"),  # type: ignore[arg-type]
         (ModelReply(content=["just text"]), "could not be used"),  # type: ignore[list-item]
         (ModelReply(content=[{"type": "text", "text": _Odd()}]), "not JSON"),
         (ModelReply(content=[], stop_reason=None), "stop_reason"),  # type: ignore[arg-type]
-        (object(), "not a list of content blocks"),
+        (object(), "must be a list of content blocks"),
     ],
     ids=["content-none", "non-dict-block", "non-json-value", "no-stop-reason", "not-a-reply"],
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REFUND, Recorder, as_if_restarted, define_refund_agent
+from conftest import REFUND, Commits, Recorder, as_if_restarted, define_refund_agent
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -279,11 +279,11 @@ def _quiet(tmp_path: Path) -> Clearance:
 async def test_steps_committed_together_share_one_transaction(tmp_path: Path) -> None:
     app = _quiet(tmp_path)
     paused = await _paused(app, 5)
-    before = app.store.commits
+    commits = Commits(app)
     results = await asyncio.gather(
         *(app.store.commit(_approval(ex), expected_seq=ex.seq) for ex in paused)
     )
-    assert app.store.commits - before == 1  # one transaction, one fsync, for five steps
+    assert commits.count == 1  # one transaction, one fsync, for five steps
     assert [len(queued) for queued in results] == [1] * 5  # each queued its tool run
     again = SQLiteStore(str(tmp_path / "approvals.db"))
     try:

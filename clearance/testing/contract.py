@@ -683,39 +683,73 @@ class StoreContract(abc.ABC):
                 # Completing the newest unit empties the queue: its id must stay used.
                 assert await store.complete(work.claim) is True
 
-    async def test_a_finished_execution_drops_its_queued_work_but_not_held_work(
+    async def _stopped_with_queued_tool_runs(
+        self, store: Store, now: datetime, claim: ClaimRequest | None
+    ) -> tuple[Run, list[Work], list[Work]]:
+        """An execution whose first tool run is held by w1 and two more are queued, then
+        stopped (its stop committed with `claim`): the runs and what the stop returned."""
+        run = Run(agent(parallel=True), "exec-1")
+        (call,) = await run.commit(store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1))
+        uses = [(f"tu-{i}", "lookup", None) for i in range(3)]
+        tools = await run.commit(
+            store, run.asks(1, *uses), claim=ClaimRequest("w1", now + LEASE, 1), done=call.claim
+        )
+        assert [w.holder for w in tools] == ["w1", None, None]
+        stop = run.step(StopRequested(at(2), "ops"))
+        assert stop.drop_queued_work
+        cancelled = await run.commit(store, StopRequested(at(2), "ops"), claim=claim)
+        return run, tools, cancelled
+
+    async def test_a_stop_marks_queued_tool_runs_cancelled_and_they_stay_claimable(
         self, tmp_path: Path
     ) -> None:
         async with self.opened(tmp_path) as store:
             now = self.now()
-            run = Run(agent(parallel=True), "exec-1")
-            (call,) = await run.commit(
-                store, run.started(), claim=ClaimRequest("w1", now + LEASE, 1)
-            )
-            uses = [(f"tu-{i}", "lookup", None) for i in range(3)]
-            tools = await run.commit(
-                store, run.asks(1, *uses), claim=ClaimRequest("w1", now + LEASE, 1), done=call.claim
-            )
-            assert [w.holder for w in tools] == ["w1", None, None]
             bystander = Run(agent(), "exec-2")
             (waiting,) = await bystander.commit(store, bystander.started())
-            stop = run.step(StopRequested(at(2), "ops"))
-            assert stop.drop_queued_work
-            dropped = await run.commit(store, StopRequested(at(2), "ops"))
-            # The commit names the queued units it dropped, so the runtime can close them.
-            assert sorted((w.id, w.cancelled) for w in dropped) == [
-                (tools[1].id, True),
-                (tools[2].id, True),
+            run, tools, cancelled = await self._stopped_with_queued_tool_runs(store, now, None)
+            # The commit names the runs it cancelled, so the runtime can close their calls.
+            assert sorted((w.id, w.cancelled, w.holder) for w in cancelled) == [
+                (tools[1].id, True, None),
+                (tools[2].id, True, None),
             ]
+            # They stay queued, marked: whoever claims them closes the calls, never runs.
             taken = await store.claim_work([run.tag], "w2", now, now + LEASE, 9)
-            assert [w.id for w in taken] == [waiting.id]
+            assert sorted((w.id, w.cancelled) for w in taken) == sorted(
+                [(tools[1].id, True), (tools[2].id, True), (waiting.id, False)]
+            )
             # The tool already running goes on, and its outcome is recorded.
             await run.commit(store, ToolFinished("tu-0", "ok", at(3)), done=tools[0].claim)
             assert await store.load(run.id) == run.ex and run.ex.status == "stopped"
-            late = now + 10 * LEASE
-            assert await store.claim_work([run.tag], "w3", late, late + LEASE, 9) == [
-                Work(waiting.id, "exec-2", run.tag, CallModel(1), "w3", "w2")
+
+    async def test_a_stop_committed_with_a_claim_holds_every_run_it_cancels(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            claim = ClaimRequest("w9", now + LEASE, 0)  # a limit of 0: new work only
+            run, tools, cancelled = await self._stopped_with_queued_tool_runs(store, now, claim)
+            assert sorted((w.id, w.holder) for w in cancelled) == [
+                (tools[1].id, "w9"),
+                (tools[2].id, "w9"),
             ]
+            assert await store.claim_work([run.tag], "w2", now, now + LEASE, 9) == []
+            # Its holder died: the taker still knows the run never started.
+            late = now + 10 * LEASE
+            taken = await store.claim_work([run.tag], "w3", late, late + LEASE, 9)
+            assert sorted((w.id, w.cancelled, w.previous_holder) for w in taken) == [
+                (tools[0].id, False, "w1"),
+                (tools[1].id, True, "w9"),
+                (tools[2].id, True, "w9"),
+            ]
+
+    async def test_a_finished_execution_drops_its_queued_model_call(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            run = Run(agent(), "exec-1")
+            await run.commit(store, run.started())  # its first model call, queued
+            assert await run.commit(store, StopRequested(at(1), "ops")) == []
+            assert await store.claim_work([run.tag], "w1", now, now + LEASE, 9) == []
 
     async def test_skip_leaves_out_the_work_named(self, tmp_path: Path) -> None:
         async with self.opened(tmp_path) as store:
