@@ -97,7 +97,10 @@ CREATE TABLE IF NOT EXISTS work (
     lease_until TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS work_claimable ON work (agent_tag, lease_until);
-CREATE INDEX IF NOT EXISTS work_of ON work (execution_id);
+-- No index on work (execution_id): only a stop looks work up that way, the queue
+-- holds outstanding work only, and every commit that queues or finishes work would
+-- pay for the index.
+DROP INDEX IF EXISTS work_of;
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
     body TEXT NOT NULL
