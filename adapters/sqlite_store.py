@@ -284,10 +284,13 @@ class SQLiteStore:
         expected_seq: int,
         claim: ClaimRequest | None = None,
         done: Claim | None = None,
+        alone: bool = False,
     ) -> list[Work]:
         if writes.execution.seq != expected_seq + 1:
             raise ValueError(f"commit expects the state one event past {expected_seq}")
-        if not self.group_commit:
+        # Grouping costs a turn of the event loop and a future per step: worth it only
+        # when other steps come in the same turn.
+        if not self.group_commit or alone:
             with self._write():
                 queued = self._step(writes, expected_seq, claim, done)
             self._remember(writes.execution)

@@ -136,6 +136,7 @@ class Engine:
         self._held: dict[int, Claim] = {}
         self._started_tools: set[int] = set()  # work ids whose handler was called
         self._reserved = 0  # slots promised to a commit in flight
+        self._committing = 0  # steps waiting for their commit
         self._heart: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Future[Execution | None]]] = {}
         self._working: dict[str, int] = {}  # execution id -> units carried out here now
@@ -363,9 +364,15 @@ class Engine:
             # needs no handler, and must not wait for the host.
             wanted = n or step.drop_queued_work
             claim = ClaimRequest(self.worker, self._lease_until(), n) if wanted else None
+            # No other unit at work here and no other step committing: nothing to wait
+            # for to share a transaction with.
+            alone = len(self._tasks) <= 1 and not self._committing
             self._reserved += n
+            self._committing += 1
             try:
-                queued = await self.store.commit(step, expected_seq=ex.seq, claim=claim, done=done)
+                queued = await self.store.commit(
+                    step, expected_seq=ex.seq, claim=claim, done=done, alone=alone
+                )
             except Conflict:
                 if isinstance(event, Started):
                     raise
@@ -373,6 +380,7 @@ class Engine:
                 continue
             finally:
                 self._reserved -= n
+                self._committing -= 1
             for work in queued:
                 if work.holder == self.worker:
                     self._spawn(work, new)

@@ -129,11 +129,14 @@ class ExecutionLog(Protocol):
         expected_seq: int,
         claim: ClaimRequest | None = None,
         done: Claim | None = None,
+        alone: bool = False,
     ) -> list[Work]:
         """Append `writes.event` as event `expected_seq + 1` and apply the rest, in one
         transaction, or raise Conflict (another event took that slot) and write nothing.
         `claim` takes the first units of work queued here at once; `done` completes
         the work whose result this is, or raises LeaseLost and writes nothing.
+        `alone`: the caller expects no other step to commit with this one, so a store
+        that groups commits should not wait for company.
         Returns the work queued, claimed or not, and the queued tool runs
         `writes.drop_queued_work` cancelled (`cancelled`; held by `claim`'s holder when
         a claim is given, however many); it drops queued model calls."""

@@ -295,6 +295,30 @@ async def test_steps_committed_together_share_one_transaction(tmp_path: Path) ->
         await app.close()
 
 
+async def test_a_step_committed_alone_does_not_wait_for_the_group(tmp_path: Path) -> None:
+    app = _quiet(tmp_path)
+    paused = await _paused(app, 3)
+    commits = Commits(app)
+    grouped = [
+        asyncio.ensure_future(app.store.commit(_approval(ex), expected_seq=ex.seq))
+        for ex in paused[:2]
+    ]
+    alone = paused[2]
+    # Durable when it returns, before the group (queued in the same turn) is written.
+    await app.store.commit(_approval(alone), expected_seq=alone.seq, alone=True)
+    assert commits.count == 1 and not any(g.done() for g in grouped)
+    await asyncio.gather(*grouped)
+    assert commits.count == 2  # the group, in one transaction
+    again = SQLiteStore(str(tmp_path / "approvals.db"))
+    try:
+        for ex in paused:
+            loaded = await again.load(ex.id)
+            assert loaded is not None and loaded.seq == ex.seq + 1
+    finally:
+        await again.close()
+        await app.close()
+
+
 async def test_a_conflict_in_a_group_undoes_only_its_own_step(tmp_path: Path) -> None:
     app = _quiet(tmp_path)
     first, second = await _paused(app, 2)
