@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench import cycle
 from bench.agents import (
+    _COMMITS,
     AGENT,
     INPUT,
     PARAMS,
@@ -70,7 +71,7 @@ class SharedCommitCounter(CommitCounter):
         self._lock = threading.Lock()
 
     def __call__(self, statement: str) -> None:
-        if statement.strip().upper() in ("COMMIT", "END", "COMMIT TRANSACTION"):
+        if statement in _COMMITS:
             with self._lock:
                 self.commits += 1
 

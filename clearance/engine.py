@@ -136,6 +136,9 @@ class Engine:
         self._held: dict[int, Claim] = {}
         self._started_tools: set[int] = set()  # work ids whose handler was called
         self._reserved = 0  # slots promised to a commit in flight
+        # Units whose outcome is done and waiting for its commit: their slots are free for
+        # the work that commit (or another in its group) queues.
+        self._recording = 0
         self._committing = 0  # steps waiting for their commit
         self._heart: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Future[Execution | None]]] = {}
@@ -148,7 +151,7 @@ class Engine:
     @property
     def free(self) -> int:
         """Slots for work this process could start now."""
-        return self.max_concurrency - len(self._tasks) - self._reserved
+        return self.max_concurrency - len(self._tasks) + self._recording - self._reserved
 
     # -- entry points ---------------------------------------------------------------
 
@@ -340,12 +343,9 @@ class Engine:
     def _hosts(self, ex: Execution) -> bool:
         return ex.agent_tag in self.agents
 
-    async def _feed(
-        self, ex: Execution, event: Event, done: Claim | None = None, handing_over: int = 0
-    ) -> Execution:
+    async def _feed(self, ex: Execution, event: Event, done: Claim | None = None) -> Execution:
         """Decide `event` and commit it; start the work it queues that we can claim.
-        `done`: the work whose result `event` is; `handing_over`: slots that work frees
-        as it ends, which its follow-up may take."""
+        `done`: the work whose result `event` is."""
         for _ in range(_MAX_CONFLICTS):
             try:
                 new, commands = decide(ex, event)
@@ -359,14 +359,14 @@ class Engine:
             step = writes(new, event, commands)
             n = 0
             if step.work and self._hosts(ex):
-                n = max(0, min(len(step.work), self.free + handing_over))
+                n = max(0, min(len(step.work), self.free))
             # A stop's cancelled tool runs are claimed too, by any process: closing one
             # needs no handler, and must not wait for the host.
             wanted = n or step.drop_queued_work
             claim = ClaimRequest(self.worker, self._lease_until(), n) if wanted else None
-            # No other unit at work here and no other step committing: nothing to wait
-            # for to share a transaction with.
-            alone = len(self._tasks) <= 1 and not self._committing
+            # No other unit at work here, no other step committing, no other caller
+            # waiting: nothing to wait for to share a transaction with.
+            alone = len(self._tasks) <= 1 and not self._committing and len(self._waiters) <= 1
             self._reserved += n
             self._committing += 1
             try:
@@ -382,7 +382,7 @@ class Engine:
                 self._reserved -= n
                 self._committing -= 1
             for work in queued:
-                if work.holder == self.worker:
+                if work.holder == self.worker and not work.cancelled:
                     self._spawn(work, new)
             if self._hosts(ex) and sum(not w.cancelled for w in queued) > n:
                 self._starved = True  # queued for want of a slot: pick it up when one frees
@@ -391,7 +391,7 @@ class Engine:
                 if work.cancelled and work.holder == self.worker:
                     # Close the call in the history: approved, and never run. If that
                     # cannot be recorded, the lease lapses and a taker closes it.
-                    new = await self._carry(work, new) or new
+                    new = await self._carry(work, new, in_slot=False) or new
             if new.status in RESTING:
                 for rested in self._waiters.get(new.id, ()):
                     if not rested.done():
@@ -444,9 +444,11 @@ class Engine:
                         claim.id,
                     )
 
-    async def _carry(self, work: Work, ex: Execution | None) -> Execution | None:
+    async def _carry(
+        self, work: Work, ex: Execution | None, *, in_slot: bool = True
+    ) -> Execution | None:
         """Carry out one unit of work and record its outcome; the state that left, if
-        this worker recorded one."""
+        this worker recorded one. `in_slot`: it runs as a task in one of our slots."""
         try:
             if ex is None or isinstance(work.command, RunTool):
                 # A tool run looks at the stored state last thing before it starts, so a
@@ -456,7 +458,7 @@ class Engine:
             if ex is None or event is None:
                 await self.store.complete(work.claim)
                 return None
-            return await self._record(ex, event, work.claim)
+            return await self._record(ex, event, work.claim, in_slot)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -505,14 +507,16 @@ class Engine:
         self._started_tools.add(work.id)
         return await self._run_tool(agent, ex, command)
 
-    async def _record(self, ex: Execution, event: Event, claim: Claim) -> Execution | None:
+    async def _record(
+        self, ex: Execution, event: Event, claim: Claim, in_slot: bool
+    ) -> Execution | None:
         """Commit `event` as the result of the work `claim` holds: a refusal ends the
         work, a broken step becomes a failure event, a store error is retried with
         backoff; past that the lease lapses and another worker takes over."""
         delay = _RECORD_BACKOFF
         for attempt in range(_RECORD_TRIES):
             try:
-                return await self._feed(ex, event, done=claim, handing_over=1)
+                return await self._feed_result(ex, event, claim, in_slot)
             except Refusal as refusal:
                 failed = _failure(event, f"the result could not be used: {refusal}")
                 if refusal.code not in _STALE and failed is not event:
@@ -556,6 +560,19 @@ class Engine:
             _RECORD_TRIES,
         )
         return None
+
+    async def _feed_result(
+        self, ex: Execution, event: Event, claim: Claim, in_slot: bool
+    ) -> Execution:
+        """`_feed` a unit's result. The unit's slot is free meanwhile: its work is done,
+        so the work this commit, or another in its group, queues may take the slot."""
+        if not in_slot:
+            return await self._feed(ex, event, done=claim)
+        self._recording += 1
+        try:
+            return await self._feed(ex, event, done=claim)
+        finally:
+            self._recording -= 1
 
     async def _call_model(self, agent: HostedAgent, ex: Execution, turn: int) -> Event:
         request = ModelRequest(

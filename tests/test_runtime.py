@@ -20,6 +20,7 @@ from conftest import (
 )
 
 from clearance import Clearance, HumanInLoop, ModelReply, Tool, ToolContext
+from clearance.engine import Engine
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
 
 
@@ -61,6 +62,78 @@ async def test_a_stop_after_an_approval_made_elsewhere_cancels_the_queued_tool_r
     finally:
         await reviewer.close()
         await host.close()
+
+
+async def test_a_stop_in_the_hosting_process_closes_each_queued_run_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release, started = asyncio.Event(), asyncio.Event()
+    runs: list[dict[str, Any]] = []
+
+    async def refund(ctx: ToolContext, params: dict[str, Any]) -> str:
+        runs.append(params)
+        started.set()
+        await release.wait()
+        return "refunded"
+
+    closings: list[str] = []
+    outcome = Engine._outcome
+
+    async def counted(self: Engine, ex: Any, work: Any) -> Any:
+        if work.cancelled:
+            closings.append(work.command.tool_use_id)
+        return await outcome(self, ex, work)
+
+    monkeypatch.setattr(Engine, "_outcome", counted)
+    other = {**REFUND, "orderId": "ORD-456"}
+    model = ScriptedModel(
+        [
+            [
+                tool_use("process-refund", REFUND, id="t1"),
+                tool_use("process-refund", other, id="t2"),
+            ],
+            [text("Done.")],
+        ]
+    )
+    # One slot: the first approved refund runs (and waits); the second waits in the queue.
+    async with Clearance.open(_url(tmp_path), clock=FakeClock(), max_concurrency=1) as app:
+        app.define(
+            tag="safe-agent",
+            model=model,
+            tools=[
+                Tool(
+                    tag="process-refund",
+                    requires_confirmation=True,
+                    parameters=REFUND_PARAMS,
+                    handler=refund,
+                )
+            ],
+            human_in_loop=HumanInLoop(enabled=True, approval_order="parallel"),
+        )
+        ex = await app.run("safe-agent", input="Two refunds")
+        first, second = ex.pending_approvals
+        # (An approval's caller waits for the execution to rest: not while t1 runs.)
+        approving = [asyncio.create_task(app.signal(ex.id, "approve", request_id=first.request_id))]
+        await asyncio.wait_for(started.wait(), 10)
+        approving.append(
+            asyncio.create_task(app.signal(ex.id, "approve", request_id=second.request_id))
+        )
+        await wait_for(lambda: _approved(app, ex.id, 2))
+        stopped = await app.signal(ex.id, "stop", by="ops")
+        assert stopped.status == "stopped"
+        assert [c.status for c in stopped.calls] == ["executing", "done"]
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*approving), 10)
+        history = await wait_for(lambda: _has_event(app, ex.id, "tool_finished"), seconds=10)
+        await asyncio.sleep(0.05)
+        assert closings == ["t2"]  # closed once, by the stop; never handed to a task too
+        assert runs == [REFUND]
+        assert _events(history).count("tool_failed") == 1
+
+
+async def _approved(app: Clearance, execution_id: str, n: int) -> bool:
+    history = await app.get_execution(execution_id)
+    return _events(history).count("approved") == n
 
 
 class _ResultsFail:
@@ -269,6 +342,40 @@ async def test_a_busy_host_claims_only_what_it_can_start_and_leaves_the_rest_to_
         release.set()
         for app in (reviewer, busy, idle):
             await app.close()
+
+
+async def test_units_at_work_never_exceed_max_concurrency(tmp_path: Path) -> None:
+    active, peak = 0, 0
+
+    async def working() -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        await asyncio.sleep(0.01)
+        active -= 1
+
+    script = ScriptedModel(
+        lambda r: [text("Done.")] if len(r.messages) > 1 else [tool_use("lookup", {"q": "x"})]
+    )
+
+    class Slow:
+        async def reply(self, request: Any) -> Any:
+            await working()
+            return await script.reply(request)
+
+    async def lookup(ctx: ToolContext, params: dict[str, Any]) -> str:
+        await working()
+        return "found"
+
+    async with Clearance.open(_url(tmp_path), max_concurrency=2) as app:
+        app.define(
+            tag="a",
+            model=Slow(),
+            tools=[Tool(tag="lookup", parameters={"q": {"type": "string"}}, handler=lookup)],
+        )
+        done = await asyncio.gather(*(app.run("a", input=str(i)) for i in range(8)))
+    assert [ex.status for ex in done] == ["completed"] * 8
+    assert peak == 2  # both slots used, never a third unit at once
 
 
 # -- 5. a failure after a claim never strands an execution --------------------------------
