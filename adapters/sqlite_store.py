@@ -168,6 +168,10 @@ def _from_2(db: sqlite3.Connection) -> int:
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {2: _from_2}
 
 
+class _StepBroke(Exception):
+    """A step of a group failed after it wrote some of its rows."""
+
+
 @attrs.frozen
 class _Pending:
     """A step waiting for its group commit."""
@@ -309,26 +313,13 @@ class SQLiteStore:
         batch, self._batch = self._batch, []
         if not batch:
             return
-        outcomes: list[list[Work] | Exception] = []
         try:
-            with self._write():
-                # A step alone needs no savepoint: if it fails, nothing else is lost by
-                # committing the empty transaction.
-                alone = len(batch) == 1
-                for step in batch:
-                    if not alone:
-                        self._db.execute("SAVEPOINT step")
-                    try:
-                        outcomes.append(
-                            self._step(step.writes, step.expected_seq, step.claim, step.done)
-                        )
-                    except Exception as err:
-                        self._db.execute("ROLLBACK" if alone else "ROLLBACK TO step")
-                        if alone:
-                            self._db.execute("BEGIN IMMEDIATE")  # for _write's COMMIT
-                        outcomes.append(err)
-                    if not alone:
-                        self._db.execute("RELEASE step")
+            try:
+                outcomes = self._group(batch, savepoints=False)
+            except _StepBroke:
+                # A step failed halfway (its rows half written): that transaction is
+                # gone; write the group again, each step in a savepoint of its own.
+                outcomes = self._group(batch, savepoints=True)
         except Exception as err:  # nothing of the batch is durable: each caller hears why
             for step in batch:
                 if not step.future.done():
@@ -351,6 +342,36 @@ class SQLiteStore:
             with self._write():
                 for claim in orphaned:
                     self._release(claim)
+
+    def _group(self, batch: list[_Pending], *, savepoints: bool) -> list[list[Work] | Exception]:
+        """The batch's steps in one transaction. A Conflict or LeaseLost leaves nothing of
+        its step behind (`_step` checks both before it writes anything else), so without
+        savepoints only those two may fail a step alone; any other failure raises
+        _StepBroke, unless each step has a savepoint to roll back to."""
+        outcomes: list[list[Work] | Exception] = []
+        with self._write():
+            # A step alone needs no savepoint: if it fails, nothing else is lost by
+            # committing the empty transaction.
+            savepoints = savepoints and len(batch) > 1
+            for step in batch:
+                if savepoints:
+                    self._db.execute("SAVEPOINT step")
+                try:
+                    outcomes.append(
+                        self._step(step.writes, step.expected_seq, step.claim, step.done)
+                    )
+                except (Conflict, LeaseLost) as err:
+                    outcomes.append(err)
+                except Exception as err:
+                    if len(batch) > 1 and not savepoints:
+                        raise _StepBroke() from err
+                    self._db.execute("ROLLBACK TO step" if savepoints else "ROLLBACK")
+                    if not savepoints:
+                        self._db.execute("BEGIN IMMEDIATE")  # for _write's COMMIT
+                    outcomes.append(err)
+                if savepoints:
+                    self._db.execute("RELEASE step")
+        return outcomes
 
     def _step(
         self, writes: Writes, expected_seq: int, claim: ClaimRequest | None, done: Claim | None
@@ -379,6 +400,11 @@ class SQLiteStore:
                 raise Conflict(f"execution {execution.id} already exists") from None
             raise Conflict(f"execution {execution.id} moved past version {expected_seq}") from None
         if done is not None and not self._delete_work(done):
+            # Undone here, not by a savepoint: a group has none (see `_group`).
+            db.execute(
+                "DELETE FROM events WHERE execution_id = ? AND seq = ?",
+                (execution.id, execution.seq),
+            )
             raise LeaseLost(
                 f"work {done.id} of execution {execution.id} is no longer held by"
                 f" {done.holder}: its lease ran out and it was taken over"

@@ -22,7 +22,7 @@ from clearance.core.events import Approved
 from clearance.core.execution import Execution
 from clearance.core.rows import writes
 from clearance.core.wire import parse_stamp, stamp
-from clearance.ports.store import Conflict, UnreadableExecution
+from clearance.ports.store import Claim, Conflict, LeaseLost, UnreadableExecution
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
 
 json_values = st.recursive(
@@ -335,6 +335,52 @@ async def test_a_conflict_in_a_group_undoes_only_its_own_step(tmp_path: Path) ->
     # Two steps' rows, not three: one event, one audit record, one tool run each.
     assert after["events"] - rows["events"] == 2
     assert after["audit"] - rows["audit"] == 2
+    await app.close()
+
+
+async def test_a_step_that_breaks_halfway_in_a_group_undoes_only_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    app = _quiet(tmp_path)
+    paused = await _paused(app, 3)
+    broken = paused[1]
+    db = _db(tmp_path)
+    # Its audit record cannot be written: the step fails after its event went in.
+    db.execute(
+        "CREATE TRIGGER no_audit BEFORE INSERT ON audit"
+        f" WHEN NEW.execution_id = '{broken.id}' BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    )
+    db.commit()
+    rows = _row_counts(db)
+    outcomes = await asyncio.gather(
+        *(app.store.commit(_approval(ex), expected_seq=ex.seq) for ex in paused),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], sqlite3.IntegrityError), outcomes
+    assert not isinstance(outcomes[0], Exception) and not isinstance(outcomes[2], Exception)
+    after = _row_counts(_db(tmp_path))
+    assert after["events"] - rows["events"] == 2
+    assert after["audit"] - rows["audit"] == 2
+    as_if_restarted(app)
+    assert await app.store.load(broken.id) == broken
+    await app.close()
+
+
+async def test_a_lost_lease_in_a_group_undoes_only_its_own_step(tmp_path: Path) -> None:
+    app = _quiet(tmp_path)
+    paused = await _paused(app, 2)
+    rows = _row_counts(_db(tmp_path))
+    outcomes = await asyncio.gather(
+        app.store.commit(_approval(paused[0]), expected_seq=paused[0].seq),
+        app.store.commit(
+            _approval(paused[1]), expected_seq=paused[1].seq, done=Claim(10**9, "w-gone")
+        ),
+        return_exceptions=True,
+    )
+    assert not isinstance(outcomes[0], Exception) and isinstance(outcomes[1], LeaseLost)
+    assert _row_counts(_db(tmp_path))["events"] - rows["events"] == 1
+    as_if_restarted(app)
+    assert await app.store.load(paused[1].id) == paused[1]
     await app.close()
 
 
