@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -192,6 +193,64 @@ def _work_command(body: str) -> tuple[CallModel | RunTool, bool]:
     return command, cancelled
 
 
+# Tables only Clearance's files hold, in every schema version: how a file is told
+# from another application's SQLite database.
+_OURS = frozenset({"events", "approvals", "timers"})
+
+
+def check_database_file(path: str, *, must_hold_data: bool = False) -> None:
+    """Raise ClearanceError, saying what the file is, unless `path` is a Clearance
+    database of a schema this version opens (or, unless `must_hold_data`, a path where
+    one can be made: nothing there yet, or an empty file). Reads only: a file that is
+    refused is left as it was, byte for byte."""
+    if path == ":memory:":
+        return
+    where = Path(path)
+    if where.exists() and not where.is_file():
+        kind = "a directory" if where.is_dir() else "not a regular file"
+        raise ClearanceError(f"{path} is {kind}; pass the path of a database file")
+    if not where.exists() or where.stat().st_size == 0:
+        if must_hold_data:
+            what = "is empty" if where.exists() else "does not exist"
+            raise ClearanceError(f"{path} {what}: it holds no Clearance database")
+        return
+    try:
+        db = sqlite3.connect(f"{where.resolve().as_uri()}?mode=ro", uri=True)
+    except sqlite3.Error as err:
+        raise ClearanceError(f"{path} cannot be opened: {err}") from None
+    try:
+        tables = {
+            name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        (version,) = db.execute("PRAGMA user_version").fetchone()
+    except sqlite3.DatabaseError as err:
+        raise ClearanceError(
+            f"{path} is not a SQLite database ({err}); pass the database the agent uses, "
+            "or a new path to create one"
+        ) from None
+    finally:
+        db.close()
+    if tables and not _OURS.issubset(tables):
+        shown = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
+        raise ClearanceError(
+            f"{path} is another application's SQLite database (tables: {shown}); Clearance "
+            "keeps its data in a file of its own: pass a new path"
+        )
+    if tables and version not in MIGRATIONS and version != SCHEMA_VERSION:
+        raise ClearanceError(_unknown_schema(path, version))
+    if must_hold_data and not tables:
+        raise ClearanceError(f"{path} holds no Clearance database (no tables)")
+
+
+def _unknown_schema(path: str, version: int) -> str:
+    return (
+        f"{path} holds Clearance tables of schema version {version}; this version"
+        f" of Clearance reads schema {SCHEMA_VERSION} and upgrades"
+        f" {', '.join(map(str, sorted(MIGRATIONS)))}: open it with a newer"
+        " Clearance, or use a new file"
+    )
+
+
 class SQLiteStore:
     def __init__(
         self,
@@ -211,21 +270,30 @@ class SQLiteStore:
         self._batch: list[_Pending] = []
         self._states: OrderedDict[str, Execution] = OrderedDict()
         self.snapshot_every = snapshot_every
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        if path != ":memory:":
-            self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+        # Before anything writes to it (switching to WAL does): a file that is not ours
+        # is refused untouched.
+        check_database_file(path)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            if path != ":memory:":
+                self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            self._setup(path)
+        except sqlite3.Error as err:  # a read-only file or filesystem, a full disk
+            raise ClearanceError(f"{path} cannot be used as a Clearance database: {err}") from None
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        # (spec, spec_id, body) by the id() of specs we hold: a strong reference keeps
+        # ids unique.
+        self._spec_ids: dict[int, tuple[AgentSpec, str, str]] = {}
+        self._specs: dict[str, AgentSpec] = {}
+
+    def _setup(self, path: str) -> None:
         with self._write():
             (version,) = self._db.execute("PRAGMA user_version").fetchone()
             (tables,) = self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
             if tables and version not in MIGRATIONS and version != SCHEMA_VERSION:
-                raise ClearanceError(
-                    f"{path} holds Clearance tables of schema version {version}; this version"
-                    f" of Clearance reads schema {SCHEMA_VERSION} and upgrades"
-                    f" {', '.join(map(str, sorted(MIGRATIONS)))}: open it with a newer"
-                    " Clearance, or use a new file"
-                )
+                raise ClearanceError(_unknown_schema(path, version))
             # In place, in the same transaction as the check: a crash leaves the old file.
             while tables and version != SCHEMA_VERSION:
                 version = MIGRATIONS[version](self._db)
@@ -233,11 +301,6 @@ class SQLiteStore:
                 if statement.strip():
                     self._db.execute(statement)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
-        # (spec, spec_id, body) by the id() of specs we hold: a strong reference keeps
-        # ids unique.
-        self._spec_ids: dict[int, tuple[AgentSpec, str, str]] = {}
-        self._specs: dict[str, AgentSpec] = {}
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:

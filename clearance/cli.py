@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from clearance.cli_commands import (
     API_KEY_ENV,
@@ -29,6 +31,7 @@ from clearance.cli_commands import (
     cmd_serve,
     cmd_show,
     parse_assignment,
+    port_number,
     positive_int,
     split_assignment,
     warn,
@@ -50,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Human approval gates for AI agents' tool calls.",
         epilog=f"The database is --db PATH, else ${DB_ENV}, else ./{DEFAULT_DB}.",
     )
+    parser.add_argument("--version", action="version", version=f"clearance {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -129,12 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"${SECRET_ENV} and ${API_KEY_ENV}",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
-    serve.add_argument("--port", type=positive_int, default=8000, help="port (8000)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (8000)")
     serve.add_argument(
         "--public-url", metavar="URL", help="where callers reach this server; callbackUrl base"
     )
     serve.set_defaults(run=cmd_serve)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("clearance")
+    except metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -151,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ClearanceError as err:
         warn(str(err))
         return 1
+    except BrokenPipeError:
+        # The reader went away (`clearance pending --json | head -1`): not an error.
+        # Point stdout at nothing, so flushing it at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(
             "\nclearance: interrupted; anything pending stays pending in the database",

@@ -29,6 +29,7 @@ from typing import Any
 import uvicorn
 
 from clearance import views
+from clearance.adapters.sqlite_store import check_database_file
 from clearance.app import Clearance
 from clearance.core import json_value
 from clearance.core.commands import AuditRecord
@@ -138,13 +139,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 1 to 65535, got {text!r}")
+    return value
+
+
 def db_path(args: argparse.Namespace, *, must_exist: bool) -> Path:
+    """The database's path. `must_exist`: a command that reads or decides, which must
+    find a Clearance database there and never creates or changes another file."""
     path = Path(args.db or os.environ.get(DB_ENV) or DEFAULT_DB).expanduser().resolve()
-    if must_exist and not path.is_file():
+    if must_exist and not path.exists():
         raise ClearanceError(
             f"no database at {path}; pass --db PATH (or set ${DB_ENV}) to the database the "
             "agent uses, e.g. the one `clearance demo` printed"
         )
+    check_database_file(str(path), must_hold_data=must_exist)
     return path
 
 
@@ -346,6 +360,10 @@ async def cmd_show(args: argparse.Namespace) -> int:
 async def cmd_audit(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=True)
     async with opened(path) as app:
+        if args.request and await app.execution_of_request(args.request) is None:
+            raise ClearanceError(f"no approval request '{args.request}' in {path}")
+        if args.execution and await app.execution(args.execution) is None:
+            raise ClearanceError(f"no execution '{args.execution}' in {path}")
         records = await app.audit(execution_id=args.execution, request_id=args.request)
     if args.json:
         for record in records:

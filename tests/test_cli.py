@@ -12,10 +12,11 @@ import argparse
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -423,6 +424,96 @@ def test_errors_are_one_line_with_exit_codes(tmp_path: Path) -> None:
         assert usage.returncode == 2, args
         no_traceback(usage)
         assert "error" in usage.stderr or "usage" in usage.stderr
+
+
+def test_version_prints_the_installed_version(tmp_path: Path) -> None:
+    from importlib import metadata
+
+    done = cli(tmp_path, "--version")
+    assert (done.returncode, done.stdout.strip()) == (
+        0,
+        f"clearance {metadata.version('clearance')}",
+    )
+
+
+def test_a_port_out_of_range_is_a_usage_error(tmp_path: Path) -> None:
+    done = cli(tmp_path, "serve", "--port", "99999")
+    assert done.returncode == 2
+    no_traceback(done)
+    assert "expected a TCP port, 1 to 65535, got '99999'" in done.stderr
+    assert not (tmp_path / "clearance.db").exists()
+
+
+def _foreign(path: Path) -> None:
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (lambda p: p.write_text("just some notes\n"), "is not a SQLite database"),
+        (lambda p: p.write_bytes(bytes(range(256)) * 8), "is not a SQLite database"),
+        (lambda p: p.write_bytes(b""), "is empty: it holds no Clearance database"),
+        (_foreign, "another application's SQLite database (tables: orders)"),
+        (lambda p: p.mkdir(), "is a directory"),
+    ],
+    ids=["text", "binary", "empty", "foreign", "directory"],
+)
+@pytest.mark.parametrize("command", [["pending"], ["audit"], ["show", "exec-1"]])
+def test_a_file_that_is_no_clearance_database_is_one_line_and_left_untouched(
+    tmp_path: Path, make: Callable[[Path], Any], says: str, command: list[str]
+) -> None:
+    path = tmp_path / "other.db"
+    make(path)
+    before = path.read_bytes() if path.is_file() else None
+    done = cli(tmp_path, *command, "--db", str(path))
+    assert done.returncode == 1, done
+    no_traceback(done)
+    assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, done.stderr
+    if before is not None:
+        assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]  # no -wal, no -shm
+
+
+async def test_audit_of_an_unknown_request_or_execution_says_so(host: Host, tmp_path: Path) -> None:
+    await host.start()  # the database exists and holds a request
+    db = str(host.db)
+    for args, says in (
+        (["--request", "apr-unknown"], "no approval request 'apr-unknown'"),
+        (["--execution", "exec-unknown"], "no execution 'exec-unknown'"),
+    ):
+        code, out, err = await acli(tmp_path, "audit", *args, "--db", db)
+        assert code == 1, (out, err)
+        assert len(err.strip().splitlines()) == 1 and says in err
+
+
+def _into_a_closed_pipe(cwd: Path, *args: str) -> tuple[int, bytes]:
+    """`clearance ARGS` whose reader goes away before a line is written, as `| head -1`
+    does mid-output: its exit code and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clearance", *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return proc.wait(timeout=20), err
+
+
+async def test_output_into_a_closed_pipe_ends_quietly(host: Host, tmp_path: Path) -> None:
+    await host.start()
+    code, err = await asyncio.to_thread(
+        _into_a_closed_pipe, tmp_path, "pending", "--json", "--db", str(host.db)
+    )
+    assert code == 0, err
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err
 
 
 # -- in-process pieces -------------------------------------------------------------------

@@ -149,22 +149,60 @@ def _row_counts(db: sqlite3.Connection) -> dict[str, int]:
         db.close()
 
 
-def test_a_file_of_another_schema_version_is_refused_untouched(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
+def _untouched(path: Path, before: bytes) -> None:
+    assert path.read_bytes() == before
+    # Not even switched to WAL: no journal files beside it.
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_another_applications_database_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "theirs.db"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE executions (id TEXT PRIMARY KEY, state TEXT)")
     db.execute("INSERT INTO executions VALUES ('exec-1', '{}')")
     db.commit()
     db.close()
-    with pytest.raises(ClearanceError, match=rf"schema version 0.*reads schema {SCHEMA_VERSION}"):
+    before = path.read_bytes()
+    with pytest.raises(
+        ClearanceError, match=r"another application's SQLite database \(tables: executions\)"
+    ):
         SQLiteStore(str(path))
+    _untouched(path, before)
+
+
+def test_a_file_of_another_schema_version_is_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "later.db"
+    SQLiteStore(str(path))._db.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT * FROM executions").fetchall() == [("exec-1", "{}")]
-    assert [t for (t,) in db.execute("SELECT name FROM sqlite_master")] == [
-        "executions",
-        "sqlite_autoindex_executions_1",
-    ]
+    db.execute("PRAGMA journal_mode = DELETE")  # as a copy that carries no -wal file
+    db.execute("PRAGMA user_version = 99")
     db.close()
+    for extra in tmp_path.glob("later.db-*"):
+        extra.unlink()
+    before = path.read_bytes()
+    with pytest.raises(ClearanceError, match=rf"schema version 99.*reads schema {SCHEMA_VERSION}"):
+        SQLiteStore(str(path))
+    _untouched(path, before)
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [(b"hello\n", "not a SQLite database"), (bytes(range(256)) * 12, "not a SQLite database")],
+    ids=["text", "binary"],
+)
+def test_a_file_that_is_no_database_is_refused_untouched(
+    tmp_path: Path, content: bytes, why: str
+) -> None:
+    path = tmp_path / "notes.db"
+    path.write_bytes(content)
+    with pytest.raises(ClearanceError, match=why):
+        SQLiteStore(str(path))
+    _untouched(path, content)
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ClearanceError, match="is a directory"):
+        SQLiteStore(str(tmp_path))
 
 
 def test_a_file_this_version_made_opens_again(tmp_path: Path) -> None:
