@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -377,6 +379,19 @@ async def cmd_audit(args: argparse.Namespace) -> int:
 
 # -- serve ----------------------------------------------------------------------------------
 
+# A callback URL's token admits a decision on its own: the access log shows the path
+# without it.
+_TOKEN = re.compile(r"(?<=[?&]token=)[^&\s]+")
+
+
+class _RedactTokens(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _TOKEN.sub("REDACTED", arg) if isinstance(arg, str) else arg for arg in record.args
+            )
+        return True
+
 
 class _Server(uvicorn.Server):
     @contextmanager
@@ -405,6 +420,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         config = uvicorn.Config(
             app.asgi(), host=args.host, port=args.port, lifespan="off", log_level="info"
         )
+        logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
         say(
             f"Clearance HTTP API for {path} (OpenAPI at /openapi.json)",
             f"  callbacks:          {'on' if secret else f'off (set ${SECRET_ENV})'}",

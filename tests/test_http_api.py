@@ -1061,7 +1061,12 @@ async def test_clearance_serve_answers_openapi_and_callbacks(tmp_path: Path) -> 
     assert proc.returncode == 0, err.decode()
     assert "Traceback" not in err.decode()
     assert "Stopped" in out.decode()
-    assert SECRET not in out.decode() + err.decode()
+    printed = out.decode() + err.decode()
+    assert SECRET not in printed
+    # The access log shows the callbacks, never their tokens.
+    token = app.callback_url(request).partition("token=")[2]
+    assert token not in printed
+    assert f"/approvals/{request.request_id}/respond?token=REDACTED" in printed
 
 
 async def test_an_execution_whose_log_does_not_read_back_is_a_500_naming_it(api: Api) -> None:
