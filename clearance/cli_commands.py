@@ -283,9 +283,11 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
     say(sentence(f"{args.request_id}: {describe_decision(request)}"))
     if approved:
         say(f"'{request.tool}' will run with {compact(request.effective_parameters())}.")
+    # This process cannot know whether a host runs: say what happens either way.
     say(
-        f"Execution {ex.id} is {ex.status}; the process hosting agent '{ex.agent_tag}' "
-        f"carries on from here (see: clearance show {ex.id} --db {shlex.quote(str(path))})."
+        f"Execution {ex.id} is {ex.status}. It goes on in a process that hosts agent "
+        f"'{ex.agent_tag}' (the demo, your app): at once if one is running, else when one "
+        f"starts (see: clearance show {ex.id} --db {shlex.quote(str(path))})."
     )
     return 0
 

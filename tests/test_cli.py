@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -514,6 +515,27 @@ async def test_output_into_a_closed_pipe_ends_quietly(host: Host, tmp_path: Path
     )
     assert code == 0, err
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+async def test_a_tool_that_raises_is_logged_and_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "fail.db"
+
+    def payment_api_down(ctx: ToolContext, params: dict[str, Any]) -> None:
+        raise RuntimeError("payment API down")
+
+    caplog.set_level(logging.WARNING, logger="clearance")
+    async with Clearance.open(f"sqlite:///{db}") as app:
+        define_refund_agent(app, on_refund=payment_api_down)
+        ex = await app.run(AGENT_TAG, input=USER_INPUT)
+        rid = ex.pending_approvals[0].request_id
+        ex = await app.signal(ex.id, "approve", request_id=rid)
+    [message] = [r.getMessage() for r in caplog.records if "payment API down" in r.getMessage()]
+    assert ex.id in message and rid in message and "process-refund" in message
+    code, out, err = await acli(tmp_path, "show", ex.id, "--db", str(db))
+    assert code == 0, err
+    assert "tool_failed" in out and "RuntimeError: payment API down" in out
 
 
 # -- in-process pieces -------------------------------------------------------------------
