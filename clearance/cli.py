@@ -12,34 +12,25 @@ on stderr and exit code 1; usage errors exit 2.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
 from importlib import metadata
 
-from clearance.cli_commands import (
+# Only what the parser needs: `clearance --help` and usage errors never import the
+# runtime. The commands are imported once the arguments parse.
+from clearance.cli_args import (
     API_KEY_ENV,
     DB_ENV,
     DEFAULT_DB,
+    DEFAULT_REJECTION,
     SECRET_ENV,
-    UsageError,
-    cmd_approve,
-    cmd_audit,
-    cmd_pending,
-    cmd_reject,
-    cmd_serve,
-    cmd_show,
     parse_assignment,
     port_number,
     positive_int,
     split_assignment,
-    warn,
 )
-from clearance.cli_demo import cmd_demo
-from clearance.core.errors import ClearanceError
-from clearance.definition import DEFAULT_TIMEOUT_MS
-from clearance.demo import DEFAULT_REJECTION
+from clearance.core.agent import DEFAULT_TIMEOUT_MS
 
 __all__ = ["build_parser", "main", "parse_assignment"]
 
@@ -90,12 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the built-in scripted model even when ANTHROPIC_API_KEY is set",
     )
-    demo.set_defaults(run=cmd_demo)
+    demo.set_defaults(run="demo")
 
     pending = command("pending", "list pending approval requests, oldest first")
     pending.add_argument("--agent", metavar="TAG", help="only this agent's requests")
     pending.add_argument("--json", action="store_true", help="one JSON request per line")
-    pending.set_defaults(run=cmd_pending)
+    pending.set_defaults(run="pending")
 
     approve = command("approve", "approve a pending request, optionally with modified parameters")
     approve.add_argument("request_id", metavar="REQUEST_ID")
@@ -108,24 +99,24 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON cannot carry (1e999, NaN) is refused (repeatable)",
     )
     approve.add_argument("--by", metavar="NAME", help="who approves (default: your login name)")
-    approve.set_defaults(run=cmd_approve)
+    approve.set_defaults(run="approve")
 
     reject = command("reject", "reject a pending request with a reason")
     reject.add_argument("request_id", metavar="REQUEST_ID")
     reject.add_argument("--reason", required=True, help="why; the agent is told")
     reject.add_argument("--by", metavar="NAME", help="who rejects (default: your login name)")
-    reject.set_defaults(run=cmd_reject, set=None)
+    reject.set_defaults(run="reject", set=None)
 
     show = command("show", "an execution's status, output, approvals, events and audit")
     show.add_argument("execution_id", metavar="EXECUTION_ID")
     show.add_argument("--json", action="store_true")
-    show.set_defaults(run=cmd_show)
+    show.set_defaults(run="show")
 
     audit = command("audit", "the decision log: who decided what, when and why")
     audit.add_argument("--execution", metavar="ID", help="only this execution")
     audit.add_argument("--request", metavar="ID", help="only this approval request")
     audit.add_argument("--json", action="store_true", help="one JSON record per line")
-    audit.set_defaults(run=cmd_audit)
+    audit.set_defaults(run="audit")
 
     serve = command(
         "serve",
@@ -137,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--public-url", metavar="URL", help="where callers reach this server; callbackUrl base"
     )
-    serve.set_defaults(run=cmd_serve)
+    serve.set_defaults(run="serve")
     return parser
 
 
@@ -154,13 +145,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit:  # --help, or a usage error argparse already printed
         return exit.code if isinstance(exit.code, int) else 2
+    import asyncio
+
+    from clearance import cli_commands, cli_demo
+    from clearance.cli_args import UsageError
+    from clearance.core.errors import ClearanceError
+
+    run = cli_demo.cmd_demo if args.run == "demo" else getattr(cli_commands, f"cmd_{args.run}")
     try:
-        code: int = asyncio.run(args.run(args))
+        code: int = asyncio.run(run(args))
     except UsageError as err:
         print(f"clearance {args.command}: error: {err}", file=sys.stderr)
         return 2
     except ClearanceError as err:
-        warn(str(err))
+        cli_commands.warn(str(err))
         return 1
     except BrokenPipeError:
         # The reader went away (`clearance pending --json | head -1`): not an error.

@@ -18,15 +18,13 @@ from typing import Any
 
 from clearance import views
 from clearance.app import Clearance
+from clearance.cli_args import DEFAULT_REJECTION, UsageError, modified_params, parse_assignment
 from clearance.cli_commands import (
-    UsageError,
     compact,
     db_path,
     default_user,
     describe_decision,
-    modified_params,
     opened,
-    parse_assignment,
     say,
     sentence,
     warn,
@@ -44,7 +42,6 @@ from clearance.core.execution import (
 )
 from clearance.demo import (
     AGENT_TAG,
-    DEFAULT_REJECTION,
     USER_INPUT,
     define_refund_agent,
     demo_model,

@@ -14,13 +14,18 @@ from typing import Any
 
 import attrs
 
-from clearance.core.agent import APPROVAL_ORDERS, SEQUENTIAL, AgentSpec, ToolSpec
+from clearance.core.agent import (
+    APPROVAL_ORDERS,
+    DEFAULT_TIMEOUT_MS,
+    SEQUENTIAL,
+    AgentSpec,
+    ToolSpec,
+)
 from clearance.core.errors import DefinitionError
 from clearance.core.schema import to_json_schema
 from clearance.ports.model import ModelPort
 from clearance.ports.tools import Handler
 
-DEFAULT_TIMEOUT_MS = 300_000
 # The longest approval timeout: 366 days. A deadline must be a date (the core adds it to
 # the time a request opens), and a human who has not answered in a year will not.
 MAX_TIMEOUT_MS = 366 * 24 * 3_600_000

@@ -19,7 +19,8 @@ from typing import Any
 
 from clearance.adapters.scripted_model import Block, ScriptedModel, text, tool_use
 from clearance.app import Clearance
-from clearance.definition import DEFAULT_TIMEOUT_MS, HumanInLoop, Model, Tool
+from clearance.core.agent import DEFAULT_TIMEOUT_MS
+from clearance.definition import HumanInLoop, Model, Tool
 from clearance.ports.model import ModelPort, ModelRequest
 from clearance.ports.tools import ToolContext
 
@@ -31,7 +32,6 @@ SYSTEM_PROMPT = (
     "You are a customer support agent. Look up an order before refunding it. "
     "Refunds need a human's approval; tell the customer what happened."
 )
-DEFAULT_REJECTION = "The amount exceeds the refund limit"
 ORDER: dict[str, Any] = {
     "orderId": ORDER_ID,
     "status": "delivered",

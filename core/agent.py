@@ -11,6 +11,9 @@ from typing import Any
 
 import attrs
 
+# The spec's default approval timeout, in milliseconds: 5 minutes.
+DEFAULT_TIMEOUT_MS = 300_000
+
 SEQUENTIAL = "sequential"
 PARALLEL = "parallel"
 APPROVAL_ORDERS = (SEQUENTIAL, PARALLEL)

@@ -538,6 +538,27 @@ async def test_a_tool_that_raises_is_logged_and_shown(
     assert "tool_failed" in out and "RuntimeError: payment API down" in out
 
 
+@pytest.mark.parametrize("args", [["--help"], ["approve", "--help"], ["reject", "apr-x"]])
+def test_help_and_usage_errors_do_not_import_the_runtime(tmp_path: Path, args: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "clearance", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=_env(),
+    )
+    assert done.returncode in (0, 2), done.stderr
+    imported = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "clearance.cli" in imported
+    heavy = {"clearance.app", "clearance.core.decide", "httpx", "uvicorn", "jsonschema", "sqlite3"}
+    assert imported.isdisjoint(heavy), sorted(imported & heavy)
+
+
 # -- in-process pieces -------------------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ that fail as a locked database's do; and a process that stalls holding work, who
 leases lapse and are taken over.
 
 The test keeps its own record of every decision it made and, after each step,
-checks the guarantees of DESIGN.md (G1-G7 below) against the store, the audit
+checks the guarantees of the README (G1-G7 below) against the store, the audit
 log, the handlers' calls and every request the model was sent; that every
 execution rests (nothing half-driven); and that replaying each execution's
 stored events through `decide` reproduces it, and its audit records, exactly; that

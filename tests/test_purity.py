@@ -1,4 +1,4 @@
-"""The core stays pure (DESIGN.md): no I/O library, no wall clock, no ids, no randomness."""
+"""The core stays pure (docs/architecture.md): no I/O library, wall clock, ids or randomness."""
 
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def agent(order: str = SEQUENTIAL, max_iterations: int = 20) -> AgentSpec:
     )
 
 
-# -- the tables as reviewed against DESIGN.md ----------------------------------------------
+# -- the tables as reviewed against docs/architecture.md ------------------------------------
 
 # Which (event, status) pairs an execution takes at all. Pinned here so that a
 # widened table (say, a decision accepted by a completed execution) fails loudly.
