@@ -28,6 +28,16 @@ def _url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'approvals.db'}"
 
 
+def _define_refund(app: Clearance, model: Any, handler: Any, **hitl: Any) -> None:
+    """'safe-agent' with the gated refund tool run by `handler`."""
+    tool = Tool(
+        tag="process-refund", requires_confirmation=True, parameters=REFUND_PARAMS, handler=handler
+    )
+    app.define(
+        tag="safe-agent", model=model, tools=[tool], human_in_loop=HumanInLoop(enabled=True, **hitl)
+    )
+
+
 def _events(history: Any) -> list[str]:
     return [type(e).TAG for e in history.events]
 
@@ -97,19 +107,7 @@ async def test_a_stop_in_the_hosting_process_closes_each_queued_run_once(
     )
     # One slot: the first approved refund runs (and waits); the second waits in the queue.
     async with Clearance.open(_url(tmp_path), clock=FakeClock(), max_concurrency=1) as app:
-        app.define(
-            tag="safe-agent",
-            model=model,
-            tools=[
-                Tool(
-                    tag="process-refund",
-                    requires_confirmation=True,
-                    parameters=REFUND_PARAMS,
-                    handler=refund,
-                )
-            ],
-            human_in_loop=HumanInLoop(enabled=True, approval_order="parallel"),
-        )
+        _define_refund(app, model, refund, approval_order="parallel")
         ex = await app.run("safe-agent", input="Two refunds")
         first, second = ex.pending_approvals
         # (An approval's caller waits for the execution to rest: not while t1 runs.)
@@ -200,19 +198,7 @@ async def test_a_tool_running_at_the_stop_has_its_outcome_recorded_and_not_sent_
 
     model = ScriptedModel([[tool_use("process-refund", REFUND)], [text("Done.")]])
     async with Clearance.open(_url(tmp_path), clock=FakeClock(), ids=SequentialIds()) as app:
-        app.define(
-            tag="safe-agent",
-            model=model,
-            tools=[
-                Tool(
-                    tag="process-refund",
-                    requires_confirmation=True,
-                    parameters=REFUND_PARAMS,
-                    handler=slow_refund,
-                )
-            ],
-            human_in_loop=HumanInLoop(enabled=True),
-        )
+        _define_refund(app, model, slow_refund)
         ex = await app.run("safe-agent", input="Refund")
         rid = ex.pending_approvals[0].request_id
         approving = asyncio.create_task(app.signal(ex.id, "approve", request_id=rid))

@@ -309,6 +309,17 @@ def _approval(ex: Execution) -> Any:
     return writes(new, event, commands)
 
 
+async def _each_moved_one_step(tmp_path: Path, paused: list[Execution]) -> None:
+    """What a fresh connection reads: each execution one event past `paused`."""
+    again = SQLiteStore(str(tmp_path / "approvals.db"))
+    try:
+        for ex in paused:
+            loaded = await again.load(ex.id)
+            assert loaded is not None and loaded.seq == ex.seq + 1
+    finally:
+        await again.close()
+
+
 def _quiet(tmp_path: Path) -> Clearance:
     """An instance without the background loop, so only the test commits."""
     return Clearance.open(f"sqlite:///{tmp_path / 'approvals.db'}", clock=FakeClock())
@@ -323,14 +334,8 @@ async def test_steps_committed_together_share_one_transaction(tmp_path: Path) ->
     )
     assert commits.count == 1  # one transaction, one fsync, for five steps
     assert [len(queued) for queued in results] == [1] * 5  # each queued its tool run
-    again = SQLiteStore(str(tmp_path / "approvals.db"))
-    try:
-        for ex in paused:
-            loaded = await again.load(ex.id)
-            assert loaded is not None and loaded.seq == ex.seq + 1
-    finally:
-        await again.close()
-        await app.close()
+    await _each_moved_one_step(tmp_path, paused)
+    await app.close()
 
 
 async def test_a_step_committed_alone_does_not_wait_for_the_group(tmp_path: Path) -> None:
@@ -347,14 +352,8 @@ async def test_a_step_committed_alone_does_not_wait_for_the_group(tmp_path: Path
     assert commits.count == 1 and not any(g.done() for g in grouped)
     await asyncio.gather(*grouped)
     assert commits.count == 2  # the group, in one transaction
-    again = SQLiteStore(str(tmp_path / "approvals.db"))
-    try:
-        for ex in paused:
-            loaded = await again.load(ex.id)
-            assert loaded is not None and loaded.seq == ex.seq + 1
-    finally:
-        await again.close()
-        await app.close()
+    await _each_moved_one_step(tmp_path, paused)
+    await app.close()
 
 
 async def test_a_conflict_in_a_group_undoes_only_its_own_step(tmp_path: Path) -> None:
