@@ -45,11 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"The database is --db PATH, else ${DB_ENV}, else ./{DEFAULT_DB}.",
     )
     parser.add_argument("--version", action="version", version=f"clearance {_version()}")
+    db_help = f"SQLite database (default ${DB_ENV}, else ./{DEFAULT_DB})"
+    # Before or after the command, as with git and kubectl: `clearance --db x pending`.
+    parser.add_argument("--db", metavar="PATH", help=db_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--db", metavar="PATH", help=f"SQLite database (default ./{DEFAULT_DB})")
+        # SUPPRESS: absent here, it leaves the value given before the command alone.
+        p.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help=db_help)
         return p
 
     demo = command("demo", "run the spec's refund scenario and decide its approval")
@@ -89,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     pending.set_defaults(run="pending")
 
     approve = command("approve", "approve a pending request, optionally with modified parameters")
-    approve.add_argument("request_id", metavar="REQUEST_ID")
+    approve.add_argument(
+        "request_id", metavar="REQUEST_ID", help="the 'apr-…' id, or a unique start of it"
+    )
     approve.add_argument(
         "--set",
         action="append",
@@ -99,12 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON cannot carry (1e999, NaN) is refused (repeatable)",
     )
     approve.add_argument("--by", metavar="NAME", help="who approves (default: your login name)")
+    approve.add_argument("--json", action="store_true", help="the decision as JSON")
     approve.set_defaults(run="approve")
 
     reject = command("reject", "reject a pending request with a reason")
-    reject.add_argument("request_id", metavar="REQUEST_ID")
+    reject.add_argument(
+        "request_id", metavar="REQUEST_ID", help="the 'apr-…' id, or a unique start of it"
+    )
     reject.add_argument("--reason", required=True, help="why; the agent is told")
     reject.add_argument("--by", metavar="NAME", help="who rejects (default: your login name)")
+    reject.add_argument("--json", action="store_true", help="the decision as JSON")
     reject.set_defaults(run="reject", set=None)
 
     show = command("show", "an execution's status, output, approvals, events and audit")

@@ -195,11 +195,26 @@ async def cmd_pending(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _whole_request_id(app: Clearance, given: str) -> str:
+    """`given`, or the one pending request whose id starts with it (as git takes a
+    unique prefix of a commit id)."""
+    if await app.execution_of_request(given) is not None:
+        return given
+    matches = [r.request_id for r in await app.pending() if r.request_id.startswith(given)]
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise ClearanceError(
+            f"'{given}' starts {len(matches)} pending request ids ({shown}); give more of it"
+        )
+    return matches[0] if matches else given  # none: decide() says there is no such request
+
+
 async def _decide(args: argparse.Namespace, approved: bool) -> int:
     changes = modified_params(args.set)
     path = db_path(args, must_exist=True)
     by = args.by or default_user()
     async with opened(path) as app:
+        args.request_id = await _whole_request_id(app, args.request_id)
         ex = await app.decide(
             args.request_id,
             approved=approved,
@@ -209,6 +224,9 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
         )
     request = ex.request(args.request_id)
     assert request is not None  # decide() found it
+    if args.json:  # the HTTP API's answer to the same decision
+        say(views.dumps(views.decision(request, ex.status)))
+        return 0
     say(sentence(f"{args.request_id}: {describe_decision(request)}"))
     if approved:
         say(f"'{request.tool}' will run with {compact(request.effective_parameters())}.")

@@ -192,15 +192,30 @@ def _outcome_text(value: Any, what: str) -> str:
     return _visible(value)
 
 
+# What each event is, for people: refusals name the signal or result, not its tag.
+_SAID = {
+    "started": "a start",
+    "model_replied": "a model reply",
+    "model_failed": "a model failure",
+    "approved": "an approval",
+    "rejected": "a rejection",
+    "timer_fired": "an approval timeout",
+    "tool_finished": "a tool result",
+    "tool_failed": "a tool failure",
+    "stop_requested": "a stop",
+}
+
+
 def _wrong_state(ex: Execution, event: Event) -> str:
     name = f"execution {ex.id or '(not started)'}"
+    what = _SAID.get(event.TAG, f"'{event.TAG}'")
     if ex.status in TERMINAL:
-        return f"{name} is {ex.status}; it takes no more events (got '{event.TAG}')"
+        return f"{name} is {ex.status}; it takes nothing more ({what} came)"
     if ex.status == "created":
-        return f"{name} has not started; start it before sending '{event.TAG}'"
+        return f"{name} has not started; start it before sending {what}"
     if isinstance(event, Started):
         return f"{name} has already started"
-    return f"{name} is {ex.status}; '{event.TAG}' does not apply now"
+    return f"{name} is {ex.status}; {what} does not apply now"
 
 
 # -- starting and model turns -------------------------------------------------

@@ -559,6 +559,30 @@ def test_help_and_usage_errors_do_not_import_the_runtime(tmp_path: Path, args: l
     assert imported.isdisjoint(heavy), sorted(imported & heavy)
 
 
+async def test_a_request_id_by_its_unique_start_with_db_before_the_command(
+    host: Host, tmp_path: Path
+) -> None:
+    first, second = await host.start(), await host.start()
+    a = first.pending_approvals[0].request_id
+    b = second.pending_approvals[0].request_id
+    shared = a[: next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)]
+    db = str(host.db)
+    code, out, err = await acli(tmp_path, "--db", db, "approve", shared)
+    assert code == 1 and "starts 2 pending request ids" in err and a in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, out, err = await acli(tmp_path, "--db", db, "approve", a[: len(shared) + 1], "--json")
+    assert code == 0, err
+    answer = loads(out)
+    assert (answer["requestId"], answer["decision"], answer["parameters"]["amount"]) == (
+        a,
+        "approved",
+        50,
+    )
+    code, out, err = await acli(tmp_path, "reject", b, "--reason", "no", "--json", "--db", db)
+    assert code == 0, err
+    assert (loads(out)["decision"], loads(out)["reason"]) == ("rejected", "no")
+
+
 # -- in-process pieces -------------------------------------------------------------------
 
 

@@ -475,7 +475,10 @@ async def test_cancelled_request_is_409(api: Api) -> None:
     again = await api.client.post(
         f"/executions/{request.execution_id}/signal", json={"signal": "stop"}, headers=AUTH
     )
-    assert "stopped" in error(again, 409, "wrong_state")
+    message = error(again, 409, "wrong_state")
+    # Said for people: the signal they sent, not the event's internal tag.
+    assert "is stopped; it takes nothing more (a stop came)" in message
+    assert "stop_requested" not in message
     assert await api.snapshot() == before
 
 

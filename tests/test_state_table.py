@@ -896,3 +896,9 @@ def test_a_state_written_by_version_1_reads_as_version_2_made_it(case: str) -> N
     legacy = downgraded(data)
     assert legacy != data
     assert execution_from_data(legacy) == ex
+
+
+def test_every_event_has_words_for_refusals() -> None:
+    from clearance.core.decide import _SAID, _STEPS
+
+    assert {step.TAG for step in _STEPS} == set(_SAID)
