@@ -65,6 +65,7 @@ from clearance.ports.store import (
     DeliveryAttempt,
     DueTimer,
     LeaseLost,
+    UnknownRequest,
     UnreadableExecution,
     Work,
 )
@@ -683,13 +684,22 @@ class SQLiteStore:
         return None if row is None else str(row[0])
 
     async def pending(
-        self, agent_tag: str | None = None, limit: int | None = None
+        self, agent_tag: str | None = None, limit: int | None = None, after: str | None = None
     ) -> list[ApprovalRequest]:
         sql = "SELECT body FROM approvals WHERE status = 'pending'"
         args: list[Any] = []
         if agent_tag is not None:
             sql += " AND agent_tag = ?"
             args.append(agent_tag)
+        if after is not None:
+            # The listing's own order: a cursor stays valid after its request is decided.
+            mark = self._db.execute(
+                "SELECT created_at, rowid FROM approvals WHERE request_id = ?", (after,)
+            ).fetchone()
+            if mark is None:
+                raise UnknownRequest(f"no approval request '{after}' to list after")
+            sql += " AND (created_at, rowid) > (?, ?)"
+            args += mark
         sql += " ORDER BY created_at, rowid"
         if limit is not None:
             sql += " LIMIT ?"

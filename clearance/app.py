@@ -338,10 +338,11 @@ class Clearance:
         )
 
     async def pending(
-        self, agent_tag: str | None = None, *, limit: int | None = None
+        self, agent_tag: str | None = None, *, limit: int | None = None, after: str | None = None
     ) -> list[ApprovalRequest]:
-        """Every pending approval request across executions, oldest first."""
-        return await self.store.pending(agent_tag, limit)
+        """Every pending approval request across executions, oldest first. Page with
+        `limit`, and `after=` the last request id of the page before."""
+        return await self.store.pending(agent_tag, limit, after)
 
     async def get_execution(self, execution_id: str) -> ExecutionHistory:
         ex = await self.store.load(execution_id)

@@ -31,7 +31,7 @@ MAX_LIMIT = 1000
 CALLBACK_FIELDS = ("approved", "reason", "modifiedParams", "by")
 SIGNAL_FIELDS = ("signal", "payload")
 PAYLOAD_FIELDS = ("requestId", "reason", "modifiedParams", "by")
-LISTING_QUERY = ("status", "agentTag", "limit")
+LISTING_QUERY = ("status", "agentTag", "limit", "after")
 
 
 # -- the body as JSON --------------------------------------------------------------------
@@ -237,10 +237,11 @@ def signal_call(value: Any) -> SignalCall:
 
 @attrs.frozen
 class Listing:
-    """`GET /approvals`: `Clearance.pending(agent_tag, limit=limit)`."""
+    """`GET /approvals`: `Clearance.pending(agent_tag, limit=limit, after=after)`."""
 
     agent_tag: str | None
     limit: int
+    after: str | None = None
 
 
 def listing(query: Mapping[str, str]) -> Listing:
@@ -270,4 +271,4 @@ def listing(query: Mapping[str, str]) -> Listing:
         1 <= int(limit_text) <= MAX_LIMIT
     ):
         fail(422, "invalid_query", f"limit must be a whole number from 1 to {MAX_LIMIT}")
-    return Listing(query.get("agentTag") or None, int(limit_text))
+    return Listing(query.get("agentTag") or None, int(limit_text), query.get("after") or None)

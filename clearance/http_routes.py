@@ -24,7 +24,7 @@ from clearance.core.execution import TIMED_OUT, ApprovalRequest
 from clearance.http_bodies import callback_decision, listing, read_json, signal_call
 from clearance.http_errors import REFUSAL_STATUS, ApiError, fail
 from clearance.openapi import openapi_document
-from clearance.ports.store import UnreadableExecution
+from clearance.ports.store import UnknownRequest, UnreadableExecution
 
 if TYPE_CHECKING:
     from clearance.app import Clearance
@@ -157,8 +157,15 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
     async def approvals(request: Request) -> Response:
         require_api_key(app, request)
         query = listing(request.query_params)
-        pending = await app.pending(query.agent_tag, limit=query.limit)
-        return JSONView({"approvals": [views.approval(r, callback_url) for r in pending]})
+        try:
+            pending = await app.pending(query.agent_tag, limit=query.limit, after=query.after)
+        except UnknownRequest as err:
+            fail(422, "invalid_query", f"after: {err}")
+        # A full page may have a next one: ask for it with after=<its last requestId>.
+        after = pending[-1].request_id if len(pending) == query.limit else None
+        return JSONView(
+            {"approvals": [views.approval(r, callback_url) for r in pending], "next": after}
+        )
 
     async def execution(request: Request) -> Response:
         require_api_key(app, request)

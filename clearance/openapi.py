@@ -311,17 +311,28 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                                 "default": DEFAULT_LIMIT,
                             },
                         },
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "schema": {"type": "string"},
+                            "description": "The next page: the `next` of the page before.",
+                        },
                     ],
                     "responses": {
                         "200": _json(
                             {
                                 "type": "object",
-                                "required": ["approvals"],
+                                "required": ["approvals", "next"],
                                 "properties": {
                                     "approvals": {
                                         "type": "array",
                                         "items": _ref("ApprovalRequest"),
-                                    }
+                                    },
+                                    "next": {
+                                        "type": ["string", "null"],
+                                        "description": "after= for the next page; null on "
+                                        "the last one",
+                                    },
                                 },
                             },
                             "Pending requests.",

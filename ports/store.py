@@ -34,6 +34,10 @@ from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.rows import WEBHOOK, Writes
 
 
+class UnknownRequest(ClearanceError):
+    """A request id that names no approval request (a listing's cursor)."""
+
+
 class Conflict(ClearanceError):
     """Someone else changed the execution first: reload and decide again."""
 
@@ -151,8 +155,11 @@ class Inbox(Protocol):
     async def execution_of_request(self, request_id: str) -> str | None: ...
 
     async def pending(
-        self, agent_tag: str | None = None, limit: int | None = None
-    ) -> list[ApprovalRequest]: ...
+        self, agent_tag: str | None = None, limit: int | None = None, after: str | None = None
+    ) -> list[ApprovalRequest]:
+        """Pending requests, oldest first; `after`: only those listed after that request
+        (a page's last), or UnknownRequest if no request has that id."""
+        ...
 
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None

@@ -632,8 +632,21 @@ async def test_list_pending_approvals(api: Api) -> None:
     query: dict[str, str] = {"status": "pending", "agentTag": "safe-agent", "limit": "1"}
     one = await api.client.get("/approvals", params=query, headers=AUTH)
     assert [a["requestId"] for a in one.json()["approvals"]] == [first.request_id]
+    # A full page names its next one: after=<its last requestId>; the last page, null.
+    assert one.json()["next"] == first.request_id
+    rest = await api.client.get(
+        "/approvals", params={**query, "after": one.json()["next"]}, headers=AUTH
+    )
+    assert [a["requestId"] for a in rest.json()["approvals"]] == [second.request_id]
+    end = await api.client.get(
+        "/approvals", params={**query, "after": second.request_id}, headers=AUTH
+    )
+    assert end.json() == {"approvals": [], "next": None}
+    assert response.json()["next"] is None  # not a full page
+    unknown = await api.client.get("/approvals", params={"after": "apr-nope"}, headers=AUTH)
+    assert "apr-nope" in error(unknown, 422, "invalid_query")
     none = await api.client.get("/approvals", params={"agentTag": "other"}, headers=AUTH)
-    assert none.json() == {"approvals": []}
+    assert none.json() == {"approvals": [], "next": None}
     approved = await api.client.get("/approvals", params={"status": "approved"}, headers=AUTH)
     assert "only status=pending is supported" in error(approved, 422, "invalid_query")
     for bad in ({"status": "done"}, {"limit": "0"}, {"limit": "x"}, {"limit": "1001"}):
@@ -1120,7 +1133,7 @@ async def test_a_nan_parameter_from_the_model_opens_no_request_and_answers_stay_
     assert ex.pending_approvals == [] and ex.status == "completed"
     listed = await api.client.get("/approvals", headers=AUTH)
     assert listed.status_code == 200, listed.text
-    assert _strict_json(listed) == {"approvals": []}
+    assert _strict_json(listed) == {"approvals": [], "next": None}
     shown = await api.client.get(f"/executions/{ex.id}", headers=AUTH)
     assert shown.status_code == 200, shown.text
     assert _strict_json(shown)["status"] == "completed"
@@ -1138,7 +1151,9 @@ class _OddFacade:
     def __init__(self, request: ApprovalRequest) -> None:
         self.request = request
 
-    async def pending(self, agent_tag: str | None, *, limit: int) -> list[ApprovalRequest]:
+    async def pending(
+        self, agent_tag: str | None, *, limit: int, after: str | None = None
+    ) -> list[ApprovalRequest]:
         return [self.request]
 
 

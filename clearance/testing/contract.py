@@ -64,6 +64,7 @@ from clearance.ports.store import (
     DueTimer,
     LeaseLost,
     Store,
+    UnknownRequest,
     Work,
 )
 
@@ -444,6 +445,28 @@ class StoreContract(abc.ABC):
             assert await store.pending("agent-b") == []
             # Decided requests still lead to their execution.
             assert await store.execution_of_request("apr-1") == "exec-1"
+
+    async def test_pending_pages_after_a_request_in_the_same_order(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            runs = [
+                await self._awaiting(store, agent(), f"exec-{i}", f"apr-{i}", 10 - i)
+                for i in range(5)
+            ]
+            everything = await store.pending()
+            assert [r.request_id for r in everything] == [f"apr-{i}" for i in (4, 3, 2, 1, 0)]
+            pages, after = [], None
+            while True:
+                page = await store.pending(limit=2, after=after)
+                pages.append([r.request_id for r in page])
+                if len(page) < 2:
+                    break
+                after = page[-1].request_id
+            assert pages == [["apr-4", "apr-3"], ["apr-2", "apr-1"], ["apr-0"]]
+            # A cursor whose request was decided meanwhile still marks its place.
+            await runs[2].commit(store, Approved("apr-2", at(20), "ops"))
+            assert [r.request_id for r in await store.pending(after="apr-2")] == ["apr-1", "apr-0"]
+            with pytest.raises(UnknownRequest):
+                await store.pending(after="apr-nope")
 
     async def test_audit_records_read_back_by_execution_and_by_request(
         self, tmp_path: Path
