@@ -226,7 +226,10 @@ _SCHEMAS: dict[str, Any] = {
             "events": {
                 "type": "array",
                 "items": {"type": "object", "required": ["type"]},
-                "description": "Every event of the execution, oldest first, as stored.",
+                "description": "Every event of the execution, oldest first: `type` names "
+                "it (started, model_replied, approved, ...); other fields camelCase, times "
+                "in ISO-8601 UTC to the millisecond; model content and tool output as they "
+                "were.",
             },
         },
     },

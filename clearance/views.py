@@ -117,6 +117,38 @@ def audit_record(record: AuditRecord) -> dict[str, Any]:
 
 # -- executions ----------------------------------------------------------------------------
 
+# Fields whose values are someone else's data, kept exactly as they were: the model's
+# content blocks, a tool's output, parameters, a person's text.
+_AS_IS = frozenset({"content", "output", "modified_params", "input", "reason", "error"})
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _camel_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {_camel(k): _camel_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_camel_keys(v) for v in value]
+    return value
+
+
+def event(e: Event) -> dict[str, Any]:
+    """One event of an execution's history, in the API's vocabulary: camelCase names,
+    times to the millisecond; `type` is the event's name as stored (`model_replied`)."""
+    out: dict[str, Any] = {"type": e.TAG}
+    for key, value in event_to_data(e).items():
+        if key == "type":
+            continue
+        if key == "at":
+            value = iso(e.at)
+        elif key not in _AS_IS:
+            value = _camel_keys(value)
+        out[_camel(key)] = value
+    return out
+
 
 def execution(
     ex: Execution, events: Sequence[Event], callback_url: CallbackUrl | None = None
@@ -139,7 +171,7 @@ def execution(
         },
         "pendingApprovals": [approval(r, callback_url) for r in ex.pending_approvals],
         "approvals": [approval(r, callback_url) for r in ex.requests],
-        "events": [event_to_data(e) for e in events],
+        "events": [event(e) for e in events],
     }
 
 
@@ -154,8 +186,8 @@ def execution_report(
         "input": ex.input,
         "output": ex.output,
         "error": ex.error,
-        "requests": [approval_with_decision(r) for r in ex.requests],
-        "events": [event_to_data(e) for e in events],
+        "approvals": [approval_with_decision(r) for r in ex.requests],
+        "events": [event(e) for e in events],
         "audit": [audit_record(r) for r in records],
     }
 

@@ -686,5 +686,5 @@ async def test_a_nan_parameter_from_the_model_opens_no_request_and_json_output_s
     code, out, err = await acli(tmp_path, "show", ex.id, "--db", db, "--json")
     assert code == 0, err
     shown = loads(out)  # strict: no NaN anywhere
-    assert shown["requests"] == []
+    assert shown["approvals"] == []
     assert host.refunds == []

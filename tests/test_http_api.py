@@ -42,7 +42,7 @@ from schemathesis.generation import GenerationMode
 
 from clearance import ApprovalRequest, Clearance
 from clearance.callback import token_for
-from clearance.core.wire import event_to_data
+from clearance.core.execution import iso
 from clearance.http_api import MAX_BODY, build_asgi, openapi_document
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
 
@@ -667,8 +667,23 @@ async def test_get_execution(api: Api) -> None:
     [approval] = body["approvals"]
     assert (approval["status"], approval["decidedBy"]) == ("approved", "ops")
     assert body["usage"] == {"inputTokens": 0, "outputTokens": 0}
-    assert body["events"] == json.loads(json.dumps([event_to_data(e) for e in history.events]))
-    assert body["events"][0]["type"] == "started"
+    events = body["events"]
+    assert [e["type"] for e in events] == [type(e).TAG for e in history.events]
+    assert events[0]["type"] == "started"
+    # One vocabulary: camelCase names, times spelt like every other time of the API.
+    for event, stored in zip(events, history.events, strict=True):
+        assert all("_" not in name for name in event), event
+        assert event["at"] == iso(stored.at)  # as createdAt and expiresAt spell times
+    replied = events[1]
+    assert replied["stopReason"] == "tool_use" and replied["usage"] == {
+        "inputTokens": 0,
+        "outputTokens": 0,
+    }
+    assert replied["tickets"][0]["requestId"] == request.request_id
+    # The model's own blocks are its data, as it sent them.
+    [use] = [block for block in replied["content"] if block["type"] == "tool_use"]
+    assert use["input"] == REFUND  # not renamed, not re-cased
+    assert events[2]["requestId"] == request.request_id and events[2]["by"] == "ops"
     error(await api.client.get("/executions/exec-ghost", headers=AUTH), 404, "unknown_execution")
 
 
