@@ -34,6 +34,34 @@ from clearance.core.agent import DEFAULT_TIMEOUT_MS
 
 __all__ = ["build_parser", "main", "parse_assignment"]
 
+EXAMPLES = {
+    "demo": [
+        "clearance demo                      # asks you: approve, modify or reject",
+        "clearance demo --auto modify --set amount=25",
+        "clearance demo --auto reject --reason 'Over the refund limit'",
+    ],
+    "pending": [
+        "clearance pending",
+        "clearance pending --agent safe-agent --json | jq .requestId",
+    ],
+    "approve": [
+        "clearance approve apr-1a23c8f5       # a unique start of the id is enough",
+        "clearance approve apr-1a23c8f5 --set amount=25 --by ops-lead",
+        "clearance --db /srv/approvals.db approve apr-1a23c8f5 --json",
+    ],
+    "reject": ["clearance reject apr-1a23c8f5 --reason 'Amount exceeds policy limit'"],
+    "show": ["clearance show exec-1a23c8f5e1c2 --json"],
+    "audit": [
+        "clearance audit",
+        "clearance audit --execution exec-1a23c8f5e1c2",
+        "clearance audit --request apr-1a23c8f5 --json",
+    ],
+    "serve": [
+        "CLEARANCE_WEBHOOK_SECRET=whsec_... CLEARANCE_API_KEY=... clearance serve --port 8080"
+        " --public-url https://approvals.example.com",
+    ],
+}
+
 
 # -- the parser ---------------------------------------------------------------------------
 
@@ -51,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+        examples = "\n".join(f"  {line}" for line in EXAMPLES[name])
+        p = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"examples:\n{examples}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         # SUPPRESS: absent here, it leaves the value given before the command alone.
         p.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help=db_help)
         return p
@@ -118,8 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     reject.set_defaults(run="reject", set=None)
 
     show = command("show", "an execution's status, output, approvals, events and audit")
-    show.add_argument("execution_id", metavar="EXECUTION_ID")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("execution_id", metavar="EXECUTION_ID", help="the 'exec-…' id")
+    show.add_argument(
+        "--json", action="store_true", help="the execution, its events and audit as JSON"
+    )
     show.set_defaults(run="show")
 
     audit = command("audit", "the decision log: who decided what, when and why")

@@ -583,6 +583,19 @@ async def test_a_request_id_by_its_unique_start_with_db_before_the_command(
     assert (loads(out)["decision"], loads(out)["reason"]) == ("rejected", "no")
 
 
+def test_every_command_shows_examples_and_describes_its_arguments() -> None:
+    from clearance.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert set(commands) == set(EXAMPLES)
+    for name, command in commands.items():
+        text = command.format_help()
+        assert "examples:" in text and f"clearance {name}" in text.replace("--db PATH ", "")
+        for action in command._actions:
+            assert action.help, f"{name}: {action.dest} has no help"
+
+
 # -- in-process pieces -------------------------------------------------------------------
 
 
