@@ -800,6 +800,17 @@ class SQLiteStore:
             taken.append(Work(i, e, t, command, holder, previous, cancelled))
         return taken
 
+    async def with_work(self, agent_tags: Sequence[str]) -> list[str]:
+        if not agent_tags:
+            return []
+        marks = ",".join("?" * len(agent_tags))
+        rows = self._db.execute(
+            f"SELECT execution_id FROM work WHERE agent_tag IN ({marks})"
+            " GROUP BY execution_id ORDER BY min(id)",
+            tuple(agent_tags),
+        )
+        return [execution_id for (execution_id,) in rows]
+
     async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
         if not claims:
             return []

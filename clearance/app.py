@@ -425,6 +425,11 @@ class Clearance:
         """The id of the execution approval request `request_id` belongs to, or None."""
         return await self.store.execution_of_request(request_id)
 
+    async def with_work(self, agent_tag: str) -> list[str]:
+        """Executions of agent `agent_tag` with work waiting or under way (a model call, an
+        approved tool run): a process that hosts the agent carries them on."""
+        return await self.store.with_work([agent_tag])
+
     async def request(self, request_id: str) -> ApprovalRequest | None:
         """Approval request `request_id` as it stands now (pending or decided), or None."""
         execution_id = await self.store.execution_of_request(request_id)

@@ -319,6 +319,25 @@ class Demo:
             f"for order {params.get('orderId')} (idempotency key {ctx.idempotency_key}{by})"
         )
 
+    async def say_what_an_earlier_run_left(self) -> None:
+        """Hosting the agent, this process carries on what an interrupted demo left (an
+        approved refund runs now): say so, rather than run it unannounced."""
+        left = await self.app.with_work(AGENT_TAG)
+        waiting = await self.app.pending(AGENT_TAG)
+        if left:
+            say(
+                f"An earlier run left {len(left)} execution(s) mid-way: {', '.join(left)}.",
+                "  This demo hosts the agent, so they carry on here now (an approved refund runs).",
+            )
+        if waiting:
+            ids = ", ".join(r.request_id for r in waiting)
+            say(
+                f"{len(waiting)} request(s) of an earlier run still wait for a decision: {ids}.",
+                "  Decide them with clearance approve/reject; this demo carries them on then.",
+            )
+        if left or waiting:
+            say("")
+
     async def run(self) -> int:
         model, description = demo_model(scripted=self.args.scripted)
         timeout_ms: int = self.args.timeout_ms
@@ -330,6 +349,7 @@ class Demo:
             f"  Approval timeout: {duration(timeout_ms)}",
             "",
         )
+        await self.say_what_an_earlier_run_left()
         define_refund_agent(self.app, model=model, timeout_ms=timeout_ms, on_refund=self.on_refund)
         ex = await self.app.run(AGENT_TAG, input=USER_INPUT)
         shown: set[str] = set()

@@ -192,6 +192,11 @@ class WorkQueue(Protocol):
         for one unit, exactly one gets it. `skip`: ids the caller is working on."""
         ...
 
+    async def with_work(self, agent_tags: Sequence[str]) -> list[str]:
+        """Executions of these agents that have work queued or held, oldest work first:
+        what a process that starts hosting one of them will carry on."""
+        ...
+
     async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
         """Extend these leases to `until`; returns the ones still held."""
         ...

@@ -34,6 +34,7 @@ from clearance.demo import (
     define_refund_agent,
     final_answer,
     money,
+    refund_script,
     refund_tools,
 )
 from clearance.testing import ScriptedModel, text, tool_use
@@ -207,6 +208,22 @@ def test_demo_times_out_when_nobody_decides(tmp_path: Path) -> None:
     audit = cli(tmp_path, "audit", "--json")
     (record,) = [json.loads(line) for line in audit.stdout.splitlines()]
     assert record["decision"] == "timed_out"
+
+
+async def test_demo_says_it_carries_on_what_an_interrupted_run_left(tmp_path: Path) -> None:
+    db = tmp_path / "clearance.db"
+    # An interrupted demo: its request was approved afterwards from the CLI, so its
+    # refund waits for a process that hosts the agent.
+    async with Clearance.open(f"sqlite:///{db}") as first:
+        define_refund_agent(first, model=ScriptedModel(refund_script))
+        ex = await first.run(AGENT_TAG, input=USER_INPUT)
+    async with Clearance.open(f"sqlite:///{db}") as reviewer:
+        await reviewer.decide(ex.pending_approvals[0].request_id, approved=True, by="ops")
+    done = await asyncio.to_thread(cli, tmp_path, "demo", "--auto", "approve", "--scripted")
+    assert done.returncode == 0, done.stderr
+    assert f"An earlier run left 1 execution(s) mid-way: {ex.id}." in done.stdout
+    async with Clearance.open(f"sqlite:///{db}") as after:
+        assert (await after.get_execution(ex.id)).status == "completed"
 
 
 def test_demo_notices_a_decision_made_by_another_process(tmp_path: Path) -> None:

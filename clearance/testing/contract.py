@@ -774,6 +774,22 @@ class StoreContract(abc.ABC):
             assert await run.commit(store, StopRequested(at(1), "ops")) == []
             assert await store.claim_work([run.tag], "w1", now, now + LEASE, 9) == []
 
+    async def test_with_work_names_executions_whose_work_waits_or_runs(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            mine, theirs = Run(agent(), "exec-a"), Run(agent("other-agent"), "exec-b")
+            await mine.commit(store, mine.started())
+            await theirs.commit(store, theirs.started())
+            assert await store.with_work([mine.tag]) == ["exec-a"]
+            assert await store.with_work([mine.tag, theirs.tag]) == ["exec-a", "exec-b"]
+            [held] = await store.claim_work([mine.tag], "w1", now, now + LEASE, 1)
+            assert await store.with_work([mine.tag]) == ["exec-a"]  # held work counts too
+            assert await store.complete(held.claim) is True
+            assert await store.with_work([mine.tag]) == []
+            assert await store.with_work([]) == []
+
     async def test_skip_leaves_out_the_work_named(self, tmp_path: Path) -> None:
         async with self.opened(tmp_path) as store:
             now = self.now()
