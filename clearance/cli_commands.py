@@ -322,7 +322,11 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     elif not records:
         say(f"No decisions recorded in {path}.")
     else:
-        say(*(audit_line(r) for r in records))
+        say(
+            f"{len(records)} decision(s) in {path}, oldest first"
+            " (time, decision, request, tool, parameters, by, reason):",
+            *(audit_line(r) for r in records),
+        )
     return 0
 
 

@@ -143,6 +143,9 @@ def test_demo_auto_approve(tmp_path: Path) -> None:
     assert [(r["decision"], r["by"], r["requestId"]) for r in records] == [
         ("approved", "alice", request["requestId"])
     ]
+    table = cli(tmp_path, "audit").stdout.splitlines()
+    assert table[0].startswith("1 decision(s) in ") and "(time, decision, request" in table[0]
+    assert f"approved  {request['requestId']}  process-refund" in table[1]
 
 
 def test_demo_auto_reject(tmp_path: Path) -> None:
