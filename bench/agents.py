@@ -80,7 +80,7 @@ def langgraph_connection(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-_COMMITS = frozenset(
+COMMIT_STATEMENTS = frozenset(
     spelling
     for word in ("COMMIT", "END", "COMMIT TRANSACTION")
     for spelling in (word, word.lower(), word + ";", word.lower() + ";")
@@ -96,7 +96,7 @@ class CommitCounter:
     def __call__(self, statement: str) -> None:
         # Called for every statement of the system measured: the cheapest test that
         # knows the spellings these systems send.
-        if statement in _COMMITS:
+        if statement in COMMIT_STATEMENTS:
             self.commits += 1
 
 

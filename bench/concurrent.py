@@ -24,8 +24,8 @@ from pathlib import Path
 
 from bench import cycle
 from bench.agents import (
-    _COMMITS,
     AGENT,
+    COMMIT_STATEMENTS,
     INPUT,
     PARAMS,
     CommitCounter,
@@ -71,7 +71,7 @@ class SharedCommitCounter(CommitCounter):
         self._lock = threading.Lock()
 
     def __call__(self, statement: str) -> None:
-        if statement in _COMMITS:
+        if statement in COMMIT_STATEMENTS:
             with self._lock:
                 self.commits += 1
 

@@ -472,20 +472,21 @@ class Engine:
 
     async def _outcome(self, ex: Execution, work: Work) -> Event | None:
         command = work.command
-        if isinstance(command, RunTool) and (work.cancelled or ex.status == STOPPED):
-            call = ex.call(command.tool_use_id)
-            if call is None or call.status != EXECUTING:
+        agent = self.agents.get(ex.agent_tag)  # None: redefined away since it was claimed
+        if isinstance(command, CallModel):
+            if agent is None or not ex.awaiting_model or command.turn != ex.model_turn:
                 return None
-            if work.cancelled or work.previous_holder is None:
-                return ToolFailed(
-                    command.tool_use_id,
-                    "not run: the execution was stopped before the tool started",
-                    self.clock.now(),
-                )
-        if isinstance(command, RunTool) and work.previous_holder is not None:
-            call = ex.call(command.tool_use_id)
-            if call is None or call.status != EXECUTING:
-                return None
+            return await self._call_model(agent, ex, command.turn)
+        call = ex.call(command.tool_use_id)
+        if call is None or call.status != EXECUTING:
+            return None
+        if work.cancelled or (ex.status == STOPPED and work.previous_holder is None):
+            return ToolFailed(
+                command.tool_use_id,
+                "not run: the execution was stopped before the tool started",
+                self.clock.now(),
+            )
+        if work.previous_holder is not None:
             # At most once beats at least once for refunds and deletions.
             return ToolFailed(
                 command.tool_use_id,
@@ -494,15 +495,7 @@ class Engine:
                 f"(idempotency key {command.idempotency_key})",
                 self.clock.now(),
             )
-        agent = self.agents.get(ex.agent_tag)
-        if agent is None:  # redefined away since it was claimed
-            return None
-        if isinstance(command, CallModel):
-            if not ex.awaiting_model or command.turn != ex.model_turn:
-                return None
-            return await self._call_model(agent, ex, command.turn)
-        call = ex.call(command.tool_use_id)
-        if call is None or call.status != EXECUTING:
+        if agent is None:
             return None
         self._started_tools.add(work.id)
         return await self._run_tool(agent, ex, command)
@@ -566,13 +559,12 @@ class Engine:
     ) -> Execution:
         """`_feed` a unit's result. The unit's slot is free meanwhile: its work is done,
         so the work this commit, or another in its group, queues may take the slot."""
-        if not in_slot:
-            return await self._feed(ex, event, done=claim)
-        self._recording += 1
+        freed = 1 if in_slot else 0
+        self._recording += freed
         try:
             return await self._feed(ex, event, done=claim)
         finally:
-            self._recording -= 1
+            self._recording -= freed
 
     async def _call_model(self, agent: HostedAgent, ex: Execution, turn: int) -> Event:
         request = ModelRequest(

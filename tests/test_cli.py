@@ -616,6 +616,13 @@ def test_every_command_shows_examples_and_describes_its_arguments() -> None:
             assert action.help, f"{name}: {action.dest} has no help"
 
 
+def test_every_public_name_resolves_on_first_use() -> None:
+    import clearance
+
+    for name in clearance.__all__:
+        assert getattr(clearance, name).__name__ == name
+
+
 # -- in-process pieces -------------------------------------------------------------------
 
 
