@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
 import sqlite3
 import time
 from collections import OrderedDict
@@ -68,6 +69,7 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
+    reading,
 )
 
 SCHEMA = """
@@ -94,15 +96,15 @@ CREATE TABLE IF NOT EXISTS timers (
     PRIMARY KEY (due_at, request_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS work (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT NOT NULL,
+    id INTEGER PRIMARY KEY, execution_id TEXT NOT NULL,
     agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT,
     lease_until TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS work_claimable ON work (agent_tag, lease_until);
--- No index on work (execution_id): only a stop looks work up that way, the queue
--- holds outstanding work only, and every commit that queues or finishes work would
--- pay for the index.
-DROP INDEX IF EXISTS work_of;
+-- Only unheld work is indexed. Most work is claimed by the commit that queues it and
+-- deleted by the next one: an index over held rows (or one on execution_id) would
+-- be written twice per unit, and a renewal would move its entry. Lapsed leases are
+-- found by scanning the queue, which holds outstanding work only.
+CREATE INDEX IF NOT EXISTS work_queued ON work (agent_tag, id) WHERE holder IS NULL;
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
     body TEXT NOT NULL
@@ -135,7 +137,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -166,8 +168,25 @@ def _from_2(db: sqlite3.Connection) -> int:
     return 3
 
 
+def _from_3(db: sqlite3.Connection) -> int:
+    """Schema 3 to 4: work ids are time-ordered instead of AUTOINCREMENT (whose
+    counter row every commit that queued work rewrote), and only unheld work is
+    indexed. Ids already given stay; new ones are larger."""
+    db.execute(
+        "CREATE TABLE work_4 (id INTEGER PRIMARY KEY, execution_id TEXT NOT NULL,"
+        " agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT,"
+        " lease_until TEXT NOT NULL DEFAULT '')"
+    )
+    db.execute(
+        "INSERT INTO work_4 SELECT id, execution_id, agent_tag, body, holder, lease_until FROM work"
+    )
+    db.execute("DROP TABLE work")
+    db.execute("ALTER TABLE work_4 RENAME TO work")
+    return 4
+
+
 # Each step upgrades a file in place by one schema version, at open.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {2: _from_2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {2: _from_2, 3: _from_3}
 
 
 class _StepBroke(Exception):
@@ -270,6 +289,7 @@ class SQLiteStore:
         self.group_commit = group_commit
         self._batch: list[_Pending] = []
         self._states: OrderedDict[str, Execution] = OrderedDict()
+        self._last_work_id = 0
         self.snapshot_every = snapshot_every
         # Before anything writes to it (switching to WAL does): a file that is not ours
         # is refused untouched.
@@ -582,20 +602,35 @@ class SQLiteStore:
         execution, queued = writes.execution, []
         for n, command in enumerate(writes.work):
             holder = claim.holder if claim is not None and n < claim.limit else None
-            cur = self._db.execute(
-                "INSERT INTO work (execution_id, agent_tag, body, holder, lease_until)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (
-                    execution.id,
-                    execution.agent_tag,
-                    compact_json(command_to_data(command)),
-                    holder,
-                    stamp(claim.until) if claim is not None and holder else "",
-                ),
+            row = (
+                execution.id,
+                execution.agent_tag,
+                compact_json(command_to_data(command)),
+                holder,
+                stamp(claim.until) if claim is not None and holder else "",
             )
-            assert cur.lastrowid is not None
-            queued.append(Work(cur.lastrowid, execution.id, execution.agent_tag, command, holder))
+            while True:
+                work_id = self._next_work_id()
+                try:
+                    self._db.execute(
+                        "INSERT INTO work (id, execution_id, agent_tag, body, holder,"
+                        " lease_until) VALUES (?, ?, ?, ?, ?, ?)",
+                        (work_id, *row),
+                    )
+                    break
+                except sqlite3.IntegrityError:  # another process took this id: the next
+                    continue
+            queued.append(Work(work_id, execution.id, execution.agent_tag, command, holder))
         return queued
+
+    def _next_work_id(self) -> int:
+        """A work id never given before: microseconds since the epoch, then 10 random
+        bits (two processes queueing in the same microsecond differ), and above this
+        connection's last. Time-ordered, so the queue keeps its order across processes
+        with no counter row to rewrite in every commit, as AUTOINCREMENT has."""
+        now = time.time_ns() // 1000 << 10 | secrets.randbits(10)
+        self._last_work_id = max(self._last_work_id + 1, now)
+        return self._last_work_id
 
     async def load(self, execution_id: str) -> Execution | None:
         # The state this connection last committed or folded, if no event came since:
@@ -633,18 +668,18 @@ class SQLiteStore:
         spec = self._spec(spec_id)
         snapshot = None
         if state is not None:
-            with self._reading(execution_id, f"snapshot at event {since}"):
+            with reading(execution_id, f"snapshot at event {since}"):
                 data = unpack(state)
                 data["agent"] = spec
                 snapshot = execution_from_data(data)
         events = []
         for seq, body in self._log(execution_id, since or 0):
-            with self._reading(execution_id, f"event {seq}"):
+            with reading(execution_id, f"event {seq}"):
                 events.append((seq, event_from_data(unpack(body))))
         try:
             return replay(spec, snapshot, [e for _, e in events], version or OLDEST_VERSION)
         except ReplayFailed as failed:
-            with self._reading(execution_id, f"event {events[failed.index][0]}"):
+            with reading(execution_id, f"event {events[failed.index][0]}"):
                 raise failed.error from None
         except UnknownVersion as newer:
             raise UnreadableExecution(f"execution {execution_id}: {newer}") from None
@@ -655,23 +690,10 @@ class SQLiteStore:
             (execution_id, after),
         ).fetchall()
 
-    @contextmanager
-    def _reading(self, execution_id: str, what: str) -> Iterator[None]:
-        """A stored row that no longer reads back is named, not passed off as, say, a
-        refusal of whatever signal made us load the execution."""
-        try:
-            yield
-        except Exception as err:
-            raise UnreadableExecution(
-                f"execution {execution_id}: its stored {what} cannot be read back"
-                f" ({type(err).__name__}: {err}); it was written by another version of"
-                " Clearance or the file was changed"
-            ) from err
-
     async def events(self, execution_id: str) -> list[Event]:
         events = []
         for seq, body in self._log(execution_id):
-            with self._reading(execution_id, f"event {seq}"):
+            with reading(execution_id, f"event {seq}"):
                 events.append(event_from_data(unpack(body)))
         return events
 
@@ -785,9 +807,18 @@ class SQLiteStore:
         # and work whose holder stopped renewing.
         rows = self._db.execute(
             "SELECT id, execution_id, agent_tag, body, holder FROM work"
-            f" WHERE agent_tag IN ({marks}) AND lease_until <= ?{skipped} ORDER BY id LIMIT ?",
-            (*agent_tags, stamp(now), *skip, limit),
+            f" WHERE holder IS NULL AND agent_tag IN ({marks}){skipped} ORDER BY id LIMIT ?",
+            (*agent_tags, *skip, limit),
         ).fetchall()
+        if len(rows) < limit:
+            # Held work has no index (see SCHEMA): this scans the outstanding work, and
+            # only when the queue did not fill the free slots.
+            rows += self._db.execute(
+                "SELECT id, execution_id, agent_tag, body, holder FROM work"
+                f" WHERE holder IS NOT NULL AND lease_until <= ? AND agent_tag IN ({marks})"
+                f"{skipped} ORDER BY id LIMIT ?",
+                (stamp(now), *agent_tags, *skip, limit - len(rows)),
+            ).fetchall()
         won = self._claim_each(
             rows,
             "UPDATE work SET holder = ?, lease_until = ?"
@@ -997,3 +1028,19 @@ class SQLiteStore:
     async def close(self) -> None:
         self._flush()  # steps committed but not yet flushed are written, not dropped
         self._db.close()
+
+
+def open_url(url: str, *, synchronous: str = "FULL") -> SQLiteStore:
+    """The `clearance.stores` entry for `sqlite:///relative.db`, `sqlite:////absolute.db`
+    and `memory://` (also `sqlite://` and `sqlite:///:memory:`)."""
+    if url in ("memory://", "sqlite://", "sqlite:///:memory:"):
+        return SQLiteStore(":memory:", synchronous=synchronous)
+    if not url.startswith("sqlite:///"):
+        raise ClearanceError(
+            f"not a SQLite store URL: {url!r}; accepted: sqlite:///PATH, memory://"
+        )
+    path = url.removeprefix("sqlite:///")
+    if not path:
+        raise ClearanceError("sqlite:/// needs a file path, e.g. sqlite:///approvals.db")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return SQLiteStore(path, synchronous=synchronous)

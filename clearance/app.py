@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
+from importlib.metadata import entry_points
 from types import TracebackType
 from typing import Any
 
@@ -14,7 +14,6 @@ import attrs
 
 from clearance.adapters.clock import SystemClock
 from clearance.adapters.ids import RandomIds
-from clearance.adapters.sqlite_store import SQLiteStore
 from clearance.adapters.webhook_channel import WebhookChannel
 from clearance.adapters.webhook_sender import WebhookSender
 from clearance.callback import callback_url, secret_bytes
@@ -74,22 +73,28 @@ class ExecutionHistory:
 
 
 def open_store(url: str, *, synchronous: str = "FULL") -> Store:
-    """`sqlite:///relative.db`, `sqlite:////absolute.db`, a plain path, or `memory://`."""
-    if url in ("memory://", "sqlite://", "sqlite:///:memory:"):
-        return SQLiteStore(":memory:", synchronous=synchronous)
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")
-    elif "://" in url:
-        scheme = url.split("://", 1)[0]
+    """The store a URL names: its scheme is looked up among the `clearance.stores` entry
+    points (sqlite:///PATH, memory://, postgresql://…, and any a package adds); a plain
+    path is a SQLite file."""
+    if "://" not in url:
+        url = f"sqlite:///{url}"
+    scheme = url.split("://", 1)[0]
+    found = entry_points(group="clearance.stores", name=scheme)
+    if not found:
+        known = sorted({e.name for e in entry_points(group="clearance.stores")})
         raise ClearanceError(
-            f"unsupported store URL scheme '{scheme}://'; accepted: sqlite:///PATH, memory://"
+            f"unsupported store URL scheme '{scheme}://'; accepted: "
+            + ", ".join(f"{name}://" for name in known)
         )
-    else:
-        path = url
-    if not path:
-        raise ClearanceError("sqlite:/// needs a file path, e.g. sqlite:///approvals.db")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return SQLiteStore(path, synchronous=synchronous)
+    try:
+        opener = next(iter(found)).load()
+    except ImportError as err:
+        raise ClearanceError(
+            f"{scheme}:// stores need a package that is not installed ({err.name}):"
+            " for PostgreSQL, pip install 'clearance[postgres]'"
+        ) from None
+    store: Store = opener(url, synchronous=synchronous)
+    return store
 
 
 class Clearance:
@@ -220,11 +225,16 @@ class Clearance:
         """Stop background work and close the store. Work cut short here is
         taken over by the next process that hosts the agent."""
         tasks = [*self._driving, *(t for t in (self._background, self._delivering) if t)]
+        pending = set(tasks)
+        while pending:
+            # Again until each is done: a database driver may swallow a cancellation
+            # that lands while it hands out a connection, and the task then goes on.
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
         for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure was logged where it happened
         self._background = self._delivering = None
         await self.engine.close()
         await self.webhooks.aclose()

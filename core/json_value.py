@@ -36,9 +36,58 @@ def strict(value: Any, what: str = "value", *, default: Callable[[Any], Any] | N
     refused.
     """
     try:
-        return _strict(value, what, default, set())
+        try:
+            return _plain(value, set())
+        except _Refused:
+            # Almost every value passes the fast walk. What it balks at (anything not
+            # plain: a str subclass as a key, a tuple) the full walk judges, spelling
+            # out the path of the offending part only then.
+            return _strict(value, what, default, set())
     except RecursionError:
         raise NotJSON(f"{what} is nested too deeply to be JSON") from None
+
+
+class _Refused(Exception):
+    """`_plain` leaves this value to `_strict`."""
+
+
+def _plain(value: Any, seen: set[int]) -> Any:
+    # `_strict` for plain values, without the paths; anything else goes to `_strict`.
+    if value is None or value is True or value is False:
+        return value
+    kind = type(value)
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _Refused from None
+        return value
+    if kind is int:
+        return value
+    if kind is float:
+        if value != value or value in (_INFINITY, -_INFINITY):
+            raise _Refused
+        return value
+    if kind is dict or kind is list:
+        if id(value) in seen:
+            raise _Refused
+        seen.add(id(value))
+        if kind is dict:
+            out: dict[str, Any] = {}
+            for key, item in value.items():
+                if type(key) is not str:
+                    raise _Refused
+                try:
+                    key.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _Refused from None
+                out[key] = _plain(item, seen)
+            copied: Any = out
+        else:
+            copied = [_plain(item, seen) for item in value]
+        seen.discard(id(value))
+        return copied
+    raise _Refused  # subclasses (enums), tuples, other types
 
 
 def _strict(value: Any, path: str, default: Callable[[Any], Any] | None, seen: set[int]) -> Any:

@@ -21,7 +21,8 @@ Methods are async so network databases fit; the SQLite adapter answers inline.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Protocol
 
@@ -49,6 +50,21 @@ class LeaseLost(ClearanceError):
 class UnreadableExecution(ClearanceError):
     """An execution's stored log or snapshot does not read back (another version of
     Clearance wrote it, or the file was changed): never a silently different state."""
+
+
+@contextmanager
+def reading(execution_id: str, what: str) -> Iterator[None]:
+    """Around decoding a stored row: one that no longer reads back raises
+    UnreadableExecution naming it, never passed off as, say, a refusal of whatever
+    signal made a store load the execution."""
+    try:
+        yield
+    except Exception as err:
+        raise UnreadableExecution(
+            f"execution {execution_id}: its stored {what} cannot be read back"
+            f" ({type(err).__name__}: {err}); it was written by another version of"
+            " Clearance or the database was changed"
+        ) from err
 
 
 @attrs.frozen

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import warnings
 from typing import Any
@@ -707,3 +709,21 @@ async def test_redefining_an_agent_closes_the_replaced_model_on_close(tmp_path: 
     app.define(tag="a", model=Closable("second"))
     await app.close()
     assert sorted(closed) == ["first", "second"]
+
+
+async def test_close_returns_though_a_background_task_swallows_a_cancellation() -> None:
+    # As psycopg_pool may, when the cancellation lands while it hands out a connection.
+    app = Clearance.open("memory://")
+    await app.__aenter__()
+
+    async def stubborn() -> Any:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed: the task carries on
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    app._driving.add(asyncio.ensure_future(stubborn()))
+    await asyncio.sleep(0)
+    closing = asyncio.ensure_future(app.close())
+    done, _ = await asyncio.wait({closing}, timeout=10)  # a hang, not a speed, is the failure
+    assert closing in done, "close() is still waiting for a task that swallowed its cancellation"
+    closing.result()

@@ -22,8 +22,9 @@ from clearance.core.events import Approved
 from clearance.core.execution import Execution
 from clearance.core.rows import writes
 from clearance.core.wire import parse_stamp, stamp
-from clearance.ports.store import Claim, Conflict, LeaseLost, UnreadableExecution
+from clearance.ports.store import Claim, ClaimRequest, Conflict, LeaseLost, UnreadableExecution
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
+from clearance.testing.contract import Run, agent
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -464,3 +465,66 @@ async def test_a_state_kept_from_a_commit_is_not_used_once_another_process_moved
     finally:
         await other.close()
         await host.close()
+
+
+async def test_two_processes_queueing_in_the_same_microsecond_get_different_work_ids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Work ids are time-ordered with random low bits; make both draws equal, as two
+    # processes queueing at the same instant with the same luck would: the second
+    # insert must take the next id, not fail its step.
+    from clearance.adapters import sqlite_store
+
+    monkeypatch.setattr(sqlite_store.time, "time_ns", lambda: 1_800_000_000_000_000_000)
+    monkeypatch.setattr(sqlite_store.secrets, "randbits", lambda bits: 7)
+    path = str(tmp_path / "ids.db")
+    first, second = SQLiteStore(path), SQLiteStore(path)
+    try:
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        hold = ClaimRequest("w1", now + timedelta(seconds=30), 1)
+        one, two = Run(agent(), "exec-1"), Run(agent(), "exec-2")
+        (a,) = await one.commit(first, one.started(), claim=hold)
+        (b,) = await two.commit(second, two.started(), claim=hold)
+        assert a.id == 1_800_000_000_000_000 << 10 | 7 and b.id == a.id + 1
+        assert await second.complete(a.claim) and await first.complete(b.claim)
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_work_ids_of_an_upgraded_file_stay_and_new_ones_come_after(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v3.db"
+    store = SQLiteStore(str(path))
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    run = Run(agent(), "exec-1")
+    (queued,) = await run.commit(store, run.started())
+    await store.close()
+    # The file as schema 3 left it: AUTOINCREMENT ids counting from 1.
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE work")
+    db.execute(
+        "CREATE TABLE work (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT NOT NULL,"
+        " agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT,"
+        " lease_until TEXT NOT NULL DEFAULT '')"
+    )
+    db.execute(
+        "INSERT INTO work (id, execution_id, agent_tag, body, holder, lease_until)"
+        " VALUES (1, 'exec-1', ?, ?, NULL, '')",
+        (run.tag, json.dumps({"type": "call_model", "turn": 1})),
+    )
+    db.execute("PRAGMA user_version = 3")
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        (old,) = await store.claim_work([run.tag], "w1", now, now + timedelta(seconds=30), 9)
+        assert old.id == 1 and old.command == queued.command
+        other = Run(agent(), "exec-2")
+        (new,) = await other.commit(store, other.started())
+        assert new.id > old.id
+        sql = store._db.execute("SELECT sql FROM sqlite_master WHERE name = 'work'").fetchone()
+        assert "AUTOINCREMENT" not in sql[0]
+    finally:
+        await store.close()

@@ -1,0 +1,959 @@
+"""The PostgreSQL store: many worker processes on many hosts, one database.
+
+SQL only: what a step writes comes from the pure core (`core.rows.writes`), an
+execution is rebuilt by `core.replay.replay`, exactly as in the SQLite store,
+so both behave alike by construction and the contract suite holds both.
+
+- The event log's primary key is the version check: of two workers appending
+  event n+1, the second's insert fails and it gets `Conflict`.
+- Work and deliveries are claimed with `FOR UPDATE SKIP LOCKED` under a lease,
+  so workers never wait on each other's claims and never take the same unit.
+- Ids come from identity columns: never reused.
+- The audit log is append-only in the database: triggers refuse UPDATE (also
+  the one an `INSERT ... ON CONFLICT DO UPDATE` would make), DELETE and TRUNCATE.
+- A commit that leaves work or a delivery for another process sends a NOTIFY in
+  its transaction; `wait_for_work` listens on a connection of its own, and the
+  caller's poll stays as the fallback.
+
+Tables are prefixed `clearance_` so they can share a schema with an
+application's; `?schema=NAME` in the URL puts them in a schema of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+import psycopg.errors
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from clearance.adapters.packed_json import compact_json, pack, unpack
+from clearance.core.agent import AgentSpec
+from clearance.core.commands import AuditRecord, CallModel, RunTool
+from clearance.core.errors import ClearanceError
+from clearance.core.events import Event
+from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.replay import (
+    DECIDE_VERSION,
+    OLDEST_VERSION,
+    ReplayFailed,
+    UnknownVersion,
+    replay,
+)
+from clearance.core.rows import Writes
+from clearance.core.schema import canonical
+from clearance.core.wire import (
+    audit_from_data,
+    command_from_data,
+    command_to_data,
+    converter,
+    event_from_data,
+    event_to_data,
+    execution_from_data,
+    execution_to_data,
+    request_from_data,
+)
+from clearance.ports.store import (
+    Claim,
+    ClaimRequest,
+    Conflict,
+    Delivery,
+    DeliveryAttempt,
+    DueTimer,
+    LeaseLost,
+    UnknownRequest,
+    UnreadableExecution,
+    Work,
+    reading,
+)
+
+SCHEMA_VERSION = 1
+SNAPSHOT_EVERY = 16
+STATES_CACHED = 256
+# Connections per store: steps of executions in flight commit side by side.
+POOL_SIZE = 8
+
+SCHEMA = """
+CREATE TABLE clearance_schema (version INTEGER NOT NULL);
+CREATE TABLE clearance_agents (spec_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE clearance_events (
+    execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body BYTEA NOT NULL, spec_id TEXT,
+    decide_version INTEGER, PRIMARY KEY (execution_id, seq)
+);
+CREATE TABLE clearance_snapshots (
+    execution_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BYTEA NOT NULL
+);
+CREATE TABLE clearance_approvals (
+    request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
+    status TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, body BYTEA,
+    listed BIGINT GENERATED ALWAYS AS IDENTITY
+);
+CREATE INDEX clearance_approvals_pending ON clearance_approvals (created_at, listed)
+    WHERE status = 'pending';
+CREATE INDEX clearance_approvals_pending_tag
+    ON clearance_approvals (agent_tag, created_at, listed) WHERE status = 'pending';
+CREATE TABLE clearance_timers (
+    due_at TIMESTAMPTZ NOT NULL, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
+    PRIMARY KEY (due_at, request_id)
+);
+CREATE TABLE clearance_work (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, execution_id TEXT NOT NULL,
+    agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT, lease_until TIMESTAMPTZ
+);
+CREATE INDEX clearance_work_queued ON clearance_work (agent_tag, id) WHERE holder IS NULL;
+CREATE INDEX clearance_work_held ON clearance_work (lease_until) WHERE holder IS NOT NULL;
+CREATE INDEX clearance_work_of ON clearance_work (execution_id);
+CREATE TABLE clearance_audit (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
+    execution_id TEXT NOT NULL, body TEXT NOT NULL
+);
+CREATE INDEX clearance_audit_execution ON clearance_audit (execution_id);
+CREATE TABLE clearance_deliveries (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
+    execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL, url TEXT NOT NULL,
+    webhook_id TEXT NOT NULL, signer TEXT NOT NULL, status TEXT NOT NULL,
+    next_attempt_at TIMESTAMPTZ NOT NULL, expires_at TIMESTAMPTZ NOT NULL,
+    claimed_by TEXT, lease_until TIMESTAMPTZ, channel TEXT NOT NULL
+);
+CREATE INDEX clearance_deliveries_due ON clearance_deliveries (next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX clearance_deliveries_request ON clearance_deliveries (request_id);
+CREATE TABLE clearance_delivery_attempts (
+    delivery_id BIGINT NOT NULL, n BIGINT GENERATED ALWAYS AS IDENTITY, at TIMESTAMPTZ NOT NULL,
+    status_code INTEGER, error TEXT, outcome TEXT NOT NULL
+);
+CREATE INDEX clearance_delivery_attempts_of ON clearance_delivery_attempts (delivery_id, n);
+CREATE TABLE clearance_disabled_endpoints (
+    url TEXT PRIMARY KEY, at TIMESTAMPTZ NOT NULL, reason TEXT NOT NULL
+);
+CREATE FUNCTION clearance_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+CREATE TRIGGER clearance_audit_no_change BEFORE UPDATE OR DELETE ON clearance_audit
+    FOR EACH ROW EXECUTE FUNCTION clearance_audit_append_only();
+CREATE TRIGGER clearance_audit_no_truncate BEFORE TRUNCATE ON clearance_audit
+    FOR EACH STATEMENT EXECUTE FUNCTION clearance_audit_append_only()
+"""
+
+_WORK = "id, execution_id, agent_tag, body, holder"
+_DELIVERY = (
+    "id, request_id, execution_id, agent_tag, url, webhook_id, status, next_attempt_at,"
+    " expires_at, channel, signer"
+)
+
+_RETURNED_DELIVERY = ", ".join("d." + column.strip() for column in _DELIVERY.split(","))
+
+
+def _utc(at: datetime) -> datetime:
+    return at.astimezone(UTC)
+
+
+def _work_command(body: str) -> tuple[CallModel | RunTool, bool]:
+    """A work row's command, and whether a stop cancelled it before it started."""
+    data = json.loads(body)
+    cancelled = bool(data.pop("cancelled", False))
+    command = command_from_data(data)
+    assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
+    return command, cancelled
+
+
+def _split_url(url: str) -> tuple[str, str | None]:
+    """The connection URL for psycopg, and the `schema` query parameter taken out of it."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    schema = next((v for k, v in query if k == "schema"), None)
+    rest = urlencode([(k, v) for k, v in query if k != "schema"])
+    if schema is not None and not schema.replace("_", "").isalnum():
+        raise ClearanceError(f"schema={schema!r} in the store URL: accepted: letters, digits and _")
+    scheme = "postgresql" if parts.scheme in ("postgres", "postgresql") else parts.scheme
+    return urlunsplit((scheme, parts.netloc, parts.path, rest, parts.fragment)), schema
+
+
+class PostgresStore:
+    """Open with `PostgresStore(url)`; it connects on first use (or `await open()`)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = POOL_SIZE,
+        snapshot_every: int = SNAPSHOT_EVERY,
+        connect_timeout: float = 10.0,
+        synchronous_commit: bool = True,
+    ) -> None:
+        if snapshot_every < 1:
+            raise ValueError(f"snapshot_every must be 1 or more, got {snapshot_every}")
+        self.url = url
+        self._conninfo, self.schema = _split_url(url)
+        self.snapshot_every = snapshot_every
+        self._connect_timeout = connect_timeout
+        options = "-c TimeZone=UTC"
+        if not synchronous_commit:
+            options += " -c synchronous_commit=off"
+        if self.schema:
+            options += f" -c search_path={self.schema}"
+        self._options = options
+        self._pool = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=pool_size,
+            open=False,
+            kwargs={"autocommit": True, "options": options},
+        )
+        self._opened = False
+        self._opening = asyncio.Lock()
+        # NOTIFY channel: one per schema, so stores in other schemas sleep on.
+        self._channel = f"clearance_work_{self.schema or 'default'}"
+        # Our own notifications wake nobody here: their payload is this token.
+        self._token = secrets.token_hex(8)
+        self._listener: psycopg.AsyncConnection[Any] | None = None
+        self._states: OrderedDict[str, Execution] = OrderedDict()
+        self._spec_ids: dict[int, tuple[AgentSpec, str, str]] = {}
+        self._specs: dict[str, AgentSpec] = {}
+
+    # -- opening --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect and create (or check) the tables. Raises ClearanceError."""
+        if self._opened:
+            return
+        async with self._opening:
+            if self._opened:
+                return
+            try:
+                await self._pool.open(wait=True, timeout=self._connect_timeout)
+            except Exception as err:
+                await self._pool.close()
+                raise ClearanceError(
+                    f"cannot connect to PostgreSQL at {self._shown()}: {err}"
+                ) from None
+            try:
+                await self._setup()
+            except BaseException:
+                await self._pool.close()
+                raise
+            self._opened = True
+
+    def _shown(self) -> str:
+        parts = urlsplit(self._conninfo)
+        host = parts.hostname or "localhost"
+        return f"{host}:{parts.port or 5432}{parts.path}"
+
+    async def _setup(self) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            # One worker at a time creates or checks the tables.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('clearance schema'))")
+            if self.schema:
+                await conn.execute(
+                    sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema))
+                )
+            cur = await conn.execute(
+                "SELECT to_regclass('clearance_schema'), to_regclass('clearance_events')"
+            )
+            versions_table, events_table = await cur.fetchone() or (None, None)
+            if versions_table is None:
+                if events_table is not None:
+                    raise ClearanceError(
+                        f"{self._shown()} has a clearance_events table but no schema version:"
+                        " not a Clearance database; use another database or ?schema=NAME"
+                    )
+                await conn.execute(SCHEMA)
+                await conn.execute(
+                    "INSERT INTO clearance_schema (version) VALUES (%s)", (SCHEMA_VERSION,)
+                )
+                return
+            cur = await conn.execute("SELECT version FROM clearance_schema")
+            row = await cur.fetchone()
+            if row is None or row[0] != SCHEMA_VERSION:
+                found = "no version" if row is None else f"schema version {row[0]}"
+                raise ClearanceError(
+                    f"{self._shown()} holds Clearance tables of {found}; this version of"
+                    f" Clearance reads PostgreSQL schema {SCHEMA_VERSION}: open it with a"
+                    " newer Clearance, or use another database or ?schema=NAME"
+                )
+
+    @asynccontextmanager
+    async def _conn(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if not self._opened:
+            await self.open()
+        async with self._pool.connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._conn() as conn, conn.transaction():
+            yield conn
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        await self._pool.close()
+        self._opened = False
+
+    # -- agents ---------------------------------------------------------------------------
+
+    async def _spec_id(self, conn: psycopg.AsyncConnection[Any], spec: AgentSpec) -> str:
+        known = self._spec_ids.get(id(spec))
+        if known is None:
+            body = canonical(converter.unstructure(spec))
+            known = (spec, hashlib.sha256(body.encode()).hexdigest()[:24], body)
+            self._spec_ids[id(spec)] = known
+            self._specs.setdefault(known[1], spec)
+        _, spec_id, body = known
+        await conn.execute(
+            "INSERT INTO clearance_agents (spec_id, body) VALUES (%s, %s)"
+            " ON CONFLICT (spec_id) DO NOTHING",
+            (spec_id, body),
+        )
+        return spec_id
+
+    async def _spec(self, conn: psycopg.AsyncConnection[Any], spec_id: str) -> AgentSpec:
+        spec = self._specs.get(spec_id)
+        if spec is None:
+            cur = await conn.execute(
+                "SELECT body FROM clearance_agents WHERE spec_id = %s", (spec_id,)
+            )
+            found = await cur.fetchone()
+            if found is None:
+                raise UnreadableExecution(f"agent spec {spec_id} is not in the store")
+            spec = converter.structure(json.loads(found[0]), AgentSpec)
+            self._specs[spec_id] = spec
+            self._spec_ids[id(spec)] = (spec, spec_id, found[0])
+        return spec
+
+    # -- executions and their log -----------------------------------------------------------
+
+    async def commit(
+        self,
+        writes: Writes,
+        *,
+        expected_seq: int,
+        claim: ClaimRequest | None = None,
+        done: Claim | None = None,
+        alone: bool = False,
+    ) -> list[Work]:
+        if writes.execution.seq != expected_seq + 1:
+            raise ValueError(f"commit expects the state one event past {expected_seq}")
+        execution = writes.execution
+        first = expected_seq == 0
+        async with self._conn() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.execute(
+                        "INSERT INTO clearance_events"
+                        " (execution_id, seq, body, spec_id, decide_version)"
+                        " VALUES (%s, %s, %s, %s, %s)",
+                        (
+                            execution.id,
+                            execution.seq,
+                            pack(event_to_data(writes.event)),
+                            await self._spec_id(conn, execution.agent) if first else None,
+                            DECIDE_VERSION if first else None,
+                        ),
+                    )
+                    if done is not None:
+                        cur = await conn.execute(
+                            "DELETE FROM clearance_work WHERE id = %s AND holder = %s",
+                            (done.id, done.holder),
+                        )
+                        if cur.rowcount != 1:
+                            raise LeaseLost(
+                                f"work {done.id} of execution {execution.id} is no longer"
+                                f" held by {done.holder}: its lease ran out and it was"
+                                " taken over"
+                            )
+                    if execution.seq % self.snapshot_every == 0:
+                        state = execution_to_data(execution)
+                        del state["agent"]
+                        await conn.execute(
+                            "INSERT INTO clearance_snapshots (execution_id, seq, state)"
+                            " VALUES (%s, %s, %s) ON CONFLICT (execution_id)"
+                            " DO UPDATE SET seq = excluded.seq, state = excluded.state",
+                            (execution.id, execution.seq, pack(state)),
+                        )
+                    cancelled = (
+                        await self._cancel_queued(conn, writes, claim)
+                        if writes.drop_queued_work
+                        else []
+                    )
+                    await self._apply(conn, writes)
+                    queued = await self._queue(conn, writes, claim)
+                    if writes.deliveries or any(w.holder is None for w in queued):
+                        await self._notify(conn)
+            except psycopg.errors.UniqueViolation:
+                if first:
+                    raise Conflict(f"execution {execution.id} already exists") from None
+                raise Conflict(
+                    f"execution {execution.id} moved past version {expected_seq}"
+                ) from None
+        self._remember(execution)
+        return cancelled + queued
+
+    async def _notify(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute("SELECT pg_notify(%s, %s)", (self._channel, self._token))
+
+    async def _cancel_queued(
+        self, conn: psycopg.AsyncConnection[Any], writes: Writes, claim: ClaimRequest | None
+    ) -> list[Work]:
+        """As the SQLite store: queued tool runs stay, marked cancelled (held by the
+        claim's holder); queued model calls go."""
+        execution = writes.execution
+        holder = claim.holder if claim is not None else None
+        until = _utc(claim.until) if claim is not None else None
+        cur = await conn.execute(
+            "SELECT id, body FROM clearance_work WHERE execution_id = %s AND holder IS NULL"
+            " ORDER BY id FOR UPDATE",
+            (execution.id,),
+        )
+        cancelled = []
+        for work_id, body in await cur.fetchall():
+            command, _ = _work_command(body)
+            if isinstance(command, RunTool):
+                await conn.execute(
+                    "UPDATE clearance_work SET body = %s, holder = %s, lease_until = %s"
+                    " WHERE id = %s",
+                    (
+                        compact_json({**command_to_data(command), "cancelled": True}),
+                        holder,
+                        until,
+                        work_id,
+                    ),
+                )
+                cancelled.append(
+                    Work(
+                        work_id, execution.id, execution.agent_tag, command, holder, cancelled=True
+                    )
+                )
+            else:
+                await conn.execute("DELETE FROM clearance_work WHERE id = %s", (work_id,))
+        return cancelled
+
+    async def _apply(self, conn: psycopg.AsyncConnection[Any], writes: Writes) -> None:
+        execution = writes.execution
+        async with conn.cursor() as cur:
+            if writes.timers_started:
+                await cur.executemany(
+                    "INSERT INTO clearance_timers (due_at, request_id, execution_id)"
+                    " VALUES (%s, %s, %s) ON CONFLICT (due_at, request_id) DO NOTHING",
+                    [(_utc(t.due_at), t.request_id, execution.id) for t in writes.timers_started],
+                )
+            if writes.timers_cancelled:
+                await cur.executemany(
+                    "DELETE FROM clearance_timers WHERE due_at = %s AND request_id = %s",
+                    [(_utc(t.due_at), t.request_id) for t in writes.timers_cancelled],
+                )
+            if writes.requests_opened:
+                await cur.executemany(
+                    "INSERT INTO clearance_approvals"
+                    " (request_id, execution_id, agent_tag, status, created_at, body)"
+                    " VALUES (%s, %s, %s, %s, %s, %s)",
+                    [
+                        (
+                            r.request_id,
+                            execution.id,
+                            execution.agent_tag,
+                            r.status,
+                            _utc(r.timestamp),
+                            pack(converter.unstructure(r)),
+                        )
+                        for r in writes.requests_opened
+                    ],
+                )
+            if writes.deliveries:
+                await cur.executemany(
+                    "INSERT INTO clearance_deliveries (request_id, execution_id, agent_tag,"
+                    " url, webhook_id, signer, status, next_attempt_at, expires_at, channel)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
+                    [
+                        (
+                            d.request_id,
+                            execution.id,
+                            execution.agent_tag,
+                            d.target,
+                            d.message_id,
+                            d.signer,
+                            _utc(d.not_before),
+                            _utc(d.expires_at),
+                            d.channel,
+                        )
+                        for d in writes.deliveries
+                    ],
+                )
+            if writes.audit:
+                await cur.executemany(
+                    "INSERT INTO clearance_audit (request_id, execution_id, body)"
+                    " VALUES (%s, %s, %s)",
+                    [
+                        (
+                            record.request_id,
+                            record.execution_id,
+                            compact_json(converter.unstructure(record)),
+                        )
+                        for record in writes.audit
+                    ],
+                )
+            if writes.requests_decided:
+                await cur.executemany(
+                    "UPDATE clearance_approvals SET status = %s, body = NULL WHERE request_id = %s",
+                    [(status, request_id) for request_id, status in writes.requests_decided],
+                )
+
+    async def _queue(
+        self, conn: psycopg.AsyncConnection[Any], writes: Writes, claim: ClaimRequest | None
+    ) -> list[Work]:
+        execution, queued = writes.execution, []
+        for n, command in enumerate(writes.work):
+            holder = claim.holder if claim is not None and n < claim.limit else None
+            cur = await conn.execute(
+                "INSERT INTO clearance_work (execution_id, agent_tag, body, holder, lease_until)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (
+                    execution.id,
+                    execution.agent_tag,
+                    compact_json(command_to_data(command)),
+                    holder,
+                    _utc(claim.until) if claim is not None and holder else None,
+                ),
+            )
+            (work_id,) = await cur.fetchone() or (None,)
+            assert work_id is not None
+            queued.append(Work(work_id, execution.id, execution.agent_tag, command, holder))
+        return queued
+
+    async def load(self, execution_id: str) -> Execution | None:
+        async with self._conn() as conn:
+            cached = self._states.get(execution_id)
+            if cached is not None:
+                cur = await conn.execute(
+                    "SELECT max(seq) FROM clearance_events WHERE execution_id = %s",
+                    (execution_id,),
+                )
+                (last,) = await cur.fetchone() or (None,)
+                if last == cached.seq:
+                    self._states.move_to_end(execution_id)
+                    return cached
+            loaded = await self._fold(conn, execution_id)
+        if loaded is not None:
+            self._remember(loaded)
+        return loaded
+
+    def _remember(self, execution: Execution) -> None:
+        self._states[execution.id] = execution
+        self._states.move_to_end(execution.id)
+        if len(self._states) > STATES_CACHED:
+            self._states.popitem(last=False)
+
+    async def _fold(
+        self, conn: psycopg.AsyncConnection[Any], execution_id: str
+    ) -> Execution | None:
+        cur = await conn.execute(
+            "SELECT e.spec_id, e.decide_version, s.seq, s.state FROM clearance_events e"
+            " LEFT JOIN clearance_snapshots s ON s.execution_id = e.execution_id"
+            " WHERE e.execution_id = %s AND e.seq = 1",
+            (execution_id,),
+        )
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        spec_id, version, since, state = row
+        spec = await self._spec(conn, spec_id)
+        snapshot = None
+        if state is not None:
+            with reading(execution_id, f"snapshot at event {since}"):
+                data = unpack(bytes(state))
+                data["agent"] = spec
+                snapshot = execution_from_data(data)
+        events = []
+        for seq, body in await self._log(conn, execution_id, since or 0):
+            with reading(execution_id, f"event {seq}"):
+                events.append((seq, event_from_data(unpack(bytes(body)))))
+        try:
+            return replay(spec, snapshot, [e for _, e in events], version or OLDEST_VERSION)
+        except ReplayFailed as failed:
+            with reading(execution_id, f"event {events[failed.index][0]}"):
+                raise failed.error from None
+        except UnknownVersion as newer:
+            raise UnreadableExecution(f"execution {execution_id}: {newer}") from None
+
+    @staticmethod
+    async def _log(
+        conn: psycopg.AsyncConnection[Any], execution_id: str, after: int = 0
+    ) -> list[tuple[int, bytes]]:
+        cur = await conn.execute(
+            "SELECT seq, body FROM clearance_events WHERE execution_id = %s AND seq > %s"
+            " ORDER BY seq",
+            (execution_id, after),
+        )
+        return await cur.fetchall()
+
+    async def events(self, execution_id: str) -> list[Event]:
+        async with self._conn() as conn:
+            rows = await self._log(conn, execution_id)
+        events = []
+        for seq, body in rows:
+            with reading(execution_id, f"event {seq}"):
+                events.append(event_from_data(unpack(bytes(body))))
+        return events
+
+    # -- approvals, timers, audit -----------------------------------------------------------
+
+    async def _one(self, query: str, args: Sequence[Any]) -> Any:
+        async with self._conn() as conn:
+            cur = await conn.execute(query, args)
+            return await cur.fetchone()
+
+    async def _all(self, query: str, args: Sequence[Any]) -> list[Any]:
+        async with self._conn() as conn:
+            cur = await conn.execute(query, args)
+            return await cur.fetchall()
+
+    async def execution_of_request(self, request_id: str) -> str | None:
+        row = await self._one(
+            "SELECT execution_id FROM clearance_approvals WHERE request_id = %s", (request_id,)
+        )
+        return None if row is None else str(row[0])
+
+    async def pending(
+        self, agent_tag: str | None = None, limit: int | None = None, after: str | None = None
+    ) -> list[ApprovalRequest]:
+        query = "SELECT body FROM clearance_approvals WHERE status = 'pending'"
+        args: list[Any] = []
+        if agent_tag is not None:
+            query += " AND agent_tag = %s"
+            args.append(agent_tag)
+        if after is not None:
+            mark = await self._one(
+                "SELECT created_at, listed FROM clearance_approvals WHERE request_id = %s",
+                (after,),
+            )
+            if mark is None:
+                raise UnknownRequest(f"no approval request '{after}' to list after")
+            query += " AND (created_at, listed) > (%s, %s)"
+            args += mark
+        query += " ORDER BY created_at, listed"
+        if limit is not None:
+            query += " LIMIT %s"
+            args.append(limit)
+        rows = await self._all(query, args)
+        return [request_from_data(unpack(bytes(body))) for (body,) in rows]
+
+    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        rows = await self._all(
+            "SELECT execution_id, request_id, due_at FROM clearance_timers WHERE due_at <= %s"
+            " ORDER BY due_at LIMIT %s",
+            (_utc(now), limit),
+        )
+        return [DueTimer(e, r, _utc(d)) for e, r, d in rows]
+
+    async def drop_timer(self, timer: DueTimer) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                "DELETE FROM clearance_timers WHERE due_at = %s AND request_id = %s",
+                (_utc(timer.due_at), timer.request_id),
+            )
+
+    async def postpone_timer(self, timer: DueTimer, until: datetime) -> None:
+        async with self._write() as conn:
+            cur = await conn.execute(
+                "DELETE FROM clearance_timers WHERE due_at = %s AND request_id = %s",
+                (_utc(timer.due_at), timer.request_id),
+            )
+            if cur.rowcount:
+                await conn.execute(
+                    "INSERT INTO clearance_timers (due_at, request_id, execution_id)"
+                    " VALUES (%s, %s, %s) ON CONFLICT (due_at, request_id) DO NOTHING",
+                    (_utc(until), timer.request_id, timer.execution_id),
+                )
+
+    async def audit(
+        self, execution_id: str | None = None, request_id: str | None = None
+    ) -> list[AuditRecord]:
+        query, args, where = "SELECT body FROM clearance_audit", [], []
+        if execution_id is not None:
+            where.append("execution_id = %s")
+            args.append(execution_id)
+        if request_id is not None:
+            # Through the request's execution: one index on the append-only log, not two.
+            where.append(
+                "execution_id = (SELECT execution_id FROM clearance_approvals"
+                " WHERE request_id = %s) AND request_id = %s"
+            )
+            args += [request_id, request_id]
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        rows = await self._all(query + " ORDER BY id", args)
+        return [audit_from_data(json.loads(body)) for (body,) in rows]
+
+    # -- the work queue -----------------------------------------------------------------------
+
+    async def claim_work(
+        self,
+        agent_tags: Sequence[str],
+        holder: str,
+        now: datetime,
+        until: datetime,
+        limit: int,
+        skip: Sequence[int] = (),
+    ) -> list[Work]:
+        if not agent_tags or limit <= 0:
+            return []
+        tags, skipped = list(agent_tags), list(skip)
+        # Queued work first, then work whose holder stopped renewing: each on its own
+        # partial index, locked without waiting for rows another worker is claiming.
+        picks = (
+            "SELECT id, holder FROM clearance_work WHERE holder IS NULL"
+            " AND agent_tag = ANY(%(tags)s) AND NOT id = ANY(%(skip)s)"
+            " ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+            "SELECT id, holder FROM clearance_work WHERE holder IS NOT NULL"
+            " AND lease_until <= %(now)s AND agent_tag = ANY(%(tags)s)"
+            " AND NOT id = ANY(%(skip)s) ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED",
+        )
+        taken: list[Work] = []
+        async with self._write() as conn:
+            for pick in picks:
+                if len(taken) >= limit:
+                    break
+                cur = await conn.execute(
+                    f"WITH picked AS ({pick}) UPDATE clearance_work w"
+                    " SET holder = %(holder)s, lease_until = %(until)s FROM picked"
+                    " WHERE w.id = picked.id"
+                    " RETURNING w.id, w.execution_id, w.agent_tag, w.body, picked.holder",
+                    {
+                        "tags": tags,
+                        "skip": skipped,
+                        "now": _utc(now),
+                        "limit": limit - len(taken),
+                        "holder": holder,
+                        "until": _utc(until),
+                    },
+                )
+                for work_id, execution_id, tag, body, previous in await cur.fetchall():
+                    command, cancelled = _work_command(body)
+                    taken.append(
+                        Work(work_id, execution_id, tag, command, holder, previous, cancelled)
+                    )
+        return sorted(taken, key=lambda w: w.id)
+
+    async def with_work(self, agent_tags: Sequence[str]) -> list[str]:
+        if not agent_tags:
+            return []
+        rows = await self._all(
+            "SELECT execution_id FROM clearance_work WHERE agent_tag = ANY(%s)"
+            " GROUP BY execution_id ORDER BY min(id)",
+            (list(agent_tags),),
+        )
+        return [execution_id for (execution_id,) in rows]
+
+    async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
+        if not claims:
+            return []
+        rows = await self._all(
+            "UPDATE clearance_work w SET lease_until = %s"
+            " FROM unnest(%s::bigint[], %s::text[]) AS c(id, holder)"
+            " WHERE w.id = c.id AND w.holder = c.holder RETURNING w.id, w.holder",
+            (_utc(until), [c.id for c in claims], [c.holder for c in claims]),
+        )
+        kept = {(i, h) for i, h in rows}
+        return [c for c in claims if (c.id, c.holder) in kept]
+
+    async def complete(self, claim: Claim) -> bool:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "DELETE FROM clearance_work WHERE id = %s AND holder = %s",
+                (claim.id, claim.holder),
+            )
+            return cur.rowcount == 1
+
+    async def release(self, claim: Claim) -> None:
+        async with self._write() as conn:
+            cur = await conn.execute(
+                "UPDATE clearance_work SET holder = NULL, lease_until = NULL"
+                " WHERE id = %s AND holder = %s",
+                (claim.id, claim.holder),
+            )
+            if cur.rowcount:
+                await self._notify(conn)
+
+    async def wait_for_work(self, seconds: float) -> bool:
+        if not self._opened:
+            await self.open()
+        deadline = time.monotonic() + seconds
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = await psycopg.AsyncConnection.connect(
+                    self._conninfo, autocommit=True, options=self._options
+                )
+                await self._listener.execute(
+                    sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
+                )
+            while (left := deadline - time.monotonic()) > 0:
+                async for note in self._listener.notifies(timeout=left, stop_after=1):
+                    if note.payload != self._token:
+                        return True
+            return False
+        except psycopg.OperationalError:
+            # The listening connection is gone (a restart, a failover): look now, and
+            # listen on a new one next time.
+            if self._listener is not None:
+                await self._listener.close()
+            self._listener = None
+            return True
+
+    # -- deliveries -----------------------------------------------------------------------------
+
+    async def _deliveries(
+        self, conn: psycopg.AsyncConnection[Any], rows: list[Any]
+    ) -> list[Delivery]:
+        out = []
+        for i, rid, eid, tag, url, wid, status, next_at, expires, channel, signer in rows:
+            cur = await conn.execute(
+                "SELECT at, status_code, error, outcome FROM clearance_delivery_attempts"
+                " WHERE delivery_id = %s ORDER BY n",
+                (i,),
+            )
+            attempts = tuple(
+                DeliveryAttempt(_utc(at), code, error, outcome)
+                for at, code, error, outcome in await cur.fetchall()
+            )
+            out.append(
+                Delivery(
+                    i,
+                    rid,
+                    eid,
+                    tag,
+                    url,
+                    wid,
+                    status,
+                    attempts,
+                    _utc(next_at),
+                    _utc(expires),
+                    channel,
+                    signer,
+                )
+            )
+        return out
+
+    async def claim_deliveries(
+        self,
+        agent_tags: Sequence[str],
+        worker: str,
+        now: datetime,
+        lease_until: datetime,
+        limit: int,
+        *,
+        instance_signed: bool,
+        channels: Sequence[str] = ("webhook",),
+        exclude_urls: Sequence[str] = (),
+    ) -> list[Delivery]:
+        # Only what this worker can carry out (see the SQLite store).
+        signer = "(signer = 'agent' AND agent_tag = ANY(%(tags)s))"
+        if instance_signed:
+            signer = f"(signer = 'instance' OR {signer})"
+        pick = (
+            "SELECT id FROM clearance_deliveries WHERE status = 'pending'"
+            f" AND next_attempt_at <= %(now)s AND {signer} AND channel = ANY(%(channels)s)"
+            " AND (claimed_by IS NULL OR lease_until <= %(now)s)"
+            " AND NOT url = ANY(%(exclude)s)"
+            " ORDER BY next_attempt_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+        )
+        async with self._write() as conn:
+            cur = await conn.execute(
+                f"WITH picked AS ({pick}) UPDATE clearance_deliveries d"
+                " SET claimed_by = %(worker)s, lease_until = %(until)s FROM picked"
+                f" WHERE d.id = picked.id RETURNING {_RETURNED_DELIVERY}",
+                {
+                    "tags": list(agent_tags),
+                    "now": _utc(now),
+                    "channels": list(channels),
+                    "exclude": list(exclude_urls),
+                    "limit": limit,
+                    "worker": worker,
+                    "until": _utc(lease_until),
+                },
+            )
+            rows = sorted(await cur.fetchall(), key=lambda r: (r[7], r[0]))
+            return await self._deliveries(conn, rows)
+
+    async def release_delivery(self, delivery_id: int, worker: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                "UPDATE clearance_deliveries SET claimed_by = NULL, lease_until = NULL"
+                " WHERE id = %s AND claimed_by = %s",
+                (delivery_id, worker),
+            )
+
+    async def record_attempt(
+        self,
+        delivery_id: int,
+        worker: str,
+        attempt: DeliveryAttempt,
+        status: str,
+        next_attempt_at: datetime | None,
+    ) -> bool:
+        async with self._write() as conn:
+            cur = await conn.execute(
+                "UPDATE clearance_deliveries SET status = %s, claimed_by = NULL,"
+                " lease_until = NULL, next_attempt_at = COALESCE(%s, next_attempt_at)"
+                " WHERE id = %s AND claimed_by = %s",
+                (
+                    status,
+                    _utc(next_attempt_at) if next_attempt_at else None,
+                    delivery_id,
+                    worker,
+                ),
+            )
+            if cur.rowcount != 1:
+                return False  # taken over after our lease ran out: theirs to record
+            await conn.execute(
+                "INSERT INTO clearance_delivery_attempts"
+                " (delivery_id, at, status_code, error, outcome) VALUES (%s, %s, %s, %s, %s)",
+                (
+                    delivery_id,
+                    _utc(attempt.at),
+                    attempt.status_code,
+                    attempt.error,
+                    attempt.outcome,
+                ),
+            )
+        return True
+
+    async def deliveries(self, request_id: str) -> list[Delivery]:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"SELECT {_DELIVERY} FROM clearance_deliveries WHERE request_id = %s ORDER BY id",
+                (request_id,),
+            )
+            return await self._deliveries(conn, await cur.fetchall())
+
+    async def disable_endpoint(self, url: str, at: datetime, reason: str) -> None:
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO clearance_disabled_endpoints (url, at, reason) VALUES (%s, %s, %s)"
+                " ON CONFLICT (url) DO NOTHING",
+                (url, _utc(at), reason),
+            )
+
+    async def endpoint_disabled(self, url: str) -> bool:
+        row = await self._one("SELECT 1 FROM clearance_disabled_endpoints WHERE url = %s", (url,))
+        return row is not None
+
+
+def open_url(url: str, *, synchronous: str = "FULL") -> PostgresStore:
+    """The `clearance.stores` entry for `postgresql://` (and `postgres://`) URLs.
+    `synchronous`: FULL (the default) waits for each commit to be flushed; NORMAL
+    sets `synchronous_commit = off`, so a server crash may lose the last moments of
+    commits (never corrupting any), as SQLite's NORMAL may on a power cut."""
+    if synchronous.upper() not in ("FULL", "NORMAL"):
+        raise ValueError(f"synchronous must be one of ('FULL', 'NORMAL'), got {synchronous!r}")
+    return PostgresStore(url, synchronous_commit=synchronous.upper() == "FULL")

@@ -1,0 +1,46 @@
+"""The machine's PostgreSQL for tests: one database of their own per test run.
+
+`CLEARANCE_TEST_POSTGRES` names the server (default: postgresql://postgres@127.0.0.1:5432/test,
+trust auth); the run creates `clearance_test_<pid>_<random>` on it and drops it at the
+end. Where no server answers, the tests that need one skip, saying why, unless
+`CLEARANCE_REQUIRE_POSTGRES=1` (set by CI) makes that a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+ADMIN_URL = os.environ.get("CLEARANCE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The URL of an empty database for this test run."""
+    try:
+        admin = psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as err:
+        reason = f"no PostgreSQL answers at {ADMIN_URL} ({err})".strip()
+        if os.environ.get("CLEARANCE_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"CLEARANCE_REQUIRE_POSTGRES=1 but {reason}")
+        pytest.skip(reason)
+    name = f"clearance_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield _with_database(ADMIN_URL, name)
+        finally:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )

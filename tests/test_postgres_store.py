@@ -1,0 +1,133 @@
+"""The PostgreSQL store beyond the contract: opening by URL, the schema it keeps, the
+audit log the database itself keeps append-only, two processes on one database."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from conftest import Recorder, define_refund_agent
+from postgres_server import postgres_url
+from psycopg import sql
+
+from clearance import Clearance, ClearanceError
+from clearance.adapters.postgres_store import SCHEMA_VERSION, PostgresStore
+
+__all__ = ["postgres_url"]  # the fixture, for pytest
+
+
+@pytest.fixture
+async def url(postgres_url: str) -> AsyncIterator[str]:
+    """A store URL on a schema of this test's own, dropped after it."""
+    schema = f"s_{secrets.token_hex(6)}"
+    yield f"{postgres_url}?schema={schema}"
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        await conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+        )
+
+
+def _plain(url: str) -> tuple[str, str]:
+    base, schema = url.split("?schema=")
+    return base, schema
+
+
+async def test_a_run_pauses_and_completes_on_postgresql_opened_by_url(url: str) -> None:
+    recorder = Recorder()
+    async with Clearance.open(url) as app:
+        assert isinstance(app.store, PostgresStore)
+        define_refund_agent(app, recorder)
+        ex = await app.run("safe-agent", input="Refund order ORD-123")
+        assert ex.status == "awaiting_approval" and recorder.ran("process-refund") == []
+        request = ex.pending_approvals[0]
+        ex = await app.signal(ex.id, "approve", request_id=request.request_id, by="lee")
+        assert ex.status == "completed"
+        assert len(recorder.ran("process-refund")) == 1
+        (record,) = await app.store.audit(ex.id)
+        assert (record.request_id, record.decision, record.by) == (
+            request.request_id,
+            "approved",
+            "lee",
+        )
+    # postgres:// is the same store
+    async with Clearance.open(url.replace("postgresql://", "postgres://", 1)) as again:
+        assert (await again.execution(ex.id)) == ex
+
+
+async def test_a_decision_in_another_process_starts_the_tool_on_the_host(url: str) -> None:
+    recorder = Recorder()
+    async with Clearance.open(url, poll_interval=30) as host, Clearance.open(url) as reviewer:
+        define_refund_agent(host, recorder)
+        ex = await host.run("safe-agent", input="Refund order ORD-123")
+        request = ex.pending_approvals[0]
+        # The reviewer does not host the agent: its approval queues the tool run, and
+        # the host hears of it by NOTIFY (its poll is 30 s away).
+        await reviewer.signal(ex.id, "approve", request_id=request.request_id, by="kim")
+        for _ in range(500):
+            if recorder.ran("process-refund"):
+                break
+            await asyncio.sleep(0.01)
+        assert len(recorder.ran("process-refund")) == 1
+
+
+async def test_the_audit_log_is_append_only_in_the_database(url: str) -> None:
+    recorder = Recorder()
+    async with Clearance.open(url) as app:
+        define_refund_agent(app, recorder)
+        ex = await app.run("safe-agent", input="Refund order ORD-123")
+        await app.signal(ex.id, "reject", request_id=ex.pending_approvals[0].request_id)
+        before = await app.store.audit(ex.id)
+    base, schema = _plain(url)
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        for statement in (
+            "UPDATE clearance_audit SET body = '{}'",
+            "DELETE FROM clearance_audit",
+            "TRUNCATE clearance_audit",
+            # An upsert that would rewrite a record goes through the UPDATE trigger too.
+            "INSERT INTO clearance_audit (id, request_id, execution_id, body)"
+            " OVERRIDING SYSTEM VALUE SELECT id, request_id, execution_id, '{}'"
+            " FROM clearance_audit ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+        ):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                await conn.execute(statement)
+    async with Clearance.open(url) as app:
+        assert await app.store.audit(ex.id) == before
+
+
+async def test_tables_of_another_schema_version_are_refused_untouched(url: str) -> None:
+    store = PostgresStore(url)
+    await store.open()
+    await store.close()
+    base, schema = _plain(url)
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        await conn.execute("UPDATE clearance_schema SET version = 99")
+        with pytest.raises(
+            ClearanceError, match=rf"schema version 99.*reads PostgreSQL schema {SCHEMA_VERSION}"
+        ):
+            await PostgresStore(url).open()
+        cur = await conn.execute("SELECT version FROM clearance_schema")
+        assert await cur.fetchall() == [(99,)]
+
+
+async def test_a_server_that_does_not_answer_is_a_clear_error() -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout=1)
+    where = r"127\.0\.0\.1:1/nowhere"
+    with pytest.raises(ClearanceError, match=rf"cannot connect to PostgreSQL at {where}"):
+        await store.open()
+
+
+def test_a_bad_schema_name_is_refused() -> None:
+    with pytest.raises(ClearanceError, match="letters, digits and _"):
+        PostgresStore("postgresql://127.0.0.1/db?schema=x;drop")
+
+
+def test_store_schemes_come_from_entry_points() -> None:
+    with pytest.raises(ClearanceError, match=r"'redis://'; accepted: memory://, postgres://"):
+        Clearance.open("redis://localhost")
