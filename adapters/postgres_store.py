@@ -27,10 +27,10 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -78,6 +78,9 @@ from clearance.ports.store import (
     reading,
 )
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 SCHEMA_VERSION = 1
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -109,7 +112,8 @@ CREATE TABLE clearance_timers (
 );
 CREATE TABLE clearance_work (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, execution_id TEXT NOT NULL,
-    agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT, lease_until TIMESTAMPTZ
+    agent_tag TEXT NOT NULL, body TEXT NOT NULL, holder TEXT, lease_until TIMESTAMPTZ,
+    queued_by INTEGER NOT NULL
 );
 CREATE INDEX clearance_work_queued ON clearance_work (agent_tag, id) WHERE holder IS NULL;
 CREATE INDEX clearance_work_held ON clearance_work (lease_until) WHERE holder IS NOT NULL;
@@ -146,12 +150,37 @@ CREATE TRIGGER clearance_audit_no_truncate BEFORE TRUNCATE ON clearance_audit
 """
 
 _WORK = "id, execution_id, agent_tag, body, holder"
+# Tries of a store call whose connection goes away (with backoff: about 6 s in all).
+ATTEMPTS = 8
 _DELIVERY = (
     "id, request_id, execution_id, agent_tag, url, webhook_id, status, next_attempt_at,"
     " expires_at, channel, signer"
 )
 
 _RETURNED_DELIVERY = ", ".join("d." + column.strip() for column in _DELIVERY.split(","))
+
+
+def _backoff(attempt: int) -> float:
+    return float(min(2.0, 0.05 * 2**attempt))
+
+
+def _retried(
+    method: Callable[Concatenate[PostgresStore, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[PostgresStore, P], Coroutine[Any, Any, T]]:
+    """Call again, with backoff, when the connection goes: for calls that may be
+    repeated (reads; writes that find nothing left to do the second time)."""
+
+    async def again(self: PostgresStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(ATTEMPTS - 1):
+            try:
+                return await method(self, *args, **kwargs)
+            except psycopg.OperationalError:
+                await asyncio.sleep(_backoff(attempt))
+        return await method(self, *args, **kwargs)
+
+    again.__name__, again.__qualname__ = method.__name__, method.__qualname__
+    again.__doc__ = method.__doc__
+    return again
 
 
 def _utc(at: datetime) -> datetime:
@@ -209,6 +238,9 @@ class PostgresStore:
             max_size=pool_size,
             open=False,
             kwargs={"autocommit": True, "options": options},
+            # A connection is checked as it is handed out: after a restart every idle
+            # one is dead, and a store call should not fail on each in turn.
+            check=AsyncConnectionPool.check_connection,
         )
         self._opened = False
         self._opening = asyncio.Lock()
@@ -345,6 +377,55 @@ class PostgresStore:
     ) -> list[Work]:
         if writes.execution.seq != expected_seq + 1:
             raise ValueError(f"commit expects the state one event past {expected_seq}")
+        body = pack(event_to_data(writes.event))
+        for attempt in range(ATTEMPTS):
+            try:
+                work = await self._commit(writes, body, expected_seq, claim, done)
+                break
+            except psycopg.OperationalError:
+                # The connection went (a restart, a failover, a killed backend), maybe
+                # while COMMIT was on its way: if our event is in the log, the step
+                # committed; else nothing of it did, and it is written again.
+                landed = await self._landed(writes.execution, body)
+                if landed is not None:
+                    work = landed
+                    break
+                if attempt == ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(_backoff(attempt))
+        self._remember(writes.execution)
+        return work
+
+    @_retried
+    async def _landed(self, execution: Execution, body: bytes) -> list[Work] | None:
+        """The work a step queued, if its event (these very bytes) is in the log."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "SELECT body FROM clearance_events WHERE execution_id = %s AND seq = %s",
+                (execution.id, execution.seq),
+            )
+            row = await cur.fetchone()
+            if row is None or bytes(row[0]) != body:
+                return None
+            cur = await conn.execute(
+                f"SELECT {_WORK} FROM clearance_work WHERE execution_id = %s AND queued_by = %s"
+                " ORDER BY id",
+                (execution.id, execution.seq),
+            )
+            work = []
+            for work_id, execution_id, tag, text, holder in await cur.fetchall():
+                command, cancelled = _work_command(text)
+                work.append(Work(work_id, execution_id, tag, command, holder, None, cancelled))
+            return work
+
+    async def _commit(
+        self,
+        writes: Writes,
+        body: bytes,
+        expected_seq: int,
+        claim: ClaimRequest | None,
+        done: Claim | None,
+    ) -> list[Work]:
         execution = writes.execution
         first = expected_seq == 0
         async with self._conn() as conn:
@@ -357,7 +438,7 @@ class PostgresStore:
                         (
                             execution.id,
                             execution.seq,
-                            pack(event_to_data(writes.event)),
+                            body,
                             await self._spec_id(conn, execution.agent) if first else None,
                             DECIDE_VERSION if first else None,
                         ),
@@ -397,7 +478,6 @@ class PostgresStore:
                 raise Conflict(
                     f"execution {execution.id} moved past version {expected_seq}"
                 ) from None
-        self._remember(execution)
         return cancelled + queued
 
     async def _notify(self, conn: psycopg.AsyncConnection[Any]) -> None:
@@ -516,14 +596,16 @@ class PostgresStore:
         for n, command in enumerate(writes.work):
             holder = claim.holder if claim is not None and n < claim.limit else None
             cur = await conn.execute(
-                "INSERT INTO clearance_work (execution_id, agent_tag, body, holder, lease_until)"
-                " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                "INSERT INTO clearance_work"
+                " (execution_id, agent_tag, body, holder, lease_until, queued_by)"
+                " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
                 (
                     execution.id,
                     execution.agent_tag,
                     compact_json(command_to_data(command)),
                     holder,
                     _utc(claim.until) if claim is not None and holder else None,
+                    execution.seq,
                 ),
             )
             (work_id,) = await cur.fetchone() or (None,)
@@ -531,6 +613,7 @@ class PostgresStore:
             queued.append(Work(work_id, execution.id, execution.agent_tag, command, holder))
         return queued
 
+    @_retried
     async def load(self, execution_id: str) -> Execution | None:
         async with self._conn() as conn:
             cached = self._states.get(execution_id)
@@ -541,7 +624,9 @@ class PostgresStore:
                 )
                 (last,) = await cur.fetchone() or (None,)
                 if last == cached.seq:
-                    self._states.move_to_end(execution_id)
+                    # Remembered again, not moved: while this awaited, other steps'
+                    # states may have pushed it out of the bounded cache.
+                    self._remember(cached)
                     return cached
             loaded = await self._fold(conn, execution_id)
         if loaded is not None:
@@ -597,6 +682,7 @@ class PostgresStore:
         )
         return await cur.fetchall()
 
+    @_retried
     async def events(self, execution_id: str) -> list[Event]:
         async with self._conn() as conn:
             rows = await self._log(conn, execution_id)
@@ -618,12 +704,14 @@ class PostgresStore:
             cur = await conn.execute(query, args)
             return await cur.fetchall()
 
+    @_retried
     async def execution_of_request(self, request_id: str) -> str | None:
         row = await self._one(
             "SELECT execution_id FROM clearance_approvals WHERE request_id = %s", (request_id,)
         )
         return None if row is None else str(row[0])
 
+    @_retried
     async def pending(
         self, agent_tag: str | None = None, limit: int | None = None, after: str | None = None
     ) -> list[ApprovalRequest]:
@@ -648,6 +736,7 @@ class PostgresStore:
         rows = await self._all(query, args)
         return [request_from_data(unpack(bytes(body))) for (body,) in rows]
 
+    @_retried
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
         rows = await self._all(
             "SELECT execution_id, request_id, due_at FROM clearance_timers WHERE due_at <= %s"
@@ -656,6 +745,7 @@ class PostgresStore:
         )
         return [DueTimer(e, r, _utc(d)) for e, r, d in rows]
 
+    @_retried
     async def drop_timer(self, timer: DueTimer) -> None:
         async with self._write() as conn:
             await conn.execute(
@@ -663,6 +753,7 @@ class PostgresStore:
                 (_utc(timer.due_at), timer.request_id),
             )
 
+    @_retried
     async def postpone_timer(self, timer: DueTimer, until: datetime) -> None:
         async with self._write() as conn:
             cur = await conn.execute(
@@ -676,6 +767,7 @@ class PostgresStore:
                     (_utc(until), timer.request_id, timer.execution_id),
                 )
 
+    @_retried
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]:
@@ -697,6 +789,7 @@ class PostgresStore:
 
     # -- the work queue -----------------------------------------------------------------------
 
+    @_retried
     async def claim_work(
         self,
         agent_tags: Sequence[str],
@@ -745,6 +838,7 @@ class PostgresStore:
                     )
         return sorted(taken, key=lambda w: w.id)
 
+    @_retried
     async def with_work(self, agent_tags: Sequence[str]) -> list[str]:
         if not agent_tags:
             return []
@@ -755,6 +849,7 @@ class PostgresStore:
         )
         return [execution_id for (execution_id,) in rows]
 
+    @_retried
     async def renew(self, claims: Sequence[Claim], until: datetime) -> list[Claim]:
         if not claims:
             return []
@@ -767,6 +862,7 @@ class PostgresStore:
         kept = {(i, h) for i, h in rows}
         return [c for c in claims if (c.id, c.holder) in kept]
 
+    @_retried
     async def complete(self, claim: Claim) -> bool:
         async with self._conn() as conn:
             cur = await conn.execute(
@@ -775,6 +871,7 @@ class PostgresStore:
             )
             return cur.rowcount == 1
 
+    @_retried
     async def release(self, claim: Claim) -> None:
         async with self._write() as conn:
             cur = await conn.execute(
@@ -844,6 +941,7 @@ class PostgresStore:
             )
         return out
 
+    @_retried
     async def claim_deliveries(
         self,
         agent_tags: Sequence[str],
@@ -885,6 +983,7 @@ class PostgresStore:
             rows = sorted(await cur.fetchall(), key=lambda r: (r[7], r[0]))
             return await self._deliveries(conn, rows)
 
+    @_retried
     async def release_delivery(self, delivery_id: int, worker: str) -> None:
         async with self._write() as conn:
             await conn.execute(
@@ -893,6 +992,7 @@ class PostgresStore:
                 (delivery_id, worker),
             )
 
+    @_retried
     async def record_attempt(
         self,
         delivery_id: int,
@@ -928,6 +1028,7 @@ class PostgresStore:
             )
         return True
 
+    @_retried
     async def deliveries(self, request_id: str) -> list[Delivery]:
         async with self._conn() as conn:
             cur = await conn.execute(
@@ -936,6 +1037,7 @@ class PostgresStore:
             )
             return await self._deliveries(conn, await cur.fetchall())
 
+    @_retried
     async def disable_endpoint(self, url: str, at: datetime, reason: str) -> None:
         async with self._write() as conn:
             await conn.execute(
@@ -944,6 +1046,7 @@ class PostgresStore:
                 (url, _utc(at), reason),
             )
 
+    @_retried
     async def endpoint_disabled(self, url: str) -> bool:
         row = await self._one("SELECT 1 FROM clearance_disabled_endpoints WHERE url = %s", (url,))
         return row is not None

@@ -19,7 +19,6 @@ import asyncio
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from bench.agents import AGENT, INPUT, RESULT, define_refund_agent
@@ -28,10 +27,10 @@ from clearance import Clearance, ToolContext
 from clearance.app import DEFAULT_POLL_INTERVAL
 
 
-async def _decider(path: str) -> None:
+async def _decider(store: str) -> None:
     """Worker: decide each request id read from stdin, after the delay given with it."""
     loop = asyncio.get_running_loop()
-    app = Clearance.open(f"sqlite:///{path}")
+    app = Clearance.open(store)
     try:
         print("ready", flush=True)
         while True:
@@ -46,12 +45,13 @@ async def _decider(path: str) -> None:
         await app.close()
 
 
-def decider(path: str) -> dict[str, Any]:
-    asyncio.run(_decider(path))
+def decider(store: str) -> dict[str, Any]:
+    asyncio.run(_decider(store))
     return {}
 
 
-async def _measure(path: Path, poll: float, samples: int) -> list[float]:
+async def measure_latency(store: str, poll: float, samples: int) -> list[float]:
+    """Seconds from a decision's commit in another process to the tool's start here."""
     started: dict[str, float] = {}
     arrived = asyncio.Event()
 
@@ -61,7 +61,7 @@ async def _measure(path: Path, poll: float, samples: int) -> list[float]:
         return RESULT
 
     latencies = []
-    async with Clearance.open(f"sqlite:///{path}", poll_interval=poll) as app:
+    async with Clearance.open(store, poll_interval=poll) as app:
         model = define_refund_agent(app, handler=handler)
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -69,7 +69,7 @@ async def _measure(path: Path, poll: float, samples: int) -> list[float]:
             "bench",
             "--worker",
             "decider",
-            str(path),
+            store,
             cwd=ROOT,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -113,7 +113,8 @@ def run(sizes: Sizes) -> Section:
     rows = []
     for poll in sizes.poll_intervals:
         with scratch_dir("latency") as where:
-            latencies = asyncio.run(_measure(where / "bench.db", poll, sizes.latency_samples))
+            store = f"sqlite:///{where / 'bench.db'}"
+            latencies = asyncio.run(measure_latency(store, poll, sizes.latency_samples))
         p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
         default = " (default)" if poll == DEFAULT_POLL_INTERVAL else ""
         rows.append(

@@ -13,7 +13,14 @@ from typing import Any
 
 from bench.common import Section, Sizes, machine_lines, table
 
-NEEDS = ("langgraph", "langgraph.checkpoint.sqlite", "aiosqlite", "holdpoint")
+NEEDS = (
+    "langgraph",
+    "langgraph.checkpoint.sqlite",
+    "langgraph.checkpoint.postgres",
+    "aiosqlite",
+    "holdpoint",
+    "psycopg",
+)
 
 
 def missing_extras() -> list[str]:
@@ -38,6 +45,10 @@ def _worker(kind: str, args: Sequence[str]) -> int:
         from bench.scale import langgraph_level
 
         result = langgraph_level(int(args[0]))
+    elif kind == "pg-lanes":
+        from bench.postgres import lanes_worker
+
+        result = lanes_worker(*args)
     elif kind == "decider":
         from bench.latency import decider
 
@@ -93,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4, 5),
+        choices=(1, 2, 3, 4, 5, 6),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -126,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(profile.run(30 if args.quick else 300))
         return 0
 
-    from bench import concurrent, cycle, latency, scale, step
+    from bench import concurrent, cycle, latency, postgres, scale, step
 
     benchmarks: dict[int, Callable[[Sizes], Section]] = {
         1: cycle.run,
@@ -134,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         3: step.run,
         4: latency.run,
         5: concurrent.run,
+        6: postgres.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))

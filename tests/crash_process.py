@@ -200,7 +200,7 @@ def uses_parallel(seed: int, order: str) -> bool:
 
 async def host(args: argparse.Namespace) -> None:
     events = Events(args.events, args.launch)
-    async with Clearance.open(f"sqlite:///{args.db}", poll_interval=0.05, **open_options()) as app:
+    async with Clearance.open(args.store, poll_interval=0.05, **open_options()) as app:
         define_agents(app, events, args.seed)
         print(f"ready {os.getpid()}", flush=True)
 
@@ -216,7 +216,7 @@ async def host(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("db")
+    parser.add_argument("store", help="the store URL")
     parser.add_argument("events")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--launch", type=int, required=True)

@@ -88,7 +88,7 @@ def define(app: Clearance, runs_file: str, label: str, tool_seconds: float) -> N
 
 
 async def host(args: argparse.Namespace) -> None:
-    async with Clearance.open(f"sqlite:///{args.db}", poll_interval=0.05, **open_options()) as app:
+    async with Clearance.open(args.store, poll_interval=0.05, **open_options()) as app:
         define(app, args.runs_file, args.label, args.tool_seconds)
         say(event="ready", pid=os.getpid(), hostname=socket.gethostname(), label=args.label)
         loop = asyncio.get_running_loop()
@@ -124,7 +124,7 @@ async def host(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("db")
+    parser.add_argument("store", help="the store URL")
     parser.add_argument("runs_file")
     parser.add_argument("label")
     parser.add_argument("--tool-seconds", type=float, default=4.0)

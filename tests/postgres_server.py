@@ -38,9 +38,11 @@ def postgres_url() -> Iterator[str]:
     name = f"clearance_test_{os.getpid()}_{secrets.token_hex(4)}"
     with admin:
         admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        try:
-            yield _with_database(ADMIN_URL, name)
-        finally:
+    try:
+        yield _with_database(ADMIN_URL, name)
+    finally:
+        # On a connection of its own: a test may have restarted the server meanwhile.
+        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=30) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )

@@ -28,7 +28,7 @@ and a short merged timeline of this process's actions and the hosts' runs.
 
 Running it:
 
-    pytest tests/test_crash.py                       # CI: 20 trials, fixed seeds
+    pytest tests/test_crash.py                       # CI: 20 trials on SQLite, 10 on PostgreSQL
     pytest tests/test_crash.py -m soak               # 300 trials (CLEARANCE_CRASH_TRIALS=N)
     CLEARANCE_CRASH_SEEDS=1234,99 pytest tests/test_crash.py -k lose_nothing   # replay seeds
 
@@ -56,9 +56,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres_server import postgres_url
 
 from clearance import ApprovalRequest, Clearance, ClearanceError, Execution
 
+__all__ = ["postgres_url"]  # the fixture, for pytest
 SCRIPT = str(Path(__file__).with_name("crash_process.py"))
 # Statuses as the README names them (kept here so the test needs no runtime internals).
 PENDING, RUNNING = "pending", "running"
@@ -67,6 +69,7 @@ RESTING = TERMINAL | {"awaiting_approval"}
 GATED = ("process-refund", "send-email")
 BASE_SEED = int(os.environ.get("CLEARANCE_CRASH_SEED", "20240115"))
 CI_TRIALS = 20
+PG_TRIALS = 10  # in CI, on PostgreSQL (each trial a schema of its own)
 SOAK_TRIALS = int(os.environ.get("CLEARANCE_CRASH_TRIALS", "300"))
 PARALLEL = int(os.environ.get("CLEARANCE_CRASH_PARALLEL", "2"))
 KILLS = (1, 3)  # host launches killed per trial, before the last one
@@ -127,6 +130,7 @@ class Host:
 class Trial:
     seed: int
     dir: Path
+    store: str = ""  # a store URL; "" is a fresh SQLite file in `dir`
     rng: random.Random = field(init=False)
     t0: float = field(default_factory=time.time)
     timeline: list[tuple[float, str]] = field(default_factory=list)
@@ -144,8 +148,8 @@ class Trial:
         self.dir.mkdir(parents=True)
 
     @property
-    def db(self) -> Path:
-        return self.dir / "crash.db"
+    def url(self) -> str:
+        return self.store or f"sqlite:///{self.dir / 'crash.db'}"
 
     @property
     def events_path(self) -> Path:
@@ -168,7 +172,7 @@ class Trial:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 SCRIPT,
-                str(self.db),
+                self.url,
                 str(self.events_path),
                 "--seed",
                 str(self.seed),
@@ -424,11 +428,11 @@ def tail(path: Path, n: int) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
-async def run_trial(seed: int, workdir: Path) -> str | None:
+async def run_trial(seed: int, workdir: Path, store: str = "") -> str | None:
     """One trial; returns a failure report, or None when every promise held."""
-    trial = Trial(seed, workdir)
+    trial = Trial(seed, workdir, store)
     kills = trial.rng.randint(*KILLS)
-    async with Clearance.open(f"sqlite:///{trial.db}", poll_interval=0.05) as app:
+    async with Clearance.open(trial.url, poll_interval=0.05) as app:
         reviewer = asyncio.create_task(trial.review(app))
         try:
             for launch in range(kills):
@@ -457,7 +461,7 @@ async def run_trial(seed: int, workdir: Path) -> str | None:
                 if host.proc.returncode is None:
                     await trial.kill(host)
     # Judged from an instance with no background work, so nothing moves while it looks.
-    quiet = Clearance.open(f"sqlite:///{trial.db}")
+    quiet = Clearance.open(trial.url)
     try:
         problems = await trial.check(quiet)
     finally:
@@ -465,14 +469,16 @@ async def run_trial(seed: int, workdir: Path) -> str | None:
     return trial.report(problems) if problems else None
 
 
-async def run_trials(all_seeds: list[int], tmp_path: Path) -> None:
+async def run_trials(all_seeds: list[int], tmp_path: Path, postgres: str = "") -> None:
+    """`postgres`: the database URL to run them on, a schema per trial; else SQLite."""
     gate = asyncio.Semaphore(PARALLEL)
     started = time.monotonic()
 
     async def one(seed: int) -> str | None:
         async with gate:
             try:
-                return await run_trial(seed, tmp_path / f"seed-{seed}")
+                store = f"{postgres}?schema=crash_{seed}" if postgres else ""
+                return await run_trial(seed, tmp_path / f"seed-{seed}", store)
             except Exception as err:  # a broken harness run is reported with its seed too
                 return f"seed {seed}: the trial itself broke: {type(err).__name__}: {err}"
 
@@ -495,3 +501,14 @@ async def test_random_sigkills_lose_nothing(tmp_path: Path) -> None:
 @pytest.mark.soak
 async def test_random_sigkills_soak(tmp_path: Path) -> None:
     await run_trials(seeds(SOAK_TRIALS, 100_000), tmp_path)
+
+
+async def test_random_sigkills_lose_nothing_on_postgresql(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    await run_trials(seeds(PG_TRIALS, 50_000), tmp_path, postgres_url)
+
+
+@pytest.mark.soak
+async def test_random_sigkills_soak_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    await run_trials(seeds(SOAK_TRIALS, 150_000), tmp_path, postgres_url)

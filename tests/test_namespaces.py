@@ -1,4 +1,5 @@
-"""Two hosts with the same hostname in separate PID namespaces, sharing one SQLite file.
+"""Two hosts with the same hostname in separate PID namespaces, sharing one store (a SQLite
+file, or a PostgreSQL database).
 
 This is what two containers (or pods) on one volume look like: the same
 hostname, and both apps at the same small pid. Each host runs
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -42,9 +44,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from postgres_server import postgres_url
 
 from clearance import Clearance
 
+__all__ = ["postgres_url"]  # the fixture, for pytest
 SCRIPT = str(Path(__file__).with_name("namespace_host.py"))
 HOSTNAME = "same-host"
 UNKNOWN_OUTCOME = "may or may not have taken effect"
@@ -139,8 +143,17 @@ class Host:
             await asyncio.wait_for(self.reader, 5)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store both hosts and the test share: a SQLite file, or a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ns.db'}"
+    postgres: str = request.getfixturevalue("postgres_url")
+    return f"{postgres}?schema=ns_{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
+
+
 @pytest.fixture
-async def hosts(prefix: list[str], tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
+async def hosts(prefix: list[str], tmp_path: Path, store: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[Host] = []
 
     async def spawn(label: str, tool_seconds: float = 4.0) -> Host:
@@ -153,7 +166,7 @@ async def hosts(prefix: list[str], tmp_path: Path) -> AsyncIterator[Callable[...
                 f'hostname {HOSTNAME} && exec "$0" "$@"',
                 sys.executable,
                 SCRIPT,
-                str(tmp_path / "ns.db"),
+                store,
                 str(tmp_path / "runs.jsonl"),
                 label,
                 "--tool-seconds",
@@ -226,7 +239,7 @@ def check_ran_once_and_recorded(ex: Any, ran: list[dict[str, Any]], by: str | No
 
 
 async def test_live_tool_run_on_host_a_is_not_taken_over_by_host_b(
-    hosts: Callable[..., Any], tmp_path: Path
+    hosts: Callable[..., Any], tmp_path: Path, store: str
 ) -> None:
     a = await hosts("A", tool_seconds=4.0)
     b = await hosts("B")
@@ -236,7 +249,7 @@ async def test_live_tool_run_on_host_a_is_not_taken_over_by_host_b(
     await a.send(cmd="approve", execution_id=ran["execution_id"], request_id=ran["request_id"])
     await until(lambda: runs(tmp_path), "the tool starts on A")  # ...and B polls meanwhile
     assert b.proc.returncode is None
-    async with Clearance.open(f"sqlite:///{tmp_path / 'ns.db'}") as app:
+    async with Clearance.open(store) as app:
         ex = await rested(app, ran["execution_id"])
     check_ran_once_and_recorded(ex, runs(tmp_path), by="A")
     signalled = await a.wait_said("signalled")
@@ -245,7 +258,7 @@ async def test_live_tool_run_on_host_a_is_not_taken_over_by_host_b(
 
 
 async def test_with_both_hosts_polling_each_decision_runs_once_and_is_recorded(
-    hosts: Callable[..., Any], tmp_path: Path
+    hosts: Callable[..., Any], tmp_path: Path, store: str
 ) -> None:
     a = await hosts("A", tool_seconds=2.0)
     await hosts("B", tool_seconds=2.0)
@@ -254,7 +267,7 @@ async def test_with_both_hosts_polling_each_decision_runs_once_and_is_recorded(
         await until(lambda i=i: len(a.all_said("ran")) > i, f"A starts execution {i}")
     paused = a.all_said("ran")
     assert len(paused) == 4 and all(p["status"] == "awaiting_approval" for p in paused), paused
-    async with Clearance.open(f"sqlite:///{tmp_path / 'ns.db'}") as app:
+    async with Clearance.open(store) as app:
         for p in paused:  # decided here; whichever host picks a decision up runs it
             await app.decide(p["request_id"], approved=True, by="reviewer")
         executions = [await rested(app, p["execution_id"]) for p in paused]
@@ -265,7 +278,7 @@ async def test_with_both_hosts_polling_each_decision_runs_once_and_is_recorded(
 
 @pytest.mark.parametrize("a_leaves", ["exits", "is killed"])
 async def test_decision_recorded_while_only_b_polls_is_carried_out_by_b_once(
-    hosts: Callable[..., Any], tmp_path: Path, a_leaves: str
+    hosts: Callable[..., Any], tmp_path: Path, store: str, a_leaves: str
 ) -> None:
     a = await hosts("A")
     await hosts("B", tool_seconds=0.5)
@@ -276,7 +289,7 @@ async def test_decision_recorded_while_only_b_polls_is_carried_out_by_b_once(
         await a.send(cmd="exit")
         await a.wait_said("closed")
     await a.kill()
-    async with Clearance.open(f"sqlite:///{tmp_path / 'ns.db'}") as app:
+    async with Clearance.open(store) as app:
         # Recorded here, by a process that hosts nothing: B, polling, must carry it out.
         await app.decide(ran["request_id"], approved=True, by="reviewer")
         ex = await rested(app, ran["execution_id"])
@@ -286,7 +299,7 @@ async def test_decision_recorded_while_only_b_polls_is_carried_out_by_b_once(
 
 
 async def test_work_of_a_host_that_died_mid_tool_is_resolved_by_b_without_rerunning(
-    hosts: Callable[..., Any], tmp_path: Path
+    hosts: Callable[..., Any], tmp_path: Path, store: str
 ) -> None:
     a = await hosts("A", tool_seconds=60.0)
     await a.send(cmd="run", input="Refund order ORD-NS")
@@ -295,7 +308,7 @@ async def test_work_of_a_host_that_died_mid_tool_is_resolved_by_b_without_rerunn
     await until(lambda: runs(tmp_path), "the tool starts on A")
     await a.kill()  # A dies inside the handler; B comes up afterwards and alone
     await hosts("B")
-    async with Clearance.open(f"sqlite:///{tmp_path / 'ns.db'}") as app:
+    async with Clearance.open(store) as app:
         ex = await rested(app, ran["execution_id"])  # bounded: within a lease's expiry
     assert ex.status == "completed", (ex.status, ex.error)
     assert len(runs(tmp_path)) == 1  # at most once: not run again

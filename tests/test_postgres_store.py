@@ -4,8 +4,11 @@ audit log the database itself keeps append-only, two processes on one database."
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -131,3 +134,104 @@ def test_a_bad_schema_name_is_refused() -> None:
 def test_store_schemes_come_from_entry_points() -> None:
     with pytest.raises(ClearanceError, match=r"'redis://'; accepted: memory://, postgres://"):
         Clearance.open("redis://localhost")
+
+
+async def test_a_kept_state_pushed_out_of_the_cache_while_its_load_awaited_still_loads(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by 4 workers with 125 executions each: a load found the state it kept, then
+    # awaited the database while other steps filled the cache; it failed with KeyError.
+    recorder = Recorder()
+    async with Clearance.open(url) as app:
+        define_refund_agent(app, recorder)
+        ex = await app.run("safe-agent", input="Refund order ORD-123")
+        store = app.store
+        assert isinstance(store, PostgresStore)
+        connection = store._conn
+
+        class Crowded:
+            """A connection during whose queries 256 other executions move on."""
+
+            def __init__(self, conn: Any) -> None:
+                self.conn = conn
+
+            async def execute(self, query: str, *args: Any) -> Any:
+                store._states.clear()
+                return await self.conn.execute(query, *args)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.conn, name)
+
+        @contextlib.asynccontextmanager
+        async def crowded() -> AsyncIterator[Any]:
+            async with connection() as conn:
+                yield Crowded(conn)
+
+        monkeypatch.setattr(store, "_conn", crowded)
+        assert await store.load(ex.id) == ex
+
+
+async def test_connections_killed_mid_flight_cost_retries_not_data_or_double_runs(
+    url: str,
+) -> None:
+    # What a failover or a restarted server does to a worker: every connection it
+    # holds (the pool's and the one listening for NOTIFY) dies mid-step.
+    recorder = Recorder()
+    base, _ = _plain(url)
+    async with (
+        Clearance.open(url) as app,
+        await psycopg.AsyncConnection.connect(base, autocommit=True) as admin,
+    ):
+        define_refund_agent(app, recorder)
+        paused = await asyncio.gather(
+            *(app.run("safe-agent", input=f"Refund order ORD-{n}") for n in range(20))
+        )
+
+        async def kill_every_connection(times: int) -> int:
+            killed = 0
+            for _ in range(times):
+                cur = await admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                killed += (await cur.fetchone() or (0,))[0]
+                await asyncio.sleep(0.005)
+            return killed
+
+        decided = [
+            app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
+            for ex in paused
+        ]
+        *done, killed = await asyncio.gather(*decided, kill_every_connection(20))
+        assert killed > 0
+        assert [ex.status for ex in done] == ["completed"] * 20
+        keys = [ctx.idempotency_key for name, ctx, _ in recorder.calls if name == "process-refund"]
+        assert len(keys) == len(set(keys)) == 20
+        assert len(await app.store.audit()) == 20
+
+
+RESTART = os.environ.get("CLEARANCE_PG_RESTART") == "1"
+
+
+@pytest.mark.skipif(not RESTART, reason="restarts the machine's PostgreSQL: CLEARANCE_PG_RESTART=1")
+async def test_a_restarted_server_costs_retries_not_data_or_double_runs(url: str) -> None:
+    recorder = Recorder()
+    async with Clearance.open(url) as app:
+        define_refund_agent(app, recorder)
+        paused = await asyncio.gather(
+            *(app.run("safe-agent", input=f"Refund order ORD-{n}") for n in range(20))
+        )
+        version = sorted(os.listdir("/etc/postgresql"))[-1]
+        restart = await asyncio.create_subprocess_exec(
+            "pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"
+        )
+        decided = [
+            app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
+            for ex in paused
+        ]
+        done = await asyncio.gather(*decided)
+        assert await restart.wait() == 0
+        assert [ex.status for ex in done] == ["completed"] * 20
+        keys = [ctx.idempotency_key for name, ctx, _ in recorder.calls if name == "process-refund"]
+        assert len(keys) == len(set(keys)) == 20
+        assert len(await app.store.audit()) == 20
