@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -40,28 +38,21 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from clearance.adapters.packed_json import compact_json, pack, unpack
+from clearance.adapters.stored_log import KeptStates, Specs, fold, read_events, work_command
 from clearance.core.agent import AgentSpec
-from clearance.core.commands import AuditRecord, CallModel, RunTool
+from clearance.core.commands import AuditRecord, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.replay import (
     DECIDE_VERSION,
-    OLDEST_VERSION,
-    ReplayFailed,
-    UnknownVersion,
-    replay,
 )
 from clearance.core.rows import Writes
-from clearance.core.schema import canonical
 from clearance.core.wire import (
     audit_from_data,
-    command_from_data,
     command_to_data,
     converter,
-    event_from_data,
     event_to_data,
-    execution_from_data,
     execution_to_data,
     request_from_data,
 )
@@ -76,7 +67,6 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
-    reading,
 )
 
 P = ParamSpec("P")
@@ -184,17 +174,22 @@ def _retried(
     return again
 
 
+def _conflict(execution: Execution) -> Conflict:
+    """Another event took the slot this step's event was to fill."""
+    if execution.seq == 1:
+        return Conflict(f"execution {execution.id} already exists")
+    return Conflict(f"execution {execution.id} moved past version {execution.seq - 1}")
+
+
+def _lease_lost(done: Claim, execution: Execution) -> LeaseLost:
+    return LeaseLost(
+        f"work {done.id} of execution {execution.id} is no longer held by {done.holder}:"
+        " its lease ran out and it was taken over"
+    )
+
+
 def _utc(at: datetime) -> datetime:
     return at.astimezone(UTC)
-
-
-def _work_command(body: str) -> tuple[CallModel | RunTool, bool]:
-    """A work row's command, and whether a stop cancelled it before it started."""
-    data = json.loads(body)
-    cancelled = bool(data.pop("cancelled", False))
-    command = command_from_data(data)
-    assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
-    return command, cancelled
 
 
 def _split_url(url: str) -> tuple[str, str | None]:
@@ -247,9 +242,8 @@ class PostgresStore:
         # Our own notifications wake nobody here: their payload is this token.
         self._token = secrets.token_hex(8)
         self._listener: psycopg.AsyncConnection[Any] | None = None
-        self._states: OrderedDict[str, Execution] = OrderedDict()
-        self._spec_ids: dict[int, tuple[AgentSpec, str, str]] = {}
-        self._specs: dict[str, AgentSpec] = {}
+        self._states = KeptStates(STATES_CACHED)
+        self._specs = Specs()
 
     # -- opening --------------------------------------------------------------------------
 
@@ -341,19 +335,8 @@ class PostgresStore:
 
     # -- agents ---------------------------------------------------------------------------
 
-    def _spec_row(self, spec: AgentSpec) -> tuple[str, str]:
-        """The spec's id and stored body (the id is a hash of the body)."""
-        known = self._spec_ids.get(id(spec))
-        if known is None:
-            body = canonical(converter.unstructure(spec))
-            known = (spec, hashlib.sha256(body.encode()).hexdigest()[:24], body)
-            self._spec_ids[id(spec)] = known
-            self._specs.setdefault(known[1], spec)
-        _, spec_id, body = known
-        return spec_id, body
-
     async def _spec_id(self, conn: psycopg.AsyncConnection[Any], spec: AgentSpec) -> str:
-        spec_id, body = self._spec_row(spec)
+        spec_id, body = self._specs.row(spec)
         await conn.execute(
             "INSERT INTO clearance_agents (spec_id, body) VALUES (%s, %s)"
             " ON CONFLICT (spec_id) DO NOTHING",
@@ -362,7 +345,7 @@ class PostgresStore:
         return spec_id
 
     async def _spec(self, conn: psycopg.AsyncConnection[Any], spec_id: str) -> AgentSpec:
-        spec = self._specs.get(spec_id)
+        spec = self._specs.known(spec_id)
         if spec is None:
             cur = await conn.execute(
                 "SELECT body FROM clearance_agents WHERE spec_id = %s", (spec_id,)
@@ -370,9 +353,7 @@ class PostgresStore:
             found = await cur.fetchone()
             if found is None:
                 raise UnreadableExecution(f"agent spec {spec_id} is not in the store")
-            spec = converter.structure(json.loads(found[0]), AgentSpec)
-            self._specs[spec_id] = spec
-            self._spec_ids[id(spec)] = (spec, spec_id, found[0])
+            spec = self._specs.read(spec_id, found[0])
         return spec
 
     # -- executions and their log -----------------------------------------------------------
@@ -404,7 +385,7 @@ class PostgresStore:
                 if attempt == ATTEMPTS - 1:
                     raise
                 await self._after_connection_loss(attempt)
-        self._remember(writes.execution)
+        self._states.keep(writes.execution)
         return work
 
     @_retried
@@ -425,7 +406,7 @@ class PostgresStore:
             )
             work = []
             for work_id, execution_id, tag, text, holder in await cur.fetchall():
-                command, cancelled = _work_command(text)
+                command, cancelled = work_command(text)
                 work.append(Work(work_id, execution_id, tag, command, holder, None, cancelled))
             return work
 
@@ -505,11 +486,7 @@ class PostgresStore:
                         await self._notify(conn)
                     if finished is not None and await finished.fetchone() is None:
                         assert done is not None
-                        raise LeaseLost(
-                            f"work {done.id} of execution {execution.id} is no longer"
-                            f" held by {done.holder}: its lease ran out and it was"
-                            " taken over"
-                        )
+                        raise _lease_lost(done, execution)
                     queued = []
                     for command, holder, cur in zip(writes.work, holders, inserted, strict=True):
                         (work_id,) = await cur.fetchone() or (None,)
@@ -518,11 +495,7 @@ class PostgresStore:
                             Work(work_id, execution.id, execution.agent_tag, command, holder)
                         )
             except psycopg.errors.UniqueViolation:
-                if first:
-                    raise Conflict(f"execution {execution.id} already exists") from None
-                raise Conflict(
-                    f"execution {execution.id} moved past version {expected_seq}"
-                ) from None
+                raise _conflict(execution) from None
         return cancelled + queued
 
     async def _commit_in_one_statement(
@@ -559,7 +532,7 @@ class PostgresStore:
         ok = "(SELECT ok FROM g)"
         spec_id = None
         if first:
-            spec_id, spec_body = self._spec_row(execution.agent)
+            spec_id, spec_body = self._specs.row(execution.agent)
             parts.append(
                 "ag AS (INSERT INTO clearance_agents (spec_id, body)"
                 f" SELECT %(spec_id)s, %(spec_body)s WHERE {ok} ON CONFLICT DO NOTHING)"
@@ -675,18 +648,11 @@ class PostgresStore:
                 cur = await conn.execute(query, args)
                 row = await cur.fetchone()
         except psycopg.errors.UniqueViolation:
-            if first:
-                raise Conflict(f"execution {execution.id} already exists") from None
-            raise Conflict(
-                f"execution {execution.id} moved past version {execution.seq - 1}"
-            ) from None
+            raise _conflict(execution) from None
         assert row is not None
         if not row[0]:
             assert done is not None
-            raise LeaseLost(
-                f"work {done.id} of execution {execution.id} is no longer held by"
-                f" {done.holder}: its lease ran out and it was taken over"
-            )
+            raise _lease_lost(done, execution)
         ids = row[1] or []
         return [
             Work(work_id, execution.id, execution.agent_tag, command, holder)
@@ -711,7 +677,7 @@ class PostgresStore:
         )
         cancelled = []
         for work_id, body in await cur.fetchall():
-            command, _ = _work_command(body)
+            command, _ = work_command(body)
             if isinstance(command, RunTool):
                 await conn.execute(
                     "UPDATE clearance_work SET body = %s, holder = %s, lease_until = %s"
@@ -815,18 +781,12 @@ class PostgresStore:
                 if last == cached.seq:
                     # Remembered again, not moved: while this awaited, other steps'
                     # states may have pushed it out of the bounded cache.
-                    self._remember(cached)
+                    self._states.keep(cached)
                     return cached
             loaded = await self._fold(conn, execution_id)
         if loaded is not None:
-            self._remember(loaded)
+            self._states.keep(loaded)
         return loaded
-
-    def _remember(self, execution: Execution) -> None:
-        self._states[execution.id] = execution
-        self._states.move_to_end(execution.id)
-        if len(self._states) > STATES_CACHED:
-            self._states.popitem(last=False)
 
     async def _fold(
         self, conn: psycopg.AsyncConnection[Any], execution_id: str
@@ -842,23 +802,9 @@ class PostgresStore:
             return None
         spec_id, version, since, state = row
         spec = await self._spec(conn, spec_id)
-        snapshot = None
-        if state is not None:
-            with reading(execution_id, f"snapshot at event {since}"):
-                data = unpack(bytes(state))
-                data["agent"] = spec
-                snapshot = execution_from_data(data)
-        events = []
-        for seq, body in await self._log(conn, execution_id, since or 0):
-            with reading(execution_id, f"event {seq}"):
-                events.append((seq, event_from_data(unpack(bytes(body)))))
-        try:
-            return replay(spec, snapshot, [e for _, e in events], version or OLDEST_VERSION)
-        except ReplayFailed as failed:
-            with reading(execution_id, f"event {events[failed.index][0]}"):
-                raise failed.error from None
-        except UnknownVersion as newer:
-            raise UnreadableExecution(f"execution {execution_id}: {newer}") from None
+        snapshot = None if state is None else (since, bytes(state))
+        log = await self._log(conn, execution_id, since or 0)
+        return fold(execution_id, spec, version, snapshot, log)
 
     @staticmethod
     async def _log(
@@ -875,11 +821,7 @@ class PostgresStore:
     async def events(self, execution_id: str) -> list[Event]:
         async with self._conn() as conn:
             rows = await self._log(conn, execution_id)
-        events = []
-        for seq, body in rows:
-            with reading(execution_id, f"event {seq}"):
-                events.append(event_from_data(unpack(bytes(body))))
-        return events
+        return [event for _, event in read_events(execution_id, rows)]
 
     # -- approvals, timers, audit -----------------------------------------------------------
 
@@ -1021,7 +963,7 @@ class PostgresStore:
                     },
                 )
                 for work_id, execution_id, tag, body, previous in await cur.fetchall():
-                    command, cancelled = _work_command(body)
+                    command, cancelled = work_command(body)
                     taken.append(
                         Work(work_id, execution_id, tag, command, holder, previous, cancelled)
                     )

@@ -16,12 +16,10 @@ sixth of LangGraph's bytes per paused run.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import secrets
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -31,28 +29,21 @@ from typing import Any
 import attrs
 
 from clearance.adapters.packed_json import compact_json, pack, unpack
+from clearance.adapters.stored_log import KeptStates, Specs, fold, read_events, work_command
 from clearance.core.agent import AgentSpec
-from clearance.core.commands import AuditRecord, CallModel, RunTool
+from clearance.core.commands import AuditRecord, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.replay import (
     DECIDE_VERSION,
-    OLDEST_VERSION,
-    ReplayFailed,
-    UnknownVersion,
-    replay,
 )
 from clearance.core.rows import Writes
-from clearance.core.schema import canonical
 from clearance.core.wire import (
     audit_from_data,
-    command_from_data,
     command_to_data,
     converter,
-    event_from_data,
     event_to_data,
-    execution_from_data,
     execution_to_data,
     parse_stamp,
     request_from_data,
@@ -69,7 +60,6 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
-    reading,
 )
 
 SCHEMA = """
@@ -204,15 +194,6 @@ class _Pending:
     future: asyncio.Future[list[Work]]
 
 
-def _work_command(body: str) -> tuple[CallModel | RunTool, bool]:
-    """A work row's command, and whether a stop cancelled it before it started."""
-    data = json.loads(body)
-    cancelled = bool(data.pop("cancelled", False))
-    command = command_from_data(data)
-    assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
-    return command, cancelled
-
-
 # Tables only Clearance's files hold, in every schema version: how a file is told
 # from another application's SQLite database.
 _OURS = frozenset({"events", "approvals", "timers"})
@@ -288,7 +269,7 @@ class SQLiteStore:
         self.path = path
         self.group_commit = group_commit
         self._batch: list[_Pending] = []
-        self._states: OrderedDict[str, Execution] = OrderedDict()
+        self._states = KeptStates(STATES_CACHED)
         self._last_work_id = 0
         self.snapshot_every = snapshot_every
         # Before anything writes to it (switching to WAL does): a file that is not ours
@@ -304,10 +285,7 @@ class SQLiteStore:
         except sqlite3.Error as err:  # a read-only file or filesystem, a full disk
             raise ClearanceError(f"{path} cannot be used as a Clearance database: {err}") from None
         self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
-        # (spec, spec_id, body) by the id() of specs we hold: a strong reference keeps
-        # ids unique.
-        self._spec_ids: dict[int, tuple[AgentSpec, str, str]] = {}
-        self._specs: dict[str, AgentSpec] = {}
+        self._specs = Specs()
 
     def _setup(self, path: str) -> None:
         with self._write():
@@ -339,28 +317,20 @@ class SQLiteStore:
         """The spec's id, its row written in the current transaction. Only the id is
         cached: a commit that rolls back (a Conflict) takes the row with it, so the
         next first event writes it again (an ignored insert when it is there)."""
-        known = self._spec_ids.get(id(spec))
-        if known is None:
-            body = canonical(converter.unstructure(spec))
-            known = (spec, hashlib.sha256(body.encode()).hexdigest()[:24], body)
-            self._spec_ids[id(spec)] = known
-            self._specs.setdefault(known[1], spec)
-        _, spec_id, body = known
+        spec_id, body = self._specs.row(spec)
         self._db.execute(
             "INSERT OR IGNORE INTO agents (spec_id, body) VALUES (?, ?)", (spec_id, body)
         )
         return spec_id
 
     def _spec(self, spec_id: str) -> AgentSpec:
-        spec = self._specs.get(spec_id)
+        spec = self._specs.known(spec_id)
         if spec is None:
             row = self._db.execute("SELECT body FROM agents WHERE spec_id = ?", (spec_id,))
             found = row.fetchone()
             if found is None:
                 raise UnreadableExecution(f"agent spec {spec_id} is not in the store")
-            spec = converter.structure(json.loads(found[0]), AgentSpec)
-            self._specs[spec_id] = spec
-            self._spec_ids[id(spec)] = (spec, spec_id, found[0])
+            spec = self._specs.read(spec_id, found[0])
         return spec
 
     # -- executions and their log -------------------------------------------------------
@@ -381,7 +351,7 @@ class SQLiteStore:
         if not self.group_commit or alone:
             with self._write():
                 queued = self._step(writes, expected_seq, claim, done)
-            self._remember(writes.execution)
+            self._states.keep(writes.execution)
             return queued
         # Group commit: every step committed during one turn of the event loop goes into
         # one transaction, each in its own savepoint (a Conflict or LeaseLost undoes only
@@ -421,7 +391,7 @@ class SQLiteStore:
             else:
                 step.future.set_result(outcome)
             if not isinstance(outcome, Exception):
-                self._remember(step.writes.execution)
+                self._states.keep(step.writes.execution)
         if orphaned:
             with self._write():
                 for claim in orphaned:
@@ -517,7 +487,7 @@ class SQLiteStore:
             "SELECT id, body FROM work WHERE execution_id = ? AND holder IS NULL", (execution.id,)
         ).fetchall()
         for work_id, body in rows:
-            command, _ = _work_command(body)
+            command, _ = work_command(body)
             if isinstance(command, RunTool):
                 db.execute(
                     "UPDATE work SET body = ?, holder = ?, lease_until = ? WHERE id = ?",
@@ -641,18 +611,12 @@ class SQLiteStore:
                 "SELECT max(seq) FROM events WHERE execution_id = ?", (execution_id,)
             ).fetchone()
             if last == cached.seq:
-                self._states.move_to_end(execution_id)
+                self._states.keep(cached)
                 return cached
         loaded = self._fold(execution_id)
         if loaded is not None:
-            self._remember(loaded)
+            self._states.keep(loaded)
         return loaded
-
-    def _remember(self, execution: Execution) -> None:
-        self._states[execution.id] = execution
-        self._states.move_to_end(execution.id)
-        if len(self._states) > STATES_CACHED:
-            self._states.popitem(last=False)
 
     def _fold(self, execution_id: str) -> Execution | None:
         row = self._db.execute(
@@ -666,23 +630,8 @@ class SQLiteStore:
         spec_id, version, since, state = row
         # The spec object we hold, not an equal copy: commit() finds its id by identity.
         spec = self._spec(spec_id)
-        snapshot = None
-        if state is not None:
-            with reading(execution_id, f"snapshot at event {since}"):
-                data = unpack(state)
-                data["agent"] = spec
-                snapshot = execution_from_data(data)
-        events = []
-        for seq, body in self._log(execution_id, since or 0):
-            with reading(execution_id, f"event {seq}"):
-                events.append((seq, event_from_data(unpack(body))))
-        try:
-            return replay(spec, snapshot, [e for _, e in events], version or OLDEST_VERSION)
-        except ReplayFailed as failed:
-            with reading(execution_id, f"event {events[failed.index][0]}"):
-                raise failed.error from None
-        except UnknownVersion as newer:
-            raise UnreadableExecution(f"execution {execution_id}: {newer}") from None
+        snapshot = None if state is None else (since, state)
+        return fold(execution_id, spec, version, snapshot, self._log(execution_id, since or 0))
 
     def _log(self, execution_id: str, after: int = 0) -> list[tuple[int, bytes]]:
         return self._db.execute(
@@ -691,11 +640,7 @@ class SQLiteStore:
         ).fetchall()
 
     async def events(self, execution_id: str) -> list[Event]:
-        events = []
-        for seq, body in self._log(execution_id):
-            with reading(execution_id, f"event {seq}"):
-                events.append(event_from_data(unpack(body)))
-        return events
+        return [event for _, event in read_events(execution_id, self._log(execution_id))]
 
     # -- approvals, timers, audit --------------------------------------------------------
 
@@ -827,7 +772,7 @@ class SQLiteStore:
         )
         taken = []
         for i, e, t, b, previous in won:
-            command, cancelled = _work_command(b)
+            command, cancelled = work_command(b)
             taken.append(Work(i, e, t, command, holder, previous, cancelled))
         return taken
 

@@ -1,0 +1,127 @@
+"""What every store adapter does with its rows once they are read, the same for all.
+
+An adapter's own code is its SQL; these are the pieces around it that do not depend
+on the database: the command a work row holds, agent specs stored once by a hash of
+their canonical body, the bounded set of states a store keeps from its own commits,
+and the fold of a stored snapshot and log tail back into an execution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from clearance.adapters.packed_json import unpack
+from clearance.core.agent import AgentSpec
+from clearance.core.commands import CallModel, RunTool
+from clearance.core.events import Event
+from clearance.core.execution import Execution
+from clearance.core.replay import OLDEST_VERSION, ReplayFailed, UnknownVersion, replay
+from clearance.core.schema import canonical
+from clearance.core.wire import (
+    command_from_data,
+    converter,
+    event_from_data,
+    execution_from_data,
+)
+from clearance.ports.store import UnreadableExecution, reading
+
+
+def work_command(body: str) -> tuple[CallModel | RunTool, bool]:
+    """A work row's command, and whether a stop cancelled it before it started."""
+    data = json.loads(body)
+    cancelled = bool(data.pop("cancelled", False))
+    command = command_from_data(data)
+    assert isinstance(command, CallModel | RunTool), f"not work: {command!r}"
+    return command, cancelled
+
+
+class Specs:
+    """Agent specs by id: a hash of the canonical body, so equal specs share one row.
+    The spec objects are held (by `id()`, with a strong reference), and a fold hands
+    back the very object a commit used."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, tuple[AgentSpec, str, str]] = {}
+        self._specs: dict[str, AgentSpec] = {}
+
+    def row(self, spec: AgentSpec) -> tuple[str, str]:
+        """The spec's id and the body to store under it."""
+        known = self._rows.get(id(spec))
+        if known is None:
+            body = canonical(converter.unstructure(spec))
+            known = (spec, hashlib.sha256(body.encode()).hexdigest()[:24], body)
+            self._rows[id(spec)] = known
+            self._specs.setdefault(known[1], spec)
+        return known[1], known[2]
+
+    def known(self, spec_id: str) -> AgentSpec | None:
+        return self._specs.get(spec_id)
+
+    def read(self, spec_id: str, body: str) -> AgentSpec:
+        """The spec stored as `body` under `spec_id`, now known."""
+        spec = converter.structure(json.loads(body), AgentSpec)
+        self._specs[spec_id] = spec
+        self._rows[id(spec)] = (spec, spec_id, body)
+        return spec
+
+
+class KeptStates:
+    """States a store committed or folded, by execution id, the most recent `size`: a
+    step usually loads what the step before wrote, and a paused execution still costs
+    nothing in memory at scale. A store checks one against the log before using it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._states: OrderedDict[str, Execution] = OrderedDict()
+
+    def get(self, execution_id: str) -> Execution | None:
+        return self._states.get(execution_id)
+
+    def keep(self, execution: Execution) -> None:
+        self._states[execution.id] = execution
+        self._states.move_to_end(execution.id)
+        if len(self._states) > self.size:
+            self._states.popitem(last=False)
+
+    def clear(self) -> None:
+        self._states.clear()
+
+
+def fold(
+    execution_id: str,
+    spec: AgentSpec,
+    version: int | None,
+    snapshot: tuple[int, bytes] | None,
+    log: Iterable[tuple[int, bytes]],
+) -> Execution:
+    """The execution from its stored snapshot (seq, packed state), if any, and the log
+    after it, replayed with the decide() version its first event names (None: the
+    oldest). A row that does not read back raises UnreadableExecution naming it."""
+    state = None
+    if snapshot is not None:
+        since, packed = snapshot
+        with reading(execution_id, f"snapshot at event {since}"):
+            data = unpack(packed)
+            data["agent"] = spec
+            state = execution_from_data(data)
+    events = read_events(execution_id, log)
+    try:
+        return replay(spec, state, [e for _, e in events], version or OLDEST_VERSION)
+    except ReplayFailed as failed:
+        with reading(execution_id, f"event {events[failed.index][0]}"):
+            raise failed.error from None
+    except UnknownVersion as newer:
+        raise UnreadableExecution(f"execution {execution_id}: {newer}") from None
+
+
+def read_events(execution_id: str, log: Iterable[tuple[int, bytes]]) -> list[tuple[int, Event]]:
+    """The log's (seq, packed event) rows as events; one that does not read back raises
+    UnreadableExecution naming it."""
+    events = []
+    for seq, body in log:
+        with reading(execution_id, f"event {seq}"):
+            events.append((seq, event_from_data(unpack(body))))
+    return events
