@@ -2,8 +2,9 @@
 serve the HTTP API. This module is the parser and `main` (the console entry point);
 the commands are in `cli_commands`, the interactive demo in `cli_demo`.
 
-Every command works on one SQLite database (`--db`, or $CLEARANCE_DB, else
-./clearance.db). Deciding needs no agent definition: `clearance approve` records
+Every command works on one store (`--db`: a SQLite file, or a store URL such as
+postgresql://host/db; else $CLEARANCE_DB, else ./clearance.db). Deciding needs no
+agent definition: `clearance approve` records
 the decision and returns, and the process hosting the agent (the demo, your
 app) notices it within its poll interval and carries on. Errors are one line
 on stderr and exit code 1; usage errors exit 2.
@@ -70,12 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clearance",
         description="Human approval gates for AI agents' tool calls.",
-        epilog=f"The database is --db PATH, else ${DB_ENV}, else ./{DEFAULT_DB}.",
+        epilog=f"The store is --db (a SQLite file or a store URL), else ${DB_ENV}, else"
+        f" ./{DEFAULT_DB}.",
     )
     parser.add_argument("--version", action="version", version=f"clearance {_version()}")
-    db_help = f"SQLite database (default ${DB_ENV}, else ./{DEFAULT_DB})"
+    db_help = (
+        f"SQLite database file, or a store URL such as postgresql://host/db (default"
+        f" ${DB_ENV}, else ./{DEFAULT_DB})"
+    )
     # Before or after the command, as with git and kubectl: `clearance --db x pending`.
-    parser.add_argument("--db", metavar="PATH", help=db_help)
+    parser.add_argument("--db", metavar="PATH|URL", help=db_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -88,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         # SUPPRESS: absent here, it leaves the value given before the command alone.
-        p.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, help=db_help)
+        p.add_argument("--db", metavar="PATH|URL", default=argparse.SUPPRESS, help=db_help)
         return p
 
     demo = command("demo", "run the spec's refund scenario and decide its approval")

@@ -2,8 +2,9 @@
 execution, read the audit log, serve the HTTP API; and what they share with the demo
 (the database, `--set` values, the lines they print for people).
 
-Every command works on one SQLite database (`--db`, or $CLEARANCE_DB, else
-./clearance.db). Deciding needs no agent definition: `clearance approve` records
+Every command works on one store (`--db`: a SQLite file, or a store URL such as
+postgresql://host/db; else $CLEARANCE_DB, else ./clearance.db). Deciding needs no
+agent definition: `clearance approve` records
 the decision and returns, and the process hosting the agent (the demo, your
 app) notices it within its poll interval and carries on. `--json` output is
 `views`' camelCase, strict JSON. Errors are one line on stderr and exit code 1;
@@ -26,6 +27,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import uvicorn
 
@@ -80,22 +82,38 @@ def default_user() -> str:
         return "cli"
 
 
-def db_path(args: argparse.Namespace, *, must_exist: bool) -> Path:
-    """The database's path. `must_exist`: a command that reads or decides, which must
-    find a Clearance database there and never creates or changes another file."""
-    path = Path(args.db or os.environ.get(DB_ENV) or DEFAULT_DB).expanduser().resolve()
+def db_path(args: argparse.Namespace, *, must_exist: bool) -> str:
+    """Where the store is: a SQLite file's resolved path, or a store URL as given
+    (postgresql://…). `must_exist`: a command that reads or decides, which must find a
+    Clearance database there and never creates or changes another file."""
+    given = args.db or os.environ.get(DB_ENV) or DEFAULT_DB
+    if "://" in given and not given.startswith("sqlite:///"):
+        return str(given)
+    path = Path(given.removeprefix("sqlite:///")).expanduser().resolve()
     if must_exist and not path.exists():
         raise ClearanceError(
             f"no database at {path}; pass --db PATH (or set ${DB_ENV}) to the database the "
             "agent uses, e.g. the one `clearance demo` printed"
         )
     check_database_file(str(path), must_hold_data=must_exist)
-    return path
+    return str(path)
+
+
+def store_url(where: str) -> str:
+    return where if "://" in where else f"sqlite:///{where}"
+
+
+def shown(where: str) -> str:
+    """`where` for messages: a URL without its user and password."""
+    if "://" not in where:
+        return where
+    parts = urlsplit(where)
+    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
 
 
 @asynccontextmanager
-async def opened(path: Path) -> AsyncIterator[Clearance]:
-    async with Clearance.open(f"sqlite:///{path}") as app:
+async def opened(where: str) -> AsyncIterator[Clearance]:
+    async with Clearance.open(store_url(where)) as app:
         yield app
 
 
@@ -177,7 +195,7 @@ async def cmd_pending(args: argparse.Namespace) -> int:
         return 0
     if not requests:
         which = f" for agent '{args.agent}'" if args.agent else ""
-        say(f"No pending approval requests{which} in {path}.")
+        say(f"No pending approval requests{which} in {shown(path)}.")
         return 0
     rows = [("REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS", "EXPIRES")]
     for r in requests:
@@ -234,7 +252,7 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
     say(
         f"Execution {ex.id} is {ex.status}. It goes on in a process that hosts agent "
         f"'{ex.agent_tag}' (the demo, your app): at once if one is running, else when one "
-        f"starts (see: clearance show {ex.id} --db {shlex.quote(str(path))})."
+        f"starts (see: clearance show {ex.id} --db {shlex.quote(shown(path))})."
     )
     return 0
 
@@ -312,18 +330,18 @@ async def cmd_audit(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=True)
     async with opened(path) as app:
         if args.request and await app.execution_of_request(args.request) is None:
-            raise ClearanceError(f"no approval request '{args.request}' in {path}")
+            raise ClearanceError(f"no approval request '{args.request}' in {shown(path)}")
         if args.execution and await app.execution(args.execution) is None:
-            raise ClearanceError(f"no execution '{args.execution}' in {path}")
+            raise ClearanceError(f"no execution '{args.execution}' in {shown(path)}")
         records = await app.audit(execution_id=args.execution, request_id=args.request)
     if args.json:
         for record in records:
             say(views.dumps(views.audit_record(record)))
     elif not records:
-        say(f"No decisions recorded in {path}.")
+        say(f"No decisions recorded in {shown(path)}.")
     else:
         say(
-            f"{len(records)} decision(s) in {path}, oldest first"
+            f"{len(records)} decision(s) in {shown(path)}, oldest first"
             " (time, decision, request, tool, parameters, by, reason):",
             *(audit_line(r) for r in records),
         )
@@ -368,14 +386,14 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     secret = os.environ.get(SECRET_ENV) or None
     api_key = os.environ.get(API_KEY_ENV) or None
     async with Clearance.open(
-        f"sqlite:///{path}", public_url=args.public_url, webhook_secret=secret, api_key=api_key
+        store_url(path), public_url=args.public_url, webhook_secret=secret, api_key=api_key
     ) as app:
         config = uvicorn.Config(
             app.asgi(), host=args.host, port=args.port, lifespan="off", log_level="info"
         )
         logging.getLogger("uvicorn.access").addFilter(_RedactTokens())
         say(
-            f"Clearance HTTP API for {path} (OpenAPI at /openapi.json)",
+            f"Clearance HTTP API for {shown(path)} (OpenAPI at /openapi.json)",
             f"  callbacks:          {'on' if secret else f'off (set ${SECRET_ENV})'}",
             f"  signal/read routes: {'on' if api_key else f'off (set ${API_KEY_ENV})'}",
         )

@@ -13,7 +13,6 @@ import os
 import shlex
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
 from clearance import views
@@ -27,6 +26,7 @@ from clearance.cli_commands import (
     opened,
     say,
     sentence,
+    shown,
     warn,
 )
 from clearance.core.decide import duration
@@ -123,7 +123,7 @@ class Demo:
         self,
         app: Clearance,
         args: argparse.Namespace,
-        path: Path,
+        path: str,
         changes: dict[str, Any] | None = None,
     ) -> None:
         self.app = app
@@ -158,7 +158,7 @@ class Demo:
         self.shown_messages = len(ex.messages)
 
     def show_request(self, request: ApprovalRequest) -> None:
-        db = shlex.quote(str(self.path))
+        db = shlex.quote(shown(self.path))
         rid = request.request_id
         say(
             "",
@@ -343,7 +343,7 @@ class Demo:
         timeout_ms: int = self.args.timeout_ms
         say(
             "Clearance demo: the refund scenario (human approval for a sensitive tool call)",
-            f"  Database: {self.path}",
+            f"  Database: {shown(self.path)}",
             f"  Model:    {description}",
             f"  Agent:    {AGENT_TAG}; 'process-refund' needs approval, 'get-order' does not",
             f"  Approval timeout: {duration(timeout_ms)}",
@@ -352,15 +352,15 @@ class Demo:
         await self.say_what_an_earlier_run_left()
         define_refund_agent(self.app, model=model, timeout_ms=timeout_ms, on_refund=self.on_refund)
         ex = await self.app.run(AGENT_TAG, input=USER_INPUT)
-        shown: set[str] = set()
+        listed: set[str] = set()
         while True:
             self.show_messages(ex)
             if ex.status in TERMINAL:
                 break
-            waiting = [r for r in ex.pending_approvals if r.request_id not in shown]
+            waiting = [r for r in ex.pending_approvals if r.request_id not in listed]
             if ex.status == AWAITING_APPROVAL and waiting:
                 request = waiting[0]
-                shown.add(request.request_id)
+                listed.add(request.request_id)
                 self.show_request(request)
                 await self.settle(request)
             else:
@@ -372,7 +372,7 @@ class Demo:
         say(f"Execution {ex.id}: {ex.status}.")
         if ex.error:
             warn(ex.error)
-        say(f"Inspect it with: clearance show {ex.id} --db {shlex.quote(str(self.path))}")
+        say(f"Inspect it with: clearance show {ex.id} --db {shlex.quote(shown(self.path))}")
         return 0 if ex.status == "completed" else 1
 
 

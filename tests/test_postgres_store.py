@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -15,6 +16,7 @@ import pytest
 from conftest import Recorder, define_refund_agent
 from postgres_server import postgres_url
 from psycopg import sql
+from test_cli import acli
 
 from clearance import Clearance, ClearanceError
 from clearance.adapters.postgres_store import SCHEMA_VERSION, PostgresStore
@@ -235,3 +237,30 @@ async def test_a_restarted_server_costs_retries_not_data_or_double_runs(url: str
         keys = [ctx.idempotency_key for name, ctx, _ in recorder.calls if name == "process-refund"]
         assert len(keys) == len(set(keys)) == 20
         assert len(await app.store.audit()) == 20
+
+
+async def test_the_cli_decides_on_postgresql_and_never_prints_the_urls_credentials(
+    url: str, tmp_path: Path
+) -> None:
+    recorder = Recorder()
+    secret_url = url.replace("postgresql://postgres@", "postgresql://postgres:hunter2@", 1)
+    async with Clearance.open(url, poll_interval=30) as host:
+        define_refund_agent(host, recorder)
+        ex = await host.run("safe-agent", input="Refund order ORD-123")
+        request_id = ex.pending_approvals[0].request_id
+        code, out, err = await acli(tmp_path, "pending", "--db", secret_url)
+        assert code == 0, err
+        assert request_id in out
+        code, out, err = await acli(tmp_path, "approve", request_id, "--db", secret_url)
+        assert code == 0, err
+        for _ in range(500):  # the host hears of it by NOTIFY: its poll is 30 s away
+            if recorder.ran("process-refund"):
+                break
+            await asyncio.sleep(0.01)
+        assert len(recorder.ran("process-refund")) == 1
+        code, out, err = await acli(tmp_path, "pending", "--db", secret_url)
+        assert code == 0 and "No pending approval requests in postgresql://127.0.0.1/" in out
+        code, out, err = await acli(tmp_path, "audit", "--db", secret_url)
+        assert code == 0 and request_id in out
+    for text in (out, err):
+        assert "hunter2" not in text and "postgres@" not in text
