@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -141,6 +141,11 @@ CREATE TRIGGER clearance_audit_no_truncate BEFORE TRUNCATE ON clearance_audit
 """
 
 _WORK = "id, execution_id, agent_tag, body, holder"
+# Seconds between measurements of the database clock's offset from ours; an offset
+# this small is taken for none.
+OFFSET_EVERY = 60.0
+SAME_CLOCK = timedelta(milliseconds=10)
+ZERO = timedelta(0)
 # Tries of a store call whose connection goes away (with backoff: about 6 s in all).
 ATTEMPTS = 8
 _DELIVERY = (
@@ -244,6 +249,9 @@ class PostgresStore:
         self._listener: psycopg.AsyncConnection[Any] | None = None
         self._states = KeptStates(STATES_CACHED)
         self._specs = Specs()
+        # The database's clock minus ours (see `_db_time`), and when it was measured.
+        self._offset = ZERO
+        self._offset_at = float("-inf")
 
     # -- opening --------------------------------------------------------------------------
 
@@ -267,6 +275,40 @@ class PostgresStore:
                 await self._pool.close()
                 raise
             self._opened = True
+            await self._measure_offset()
+            # Listening from the start: a NOTIFY sent before the first wait_for_work
+            # (a decision right after this process started) is not lost.
+            await self._listen()
+
+    def _db_time(self, at: datetime) -> datetime:
+        """A time of this process's clock on the database's clock. Lease expiry and due
+        timers are judged by the database's clock, so hosts whose clocks disagree agree
+        on when a lease ran out: the engine's `now` and `until` arrive on our clock and
+        are moved by the offset measured against the server's (within half a round
+        trip), measured at open and again by the polling calls every OFFSET_EVERY s."""
+        return _utc(at) + self._offset
+
+    async def _fresh_offset(self) -> None:
+        if time.monotonic() - self._offset_at > OFFSET_EVERY:
+            await self._measure_offset()
+
+    @_retried
+    async def _measure_offset(self) -> None:
+        async with self._conn() as conn:
+            before = self._local_now()
+            cur = await conn.execute("SELECT clock_timestamp()")
+            after = self._local_now()
+            (server,) = await cur.fetchone() or (None,)
+        assert server is not None
+        offset = server - (before + (after - before) / 2)
+        # Within what a round trip can tell apart, the clocks agree: no shift at all,
+        # so a boundary (a timer due at a microsecond) is the same on both.
+        self._offset = offset if abs(offset) > max(2 * (after - before), SAME_CLOCK) else ZERO
+        self._offset_at = time.monotonic()
+
+    @staticmethod
+    def _local_now() -> datetime:
+        return datetime.now(UTC)
 
     def _shown(self) -> str:
         parts = urlsplit(self._conninfo)
@@ -476,7 +518,9 @@ class PostgresStore:
                                 execution.agent_tag,
                                 compact_json(command_to_data(command)),
                                 holder,
-                                _utc(claim.until) if claim is not None and holder else None,
+                                self._db_time(claim.until)
+                                if claim is not None and holder
+                                else None,
                                 execution.seq,
                             ),
                         )
@@ -626,7 +670,7 @@ class PostgresStore:
             args["wk_body"] = [compact_json(command_to_data(c)) for c in writes.work]
             args["wk_holder"] = holders
             args["wk_until"] = [
-                _utc(claim.until) if claim is not None and h else None for h in holders
+                self._db_time(claim.until) if claim is not None and h else None for h in holders
             ]
             parts.append(
                 "wk AS (INSERT INTO clearance_work"
@@ -669,7 +713,7 @@ class PostgresStore:
         claim's holder); queued model calls go."""
         execution = writes.execution
         holder = claim.holder if claim is not None else None
-        until = _utc(claim.until) if claim is not None else None
+        until = self._db_time(claim.until) if claim is not None else None
         cur = await conn.execute(
             "SELECT id, body FROM clearance_work WHERE execution_id = %s AND holder IS NULL"
             " ORDER BY id FOR UPDATE",
@@ -869,10 +913,11 @@ class PostgresStore:
 
     @_retried
     async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+        await self._fresh_offset()
         rows = await self._all(
             "SELECT execution_id, request_id, due_at FROM clearance_timers WHERE due_at <= %s"
             " ORDER BY due_at LIMIT %s",
-            (_utc(now), limit),
+            (self._db_time(now), limit),
         )
         return [DueTimer(e, r, _utc(d)) for e, r, d in rows]
 
@@ -932,6 +977,7 @@ class PostgresStore:
     ) -> list[Work]:
         if not agent_tags or limit <= 0:
             return []
+        await self._fresh_offset()
         tags, skipped = list(agent_tags), list(skip)
         # Queued work first, then work whose holder stopped renewing: each on its own
         # partial index, locked without waiting for rows another worker is claiming.
@@ -956,10 +1002,10 @@ class PostgresStore:
                     {
                         "tags": tags,
                         "skip": skipped,
-                        "now": _utc(now),
+                        "now": self._db_time(now),
                         "limit": limit - len(taken),
                         "holder": holder,
-                        "until": _utc(until),
+                        "until": self._db_time(until),
                     },
                 )
                 for work_id, execution_id, tag, body, previous in await cur.fetchall():
@@ -988,7 +1034,7 @@ class PostgresStore:
             "UPDATE clearance_work w SET lease_until = %s"
             " FROM unnest(%s::bigint[], %s::text[]) AS c(id, holder)"
             " WHERE w.id = c.id AND w.holder = c.holder RETURNING w.id, w.holder",
-            (_utc(until), [c.id for c in claims], [c.holder for c in claims]),
+            (self._db_time(until), [c.id for c in claims], [c.holder for c in claims]),
         )
         kept = {(i, h) for i, h in rows}
         return [c for c in claims if (c.id, c.holder) in kept]
@@ -1013,20 +1059,25 @@ class PostgresStore:
             if cur.rowcount:
                 await self._notify(conn)
 
+    async def _listen(self) -> psycopg.AsyncConnection[Any]:
+        """A connection of its own, listening on this store's channel."""
+        listener = await psycopg.AsyncConnection.connect(
+            self._conninfo, autocommit=True, options=self._options
+        )
+        await listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+        self._listener = listener
+        return listener
+
     async def wait_for_work(self, seconds: float) -> bool:
         if not self._opened:
             await self.open()
         deadline = time.monotonic() + seconds
         try:
-            if self._listener is None or self._listener.closed:
-                self._listener = await psycopg.AsyncConnection.connect(
-                    self._conninfo, autocommit=True, options=self._options
-                )
-                await self._listener.execute(
-                    sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
-                )
+            listener = self._listener
+            if listener is None or listener.closed:
+                listener = await self._listen()
             while (left := deadline - time.monotonic()) > 0:
-                async for note in self._listener.notifies(timeout=left, stop_after=1):
+                async for note in listener.notifies(timeout=left, stop_after=1):
                     if note.payload != self._token:
                         return True
             return False
@@ -1086,6 +1137,7 @@ class PostgresStore:
         exclude_urls: Sequence[str] = (),
     ) -> list[Delivery]:
         # Only what this worker can carry out (see the SQLite store).
+        await self._fresh_offset()
         signer = "(signer = 'agent' AND agent_tag = ANY(%(tags)s))"
         if instance_signed:
             signer = f"(signer = 'instance' OR {signer})"
@@ -1103,12 +1155,12 @@ class PostgresStore:
                 f" WHERE d.id = picked.id RETURNING {_RETURNED_DELIVERY}",
                 {
                     "tags": list(agent_tags),
-                    "now": _utc(now),
+                    "now": self._db_time(now),
                     "channels": list(channels),
                     "exclude": list(exclude_urls),
                     "limit": limit,
                     "worker": worker,
-                    "until": _utc(lease_until),
+                    "until": self._db_time(lease_until),
                 },
             )
             rows = sorted(await cur.fetchall(), key=lambda r: (r[7], r[0]))

@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from test_cli import acli
 
 from clearance import Clearance, ClearanceError
 from clearance.adapters.postgres_store import SCHEMA_VERSION, PostgresStore
+from clearance.ports.store import ClaimRequest
+from clearance.testing.contract import Run, agent
 
 __all__ = ["postgres_url"]  # the fixture, for pytest
 
@@ -264,3 +267,40 @@ async def test_the_cli_decides_on_postgresql_and_never_prints_the_urls_credentia
         assert code == 0 and request_id in out
     for text in (out, err):
         assert "hunter2" not in text and "postgres@" not in text
+
+
+async def test_leases_are_judged_by_the_database_clock_not_by_a_skewed_host(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lease = timedelta(seconds=30)
+
+    async def store_on_a_clock(skew: timedelta) -> PostgresStore:
+        store = PostgresStore(url)
+        monkeypatch.setattr(store, "_local_now", lambda: datetime.now(UTC) + skew)
+        await store.open()
+        return store
+
+    live = await store_on_a_clock(timedelta(0))
+    ahead = await store_on_a_clock(timedelta(hours=1))
+    behind = await store_on_a_clock(-timedelta(hours=1))
+    try:
+        now = datetime.now(UTC)
+        held, lapsing = Run(agent(), "exec-held"), Run(agent(), "exec-lapsing")
+        await held.commit(live, held.started(), claim=ClaimRequest("w1", now + lease, 1))
+        short = ClaimRequest("w1", now + timedelta(seconds=0.2), 1)
+        (lapsed,) = await lapsing.commit(live, lapsing.started(), claim=short)
+        # A host an hour ahead passes its own `now`: no live lease has run out for it.
+        skewed = datetime.now(UTC) + timedelta(hours=1)
+        assert await ahead.claim_work([held.tag], "w2", skewed, skewed + lease, 9) == []
+        await asyncio.sleep(0.4)
+        # A host an hour behind still takes over the lease that ran out, and only that.
+        skewed = datetime.now(UTC) - timedelta(hours=1)
+        taken = await behind.claim_work([held.tag], "w3", skewed, skewed + lease, 9)
+        assert [(w.id, w.previous_holder) for w in taken] == [(lapsed.id, "w1")]
+        # ...holding it for a lease on the database's clock, not one that ended an hour
+        # ago: a host with the right time does not find it lapsed.
+        now = datetime.now(UTC)
+        assert await live.claim_work([held.tag], "w4", now, now + lease, 9) == []
+    finally:
+        for store in (live, ahead, behind):
+            await store.close()
