@@ -377,15 +377,6 @@ class PostgresStore:
 
     # -- agents ---------------------------------------------------------------------------
 
-    async def _spec_id(self, conn: psycopg.AsyncConnection[Any], spec: AgentSpec) -> str:
-        spec_id, body = self._specs.row(spec)
-        await conn.execute(
-            "INSERT INTO clearance_agents (spec_id, body) VALUES (%s, %s)"
-            " ON CONFLICT (spec_id) DO NOTHING",
-            (spec_id, body),
-        )
-        return spec_id
-
     async def _spec(self, conn: psycopg.AsyncConnection[Any], spec_id: str) -> AgentSpec:
         spec = self._specs.known(spec_id)
         if spec is None:
@@ -460,101 +451,45 @@ class PostgresStore:
         claim: ClaimRequest | None,
         done: Claim | None,
     ) -> list[Work]:
+        """One step: its statement (see `_statement`), and before it, for a finishing
+        step, its queued work dropped or marked cancelled in the same transaction; a
+        lease found lost rolls that back too."""
         execution = writes.execution
-        first = expected_seq == 0
-        if not writes.drop_queued_work:
-            return await self._commit_in_one_statement(writes, body, first, claim, done)
+        query, args, holders = self._statement(writes, body, expected_seq == 0, claim, done)
+        finishing = writes.drop_queued_work
         async with self._conn() as conn:
             try:
-                # Only a finishing step comes here (its queued work is dropped or marked
-                # in the same transaction); the rest commit in one statement. A lease
-                # found lost at the end rolls the whole step back.
-                async with conn.transaction():
-                    spec_id = await self._spec_id(conn, execution.agent) if first else None
-                    await conn.execute(
-                        "INSERT INTO clearance_events"
-                        " (execution_id, seq, body, spec_id, decide_version)"
-                        " VALUES (%s, %s, %s, %s, %s)",
-                        (
-                            execution.id,
-                            execution.seq,
-                            body,
-                            spec_id,
-                            DECIDE_VERSION if first else None,
-                        ),
-                    )
-                    finished = None
-                    if done is not None:
-                        finished = await conn.execute(
-                            "DELETE FROM clearance_work WHERE id = %s AND holder = %s RETURNING id",
-                            (done.id, done.holder),
-                        )
-                    if execution.seq % self.snapshot_every == 0:
-                        state = execution_to_data(execution)
-                        del state["agent"]
-                        await conn.execute(
-                            "INSERT INTO clearance_snapshots (execution_id, seq, state)"
-                            " VALUES (%s, %s, %s) ON CONFLICT (execution_id)"
-                            " DO UPDATE SET seq = excluded.seq, state = excluded.state",
-                            (execution.id, execution.seq, pack(state)),
-                        )
-                    cancelled = (
-                        await self._cancel_queued(conn, writes, claim)
-                        if writes.drop_queued_work
-                        else []
-                    )
-                    await self._apply(conn, writes)
-                    holders = [
-                        claim.holder if claim is not None and n < claim.limit else None
-                        for n in range(len(writes.work))
-                    ]
-                    inserted = [
-                        await conn.execute(
-                            "INSERT INTO clearance_work"
-                            " (execution_id, agent_tag, body, holder, lease_until, queued_by)"
-                            " VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
-                            (
-                                execution.id,
-                                execution.agent_tag,
-                                compact_json(command_to_data(command)),
-                                holder,
-                                self._db_time(claim.until)
-                                if claim is not None and holder
-                                else None,
-                                execution.seq,
-                            ),
-                        )
-                        for command, holder in zip(writes.work, holders, strict=True)
-                    ]
-                    if writes.deliveries or None in holders:
-                        await self._notify(conn)
-                    if finished is not None and await finished.fetchone() is None:
+                async with conn.transaction() if finishing else contextlib.nullcontext():
+                    cancelled = await self._cancel_queued(conn, writes, claim) if finishing else []
+                    cur = await conn.execute(query, args)
+                    row = await cur.fetchone()
+                    assert row is not None
+                    if not row[0]:
                         assert done is not None
                         raise _lease_lost(done, execution)
-                    queued = []
-                    for command, holder, cur in zip(writes.work, holders, inserted, strict=True):
-                        (work_id,) = await cur.fetchone() or (None,)
-                        assert work_id is not None
-                        queued.append(
-                            Work(work_id, execution.id, execution.agent_tag, command, holder)
-                        )
             except psycopg.errors.UniqueViolation:
                 raise _conflict(execution) from None
-        return cancelled + queued
+        ids = row[1] or []
+        return cancelled + [
+            Work(work_id, execution.id, execution.agent_tag, command, holder)
+            for work_id, command, holder in zip(ids, writes.work, holders, strict=True)
+        ]
 
-    async def _commit_in_one_statement(
+    def _statement(
         self,
         writes: Writes,
         body: bytes,
         first: bool,
         claim: ClaimRequest | None,
         done: Claim | None,
-    ) -> list[Work]:
-        """A step as one statement of data-modifying CTEs: atomic without BEGIN/COMMIT,
+    ) -> tuple[str, dict[str, Any], list[str | None]]:
+        """A step's rows as one statement of data-modifying CTEs, its arguments, and the
+        holder of each unit of work it queues. One statement: atomic without BEGIN/COMMIT,
         one round trip, and the client's cost of one statement instead of eight (the
         worker's CPU, not the server, bounds a PostgreSQL worker). Every write is gated
-        on `ok`: the finished work was still ours (`done`), else nothing is written.
-        A taken event slot fails the whole statement (Conflict)."""
+        on `ok`: the finished work was still ours (`done`), else nothing is written; the
+        statement answers `ok`, the ids of the work queued, and whether it notified. A
+        taken event slot fails the whole statement (Conflict)."""
         execution = writes.execution
         args: dict[str, Any] = {
             "eid": execution.id,
@@ -686,22 +621,7 @@ class PostgresStore:
             args.update(channel=self._channel, token=self._token)
             parts.append(f"nt AS (SELECT pg_notify(%(channel)s, %(token)s) WHERE {ok})")
             notified = "(SELECT count(*) FROM nt)"
-        query = f"WITH {', '.join(parts)} SELECT {ok}, {returned}, {notified}"
-        try:
-            async with self._conn() as conn:
-                cur = await conn.execute(query, args)
-                row = await cur.fetchone()
-        except psycopg.errors.UniqueViolation:
-            raise _conflict(execution) from None
-        assert row is not None
-        if not row[0]:
-            assert done is not None
-            raise _lease_lost(done, execution)
-        ids = row[1] or []
-        return [
-            Work(work_id, execution.id, execution.agent_tag, command, holder)
-            for work_id, command, holder in zip(ids, writes.work, holders, strict=True)
-        ]
+        return f"WITH {', '.join(parts)} SELECT {ok}, {returned}, {notified}", args, holders
 
     async def _notify(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SELECT pg_notify(%s, %s)", (self._channel, self._token))
@@ -741,76 +661,6 @@ class PostgresStore:
             else:
                 await conn.execute("DELETE FROM clearance_work WHERE id = %s", (work_id,))
         return cancelled
-
-    async def _apply(self, conn: psycopg.AsyncConnection[Any], writes: Writes) -> None:
-        execution = writes.execution
-        async with conn.cursor() as cur:
-            if writes.timers_started:
-                await cur.executemany(
-                    "INSERT INTO clearance_timers (due_at, request_id, execution_id)"
-                    " VALUES (%s, %s, %s) ON CONFLICT (due_at, request_id) DO NOTHING",
-                    [(_utc(t.due_at), t.request_id, execution.id) for t in writes.timers_started],
-                )
-            if writes.timers_cancelled:
-                await cur.executemany(
-                    "DELETE FROM clearance_timers WHERE due_at = %s AND request_id = %s",
-                    [(_utc(t.due_at), t.request_id) for t in writes.timers_cancelled],
-                )
-            if writes.requests_opened:
-                await cur.executemany(
-                    "INSERT INTO clearance_approvals"
-                    " (request_id, execution_id, agent_tag, status, created_at, body)"
-                    " VALUES (%s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            r.request_id,
-                            execution.id,
-                            execution.agent_tag,
-                            r.status,
-                            _utc(r.timestamp),
-                            pack(converter.unstructure(r)),
-                        )
-                        for r in writes.requests_opened
-                    ],
-                )
-            if writes.deliveries:
-                await cur.executemany(
-                    "INSERT INTO clearance_deliveries (request_id, execution_id, agent_tag,"
-                    " url, webhook_id, signer, status, next_attempt_at, expires_at, channel)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s)",
-                    [
-                        (
-                            d.request_id,
-                            execution.id,
-                            execution.agent_tag,
-                            d.target,
-                            d.message_id,
-                            d.signer,
-                            _utc(d.not_before),
-                            _utc(d.expires_at),
-                            d.channel,
-                        )
-                        for d in writes.deliveries
-                    ],
-                )
-            if writes.audit:
-                await cur.executemany(
-                    "INSERT INTO clearance_audit (request_id, execution_id, body)"
-                    " VALUES (%s, %s, %s)",
-                    [
-                        (
-                            record.request_id,
-                            record.execution_id,
-                            compact_json(converter.unstructure(record)),
-                        )
-                        for record in writes.audit
-                    ],
-                )
-            if writes.requests_decided:
-                await cur.executemany(
-                    "UPDATE clearance_approvals SET status = %s, body = NULL WHERE request_id = %s",
-                    [(status, request_id) for request_id, status in writes.requests_decided],
-                )
 
     @_retried
     async def load(self, execution_id: str) -> Execution | None:
