@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import uvicorn
 
@@ -104,11 +104,21 @@ def store_url(where: str) -> str:
 
 
 def shown(where: str) -> str:
-    """`where` for messages: a URL without its user and password."""
+    """`where` for messages (and the `--db` of commands they suggest): a URL without its
+    user and password, in the address or as query parameters; host, port, database and
+    other parameters (`?schema=`) stay, so the URL still names the same store."""
     if "://" not in where:
         return where
     parts = urlsplit(where)
-    return urlunsplit((parts.scheme, parts.hostname or "", parts.path, "", ""))
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host += f":{parts.port}"
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in _SECRET]
+    return urlunsplit((parts.scheme, host, parts.path, urlencode(kept), ""))
+
+
+# Connection parameters a message never shows.
+_SECRET = frozenset({"user", "password", "passfile"})
 
 
 @asynccontextmanager

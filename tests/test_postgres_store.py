@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shlex
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -246,26 +247,37 @@ async def test_the_cli_decides_on_postgresql_and_never_prints_the_urls_credentia
     url: str, tmp_path: Path
 ) -> None:
     recorder = Recorder()
+    # Trust auth ignores the password; given in the address and as a parameter.
     secret_url = url.replace("postgresql://postgres@", "postgresql://postgres:hunter2@", 1)
+    secret_url += "&password=hunter2"
+    # What messages show: the same store, without user or password.
+    same_store = url.replace("postgresql://postgres@", "postgresql://", 1)
+    said: list[str] = []
     async with Clearance.open(url, poll_interval=30) as host:
         define_refund_agent(host, recorder)
         ex = await host.run("safe-agent", input="Refund order ORD-123")
         request_id = ex.pending_approvals[0].request_id
         code, out, err = await acli(tmp_path, "pending", "--db", secret_url)
+        said += [out, err]
         assert code == 0, err
         assert request_id in out
         code, out, err = await acli(tmp_path, "approve", request_id, "--db", secret_url)
+        said += [out, err]
         assert code == 0, err
+        # The command it suggests names the same store.
+        assert f"--db {shlex.quote(same_store)})" in out
         for _ in range(500):  # the host hears of it by NOTIFY: its poll is 30 s away
             if recorder.ran("process-refund"):
                 break
             await asyncio.sleep(0.01)
         assert len(recorder.ran("process-refund")) == 1
         code, out, err = await acli(tmp_path, "pending", "--db", secret_url)
-        assert code == 0 and "No pending approval requests in postgresql://127.0.0.1/" in out
+        said += [out, err]
+        assert code == 0 and f"No pending approval requests in {same_store}." in out
         code, out, err = await acli(tmp_path, "audit", "--db", secret_url)
+        said += [out, err]
         assert code == 0 and request_id in out
-    for text in (out, err):
+    for text in said:
         assert "hunter2" not in text and "postgres@" not in text
 
 
