@@ -117,11 +117,9 @@ def langgraph_sync(path: Path, synchronous: str, n: int) -> Run:
 
 async def _langgraph_async(path: Path, synchronous: str, n: int) -> Run:
     import aiosqlite
-    from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
-    from langgraph.types import Command
 
-    from bench.langgraph_flow import builder
+    from bench.langgraph_flow import approved_cycle, builder
 
     counter = CommitCounter()
     async with aiosqlite.connect(str(path)) as conn:
@@ -131,13 +129,7 @@ async def _langgraph_async(path: Path, synchronous: str, n: int) -> Run:
         graph = builder().compile(checkpointer=AsyncSqliteSaver(conn))
 
         async def cycle(i: int) -> None:
-            config: Any = {"configurable": {"thread_id": f"thread-{i}"}}
-            out = await graph.ainvoke(
-                {"messages": [HumanMessage(INPUT)]}, config, durability="sync"
-            )
-            assert "__interrupt__" in out, out
-            out = await graph.ainvoke(Command(resume={"approved": True}), config, durability="sync")
-            assert "ORD-123" in out["messages"][-1].content
+            await approved_cycle(graph, f"thread-{i}")
 
         for i in range(WARMUP):
             await cycle(-1 - i)

@@ -7,12 +7,12 @@ functions' type hints at graph-building time and needs real types.
 
 from typing import Annotated, Any, TypedDict
 
-from langchain_core.messages import AIMessage, AnyMessage, ToolMessage
+from langchain_core.messages import AIMessage, AnyMessage, HumanMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
-from langgraph.types import interrupt
+from langgraph.types import Command, interrupt
 
-from bench.agents import ANSWER, PARAMS, RESULT, SAYS, TOOL
+from bench.agents import ANSWER, INPUT, PARAMS, RESULT, SAYS, TOOL
 
 
 class State(TypedDict):
@@ -51,3 +51,13 @@ def builder() -> Any:
     graph.add_conditional_edges("agent", route, ["tools", END])
     graph.add_edge("tools", "agent")
     return graph
+
+
+async def approved_cycle(graph: Any, thread: str) -> None:
+    """One cycle on a compiled graph with an async checkpointer: run to the interrupt
+    before the tool, then resume it approved, each checkpoint written before returning."""
+    config: Any = {"configurable": {"thread_id": thread}}
+    out = await graph.ainvoke({"messages": [HumanMessage(INPUT)]}, config, durability="sync")
+    assert "__interrupt__" in out, out
+    out = await graph.ainvoke(Command(resume={"approved": True}), config, durability="sync")
+    assert "ORD-123" in out["messages"][-1].content

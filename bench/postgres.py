@@ -128,13 +128,11 @@ async def _workers(url: str, workers: int, n: int) -> float:
 
 
 async def _langgraph(url: str, n: int, width: int) -> float:
-    from langchain_core.messages import HumanMessage
     from langgraph.checkpoint.postgres.aio import AsyncPostgresSaver
-    from langgraph.types import Command
     from psycopg.rows import dict_row
     from psycopg_pool import AsyncConnectionPool
 
-    from bench.langgraph_flow import builder
+    from bench.langgraph_flow import approved_cycle, builder
 
     base, name = url.split("?schema=")
     async with AsyncConnectionPool(
@@ -153,13 +151,7 @@ async def _langgraph(url: str, n: int, width: int) -> float:
         async def one() -> None:
             nonlocal counter
             counter += 1
-            config: Any = {"configurable": {"thread_id": f"thread-{counter}"}}
-            out = await graph.ainvoke(
-                {"messages": [HumanMessage(INPUT)]}, config, durability="sync"
-            )
-            assert "__interrupt__" in out, out
-            out = await graph.ainvoke(Command(resume={"approved": True}), config, durability="sync")
-            assert "ORD-123" in out["messages"][-1].content
+            await approved_cycle(graph, f"thread-{counter}")
 
         await concurrent.in_flight(one, width, width)
         seconds = await concurrent.in_flight(one, n, width)
