@@ -8,9 +8,11 @@ end. Where no server answers, the tests that need one skip, saying why, unless
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -23,6 +25,12 @@ ADMIN_URL = os.environ.get("CLEARANCE_TEST_POSTGRES", "postgresql://postgres@127
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+def on_schema_of(database_url: str, test_path: Path) -> str:
+    """A store URL on a schema named after a test's tmp_path: the same for every store
+    the test opens (another worker, a reopened store), another for each test."""
+    return f"{database_url}?schema=t_{hashlib.sha256(str(test_path).encode()).hexdigest()[:16]}"
 
 
 @pytest.fixture(scope="session")

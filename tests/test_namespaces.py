@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from postgres_server import postgres_url
+from postgres_server import on_schema_of, postgres_url
 
 from clearance import Clearance
 
@@ -149,7 +148,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ns.db'}"
     postgres: str = request.getfixturevalue("postgres_url")
-    return f"{postgres}?schema=ns_{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
+    return on_schema_of(postgres, tmp_path)
 
 
 @pytest.fixture
