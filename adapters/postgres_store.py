@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, LiteralString, ParamSpec, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
@@ -67,12 +67,19 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
+    soonest_first,
 )
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Each upgrades the tables in place by one schema version, at open, in the
+# transaction that checked the version.
+MIGRATIONS: dict[int, LiteralString] = {
+    # A timer sweep claims the timers it fires (held_until: NULL = nobody).
+    1: "ALTER TABLE clearance_timers ADD COLUMN held_until TIMESTAMPTZ",
+}
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
 # Connections per store: steps of executions in flight commit side by side.
@@ -99,7 +106,7 @@ CREATE INDEX clearance_approvals_pending_tag
     ON clearance_approvals (agent_tag, created_at, listed) WHERE status = 'pending';
 CREATE TABLE clearance_timers (
     due_at TIMESTAMPTZ NOT NULL, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
-    PRIMARY KEY (due_at, request_id)
+    held_until TIMESTAMPTZ, PRIMARY KEY (due_at, request_id)
 );
 CREATE TABLE clearance_work (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, execution_id TEXT NOT NULL,
@@ -340,13 +347,19 @@ class PostgresStore:
                 return
             cur = await conn.execute("SELECT version FROM clearance_schema")
             row = await cur.fetchone()
-            if row is None or row[0] != SCHEMA_VERSION:
-                found = "no version" if row is None else f"schema version {row[0]}"
+            version: int | None = None if row is None else int(row[0])
+            if version != SCHEMA_VERSION and version not in MIGRATIONS:
+                found = "no version" if version is None else f"schema version {version}"
                 raise ClearanceError(
                     f"{self._shown()} holds Clearance tables of {found}; this version of"
-                    f" Clearance reads PostgreSQL schema {SCHEMA_VERSION}: open it with a"
-                    " newer Clearance, or use another database or ?schema=NAME"
+                    f" Clearance reads PostgreSQL schema {SCHEMA_VERSION} and upgrades"
+                    f" {', '.join(map(str, sorted(MIGRATIONS)))}: open it with a newer"
+                    " Clearance, or use another database or ?schema=NAME"
                 )
+            while version is not None and version != SCHEMA_VERSION:
+                await conn.execute(MIGRATIONS[version])
+                version += 1
+            await conn.execute("UPDATE clearance_schema SET version = %s", (SCHEMA_VERSION,))
 
     async def _after_connection_loss(self, attempt: int) -> None:
         """Before trying again: wait, and drop the pool's idle connections that died too
@@ -762,14 +775,23 @@ class PostgresStore:
         return [request_from_data(unpack(bytes(body))) for (body,) in rows]
 
     @_retried
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
+    @_retried
+    async def claim_timers(self, now: datetime, until: datetime, limit: int) -> list[DueTimer]:
         await self._fresh_offset()
-        rows = await self._all(
-            "SELECT execution_id, request_id, due_at FROM clearance_timers WHERE due_at <= %s"
-            " ORDER BY due_at LIMIT %s",
-            (self._db_time(now), limit),
-        )
-        return [DueTimer(e, r, _utc(d)) for e, r, d in rows]
+        async with self._write() as conn:
+            # Locked without waiting for timers another sweep is claiming; the old row's
+            # due_at on the index of due time: O(due), not O(pending).
+            cur = await conn.execute(
+                "WITH due AS (SELECT due_at, request_id FROM clearance_timers"
+                " WHERE due_at <= %(now)s AND (held_until IS NULL OR held_until <= %(now)s)"
+                " ORDER BY due_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED)"
+                " UPDATE clearance_timers t SET held_until = %(until)s FROM due"
+                " WHERE t.due_at = due.due_at AND t.request_id = due.request_id"
+                " RETURNING t.execution_id, t.request_id, t.due_at",
+                {"now": self._db_time(now), "until": self._db_time(until), "limit": limit},
+            )
+            rows = await cur.fetchall()
+        return soonest_first(DueTimer(e, r, _utc(d)) for e, r, d in rows)
 
     @_retried
     async def drop_timer(self, timer: DueTimer) -> None:

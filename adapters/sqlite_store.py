@@ -60,6 +60,7 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
+    soonest_first,
 )
 
 SCHEMA = """
@@ -81,8 +82,10 @@ CREATE TABLE IF NOT EXISTS approvals (
 CREATE INDEX IF NOT EXISTS approvals_pending ON approvals (created_at) WHERE status = 'pending';
 CREATE INDEX IF NOT EXISTS approvals_pending_tag
     ON approvals (agent_tag, created_at) WHERE status = 'pending';
+-- held_until: a sweep that claimed the timer has it until then ('' = nobody).
 CREATE TABLE IF NOT EXISTS timers (
     due_at TEXT NOT NULL, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
+    held_until TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (due_at, request_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS work (
@@ -127,7 +130,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -175,8 +178,19 @@ def _from_3(db: sqlite3.Connection) -> int:
     return 4
 
 
+def _from_4(db: sqlite3.Connection) -> int:
+    """Schema 4 to 5: a timer sweep claims the timers it fires, so two processes
+    sweeping one file share the due timers instead of both firing each."""
+    db.execute("ALTER TABLE timers ADD COLUMN held_until TEXT NOT NULL DEFAULT ''")
+    return 5
+
+
 # Each step upgrades a file in place by one schema version, at open.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {2: _from_2, 3: _from_3}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
+    2: _from_2,
+    3: _from_3,
+    4: _from_4,
+}
 
 
 class _StepBroke(Exception):
@@ -673,13 +687,15 @@ class SQLiteStore:
             args.append(limit)
         return [request_from_data(unpack(body)) for (body,) in self._db.execute(sql, args)]
 
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]:
-        rows = self._db.execute(
-            "SELECT execution_id, request_id, due_at FROM timers WHERE due_at <= ?"
-            " ORDER BY due_at LIMIT ?",
-            (stamp(now), limit),
-        )
-        return [DueTimer(e, r, parse_stamp(d)) for e, r, d in rows]
+    async def claim_timers(self, now: datetime, until: datetime, limit: int) -> list[DueTimer]:
+        with self._write():
+            rows = self._db.execute(
+                "UPDATE timers SET held_until = ? WHERE (due_at, request_id) IN"
+                " (SELECT due_at, request_id FROM timers WHERE due_at <= ? AND held_until <= ?"
+                " ORDER BY due_at LIMIT ?) RETURNING execution_id, request_id, due_at",
+                (stamp(until), stamp(now), stamp(now), limit),
+            ).fetchall()
+        return soonest_first(DueTimer(e, r, parse_stamp(d)) for e, r, d in rows)
 
     async def drop_timer(self, timer: DueTimer) -> None:
         with self._write():

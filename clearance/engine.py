@@ -230,7 +230,7 @@ class Engine:
         fired: list[Execution] = []
         now = self.clock.now()
         while True:
-            due = await self.store.due_timers(now, limit)
+            due = await self.store.claim_timers(now, now + self.lease, limit)
             for timer in due:
                 try:
                     ex = await self.store.load(timer.execution_id)

@@ -21,7 +21,7 @@ Methods are async so network databases fit; the SQLite adapter answers inline.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Protocol
@@ -182,8 +182,17 @@ class Inbox(Protocol):
     ) -> list[AuditRecord]: ...
 
 
+def soonest_first(timers: Iterable[DueTimer]) -> list[DueTimer]:
+    return sorted(timers, key=lambda timer: (timer.due_at, timer.request_id))
+
+
 class Timers(Protocol):
-    async def due_timers(self, now: datetime, limit: int) -> list[DueTimer]: ...
+    async def claim_timers(self, now: datetime, until: datetime, limit: int) -> list[DueTimer]:
+        """Up to `limit` timers due at `now` that no sweep holds, soonest first, held
+        until `until`: the sweeps of several processes share the due timers, and those
+        of a sweep that died fall due again at `until`. Firing, dropping or postponing
+        a timer ends its hold. Cost O(due), not O(pending)."""
+        ...
 
     async def drop_timer(self, timer: DueTimer) -> None: ...
 

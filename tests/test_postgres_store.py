@@ -125,6 +125,31 @@ async def test_tables_of_another_schema_version_are_refused_untouched(url: str) 
         assert await cur.fetchall() == [(99,)]
 
 
+async def test_tables_of_schema_1_are_upgraded_keeping_their_timers(url: str) -> None:
+    store = PostgresStore(url)
+    run = Run(agent(), "exec-1")
+    await run.commit(store, run.started())
+    await run.commit(store, run.asks(1, ("tu-1", "refund", "apr-1")))
+    await store.close()
+    base, schema = _plain(url)
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        await conn.execute("ALTER TABLE clearance_timers DROP COLUMN held_until")
+        await conn.execute("UPDATE clearance_schema SET version = 1")
+        store = PostgresStore(url)
+        try:
+            due = run.request("apr-1").timeout
+            far = due + timedelta(days=1)
+            (timer,) = await store.claim_timers(far, far + timedelta(seconds=30), 9)
+            assert (timer.request_id, timer.due_at) == ("apr-1", due)
+            assert await store.claim_timers(far, far, 9) == []  # held
+        finally:
+            await store.close()
+        cur = await conn.execute("SELECT version FROM clearance_schema")
+        assert await cur.fetchall() == [(SCHEMA_VERSION,)]
+
+
 async def test_a_server_that_does_not_answer_is_a_clear_error() -> None:
     store = PostgresStore("postgresql://postgres@127.0.0.1:1/nowhere", connect_timeout=1)
     where = r"127\.0\.0\.1:1/nowhere"

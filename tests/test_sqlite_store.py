@@ -503,6 +503,7 @@ async def test_work_ids_of_an_upgraded_file_stay_and_new_ones_come_after(
     await store.close()
     # The file as schema 3 left it: AUTOINCREMENT ids counting from 1.
     db = sqlite3.connect(path, isolation_level=None)
+    _timers_of_schema_4(db)
     db.execute("DROP TABLE work")
     db.execute(
         "CREATE TABLE work (id INTEGER PRIMARY KEY AUTOINCREMENT, execution_id TEXT NOT NULL,"
@@ -526,5 +527,41 @@ async def test_work_ids_of_an_upgraded_file_stay_and_new_ones_come_after(
         assert new.id > old.id
         sql = store._db.execute("SELECT sql FROM sqlite_master WHERE name = 'work'").fetchone()
         assert "AUTOINCREMENT" not in sql[0]
+    finally:
+        await store.close()
+
+
+def _timers_of_schema_4(db: sqlite3.Connection) -> None:
+    """The timers table as schemas 2 to 4 had it: no hold."""
+    db.execute(
+        "CREATE TABLE timers_4 (due_at TEXT NOT NULL, request_id TEXT NOT NULL,"
+        " execution_id TEXT NOT NULL, PRIMARY KEY (due_at, request_id)) WITHOUT ROWID"
+    )
+    db.execute("INSERT INTO timers_4 SELECT due_at, request_id, execution_id FROM timers")
+    db.execute("DROP TABLE timers")
+    db.execute("ALTER TABLE timers_4 RENAME TO timers")
+
+
+async def test_timers_of_a_schema_4_file_are_kept_and_claimed_after_the_upgrade(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v4.db"
+    store = SQLiteStore(str(path))
+    run = Run(agent(), "exec-1")
+    await run.commit(store, run.started())
+    await run.commit(store, run.asks(1, ("tu-1", "refund", "apr-1")))
+    await store.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    _timers_of_schema_4(db)
+    db.execute("PRAGMA user_version = 4")
+    db.close()
+    store = SQLiteStore(str(path))
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        due = run.request("apr-1").timeout
+        far = due + timedelta(days=1)
+        (timer,) = await store.claim_timers(far, far + timedelta(seconds=30), 9)
+        assert (timer.request_id, timer.due_at) == ("apr-1", due)
+        assert await store.claim_timers(far, far, 9) == []  # held
     finally:
         await store.close()

@@ -261,7 +261,7 @@ class StoreContract(abc.ABC):
             assert await store.load(x.id) == x.ex
             assert await store.pending() == []
             assert await store.execution_of_request("apr-lost") is None
-            assert await store.due_timers(FAR, 100) == []
+            assert await store.claim_timers(FAR, FAR, 100) == []
             assert await store.deliveries("apr-lost") == []
             assert await store.claim_work([x.tag], "w2", now, now + LEASE, 100) == []
 
@@ -279,7 +279,7 @@ class StoreContract(abc.ABC):
             assert await store.load(y.id) == y.ex
             assert await store.audit(execution_id=y.id) == list(stop.audit)
             assert await store.claim_work([y.tag], "w2", now, now + LEASE, 100) == []
-            assert await store.due_timers(FAR, 100) == []
+            assert await store.claim_timers(FAR, FAR, 100) == []
 
     async def test_a_second_start_of_one_execution_id_is_a_conflict(self, tmp_path: Path) -> None:
         async with self.opened(tmp_path) as store:
@@ -501,41 +501,72 @@ class StoreContract(abc.ABC):
             assert run.request(timer.request_id).timeout == timer.due_at
         return runs, timers
 
-    async def test_due_timers_are_found_by_due_time_soonest_first(self, tmp_path: Path) -> None:
+    async def test_due_timers_are_claimed_soonest_first_and_held(self, tmp_path: Path) -> None:
         async with self.opened(tmp_path) as store:
             _, (t1, t2, t3) = await self._three_timers(store)
-            assert await store.due_timers(t1.due_at - timedelta(microseconds=1), 10) == []
-            assert await store.due_timers(t1.due_at, 10) == [t1]
-            assert await store.due_timers(t2.due_at + timedelta(seconds=0.5), 10) == [t1, t2]
-            assert await store.due_timers(FAR, 10) == [t1, t2, t3]
-            assert await store.due_timers(FAR, 2) == [t1, t2]
+            hold = FAR - timedelta(days=1)
+            assert await store.claim_timers(t1.due_at - timedelta(microseconds=1), hold, 9) == []
+            assert await store.claim_timers(t1.due_at, hold, 9) == [t1]
+            # A held timer is not handed out again; the next ones are.
+            assert await store.claim_timers(t2.due_at + timedelta(seconds=0.5), hold, 9) == [t2]
+            assert await store.claim_timers(t3.due_at, hold, 9) == [t3]
+            assert await store.claim_timers(t3.due_at + timedelta(hours=1), hold, 9) == []
+
+    async def test_a_claim_takes_at_most_limit_timers_the_soonest(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            _, (t1, t2, t3) = await self._three_timers(store)
+            assert await store.claim_timers(FAR, FAR + LEASE, 2) == [t1, t2]
+            assert await store.claim_timers(FAR, FAR + LEASE, 2) == [t3]
+
+    async def test_a_timer_whose_sweep_died_falls_due_again_when_its_hold_ends(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            _, (t1, t2, t3) = await self._three_timers(store)
+            now = t3.due_at
+            until = now + LEASE
+            assert await store.claim_timers(now, until, 9) == [t1, t2, t3]
+            assert await store.claim_timers(until - timedelta(microseconds=1), FAR, 9) == []
+            assert await store.claim_timers(until, until + LEASE, 9) == [t1, t2, t3]
+
+    async def test_two_sweeps_racing_share_the_due_timers(self, tmp_path: Path) -> None:
+        async with self.opened_twice(tmp_path) as (a, b):
+            runs = [await self._awaiting(a, agent(), f"exec-{n}", f"apr-{n}", n) for n in range(24)]
+            due = {run.ex.pending_approvals[0].request_id for run in runs}
+            claims = await asyncio.gather(
+                *(store.claim_timers(FAR, FAR + LEASE, 1) for _ in range(24) for store in (a, b))
+            )
+            taken = [timer.request_id for claim in claims for timer in claim]
+            assert sorted(taken) == sorted(due)  # each exactly once
 
     async def test_a_dropped_timer_is_gone_and_a_postponed_one_moves_later(
         self, tmp_path: Path
     ) -> None:
         async with self.opened(tmp_path) as store:
             _, (t1, t2, t3) = await self._three_timers(store)
+            assert await store.claim_timers(t2.due_at, FAR, 9) == [t1, t2]
             await store.drop_timer(t1)
-            assert await store.due_timers(FAR, 10) == [t2, t3]
             later = t3.due_at + timedelta(minutes=5)
             await store.postpone_timer(t2, later)
             moved = DueTimer(t2.execution_id, t2.request_id, later)
-            assert await store.due_timers(t3.due_at, 10) == [t3]
-            assert await store.due_timers(later, 10) == [t3, moved]
+            assert await store.claim_timers(t3.due_at, t3.due_at, 9) == [t3]
+            # Postponing ends the hold: the moved timer is due at its new time.
+            assert await store.claim_timers(later, FAR, 9) == [t3, moved]
             # Dropping or postponing a timer that is not there changes nothing.
             await store.drop_timer(t1)
             await store.postpone_timer(t2, FAR)
-            assert await store.due_timers(FAR, 10) == [t3, moved]
+            assert await store.claim_timers(FAR + LEASE, FAR + LEASE, 9) == [t3, moved]
 
-    async def test_a_decision_cancels_its_requests_timer(self, tmp_path: Path) -> None:
+    async def test_a_decision_cancels_its_requests_timer_held_or_not(self, tmp_path: Path) -> None:
         async with self.opened(tmp_path) as store:
             (r1, r2, r3), (_, t2, t3) = await self._three_timers(store)
+            assert await store.claim_timers(t3.due_at, t3.due_at, 9) != []  # held till then
             await r1.commit(store, Approved("apr-1", at(10), "ops"))
-            assert await store.due_timers(FAR, 10) == [t2, t3]
+            assert await store.claim_timers(FAR, t3.due_at, 9) == [t2, t3]
             await r2.commit(store, Rejected("apr-2", at(10), "ops"))
-            assert await store.due_timers(FAR, 10) == [t3]
+            assert await store.claim_timers(FAR, FAR, 9) == [t3]
             await r3.commit(store, TimerFired("apr-3", t3.due_at))
-            assert await store.due_timers(FAR, 10) == []
+            assert await store.claim_timers(FAR + LEASE, FAR + LEASE, 9) == []
 
     # -- the work queue --------------------------------------------------------------------
 
@@ -669,7 +700,7 @@ class StoreContract(abc.ABC):
             assert await store.events(run.id) == run.log
             assert await store.load(run.id) == run.ex
             assert await store.pending() == []
-            assert await store.due_timers(FAR, 9) == []
+            assert await store.claim_timers(FAR, FAR, 9) == []
             assert await store.deliveries("apr-1") == []
             # The new holder's result is the one recorded, and completes the work.
             await run.commit(store, reply, done=taken.claim)
