@@ -41,6 +41,7 @@ class Sizes:
     poll_intervals: tuple[float, ...]
     concurrent_cycles: int  # cycles per system per round in benchmark 5
     in_flight: int  # executions kept in flight at once in benchmark 5
+    postgres_scale_levels: tuple[int, ...]  # paused executions, benchmark 7
 
     @classmethod
     def full(cls) -> Sizes:
@@ -58,6 +59,7 @@ class Sizes:
             poll_intervals=(0.2, 0.05),
             concurrent_cycles=2_000,
             in_flight=64,
+            postgres_scale_levels=(1_000, 1_000_000),
         )
 
     @classmethod
@@ -76,6 +78,7 @@ class Sizes:
             poll_intervals=(0.2, 0.05),
             concurrent_cycles=128,
             in_flight=64,
+            postgres_scale_levels=(200, 1_000),
         )
 
 

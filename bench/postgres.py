@@ -161,7 +161,7 @@ async def _langgraph(url: str, n: int, width: int) -> float:
 # -- the section ------------------------------------------------------------------------------
 
 
-def _unreachable() -> str | None:
+def unreachable() -> str | None:
     import psycopg
 
     try:
@@ -173,7 +173,7 @@ def _unreachable() -> str | None:
 
 def run(sizes: Sizes) -> Section:
     section = Section("6. PostgreSQL: worker processes, LangGraph's PostgresSaver, latency")
-    absent = _unreachable()
+    absent = unreachable()
     if absent:
         section.add(absent, "")
         return section

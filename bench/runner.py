@@ -49,6 +49,14 @@ def _worker(kind: str, args: Sequence[str]) -> int:
         from bench.postgres import lanes_worker
 
         result = lanes_worker(*args)
+    elif kind == "pg-pause":
+        from bench.postgres_scale import builder_worker
+
+        result = builder_worker(*args)
+    elif kind == "pg-scale":
+        from bench.postgres_scale import measure_worker
+
+        result = measure_worker(*args)
     elif kind == "decider":
         from bench.latency import decider
 
@@ -104,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4, 5, 6),
+        choices=(1, 2, 3, 4, 5, 6, 7),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -137,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(profile.run(30 if args.quick else 300))
         return 0
 
-    from bench import concurrent, cycle, latency, postgres, scale, step
+    from bench import concurrent, cycle, latency, postgres, postgres_scale, scale, step
 
     benchmarks: dict[int, Callable[[Sizes], Section]] = {
         1: cycle.run,
@@ -146,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         4: latency.run,
         5: concurrent.run,
         6: postgres.run,
+        7: postgres_scale.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))

@@ -39,7 +39,7 @@ import functools
 import inspect
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
@@ -133,7 +133,10 @@ class Engine:
         # tests move the approval clock by hand.
         self.lease_clock: Clock = lease_clock or SystemClock()
         self._tasks: dict[int, asyncio.Task[Execution | None]] = {}  # work id -> the task doing it
-        self._held: dict[int, Claim] = {}
+        self._held: dict[int, Claim] = {}  # leases to renew
+        # Work ids whose completing commit is on its way: a renewal that misses one of
+        # them has raced that commit, not lost the lease.
+        self._completing: set[int] = set()
         self._started_tools: set[int] = set()  # work ids whose handler was called
         self._reserved = 0  # slots promised to a commit in flight
         # Units whose outcome is done and waiting for its commit: their slots are free for
@@ -220,8 +223,9 @@ class Engine:
                     waiting.discard(rested)
                     if not waiting:
                         del self._waiters[ex.id]
-            # None: another process may have done the work; look.
-            ex = got if got is not None else await self._load(ex.id)
+            # None: another process may have done the work; look. An older state: a
+            # commit of an earlier step that returned late (its caller was slow to resume).
+            ex = got if got is not None and got.seq >= ex.seq else await self._load(ex.id)
         return ex
 
     async def fire_due_timers(self, limit: int = 1000) -> list[Execution]:
@@ -370,9 +374,10 @@ class Engine:
             self._reserved += n
             self._committing += 1
             try:
-                queued = await self.store.commit(
-                    step, expected_seq=ex.seq, claim=claim, done=done, alone=alone
-                )
+                with self._finishing(done):
+                    queued = await self.store.commit(
+                        step, expected_seq=ex.seq, claim=claim, done=done, alone=alone
+                    )
             except Conflict:
                 if isinstance(event, Started):
                     raise
@@ -436,13 +441,28 @@ class Engine:
                 log.exception("could not renew %d work leases; will try again", len(claims))
                 continue
             for claim in claims:
-                # (One that finished while we renewed is not lost, just done.)
-                if claim not in kept and claim.id in self._held:
-                    log.warning(
-                        "work %s: lease lost (taken over after it ran out); its result "
-                        "will not be recorded by this worker",
-                        claim.id,
-                    )
+                # One that finished while we renewed is not lost, just done.
+                if claim in kept or claim.id not in self._held or claim.id in self._completing:
+                    continue
+                del self._held[claim.id]  # renewing it again cannot bring it back
+                log.warning(
+                    "work %s: lease lost (taken over after it ran out); its result "
+                    "will not be recorded by this worker",
+                    claim.id,
+                )
+
+    @contextlib.contextmanager
+    def _finishing(self, claim: Claim | None) -> Iterator[None]:
+        """Around a commit that completes `claim`'s work: done, it needs no renewal."""
+        if claim is None:
+            yield
+            return
+        self._completing.add(claim.id)
+        try:
+            yield
+            self._held.pop(claim.id, None)
+        finally:
+            self._completing.discard(claim.id)
 
     async def _carry(
         self, work: Work, ex: Execution | None, *, in_slot: bool = True
@@ -456,7 +476,8 @@ class Engine:
                 ex = await self.store.load(work.execution_id)
             event = None if ex is None else await self._outcome(ex, work)
             if ex is None or event is None:
-                await self.store.complete(work.claim)
+                with self._finishing(work.claim):
+                    await self.store.complete(work.claim)
                 return None
             return await self._record(ex, event, work.claim, in_slot)
         except asyncio.CancelledError:
@@ -518,7 +539,8 @@ class Engine:
                     event = failed
                     continue
                 log.info("execution %s: result dropped: %s", ex.id, refusal)
-                await self.store.complete(claim)
+                with self._finishing(claim):
+                    await self.store.complete(claim)
                 return None
             except LeaseLost as lost:
                 log.warning("execution %s: result not recorded: %s", ex.id, lost)

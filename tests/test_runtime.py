@@ -5,6 +5,7 @@ one-at-a-time runtime and failed on it."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -556,3 +557,71 @@ async def test_an_unreadable_execution_does_not_block_later_timeouts(
     assert record.decision == "timed_out"
     # The broken one's timer waits for later rather than sitting first in line.
     assert await app.fire_due_timers() == 0
+
+
+class _SlowToReturn:
+    """A store whose commits of a unit's result return late: the work row is gone
+    while the worker has not yet heard that its commit landed."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def commit(self, writes: Any, **kwargs: Any) -> Any:
+        queued = await self._store.commit(writes, **kwargs)
+        if kwargs.get("done") is not None:
+            await asyncio.sleep(0.3)
+        return queued
+
+
+async def test_work_completed_by_a_commit_still_returning_is_not_reported_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = Recorder()
+    async with Clearance.open(
+        _url(tmp_path), clock=FakeClock(), ids=SequentialIds(), lease=0.5, renew_every=0.02
+    ) as app:
+        define_refund_agent(app, recorder)
+        app.engine.store = _SlowToReturn(app.store)  # type: ignore[assignment]
+        ex = await app.run("safe-agent", input="Refund ORD-123")
+        request = ex.pending_approvals[0]
+        with caplog.at_level(logging.WARNING, logger="clearance"):
+            done = await app.signal(ex.id, "approve", request_id=request.request_id, by="ops")
+        # Not the paused state the late return of the first model turn's commit carried.
+        assert done.status == "completed"
+        assert len(recorder.ran("process-refund")) == 1
+    assert [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()] == []
+
+
+async def test_a_lease_taken_over_is_reported_once_and_no_longer_renewed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    release, started = asyncio.Event(), asyncio.Event()
+
+    async def slow_refund(ctx: ToolContext, params: dict[str, Any]) -> str:
+        started.set()
+        await release.wait()
+        return "refunded"
+
+    model = ScriptedModel([[tool_use("process-refund", REFUND)], [text("Done.")]])
+    async with Clearance.open(
+        _url(tmp_path), clock=FakeClock(), ids=SequentialIds(), lease=1, renew_every=0.02
+    ) as app:
+        _define_refund(app, model, slow_refund)
+        ex = await app.run("safe-agent", input="Refund")
+        rid = ex.pending_approvals[0].request_id
+        approving = asyncio.create_task(app.signal(ex.id, "approve", request_id=rid))
+        await asyncio.wait_for(started.wait(), 10)
+        # Another worker took the run over (as if our lease had lapsed).
+        other = sqlite3.connect(tmp_path / "approvals.db", isolation_level=None)
+        other.execute("UPDATE work SET holder = 'worker-elsewhere'")
+        other.close()
+        with caplog.at_level(logging.WARNING, logger="clearance"):
+            await asyncio.sleep(0.3)  # ~15 renewals
+        lost = [r.getMessage() for r in caplog.records if "lease lost" in r.getMessage()]
+        assert len(lost) == 1, lost
+        assert app.engine._held == {}
+        release.set()
+        await asyncio.wait_for(approving, 10)
