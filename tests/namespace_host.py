@@ -1,11 +1,12 @@
 """A host for tests/test_namespaces.py, run inside its own PID and UTS namespace.
 
-    python namespace_host.py DB RUNS_FILE LABEL [--tool-seconds S]
+    python namespace_host.py STORE RUNS_FILE LABEL [--tool-seconds S] [--model-seconds S]
 
-Hosts the agent `ns-agent` on the SQLite file DB (public API only) and takes
+Hosts the agent `ns-agent` on the store at the URL STORE (public API only) and takes
 one JSON command per stdin line:
 
     {"cmd": "run", "input": "..."}                                -> {"event": "ran", ...}
+    {"cmd": "start", "input": "..."}                  run without waiting (no answer)
     {"cmd": "approve", "execution_id": "...", "request_id": "..."}  -> {"event": "signalled", ...}
     {"cmd": "exit"}                                   leave `async with` cleanly and exit 0
 
@@ -13,6 +14,8 @@ stdout is one JSON object per line; the first is {"event": "ready", "pid", "host
 The gated tool `slow-refund` appends one line per run to RUNS_FILE (fsync'd,
 O_APPEND) *before* it sleeps --tool-seconds, then returns {"ranBy": LABEL, ...}:
 the runs can be counted from outside, and the result tells who recorded it.
+Each model call likewise appends a line to RUNS_FILE.model before it sleeps
+--model-seconds and replies.
 """
 
 from __future__ import annotations
@@ -38,8 +41,23 @@ def say(**data: Any) -> None:
     print(json.dumps(data), flush=True)
 
 
-def define(app: Clearance, runs_file: str, label: str, tool_seconds: float) -> None:
-    def script(request: ModelRequest) -> list[dict[str, Any]]:
+def append(path: str, **data: Any) -> None:
+    """One line, on disk before the caller goes on: a SIGKILL a moment later keeps it."""
+    data.update(pid=os.getpid(), hostname=socket.gethostname())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(data) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def define(
+    app: Clearance, runs_file: str, label: str, tool_seconds: float, model_seconds: float = 0
+) -> None:
+    async def script(request: ModelRequest) -> list[dict[str, Any]]:
+        append(runs_file + ".model", label=label, execution=request.execution_id)
+        await asyncio.sleep(model_seconds)
         last = request.messages[-1]["content"]
         if isinstance(last, str):
             return [text("Refunding."), tool_use("slow-refund", REFUND)]
@@ -51,21 +69,7 @@ def define(app: Clearance, runs_file: str, label: str, tool_seconds: float) -> N
         return [text("Finished: " + json.dumps(content))]
 
     async def slow_refund(ctx: ToolContext, params: dict[str, Any]) -> dict[str, Any]:
-        line = json.dumps(
-            {
-                "label": label,
-                "pid": os.getpid(),
-                "hostname": socket.gethostname(),
-                "key": ctx.idempotency_key,
-                "execution": ctx.execution_id,
-            }
-        )
-        fd = os.open(runs_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append(runs_file, label=label, key=ctx.idempotency_key, execution=ctx.execution_id)
         await asyncio.sleep(tool_seconds)
         return {"refunded": params["amount"], "ranBy": label}
 
@@ -89,8 +93,14 @@ def define(app: Clearance, runs_file: str, label: str, tool_seconds: float) -> N
 
 async def host(args: argparse.Namespace) -> None:
     async with Clearance.open(args.store, poll_interval=0.05, **open_options()) as app:
-        define(app, args.runs_file, args.label, args.tool_seconds)
-        say(event="ready", pid=os.getpid(), hostname=socket.gethostname(), label=args.label)
+        define(app, args.runs_file, args.label, args.tool_seconds, args.model_seconds)
+        say(
+            event="ready",
+            pid=os.getpid(),
+            hostname=socket.gethostname(),
+            label=args.label,
+            interfaces=sorted(os.listdir("/sys/class/net")),
+        )
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -114,6 +124,10 @@ async def host(args: argparse.Namespace) -> None:
                     status=ex.status,
                     request_id=ex.pending_approvals[0].request_id if ex.pending_approvals else None,
                 )
+            elif command["cmd"] == "start":  # run without waiting for it
+                task = asyncio.create_task(app.run("ns-agent", input=command["input"]))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
             elif command["cmd"] == "approve":
                 # In a task: the tool run takes a while, and this host keeps listening.
                 task = asyncio.create_task(approve(command["execution_id"], command["request_id"]))
@@ -128,6 +142,7 @@ def main() -> None:
     parser.add_argument("runs_file")
     parser.add_argument("label")
     parser.add_argument("--tool-seconds", type=float, default=4.0)
+    parser.add_argument("--model-seconds", type=float, default=0.0)
     asyncio.run(host(parser.parse_args()))
 
 

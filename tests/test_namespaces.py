@@ -1,5 +1,6 @@
 """Two hosts with the same hostname in separate PID namespaces, sharing one store (a SQLite
-file, or a PostgreSQL database).
+file, or a PostgreSQL database, reached over loopback or, each host in a network
+namespace of its own, across a veth link: tests/network_namespaces.py).
 
 This is what two containers (or pods) on one volume look like: the same
 hostname, and both apps at the same small pid. Each host runs
@@ -16,7 +17,9 @@ What must hold, whatever the runtime uses to judge liveness:
     and that run's result is what the execution records;
   - a decision recorded while only B is polling is carried out by B, once;
   - the work of a host that died is not stranded: B resolves it (the model is
-    told the outcome is unknown) without running the tool again.
+    told the outcome is unknown) without running the tool again;
+  - a host killed inside a model call: B makes the call again, and one turn is
+    recorded.
 
 The first two failed on the pid-based liveness of 0.1 (a worker named
 host:pid, taken for dead when that pid was gone on "its" host): host B took
@@ -42,6 +45,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import network_namespaces
 import pytest
 from postgres_server import on_schema_of, postgres_url
 
@@ -142,34 +146,50 @@ class Host:
             await asyncio.wait_for(self.reader, 5)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+APART = "postgresql, network namespaces"
+
+
+@pytest.fixture(params=["sqlite", "postgresql", APART])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The store both hosts and the test share: a SQLite file, or a PostgreSQL schema."""
+    """The store both hosts and the test share: a SQLite file, or a PostgreSQL schema
+    (which, under APART, each host reaches from a network namespace of its own)."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'ns.db'}"
+    if request.param == APART and (why := network_namespaces.unavailable()):
+        if os.environ.get("CLEARANCE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"CLEARANCE_REQUIRE_SERVICES=1 but {why}")
+        pytest.skip(why)
     postgres: str = request.getfixturevalue("postgres_url")
     return on_schema_of(postgres, tmp_path)
 
 
 @pytest.fixture
-async def hosts(prefix: list[str], tmp_path: Path, store: str) -> AsyncIterator[Callable[..., Any]]:
+async def hosts(
+    prefix: list[str], tmp_path: Path, store: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Callable[..., Any]]:
     started: list[Host] = []
+    apart = request.node.callspec.params["store"] == APART
+    networks = network_namespaces.Networks()
 
-    async def spawn(label: str, tool_seconds: float = 4.0) -> Host:
+    async def spawn(label: str, tool_seconds: float = 4.0, model_seconds: float = 0.0) -> Host:
         stderr = tmp_path / f"host-{label}.err"
+        network, url, interface = await networks.host(store) if apart else ([], store, "")
         with stderr.open("wb") as err:
             proc = await asyncio.create_subprocess_exec(
+                *network,
                 *prefix,
                 "sh",
                 "-c",
                 f'hostname {HOSTNAME} && exec "$0" "$@"',
                 sys.executable,
                 SCRIPT,
-                store,
+                url,
                 str(tmp_path / "runs.jsonl"),
                 label,
                 "--tool-seconds",
                 str(tool_seconds),
+                "--model-seconds",
+                str(model_seconds),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=err,
@@ -180,6 +200,8 @@ async def hosts(prefix: list[str], tmp_path: Path, store: str) -> AsyncIterator[
         ready = await host.wait_said("ready")
         # The premise: both hosts look identical to a hostname+pid identity.
         assert ready["hostname"] == HOSTNAME, ready
+        if apart:  # ...and each is on a network of its own
+            assert ready["interfaces"] == sorted(["lo", interface]), ready
         return host
 
     try:
@@ -187,10 +209,12 @@ async def hosts(prefix: list[str], tmp_path: Path, store: str) -> AsyncIterator[
     finally:
         for host in started:
             await host.kill()
+        await networks.close()
 
 
-def runs(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "runs.jsonl"
+def runs(tmp_path: Path, of: str = "runs.jsonl") -> list[dict[str, Any]]:
+    """The tool runs the hosts made (`of="runs.jsonl.model"`: their model calls)."""
+    path = tmp_path / of
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
@@ -312,3 +336,25 @@ async def test_work_of_a_host_that_died_mid_tool_is_resolved_by_b_without_rerunn
     assert ex.status == "completed", (ex.status, ex.error)
     assert len(runs(tmp_path)) == 1  # at most once: not run again
     assert UNKNOWN_OUTCOME in (ex.output or "") and ran["request_id"] in (ex.output or "")
+
+
+async def test_work_of_a_host_that_died_mid_model_call_is_taken_over_by_b(
+    hosts: Callable[..., Any], tmp_path: Path, store: str
+) -> None:
+    a = await hosts("A", model_seconds=60.0)
+    await hosts("B")
+    await a.send(cmd="start", input="Refund order ORD-NS")
+    [call] = await until(lambda: runs(tmp_path, "runs.jsonl.model"), "A calls the model")
+    await a.kill()  # inside the model call: its reply never comes
+    async with Clearance.open(store) as app:
+        paused = await until(
+            lambda: _paused(app, call["execution"]), "B makes the model call again and pauses"
+        )
+    assert [c["label"] for c in runs(tmp_path, "runs.jsonl.model")] == ["A", "B"]
+    assert len(paused.pending_approvals) == 1  # one turn recorded: one request, not two
+    assert runs(tmp_path) == []  # and nothing ran unapproved
+
+
+async def _paused(app: Clearance, execution_id: str) -> Any:
+    ex = (await app.get_execution(execution_id)).execution
+    return ex if ex.status == "awaiting_approval" else None
