@@ -67,6 +67,7 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
+    above_prefix,
     soonest_first,
 )
 
@@ -77,8 +78,11 @@ SCHEMA_VERSION = 2
 # Each upgrades the tables in place by one schema version, at open, in the
 # transaction that checked the version.
 MIGRATIONS: dict[int, LiteralString] = {
-    # A timer sweep claims the timers it fires (held_until: NULL = nobody).
-    1: "ALTER TABLE clearance_timers ADD COLUMN held_until TIMESTAMPTZ",
+    # A timer sweep claims the timers it fires (held_until: NULL = nobody); request
+    # ids compare by code point whatever the database's collation, so a prefix is a
+    # range of the primary key.
+    1: "ALTER TABLE clearance_timers ADD COLUMN held_until TIMESTAMPTZ;"
+    ' ALTER TABLE clearance_approvals ALTER COLUMN request_id TYPE TEXT COLLATE "C"',
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -96,7 +100,7 @@ CREATE TABLE clearance_snapshots (
     execution_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BYTEA NOT NULL
 );
 CREATE TABLE clearance_approvals (
-    request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
+    request_id TEXT COLLATE "C" PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
     status TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, body BYTEA,
     listed BIGINT GENERATED ALWAYS AS IDENTITY
 );
@@ -748,6 +752,16 @@ class PostgresStore:
             "SELECT execution_id FROM clearance_approvals WHERE request_id = %s", (request_id,)
         )
         return None if row is None else str(row[0])
+
+    @_retried
+    async def request_ids_starting(self, prefix: str, limit: int) -> list[str]:
+        # A range of the primary key (ids compare as "C": code point order).
+        query, args = "SELECT request_id FROM clearance_approvals WHERE request_id >= %s", [prefix]
+        if (above := above_prefix(prefix)) is not None:
+            query += " AND request_id < %s"
+            args.append(above)
+        rows = await self._all(query + " ORDER BY request_id LIMIT %s", (*args, limit))
+        return [str(r) for (r,) in rows]
 
     @_retried
     async def pending(

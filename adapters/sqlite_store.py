@@ -60,6 +60,7 @@ from clearance.ports.store import (
     UnknownRequest,
     UnreadableExecution,
     Work,
+    above_prefix,
     soonest_first,
 )
 
@@ -663,6 +664,15 @@ class SQLiteStore:
             "SELECT execution_id FROM approvals WHERE request_id = ?", (request_id,)
         ).fetchone()
         return None if row is None else str(row[0])
+
+    async def request_ids_starting(self, prefix: str, limit: int) -> list[str]:
+        # A range of the primary key: LIKE would need escaping and skip the index.
+        sql, args = "SELECT request_id FROM approvals WHERE request_id >= ?", [prefix]
+        if (above := above_prefix(prefix)) is not None:
+            sql += " AND request_id < ?"
+            args.append(above)
+        rows = self._db.execute(sql + " ORDER BY request_id LIMIT ?", (*args, limit))
+        return [str(r) for (r,) in rows]
 
     async def pending(
         self, agent_tag: str | None = None, limit: int | None = None, after: str | None = None

@@ -435,6 +435,11 @@ class Clearance:
         """The id of the execution approval request `request_id` belongs to, or None."""
         return await self.store.execution_of_request(request_id)
 
+    async def request_ids_starting(self, prefix: str, limit: int = 10) -> list[str]:
+        """Ids of approval requests, pending or decided, that start with `prefix` (at
+        most `limit`, in id order): to complete an id a person shortened, as git does."""
+        return await self.store.request_ids_starting(prefix, limit)
+
     async def with_work(self, agent_tag: str) -> list[str]:
         """Executions of agent `agent_tag` with work waiting or under way (a model call, an
         approved tool run): a process that hosts the agent carries them on."""

@@ -51,11 +51,14 @@ EXAMPLES = {
         "clearance --db /srv/approvals.db approve apr-1a23c8f5 --json",
     ],
     "reject": ["clearance reject apr-1a23c8f5 --reason 'Amount exceeds policy limit'"],
-    "show": ["clearance show exec-1a23c8f5e1c2 --json"],
+    "show": [
+        "clearance show exec-1a23c8f5e1c2 --json",
+        "clearance show apr-1a23       # the execution of this approval request",
+    ],
     "audit": [
         "clearance audit",
         "clearance audit --execution exec-1a23c8f5e1c2",
-        "clearance audit --request apr-1a23c8f5 --json",
+        "clearance audit --request apr-1a23 --json",
     ],
     "serve": [
         "CLEARANCE_WEBHOOK_SECRET=whsec_... CLEARANCE_API_KEY=... clearance serve --port 8080"
@@ -158,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     reject.set_defaults(run="reject", set=None)
 
     show = command("show", "an execution's status, output, approvals, events and audit")
-    show.add_argument("execution_id", metavar="EXECUTION_ID", help="the 'exec-…' id")
+    show.add_argument(
+        "execution_id",
+        metavar="ID",
+        help="the 'exec-…' id, or an approval request's 'apr-…' id or a unique start of it",
+    )
     show.add_argument(
         "--json", action="store_true", help="the execution, its events and audit as JSON"
     )
@@ -166,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = command("audit", "the decision log: who decided what, when and why")
     audit.add_argument("--execution", metavar="ID", help="only this execution")
-    audit.add_argument("--request", metavar="ID", help="only this approval request")
+    audit.add_argument(
+        "--request", metavar="ID", help="only this approval request (or a unique start of its id)"
+    )
     audit.add_argument("--json", action="store_true", help="one JSON record per line")
     audit.set_defaults(run="audit")
 

@@ -14,15 +14,17 @@ usage errors (bad arguments, a `--set` value JSON cannot carry) exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -147,11 +149,36 @@ def _relative(at: datetime) -> str:
     return f"in {seconds}s"
 
 
-def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+GAP = "  "
+
+
+def _table(rows: Sequence[Sequence[str]], width: int | None = None, shrink: int = 0) -> list[str]:
+    """Columns of `rows` (the first is the header). `width`: lines longer than that
+    have column `shrink` cut down (cells end in "…"), to no less than its header."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
+    excess = sum(widths) + len(GAP) * (len(widths) - 1) - (width or 0)
+    if width is not None and excess > 0:
+        floor = len(rows[0][shrink]) + 1
+        widths[shrink] = max(floor, widths[shrink] - excess)
+        rows = [
+            [
+                cell if i != shrink or len(cell) <= widths[i] else cell[: widths[i] - 1] + "…"
+                for i, cell in enumerate(row)
+            ]
+            for row in rows
+        ]
+    return [GAP.join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+def terminal_width() -> int | None:
+    """The width to fit tables to: $COLUMNS, else the terminal's; None when output goes
+    to a pipe or file (whole lines, for grep and friends)."""
+    with contextlib.suppress(ValueError):
+        if int(os.environ.get("COLUMNS", "")) > 0:
+            return int(os.environ["COLUMNS"])
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def sentence(text: str) -> str:
@@ -197,8 +224,10 @@ def audit_line(record: AuditRecord) -> str:
 
 async def cmd_pending(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=True)
+    width = None if args.json else terminal_width()
     async with opened(path) as app:
         requests = await app.pending(args.agent)
+        short = await _short_ids(app, [r.request_id for r in requests]) if width else {}
     if args.json:
         for request in requests:
             say(views.dumps(views.approval_request(request)))
@@ -207,34 +236,70 @@ async def cmd_pending(args: argparse.Namespace) -> int:
         which = f" for agent '{args.agent}'" if args.agent else ""
         say(f"No pending approval requests{which} in {shown(path)}.")
         return 0
-    rows = [("REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS", "EXPIRES")]
-    for r in requests:
-        rows.append(
-            (
-                r.request_id,
+
+    def table(expiry: Callable[[datetime], str], execution: bool, ids: bool) -> list[list[str]]:
+        header = ["REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS", "EXPIRES"]
+        rows = [header] + [
+            [
+                r.request_id if ids else short[r.request_id],
                 r.execution_id,
                 r.agent_tag,
                 r.tool,
                 compact(r.parameters, 60),
-                f"{iso(r.timeout)} ({_relative(r.timeout)})",
-            )
-        )
-    say(*_table(rows))
+                expiry(r.timeout),
+            ]
+            for r in requests
+        ]
+        return rows if execution else [row[:1] + row[2:] for row in rows]
+
+    # Narrower and narrower until it fits: the time left is what a reviewer acts on,
+    # `clearance show REQUEST` finds the execution, and a unique start of a request id
+    # is as good as the whole of it.
+    for expiry, execution, ids in (
+        (lambda at: f"{iso(at)} ({_relative(at)})", True, True),
+        (_relative, True, True),
+        (_relative, False, True),
+        (_relative, False, False),
+    ):
+        rows = table(expiry, execution, ids)
+        lines = _table(rows, width, shrink=rows[0].index("PARAMETERS"))
+        if width is None or max(map(len, lines)) <= width:
+            break
+    say(*lines)
     return 0
 
 
+async def _short_ids(app: Clearance, request_ids: list[str], least: int = 8) -> dict[str, str]:
+    """Each id's shortest start (of `least` characters or more) that no other request's
+    id, pending or decided, starts with."""
+    short = {}
+    for request_id in request_ids:
+        n = least
+        while n < len(request_id):
+            taken = await app.request_ids_starting(request_id[:n], 2)
+            if taken == [request_id]:
+                break
+            # The next length worth trying: past what this id shares with another.
+            other = next(t for t in taken if t != request_id)
+            shared = os.path.commonprefix([request_id, other])  # noqa: RUF071 (ids, not paths)
+            n = max(n + 1, len(shared) + 1)
+        short[request_id] = request_id[:n]
+    return short
+
+
 async def _whole_request_id(app: Clearance, given: str) -> str:
-    """`given`, or the one pending request whose id starts with it (as git takes a
-    unique prefix of a commit id)."""
+    """`given`, or the one request, pending or decided, whose id starts with it (as
+    git takes a unique prefix of a commit id)."""
     if await app.execution_of_request(given) is not None:
         return given
-    matches = [r.request_id for r in await app.pending() if r.request_id.startswith(given)]
+    matches = await app.request_ids_starting(given, 6)
     if len(matches) > 1:
-        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        listed = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
         raise ClearanceError(
-            f"'{given}' starts {len(matches)} pending request ids ({shown}); give more of it"
+            f"'{given}' starts {'more than 5' if len(matches) > 5 else len(matches)} request"
+            f" ids ({listed}); give more of it"
         )
-    return matches[0] if matches else given  # none: decide() says there is no such request
+    return matches[0] if matches else given  # none: the caller says there is no such request
 
 
 async def _decide(args: argparse.Namespace, approved: bool) -> int:
@@ -310,6 +375,15 @@ def _event_summary(event: Event) -> str:
 async def cmd_show(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=True)
     async with opened(path) as app:
+        if await app.execution(args.execution_id) is None:
+            # A request's id, or the start of one: show the execution it belongs to.
+            request_id = await _whole_request_id(app, args.execution_id)
+            execution_id = await app.execution_of_request(request_id)
+            if execution_id is None:
+                raise ClearanceError(
+                    f"no execution or approval request '{args.execution_id}' in {shown(path)}"
+                )
+            args.execution_id = execution_id
         history = await app.get_execution(args.execution_id)
         records = await app.audit(execution_id=args.execution_id)
     ex = history.execution
@@ -339,6 +413,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
 async def cmd_audit(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=True)
     async with opened(path) as app:
+        if args.request:
+            args.request = await _whole_request_id(app, args.request)
         if args.request and await app.execution_of_request(args.request) is None:
             raise ClearanceError(f"no approval request '{args.request}' in {shown(path)}")
         if args.execution and await app.execution(args.execution) is None:

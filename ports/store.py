@@ -170,6 +170,11 @@ class ExecutionLog(Protocol):
 class Inbox(Protocol):
     async def execution_of_request(self, request_id: str) -> str | None: ...
 
+    async def request_ids_starting(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` ids of requests, pending or decided, that start with `prefix`,
+        in id order: how a person's shortened id is completed."""
+        ...
+
     async def pending(
         self, agent_tag: str | None = None, limit: int | None = None, after: str | None = None
     ) -> list[ApprovalRequest]:
@@ -180,6 +185,15 @@ class Inbox(Protocol):
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]: ...
+
+
+def above_prefix(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix`, in code point
+    order (SQLite's BINARY, PostgreSQL's "C"): with `>= prefix`, a range of an index.
+    None: no such string (empty prefix, or one ending in the last code point)."""
+    if not prefix or prefix[-1] == chr(0x10FFFF):
+        return None
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def soonest_first(timers: Iterable[DueTimer]) -> list[DueTimer]:

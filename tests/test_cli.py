@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def _env() -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in ("CLEARANCE_DB", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+        if k not in ("CLEARANCE_DB", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "COLUMNS")
     }
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -76,8 +77,9 @@ def cli(
     )
 
 
-async def acli(cwd: Path, *args: str) -> tuple[int, str, str]:
-    """`cli` without blocking the event loop, so an agent hosted by the test keeps running."""
+async def acli(cwd: Path, *args: str, columns: int | None = None) -> tuple[int, str, str]:
+    """`cli` without blocking the event loop, so an agent hosted by the test keeps running.
+    `columns`: as if on a terminal that wide."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -87,7 +89,7 @@ async def acli(cwd: Path, *args: str) -> tuple[int, str, str]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        env=_env(),
+        env=_env() | ({"COLUMNS": str(columns)} if columns else {}),
     )
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode is not None
@@ -419,6 +421,46 @@ async def test_pending_lists_oldest_first_with_agent_filter(host: Host, tmp_path
     assert len(out.splitlines()) == 2
 
 
+async def test_pending_fits_the_terminal_width(host: Host, tmp_path: Path) -> None:
+    for _ in range(2):
+        await host.start()
+    db = str(host.db)
+    code, out, _ = await acli(tmp_path, "pending", "--db", db)  # a pipe: whole lines
+    assert code == 0
+    whole = out.splitlines()
+    assert "EXECUTION" in whole[0] and re.search(r"Z \(in \dm\d\ds\)$", whole[1]), whole
+    # (width, the EXECUTION column shown, request ids whole)
+    for columns, execution, whole_ids in (
+        (200, True, True),
+        (120, True, True),
+        (100, False, True),
+        (80, False, False),
+        (60, False, False),
+    ):
+        code, out, _ = await acli(tmp_path, "pending", "--db", db, columns=columns)
+        lines = out.splitlines()
+        assert code == 0 and len(lines) == 3, out
+        if columns >= max(map(len, whole)):
+            assert [line.split("(in ")[0] for line in lines] == [
+                line.split("(in ")[0] for line in whole
+            ]
+            continue
+        assert ("EXECUTION" in lines[0]) == execution, (columns, lines)
+        assert all(re.fullmatch(r"in \dm\d\ds", line.rsplit("  ", 1)[1]) for line in lines[1:])
+        assert "…" in lines[1], lines  # the parameters were cut to fit
+        if columns >= 80:
+            assert max(map(len, lines)) <= columns, (columns, lines)
+        shown = [line.split()[0] for line in lines[1:]]
+        ids = [line.split()[0] for line in whole[1:]]
+        if whole_ids:
+            assert shown == ids
+        else:  # a start of each, unique among all requests: what approve and show take
+            assert all(len(s) >= 8 and i.startswith(s) for s, i in zip(shown, ids, strict=True))
+            assert len(shown[0]) < len(ids[0])
+            code, out, err = await acli(tmp_path, "show", shown[0], "--db", db)
+            assert code == 0 and f"Execution {whole[1].split()[1]} " in out, err
+
+
 # -- errors ---------------------------------------------------------------------------------
 
 
@@ -588,7 +630,7 @@ async def test_a_request_id_by_its_unique_start_with_db_before_the_command(
     shared = a[: next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)]
     db = str(host.db)
     code, out, err = await acli(tmp_path, "--db", db, "approve", shared)
-    assert code == 1 and "starts 2 pending request ids" in err and a in err, err
+    assert code == 1 and "starts 2 request ids" in err and a in err, err
     assert len(err.strip().splitlines()) == 1
     code, out, err = await acli(tmp_path, "--db", db, "approve", a[: len(shared) + 1], "--json")
     assert code == 0, err
@@ -601,6 +643,21 @@ async def test_a_request_id_by_its_unique_start_with_db_before_the_command(
     code, out, err = await acli(tmp_path, "reject", b, "--reason", "no", "--json", "--db", db)
     assert code == 0, err
     assert (loads(out)["decision"], loads(out)["reason"]) == ("rejected", "no")
+    # Decided requests too: `show` takes a request's id (start) for its execution, and
+    # `audit --request` a start of one.
+    unique_b = b[: len(shared) + 1]
+    code, out, err = await acli(tmp_path, "--db", db, "show", unique_b)
+    assert code == 0, err
+    assert out.startswith(f"Execution {second.id} "), out
+    code, out, err = await acli(tmp_path, "--db", db, "audit", "--request", unique_b, "--json")
+    assert code == 0, err
+    assert [(r["requestId"], r["decision"]) for r in map(loads, out.splitlines())] == [
+        (b, "rejected")
+    ]
+    code, out, err = await acli(tmp_path, "--db", db, "show", shared)
+    assert code == 1 and "starts 2 request ids" in err, err
+    code, out, err = await acli(tmp_path, "--db", db, "show", "apr-nothing-like-it")
+    assert code == 1 and "no execution or approval request 'apr-nothing-like-it'" in err, err
 
 
 def test_every_command_shows_examples_and_describes_its_arguments() -> None:

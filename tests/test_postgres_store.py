@@ -125,7 +125,7 @@ async def test_tables_of_another_schema_version_are_refused_untouched(url: str) 
         assert await cur.fetchall() == [(99,)]
 
 
-async def test_tables_of_schema_1_are_upgraded_keeping_their_timers(url: str) -> None:
+async def test_tables_of_schema_1_are_upgraded_keeping_their_timers_and_requests(url: str) -> None:
     store = PostgresStore(url)
     run = Run(agent(), "exec-1")
     await run.commit(store, run.started())
@@ -136,6 +136,9 @@ async def test_tables_of_schema_1_are_upgraded_keeping_their_timers(url: str) ->
         base, autocommit=True, options=f"-c search_path={schema}"
     ) as conn:
         await conn.execute("ALTER TABLE clearance_timers DROP COLUMN held_until")
+        await conn.execute(
+            'ALTER TABLE clearance_approvals ALTER COLUMN request_id TYPE TEXT COLLATE "default"'
+        )
         await conn.execute("UPDATE clearance_schema SET version = 1")
         store = PostgresStore(url)
         try:
@@ -148,6 +151,13 @@ async def test_tables_of_schema_1_are_upgraded_keeping_their_timers(url: str) ->
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")
         assert await cur.fetchall() == [(SCHEMA_VERSION,)]
+        cur = await conn.execute(
+            "SELECT collation_name FROM information_schema.columns"
+            " WHERE table_schema = %s AND table_name = 'clearance_approvals'"
+            " AND column_name = 'request_id'",
+            (schema,),
+        )
+        assert await cur.fetchall() == [("C",)]
 
 
 async def test_a_server_that_does_not_answer_is_a_clear_error() -> None:

@@ -420,6 +420,24 @@ class StoreContract(abc.ABC):
         assert run.ex.status == "awaiting_approval"
         return run
 
+    async def test_request_ids_are_completed_from_a_prefix_pending_or_decided(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            ids = ["apr-1", "apr-10", "apr-2", "apr%3", "apr_4"]
+            runs = [
+                await self._awaiting(store, agent(), f"exec-{i}", r, 1) for i, r in enumerate(ids)
+            ]
+            await runs[0].commit(store, Approved("apr-1", at(2), "ops"))
+            assert await store.request_ids_starting("apr-1", 9) == ["apr-1", "apr-10"]
+            assert await store.request_ids_starting("apr-", 9) == ["apr-1", "apr-10", "apr-2"]
+            # Not LIKE patterns: % and _ are themselves.
+            assert await store.request_ids_starting("apr%", 9) == ["apr%3"]
+            assert await store.request_ids_starting("apr_", 9) == ["apr_4"]
+            assert await store.request_ids_starting("apr", 2) == ["apr%3", "apr-1"]  # code points
+            assert await store.request_ids_starting("apr-10x", 9) == []
+            assert await store.request_ids_starting("", 9) == sorted(ids)
+
     async def test_pending_lists_open_requests_oldest_first_and_drops_decided_ones(
         self, tmp_path: Path
     ) -> None:
