@@ -6,9 +6,13 @@ Each event is one store commit: the event, and the rows the pure core says its
 commands write (`core.rows.writes`), among them the units of work it queues (a
 model call, a tool run). A process that hosts the agent and has a free slot
 claims that work in the same commit, with a lease; the rest waits in the queue
-for any hosting process's pickup. Each claimed unit runs as its own task, at
-most `max_concurrency` at a time, so a slow tool or model call delays nothing
-but its own execution: timers and pickups never wait behind it.
+for any hosting process's pickup. Each claimed unit is carried out apart from
+every other execution's, at most `max_concurrency` at a time, so a slow tool or
+model call delays nothing but its own execution: timers and pickups never wait
+behind it. The caller who fed the event (`run`, `signal`) waits for its
+execution to rest anyway, so it carries the first unit out itself, and the unit
+each commit queues next; other units run in tasks, each also going on to the
+unit its own commit queues.
 
 A holder renews its leases while it works (`renew_every`). A unit whose lease
 runs out is taken over by whoever claims it next, on any host: a model call is
@@ -84,6 +88,9 @@ _RECORD_BACKOFF = 0.05
 # A timer whose execution cannot be loaded is tried again this much later, so it
 # never holds up the timers due after it.
 TIMER_RETRY = timedelta(seconds=60)
+# Units of work begun here and waiting to be carried out, each with the state the
+# commit that queued it made (None: load it).
+Carried = list[tuple[Work, Execution | None]]
 # Refusals that mean the result is simply no longer wanted (the execution moved on).
 _STALE = frozenset({"stale_model_reply", "stale_tool_result", "wrong_state"})
 # How often a caller waiting for an execution to rest looks at the store, in case
@@ -132,8 +139,11 @@ class Engine:
         # Leases are about processes being alive, so they run on real time even when
         # tests move the approval clock by hand.
         self.lease_clock: Clock = lease_clock or SystemClock()
-        self._tasks: dict[int, asyncio.Task[Execution | None]] = {}  # work id -> the task doing it
+        self._carrying: dict[int, Work] = {}  # work carried out here now, by id
+        self._tasks: set[asyncio.Task[Execution | None]] = set()  # those carrying work
         self._held: dict[int, Claim] = {}  # leases to renew
+        # Work cut short by a cancellation before its tool started: close() hands it back.
+        self._cut_short: dict[int, Claim] = {}
         # Work ids whose completing commit is on its way: a renewal that misses one of
         # them has raced that commit, not lost the lease.
         self._completing: set[int] = set()
@@ -154,7 +164,7 @@ class Engine:
     @property
     def free(self) -> int:
         """Slots for work this process could start now."""
-        return self.max_concurrency - len(self._tasks) + self._recording - self._reserved
+        return self.max_concurrency - len(self._carrying) + self._recording - self._reserved
 
     # -- entry points ---------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class Engine:
         if not isinstance(input, str):
             raise ClearanceError(f"input must be a string, got {type(input).__name__}")
         event = Started(self.ids.execution_id(), input, self.clock.now(), session_id)
-        return await self.settle(await self._feed(Execution(agent=agent.spec), event))
+        return await self._drive(Execution(agent=agent.spec), event)
 
     async def signal(
         self,
@@ -195,7 +205,16 @@ class Engine:
                 event = Approved(request_id, self.clock.now(), by, modified_params)
             else:
                 event = Rejected(request_id, self.clock.now(), by, reason)
-        return await self.settle(await self._feed(ex, event))
+        return await self._drive(ex, event)
+
+    async def _drive(self, ex: Execution, event: Event) -> Execution:
+        """Feed `event`, carry the work it queues for this execution here, in the
+        caller's task (unit after unit, as each commit queues the next), and settle:
+        the caller waits for that work anyway, and a task per unit costs more."""
+        carried: Carried = []
+        new = await self._feed(ex, event, carry=carried)
+        last = await self._chain(carried)
+        return await self.settle(last if last is not None and last.seq > new.seq else new)
 
     async def settle(self, ex: Execution) -> Execution:
         """`ex` once it rests (awaiting approval, or finished). Where this process does
@@ -273,10 +292,11 @@ class Engine:
             return 0
         now = self.lease_clock.now()
         taken = await self.store.claim_work(
-            list(self.agents), self.worker, now, now + self.lease, free, skip=list(self._tasks)
+            list(self.agents), self.worker, now, now + self.lease, free, skip=list(self._carrying)
         )
         for work in taken:
-            self._spawn(work)
+            self._begin(work)
+            self._in_task(work, None)
         return len(taken)
 
     async def drain(self) -> int:
@@ -288,7 +308,7 @@ class Engine:
             claimed += await self.pickup()
             if not self._tasks:
                 return claimed
-            await asyncio.gather(*list(self._tasks.values()), return_exceptions=True)
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def wait_for_work(self, seconds: float) -> None:
         """Until another process may have queued work, a slot frees up, or `seconds`."""
@@ -309,17 +329,22 @@ class Engine:
         """Stop carrying out work. Work not yet started goes back to the queue; a tool
         that had started keeps its lease, which lapses, and its successor reports the
         outcome unknown rather than run it again."""
-        tasks = list(self._tasks.values())
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._heart is not None:
             self._heart.cancel()
             await asyncio.gather(self._heart, return_exceptions=True)
-        for work_id, claim in list(self._held.items()):
-            if work_id not in self._started_tools:
-                with contextlib.suppress(Exception):
-                    await self.store.release(claim)
+        # Work cut short (here, or in callers' tasks the app cancelled first), and work
+        # held by callers still at it: none of it started a tool.
+        back = self._cut_short | {
+            i: c for i, c in self._held.items() if i not in self._started_tools
+        }
+        for claim in back.values():
+            with contextlib.suppress(Exception):
+                await self.store.release(claim)
+        self._cut_short.clear()
         self._held.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -340,16 +365,23 @@ class Engine:
             return ex
         try:
             # Rest first, so whoever sent the late decision finds the model told.
-            return await self.settle(await self._feed(ex, TimerFired(request_id, now)))
+            return await self._drive(ex, TimerFired(request_id, now))
         except Refusal:
             return await self._load(ex.id)
 
     def _hosts(self, ex: Execution) -> bool:
         return ex.agent_tag in self.agents
 
-    async def _feed(self, ex: Execution, event: Event, done: Claim | None = None) -> Execution:
+    async def _feed(
+        self,
+        ex: Execution,
+        event: Event,
+        done: Claim | None = None,
+        carry: Carried | None = None,
+    ) -> Execution:
         """Decide `event` and commit it; start the work it queues that we can claim.
-        `done`: the work whose result `event` is."""
+        `done`: the work whose result `event` is. `carry`: an empty list takes the
+        first unit we claimed, for the caller to carry out; the rest start in tasks."""
         for _ in range(_MAX_CONFLICTS):
             try:
                 new, commands = decide(ex, event)
@@ -370,7 +402,7 @@ class Engine:
             claim = ClaimRequest(self.worker, self._lease_until(), n) if wanted else None
             # No other unit at work here, no other step committing, no other caller
             # waiting: nothing to wait for to share a transaction with.
-            alone = len(self._tasks) <= 1 and not self._committing and len(self._waiters) <= 1
+            alone = len(self._carrying) <= 1 and not self._committing and len(self._waiters) <= 1
             self._reserved += n
             self._committing += 1
             try:
@@ -388,7 +420,11 @@ class Engine:
                 self._committing -= 1
             for work in queued:
                 if work.holder == self.worker and not work.cancelled:
-                    self._spawn(work, new)
+                    self._begin(work)
+                    if carry is not None and not carry:
+                        carry.append((work, new))
+                    else:
+                        self._in_task(work, new)
             if self._hosts(ex) and sum(not w.cancelled for w in queued) > n:
                 self._starved = True  # queued for want of a slot: pick it up when one frees
                 self._wake.set()
@@ -407,19 +443,46 @@ class Engine:
     def _lease_until(self) -> datetime:
         return self.lease_clock.now() + self.lease
 
-    def _spawn(self, work: Work, ex: Execution | None = None) -> None:
-        """Carry `work` out in its own task; `ex`: the state the commit that queued it
-        made, when this process made it."""
+    def _begin(self, work: Work) -> None:
+        """`work`, claimed by us, is carried out here from now: it takes a slot, and its
+        lease is renewed until `_finished`."""
+        self._carrying[work.id] = work
         self._held[work.id] = work.claim
         self._working[work.execution_id] = self._working.get(work.execution_id, 0) + 1
-        task = asyncio.create_task(self._carry(work, ex), name=f"clearance-work-{work.id}")
-        self._tasks[work.id] = task
-        task.add_done_callback(functools.partial(self._finished, work))
         if self._heart is None or self._heart.done():
             self._heart = asyncio.create_task(self._renew_leases(), name="clearance-leases")
 
-    def _finished(self, work: Work, _: asyncio.Task[None]) -> None:
-        self._tasks.pop(work.id, None)
+    def _in_task(self, work: Work, ex: Execution | None) -> None:
+        """Carry `work` (begun) out in a task of its own, and the work that follows it;
+        `ex`: the state the commit that queued it made, when this process made it."""
+        task = asyncio.create_task(self._chain([(work, ex)]), name=f"clearance-work-{work.id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _chain(self, carried: Carried) -> Execution | None:
+        """Carry out the begun units in `carried`, and each unit that a commit of theirs
+        queues and we claim, one after another; the last state recorded here."""
+        last = None
+        try:
+            while carried:
+                work, ex = carried.pop()
+                try:
+                    got = await self._carry(work, ex, carry=carried)
+                except asyncio.CancelledError:
+                    if work.id not in self._started_tools and work.id in self._held:
+                        self._cut_short[work.id] = work.claim
+                    raise
+                finally:
+                    self._finished(work)
+                last = got or last
+        finally:
+            for work, _ in carried:  # cancelled before they started
+                self._cut_short[work.id] = work.claim
+                self._finished(work)
+        return last
+
+    def _finished(self, work: Work) -> None:
+        self._carrying.pop(work.id, None)
         self._held.pop(work.id, None)
         self._started_tools.discard(work.id)
         left = self._working.get(work.execution_id, 1) - 1
@@ -465,10 +528,16 @@ class Engine:
             self._completing.discard(claim.id)
 
     async def _carry(
-        self, work: Work, ex: Execution | None, *, in_slot: bool = True
+        self,
+        work: Work,
+        ex: Execution | None,
+        *,
+        in_slot: bool = True,
+        carry: Carried | None = None,
     ) -> Execution | None:
         """Carry out one unit of work and record its outcome; the state that left, if
-        this worker recorded one. `in_slot`: it runs as a task in one of our slots."""
+        this worker recorded one. `in_slot`: it runs in one of our slots. `carry`: as
+        `_feed` takes it, for the work the outcome's commit queues."""
         try:
             if ex is None or isinstance(work.command, RunTool):
                 # A tool run looks at the stored state last thing before it starts, so a
@@ -479,7 +548,7 @@ class Engine:
                 with self._finishing(work.claim):
                     await self.store.complete(work.claim)
                 return None
-            return await self._record(ex, event, work.claim, in_slot)
+            return await self._record(ex, event, work.claim, in_slot, carry)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -522,7 +591,12 @@ class Engine:
         return await self._run_tool(agent, ex, command)
 
     async def _record(
-        self, ex: Execution, event: Event, claim: Claim, in_slot: bool
+        self,
+        ex: Execution,
+        event: Event,
+        claim: Claim,
+        in_slot: bool,
+        carry: Carried | None = None,
     ) -> Execution | None:
         """Commit `event` as the result of the work `claim` holds: a refusal ends the
         work, a broken step becomes a failure event, a store error is retried with
@@ -530,7 +604,7 @@ class Engine:
         delay = _RECORD_BACKOFF
         for attempt in range(_RECORD_TRIES):
             try:
-                return await self._feed_result(ex, event, claim, in_slot)
+                return await self._feed_result(ex, event, claim, in_slot, carry)
             except Refusal as refusal:
                 failed = _failure(event, f"the result could not be used: {refusal}")
                 if refusal.code not in _STALE and failed is not event:
@@ -577,14 +651,19 @@ class Engine:
         return None
 
     async def _feed_result(
-        self, ex: Execution, event: Event, claim: Claim, in_slot: bool
+        self,
+        ex: Execution,
+        event: Event,
+        claim: Claim,
+        in_slot: bool,
+        carry: Carried | None,
     ) -> Execution:
         """`_feed` a unit's result. The unit's slot is free meanwhile: its work is done,
         so the work this commit, or another in its group, queues may take the slot."""
         freed = 1 if in_slot else 0
         self._recording += freed
         try:
-            return await self._feed(ex, event, done=claim)
+            return await self._feed(ex, event, done=claim, carry=carry)
         finally:
             self._recording -= freed
 

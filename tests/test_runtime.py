@@ -625,3 +625,34 @@ async def test_a_lease_taken_over_is_reported_once_and_no_longer_renewed(
         assert app.engine._held == {}
         release.set()
         await asyncio.wait_for(approving, 10)
+
+
+async def test_work_not_started_when_a_process_closes_goes_back_to_the_queue(
+    tmp_path: Path,
+) -> None:
+    """A model call cut short by close() is handed back, so the next process takes it at
+    once instead of waiting out the lease (30 s here)."""
+    entered = asyncio.Event()
+
+    async def hangs(request: Any) -> list[dict[str, Any]]:
+        entered.set()
+        await asyncio.sleep(3600)
+        return [text("never")]
+
+    first = Clearance.open(_url(tmp_path), lease=30)
+    define_refund_agent(first, Recorder(), model=ScriptedModel(hangs))
+    running = asyncio.create_task(first.run("safe-agent", input="Refund ORD-123"))
+    await asyncio.wait_for(entered.wait(), 10)
+    (execution_id,) = await first.with_work("safe-agent")
+    await first.close()
+    assert running.cancelled()
+    async with Clearance.open(_url(tmp_path), lease=30) as second:
+        define_refund_agent(second, Recorder())
+        assert await second.engine.pickup() == 1
+        ex = await wait_for(lambda: _paused(second, execution_id), seconds=10)
+        assert len(ex.pending_approvals) == 1
+
+
+async def _paused(app: Clearance, execution_id: str) -> Any:
+    ex = await app.execution(execution_id)
+    return ex if ex is not None and ex.status == "awaiting_approval" else None
