@@ -404,8 +404,13 @@ class Clearance:
         goes on in this process and the caller just stops waiting for it."""
         task = asyncio.ensure_future(work)
         self._driving.add(task)
-        task.add_done_callback(self._driving.discard)
+        self.engine.callers += 1  # from now, not once it runs: see Engine.callers
+        task.add_done_callback(self._driven)
         return await asyncio.shield(task)
+
+    def _driven(self, task: asyncio.Task[Execution]) -> None:
+        self._driving.discard(task)
+        self.engine.callers -= 1
 
     async def _deliver(self) -> None:
         while True:

@@ -153,6 +153,10 @@ class Engine:
         # the work that commit (or another in its group) queues.
         self._recording = 0
         self._committing = 0  # steps waiting for their commit
+        # Calls (run, signal, ...) under way, counted by the app from when each is
+        # scheduled: a caller carries its execution's work without a task of its own,
+        # so this is how a commit knows other executions' steps may come this turn.
+        self.callers = 0
         self._heart: asyncio.Task[None] | None = None
         self._waiters: dict[str, set[asyncio.Future[Execution | None]]] = {}
         self._working: dict[str, int] = {}  # execution id -> units carried out here now
@@ -400,9 +404,10 @@ class Engine:
             # needs no handler, and must not wait for the host.
             wanted = n or step.drop_queued_work
             claim = ClaimRequest(self.worker, self._lease_until(), n) if wanted else None
-            # No other unit at work here, no other step committing, no other caller
-            # waiting: nothing to wait for to share a transaction with.
-            alone = len(self._carrying) <= 1 and not self._committing and len(self._waiters) <= 1
+            # No other caller, no task at work here, nobody waiting, no other step
+            # committing: no company to wait for to share a transaction with.
+            busy = max(self.callers, 1) + len(self._tasks) + len(self._waiters)
+            alone = busy <= 1 and not self._committing
             self._reserved += n
             self._committing += 1
             try:

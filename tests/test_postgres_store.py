@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 import shlex
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import Recorder, define_refund_agent
-from postgres_server import postgres_url
+from postgres_server import OwnServer, own_postgres, postgres_url
 from psycopg import sql
 from test_cli import acli
 
@@ -25,7 +24,7 @@ from clearance.adapters.postgres_store import SCHEMA_VERSION, PostgresStore
 from clearance.ports.store import ClaimRequest
 from clearance.testing.contract import Run, agent
 
-__all__ = ["postgres_url"]  # the fixture, for pytest
+__all__ = ["own_postgres", "postgres_url"]  # the fixtures, for pytest
 
 
 @pytest.fixture
@@ -251,31 +250,41 @@ async def test_connections_killed_mid_flight_cost_retries_not_data_or_double_run
         assert len(await app.store.audit()) == 20
 
 
-RESTART = os.environ.get("CLEARANCE_PG_RESTART") == "1"
-
-
-@pytest.mark.skipif(not RESTART, reason="restarts the machine's PostgreSQL: CLEARANCE_PG_RESTART=1")
-async def test_a_restarted_server_costs_retries_not_data_or_double_runs(url: str) -> None:
+async def test_a_restarted_server_costs_retries_not_data_or_double_runs(
+    own_postgres: OwnServer,
+) -> None:
     recorder = Recorder()
-    async with Clearance.open(url) as app:
+    async with Clearance.open(own_postgres.url) as app:
         define_refund_agent(app, recorder)
         paused = await asyncio.gather(
             *(app.run("safe-agent", input=f"Refund order ORD-{n}") for n in range(20))
         )
-        version = sorted(os.listdir("/etc/postgresql"))[-1]
-        restart = await asyncio.create_subprocess_exec(
-            "pg_ctlcluster", "--skip-systemctl-redirect", version, "main", "restart"
+        started = await _postmaster_start(own_postgres.url)
+        # Down (sessions cut off) before the decisions, up again while they retry.
+        await asyncio.to_thread(own_postgres.stop, "fast")
+        decided = asyncio.gather(
+            *(
+                app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
+                for ex in paused
+            )
         )
-        decided = [
-            app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
-            for ex in paused
-        ]
-        done = await asyncio.gather(*decided)
-        assert await restart.wait() == 0
+        await asyncio.sleep(0.5)
+        assert not decided.done()
+        await asyncio.to_thread(own_postgres.start)
+        done = await decided
+        assert await _postmaster_start(own_postgres.url) > started
         assert [ex.status for ex in done] == ["completed"] * 20
         keys = [ctx.idempotency_key for name, ctx, _ in recorder.calls if name == "process-refund"]
         assert len(keys) == len(set(keys)) == 20
         assert len(await app.store.audit()) == 20
+
+
+async def _postmaster_start(url: str) -> datetime:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cur = await conn.execute("SELECT pg_postmaster_start_time()")
+        (at,) = await cur.fetchone() or (None,)
+        assert isinstance(at, datetime)
+        return at
 
 
 async def test_the_cli_decides_on_postgresql_and_never_prints_the_urls_credentials(

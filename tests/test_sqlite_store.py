@@ -357,6 +357,31 @@ async def test_a_step_committed_alone_does_not_wait_for_the_group(tmp_path: Path
     await app.close()
 
 
+async def test_executions_driven_together_through_the_app_share_transactions(
+    tmp_path: Path,
+) -> None:
+    app = _quiet(tmp_path)
+    await _paused(app, 1)  # the agent, and one alone: 2 steps, 2 commits
+    commits = Commits(app)
+    await app.run("safe-agent", input="Refund ORD-alone")
+    assert commits.count == 2
+    paused = await asyncio.gather(
+        *(app.run("safe-agent", input=f"Refund ORD-{i}") for i in range(32))
+    )
+    assert all(ex.status == "awaiting_approval" for ex in paused)
+    # 64 steps (each start, each model turn) in a few transactions, not 64 fsyncs.
+    assert commits.count - 2 <= 8, commits.count
+    approved = await asyncio.gather(
+        *(
+            app.signal(ex.id, "approve", request_id=ex.pending_approvals[0].request_id)
+            for ex in paused
+        )
+    )
+    assert all(ex.status == "completed" for ex in approved)
+    assert commits.count - 2 <= 8 + 12, commits.count  # 96 more steps
+    await app.close()
+
+
 async def test_a_conflict_in_a_group_undoes_only_its_own_step(tmp_path: Path) -> None:
     app = _quiet(tmp_path)
     first, second = await _paused(app, 2)
