@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import secrets
 import sqlite3
 import time
@@ -230,6 +231,7 @@ def check_database_file(path: str, *, must_hold_data: bool = False) -> None:
             what = "is empty" if where.exists() else "does not exist"
             raise ClearanceError(f"{path} {what}: it holds no Clearance database")
         return
+    _check_writable_beside(path, where)
     try:
         db = sqlite3.connect(f"{where.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.Error as err:
@@ -256,6 +258,21 @@ def check_database_file(path: str, *, must_hold_data: bool = False) -> None:
         raise ClearanceError(_unknown_schema(path, version))
     if must_hold_data and not tables:
         raise ClearanceError(f"{path} holds no Clearance database (no tables)")
+
+
+def _check_writable_beside(path: str, where: Path) -> None:
+    """SQLite in WAL mode keeps a -wal and a -shm file beside the database, and even a
+    read needs them: where they cannot be made, SQLite says only "unable to open
+    database file". Say why instead."""
+    folder = where.resolve().parent
+    if os.access(folder, os.W_OK):
+        return
+    read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    why = "is on a read-only file system" if read_only else "is in a directory you cannot write to"
+    raise ClearanceError(
+        f"{path} {why}: Clearance keeps its -wal and -shm files beside the database, even to"
+        " read it; use a copy in a writable directory"
+    )
 
 
 def _unknown_schema(path: str, version: int) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -785,3 +786,47 @@ async def test_a_nan_parameter_from_the_model_opens_no_request_and_json_output_s
     shown = loads(out)  # strict: no NaN anywhere
     assert shown["approvals"] == []
     assert host.refunds == []
+
+
+def test_a_database_on_a_read_only_file_system_is_one_line_saying_so(tmp_path: Path) -> None:
+    """As root a read-only file is writable anyway; a read-only mount is not (a bind
+    mount in a mount namespace of the command's own)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare(1) is not installed")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    db = folder / "approvals.db"
+    assert cli(tmp_path, "demo", "--db", str(db), "--auto", "reject").returncode == 0
+    before = sorted(p.name for p in folder.iterdir())
+    ro = f"mount --bind -o ro {folder} {folder}"
+    probe = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", f"{ro} && touch {folder}/x"],
+        capture_output=True,
+        text=True,
+    )
+    if "Read-only file system" not in probe.stderr:
+        why = f"cannot make a read-only bind mount here: {probe.stderr.strip()[:200]}"
+        if os.environ.get("CLEARANCE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"CLEARANCE_REQUIRE_SERVICES=1 but {why}")
+        pytest.skip(why)
+    for command in ("pending", "audit", "approve apr-1"):
+        done = subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "sh",
+                "-c",
+                f'{ro} && exec "$0" -m clearance {command} --db {db}',
+                sys.executable,
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=30,
+        )
+        assert done.returncode == 1, (command, done.stdout, done.stderr)
+        no_traceback(done)
+        assert "is on a read-only file system" in done.stderr, (command, done.stderr)
+        assert "not a SQLite database" not in done.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before
