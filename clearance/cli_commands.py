@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import getpass
 import logging
 import os
@@ -186,26 +187,55 @@ def sentence(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else text + "."
 
 
+# Outcomes and statuses in colour on a terminal, as gh and git show them; never into a
+# pipe or a file, never with NO_COLOR set (no-color.org).
+_COLOURS = {
+    "approved": "32",
+    "approved_modified": "32",
+    "completed": "32",
+    "rejected": "31",
+    "failed": "31",
+    "denied_by_policy": "31",
+    "timed_out": "33",
+    "pending": "33",
+    "awaiting_approval": "33",
+    "cancelled": "90",
+    "stopped": "90",
+}
+
+
+def tint(word: str) -> str:
+    code = _COLOURS.get(word)
+    if code is None or not _in_colour():
+        return word
+    return f"\033[{code}m{word}\033[0m"
+
+
+@functools.cache
+def _in_colour() -> bool:
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
 def describe_decision(request: ApprovalRequest) -> str:
     by = f" by {request.decided_by}" if request.decided_by else ""
     if request.status == APPROVED:
         if request.modified_params:
-            return f"approved{by} with changes {compact(request.modified_params)}"
-        return f"approved{by}"
+            return f"{tint('approved')}{by} with changes {compact(request.modified_params)}"
+        return f"{tint('approved')}{by}"
     if request.status == REJECTED:
         because = f": {request.rejection_reason}" if request.rejection_reason else ""
-        return f"rejected{by}{because}"
+        return f"{tint('rejected')}{by}{because}"
     if request.status == TIMED_OUT:
-        return f"timed out after {duration(request.timeout_ms)}"
+        return f"{tint('timed_out').replace('_', ' ')} after {duration(request.timeout_ms)}"
     if request.status == CANCELLED:
-        return f"cancelled{by}"
-    return request.status
+        return f"{tint('cancelled')}{by}"
+    return tint(request.status)
 
 
 def audit_line(record: AuditRecord) -> str:
     parts = [
         iso(record.at),
-        record.decision,
+        tint(record.decision),
         record.request_id,
         record.tool,
         f"params={compact(record.parameters)}",
@@ -390,7 +420,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         say(views.dumps(views.execution_report(ex, history.events, records), indent=2))
         return 0
-    say(f"Execution {ex.id}  agent {ex.agent_tag}  status {ex.status}")
+    say(f"Execution {ex.id}  agent {ex.agent_tag}  status {tint(ex.status)}")
     say(f"Input:  {ex.input}")
     if ex.output is not None:
         say(f"Output: {ex.output}")

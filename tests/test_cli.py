@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -830,3 +831,47 @@ def test_a_database_on_a_read_only_file_system_is_one_line_saying_so(tmp_path: P
         assert "is on a read-only file system" in done.stderr, (command, done.stderr)
         assert "not a SQLite database" not in done.stderr
     assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def _on_a_terminal(cwd: Path, *args: str, **env: str) -> str:
+    """`clearance ARGS` with its stdout on a pseudo-terminal; what it printed there."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "clearance", *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=subprocess.PIPE,
+            env=_env() | env,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        os.close(follower)
+        out = b""
+        with contextlib.suppress(OSError):  # EIO once everything written was read
+            while chunk := os.read(leader, 65536):
+                out += chunk
+        return out.decode()
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(follower)
+        os.close(leader)
+
+
+def test_outcomes_are_coloured_on_a_terminal_only_and_never_with_no_color(
+    tmp_path: Path,
+) -> None:
+    assert cli(tmp_path, "demo", "--db", "d.db", "--auto", "reject").returncode == 0
+    red = "\x1b[31mrejected\x1b[0m"
+    assert red in _on_a_terminal(tmp_path, "audit", "--db", "d.db")
+    assert "\x1b[" not in _on_a_terminal(tmp_path, "audit", "--db", "d.db", NO_COLOR="1")
+    piped = cli(tmp_path, "audit", "--db", "d.db")
+    assert "rejected" in piped.stdout and "\x1b[" not in piped.stdout
+    shown = cli(tmp_path, "audit", "--db", "d.db", "--json").stdout.splitlines()[0]
+    execution = json.loads(shown)["executionId"]
+    assert "status \x1b[32mcompleted\x1b[0m" in _on_a_terminal(
+        tmp_path, "show", execution, "--db", "d.db"
+    )
