@@ -7,11 +7,12 @@ if TYPE_CHECKING:
     from clearance.core.commands import AuditRecord
     from clearance.core.errors import ClearanceError, DefinitionError, InvalidParameters, Refusal
     from clearance.core.execution import ApprovalRequest, Execution
-    from clearance.definition import ClearanceWarning, HumanInLoop, Model, Tool
+    from clearance.definition import ApprovalBroker, ClearanceWarning, HumanInLoop, Model, Tool
     from clearance.ports.model import ModelReply, ModelRequest
     from clearance.ports.tools import ToolContext
 
 _WHERE = {
+    "ApprovalBroker": "clearance.definition",
     "ApprovalRequest": "clearance.core.execution",
     "AuditRecord": "clearance.core.commands",
     "Clearance": "clearance.app",
@@ -45,6 +46,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ApprovalBroker",
     "ApprovalRequest",
     "AuditRecord",
     "Clearance",

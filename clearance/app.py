@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib.metadata import entry_points
 from types import TracebackType
 from typing import Any
@@ -15,14 +15,17 @@ import attrs
 from clearance.adapters.clock import SystemClock
 from clearance.adapters.ids import RandomIds
 from clearance.adapters.webhook_channel import WebhookChannel
-from clearance.adapters.webhook_sender import WebhookSender
+from clearance.adapters.webhook_sender import WebhookSender, signed_headers
+from clearance.broker_decisions import Decision, consume
 from clearance.callback import callback_url, secret_bytes
+from clearance.core.agent import BrokerTarget
 from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.rows import AGENT_SIGNER
 from clearance.definition import (
+    BROKER_NAME,
     DEFAULT_MAX_ITERATIONS,
     HostedAgent,
     HumanInLoop,
@@ -38,6 +41,7 @@ from clearance.engine import (
     Engine,
     new_worker_id,
 )
+from clearance.ports.broker import Broker
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
@@ -97,6 +101,43 @@ def open_store(url: str, *, synchronous: str = "FULL") -> Store:
     return store
 
 
+Signer = Callable[[Delivery, str], dict[str, str] | None]
+
+
+def open_brokers(brokers: Mapping[str, str], sign: Signer) -> dict[str, Broker]:
+    """The brokers named to `Clearance.open(brokers={name: url})`, by the URL's scheme
+    through the `clearance.channels` entry points (a package can add one). Nothing
+    connects here: a broker that is down at start is not fatal."""
+    if not isinstance(brokers, Mapping):
+        raise ClearanceError(
+            "brokers maps names to URLs, e.g. {'approval-events': 'redis://127.0.0.1:6379/0'}"
+        )
+    opened: dict[str, Broker] = {}
+    for name, url in brokers.items():
+        if not isinstance(name, str) or not BROKER_NAME.match(name):
+            raise ClearanceError(f"broker name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
+        scheme = url.split("://", 1)[0] if isinstance(url, str) and "://" in url else ""
+        found = entry_points(group="clearance.channels", name=scheme) if scheme else ()
+        if not found:
+            known = sorted({e.name for e in entry_points(group="clearance.channels")})
+            raise ClearanceError(
+                f"broker {name!r}: unsupported URL {url!r}; accepted schemes: "
+                + ", ".join(f"{k}://" for k in known)
+            )
+        try:
+            opener = next(iter(found)).load()
+        except ImportError as err:
+            raise ClearanceError(
+                f"{scheme}:// brokers need a package that is not installed ({err.name}):"
+                f" pip install 'clearance[{scheme}]'"
+            ) from None
+        try:
+            opened[name] = opener(name, url, sign=sign)
+        except ValueError as err:
+            raise ClearanceError(f"broker {name!r}: {err}") from None
+    return opened
+
+
 class Clearance:
     """Human approval gates for an agent's tool calls, durable in a store.
 
@@ -120,6 +161,7 @@ class Clearance:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         lease: float = DEFAULT_LEASE,
         renew_every: float = DEFAULT_RENEW_EVERY,
+        brokers: Mapping[str, str] | None = None,
     ) -> None:
         if webhook_secret is not None:
             secret_bytes(webhook_secret)  # a malformed secret fails here, not at first delivery
@@ -148,14 +190,22 @@ class Clearance:
                 return agent.webhook_secret if agent else None
             return self.webhook_secret
 
+        def sign(delivery: Delivery, body: str) -> dict[str, str] | None:
+            """Standard Webhooks headers for a message published on a broker."""
+            secret = secret_for(delivery)
+            if secret is None:
+                return None
+            return signed_headers(secret, delivery.webhook_id, self.clock.now(), body)
+
         webhook = WebhookChannel(WebhookSender(webhook_timeout), secret_for, self.clock)
+        self.brokers = open_brokers(brokers or {}, sign)
         # Approval requests go out through the channels (closed with the relay).
         self.webhooks = DeliveryRelay(
             store,
             self.clock,
             self.engine.worker,
             self._agents,
-            [webhook],
+            [webhook, *self.brokers.values()],
             public_url=lambda: self.public_url,
             secret=lambda: self.webhook_secret,
             timeout=webhook_timeout,
@@ -164,6 +214,8 @@ class Clearance:
         self._background: asyncio.Task[None] | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._driving: set[asyncio.Task[Execution]] = set()
+        # Reading decisions off a broker: (broker, event) -> the task.
+        self._consumers: dict[BrokerTarget, asyncio.Task[None]] = {}
         self._retired_models: list[ModelPort] = []  # replaced by define(); closed on close()
 
     @classmethod
@@ -183,6 +235,7 @@ class Clearance:
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
         lease: float = DEFAULT_LEASE,
         renew_every: float = DEFAULT_RENEW_EVERY,
+        brokers: Mapping[str, str] | None = None,
     ) -> Clearance:
         """`public_url` is where this instance's HTTP API is reachable (callbackUrl is
         built on it); `webhook_secret` ('whsec_…') signs webhooks and callback tokens;
@@ -191,7 +244,11 @@ class Clearance:
         `max_concurrency` bounds the model calls and tool runs this process carries
         out at once (sync handlers run on a thread pool of that size). Each is
         claimed with a lease of `lease` seconds, renewed every `renew_every` while
-        it runs; work whose lease runs out is taken over by any process."""
+        it runs; work whose lease runs out is taken over by any process.
+
+        `brokers` names the message brokers agents publish approval requests on
+        (`HumanInLoop(approval_broker=ApprovalBroker(broker=NAME, event=...))`):
+        {NAME: "redis://…" | "nats://…" | "amqp://…" | "memory://…"}."""
         return cls(
             open_store(url, synchronous=synchronous),
             clock=clock,
@@ -205,6 +262,7 @@ class Clearance:
             max_concurrency=max_concurrency,
             lease=lease,
             renew_every=renew_every,
+            brokers=brokers,
         )
 
     async def __aenter__(self) -> Clearance:
@@ -224,7 +282,11 @@ class Clearance:
     async def close(self) -> None:
         """Stop background work and close the store. Work cut short here is
         taken over by the next process that hosts the agent."""
-        tasks = [*self._driving, *(t for t in (self._background, self._delivering) if t)]
+        tasks = [
+            *self._driving,
+            *self._consumers.values(),
+            *(t for t in (self._background, self._delivering) if t),
+        ]
         pending = set(tasks)
         while pending:
             # Again until each is done: a database driver may swallow a cancellation
@@ -236,6 +298,7 @@ class Clearance:
             if not task.cancelled():
                 task.exception()  # retrieved: a failure was logged where it happened
         self._background = self._delivering = None
+        self._consumers.clear()
         await self.engine.close()
         await self.webhooks.aclose()
         for model in [*self._retired_models, *(a.model for a in self._agents.values())]:
@@ -270,6 +333,15 @@ class Clearance:
                 f"async reply(request), got {type(model).__name__}"
             )
         hitl = human_in_loop or HumanInLoop()
+        named = getattr(hitl.approval_broker, "broker", None)
+        if isinstance(hitl.approval_broker, dict):
+            named = hitl.approval_broker.get("broker")
+        if named is not None and named not in self.brokers:
+            raise DefinitionError(
+                f"approval_broker names broker {named!r}, which this process was not opened"
+                f" with (brokers: {', '.join(sorted(self.brokers)) or 'none'}); pass"
+                f" Clearance.open(..., brokers={{{named!r}: 'redis://…'}})"
+            )
         if hitl.approval_webhook and not (self.public_url and self.webhook_secret):
             raise DefinitionError(
                 "approval_webhook needs a callbackUrl to send: open Clearance with "
@@ -420,8 +492,47 @@ class Clearance:
                 log.exception("clearance webhook step failed")
             await asyncio.sleep(self.poll_interval)
 
+    def _consume_decisions(self) -> None:
+        """Read decisions off every broker an agent hosted here publishes on."""
+        for agent in list(self._agents.values()):
+            target = agent.spec.approval_broker
+            if target is None or target in self._consumers:
+                continue
+            self._consumers[target] = asyncio.create_task(
+                consume(
+                    self.brokers[target.broker],
+                    target,
+                    self.engine.worker,
+                    self._record_decision,
+                    self._request,
+                ),
+                name=f"clearance-decisions-{target.broker}-{target.event}",
+            )
+
+    async def _record_decision(self, decision: Decision) -> None:
+        """A decision from a broker: recorded, and its work started here or elsewhere;
+        the consumer does not wait for a tool to finish."""
+        execution_id = await self.store.execution_of_request(decision.request_id)
+        if execution_id is None:
+            raise Refusal("unknown_request", f"no approval request '{decision.request_id}'")
+        await self.engine.signal(
+            execution_id,
+            "approve" if decision.approved else "reject",
+            request_id=decision.request_id,
+            modified_params=decision.modified_params,
+            reason=decision.reason,
+            by=decision.by,
+            settle=False,
+        )
+
+    async def _request(self, request_id: str) -> ApprovalRequest | None:
+        execution_id = await self.store.execution_of_request(request_id)
+        ex = await self.store.load(execution_id) if execution_id else None
+        return ex.request(request_id) if ex else None
+
     async def _watch(self) -> None:
         while True:
+            self._consume_decisions()
             try:
                 await self.engine.pickup()
                 if self.clock.drives_timers:

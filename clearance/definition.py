@@ -19,6 +19,7 @@ from clearance.core.agent import (
     DEFAULT_TIMEOUT_MS,
     SEQUENTIAL,
     AgentSpec,
+    BrokerTarget,
     ToolSpec,
 )
 from clearance.core.errors import DefinitionError
@@ -54,6 +55,24 @@ class Tool:
     approval_timeout: int | None = None  # milliseconds; overrides HumanInLoop's
 
 
+# An event is a Redis stream key, a NATS subject and a RabbitMQ routing key at once:
+# dot-separated tokens of letters, digits, '_', '-' and ':' (no wildcards, no spaces).
+EVENT_NAME = re.compile(r"^[A-Za-z0-9_:-]+(\.[A-Za-z0-9_:-]+)*$")
+BROKER_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@attrs.frozen
+class ApprovalBroker:
+    """The spec's `approvalBroker: {broker, event}`: publish each approval request on
+    the broker named `broker` in `Clearance.open(brokers={...})`, as `event` (the Redis
+    stream key, NATS subject or RabbitMQ routing key). Decisions come back on
+    `<event>.decisions`; a decision that cannot be applied is answered on
+    `<event>.errors`."""
+
+    broker: str
+    event: str
+
+
 @attrs.frozen
 class HumanInLoop:
     """The spec's `humanInLoop` block. `approval_timeout` is in milliseconds, as in the spec."""
@@ -62,7 +81,7 @@ class HumanInLoop:
     always_require_approval: Sequence[str] = ()
     approval_timeout: int = DEFAULT_TIMEOUT_MS
     approval_webhook: str | None = None
-    approval_broker: dict[str, Any] | None = None
+    approval_broker: ApprovalBroker | dict[str, Any] | None = None
     # Signs this agent's webhooks instead of the instance's secret ('whsec_…'). Callback
     # tokens always use the instance's secret, so any process sharing it can check them.
     webhook_secret: str | None = attrs.field(default=None, repr=False)
@@ -112,6 +131,43 @@ def _positive_ms(what: str, value: Any) -> int:
     return value
 
 
+def _broker_target(given: ApprovalBroker | dict[str, Any] | None) -> BrokerTarget | None:
+    if given is None:
+        return None
+    example = "ApprovalBroker(broker='approval-events', event='approval-requested')"
+    if isinstance(given, dict):
+        if set(given) != {"broker", "event"}:
+            raise DefinitionError(
+                f"approval_broker takes the keys 'broker' and 'event', got {sorted(given)};"
+                f" e.g. {example}"
+            )
+        given = ApprovalBroker(broker=given["broker"], event=given["event"])
+    if not isinstance(given, ApprovalBroker):
+        raise DefinitionError(
+            f"approval_broker must be an ApprovalBroker or a dict, got {type(given).__name__};"
+            f" e.g. {example}"
+        )
+    if not isinstance(given.broker, str) or not BROKER_NAME.match(given.broker):
+        raise DefinitionError(
+            f"approval_broker's broker must be the name of a broker given to"
+            f" Clearance.open(brokers=...) (1-64 letters, digits, '.', '_', '-'), got"
+            f" {given.broker!r}"
+        )
+    if (
+        not isinstance(given.event, str)
+        or not EVENT_NAME.match(given.event)
+        or len(given.event) > 200
+        or given.event.endswith((".decisions", ".errors"))
+    ):
+        raise DefinitionError(
+            "approval_broker's event is the stream key, subject or routing key requests are"
+            " published as: dot-separated words of letters, digits, '_', '-', ':' (at most"
+            " 200 characters, not ending in .decisions or .errors, which Clearance uses),"
+            f" e.g. 'approval-requested'; got {given.event!r}"
+        )
+    return BrokerTarget(given.broker, given.event)
+
+
 def compile_agent(
     *,
     tag: str,
@@ -138,11 +194,7 @@ def compile_agent(
             f"approval_order must be one of {', '.join(APPROVAL_ORDERS)}, got "
             f"{hitl.approval_order!r}"
         )
-    if hitl.approval_broker is not None:
-        raise DefinitionError(
-            "approval_broker is not available in this version; use approval_webhook, "
-            "signal(), the HTTP API or the CLI"
-        )
+    broker = _broker_target(hitl.approval_broker)
     webhook = hitl.approval_webhook
     if webhook is not None and not (
         isinstance(webhook, str) and webhook.startswith(("http://", "https://"))
@@ -220,6 +272,7 @@ def compile_agent(
         max_iterations=max_iterations,
         approval_webhook=webhook,
         own_webhook_secret=hitl.webhook_secret is not None,
+        approval_broker=broker,
     )
     return HostedAgent(
         spec=spec,

@@ -191,7 +191,10 @@ class Engine:
         modified_params: dict[str, Any] | None = None,
         reason: str | None = None,
         by: str | None = None,
+        settle: bool = True,
     ) -> Execution:
+        """`settle=False`: return once the signal is recorded; the work it queues runs
+        in tasks of this process (or another's)."""
         if signal not in SIGNALS:
             raise Refusal(
                 "unknown_signal", f"unknown signal {signal!r}; accepted: {', '.join(SIGNALS)}"
@@ -209,6 +212,8 @@ class Engine:
                 event = Approved(request_id, self.clock.now(), by, modified_params)
             else:
                 event = Rejected(request_id, self.clock.now(), by, reason)
+        if not settle:
+            return await self._feed(ex, event)
         return await self._drive(ex, event)
 
     async def _drive(self, ex: Execution, event: Event) -> Execution:

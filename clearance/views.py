@@ -196,8 +196,9 @@ def execution_report(
 
 
 def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str, Any]:
-    """The spec's webhook body for one approval request (`callbackUrl` null when this
-    instance has no public URL and secret to build one)."""
+    """The one body every channel sends for an approval request: the spec's webhook
+    body, plus `reason` (the tool's confirmation message). `callbackUrl` is null when
+    this instance has no public URL and secret to build one."""
     return {
         "type": "approval_request",
         "requestId": request.request_id,
@@ -205,6 +206,7 @@ def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str
         "agentTag": request.agent_tag,
         "tool": request.tool,
         "parameters": request.parameters,
+        "reason": request.reason,  # the confirmation message: why it needs approval
         "timestamp": iso(request.timestamp),
         "expiresAt": iso(request.timeout),
         "callbackUrl": callback_url,

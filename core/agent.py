@@ -29,6 +29,25 @@ class ToolSpec:
 
 
 @attrs.frozen
+class BrokerTarget:
+    """Where an agent's approval requests are published: a broker the runtime names
+    (`Clearance.open(brokers={name: url})`) and the event: a Redis stream key, a
+    NATS subject or a RabbitMQ routing key. Decisions come back on
+    `<event>.decisions`, refusals of them go out on `<event>.errors`."""
+
+    broker: str
+    event: str
+
+    @property
+    def decisions(self) -> str:
+        return f"{self.event}.decisions"
+
+    @property
+    def errors(self) -> str:
+        return f"{self.event}.errors"
+
+
+@attrs.frozen
 class AgentSpec:
     tag: str
     name: str
@@ -42,6 +61,7 @@ class AgentSpec:
     # Signed with the agent's own secret, which only processes hosting it know; else
     # any process with the instance's secret (e.g. `clearance serve`) may deliver.
     own_webhook_secret: bool = False
+    approval_broker: BrokerTarget | None = None  # where approval requests are published
 
     def tool(self, tag: str) -> ToolSpec | None:
         for tool in self.tools:

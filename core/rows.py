@@ -31,6 +31,8 @@ from clearance.core.execution import ApprovalRequest, Execution
 # Channels an approval request can be delivered on. A delivery is keyed by
 # (request, channel): one row each, retried on its own.
 WEBHOOK = "webhook"
+# A broker's channel is named after the broker: "broker:<name>" (see `broker_channel`).
+BROKER = "broker"
 # Who signs a webhook: the agent's own secret (only processes hosting it have it)
 # or the instance's (any process opened with it may deliver).
 AGENT_SIGNER = "agent"
@@ -49,7 +51,7 @@ class DeliveryRow:
 
     request_id: str
     channel: str
-    target: str  # the webhook URL
+    target: str  # the webhook URL; a broker's event
     message_id: str  # the same on every attempt: receivers dedupe on it
     signer: str
     not_before: datetime
@@ -124,18 +126,38 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
     )
 
 
+def broker_channel(broker: str) -> str:
+    """The channel name of the deliveries published on broker `broker`."""
+    return f"{BROKER}:{broker}"
+
+
 def _deliveries(execution: Execution, request: ApprovalRequest) -> list[DeliveryRow]:
     agent = execution.agent
-    if not agent.approval_webhook:
-        return []
-    return [
-        DeliveryRow(
-            request_id=request.request_id,
-            channel=WEBHOOK,
-            target=agent.approval_webhook,
-            message_id=f"msg_{request.request_id}",
-            signer=AGENT_SIGNER if agent.own_webhook_secret else INSTANCE_SIGNER,
-            not_before=request.timestamp,
-            expires_at=request.timeout,
+    signer = AGENT_SIGNER if agent.own_webhook_secret else INSTANCE_SIGNER
+    rows = []
+    if agent.approval_webhook:
+        rows.append(
+            DeliveryRow(
+                request_id=request.request_id,
+                channel=WEBHOOK,
+                target=agent.approval_webhook,
+                message_id=f"msg_{request.request_id}",
+                signer=signer,
+                not_before=request.timestamp,
+                expires_at=request.timeout,
+            )
         )
-    ]
+    if agent.approval_broker is not None:
+        # The request id is the message id: what broker consumers dedupe on.
+        rows.append(
+            DeliveryRow(
+                request_id=request.request_id,
+                channel=broker_channel(agent.approval_broker.broker),
+                target=agent.approval_broker.event,
+                message_id=request.request_id,
+                signer=signer,
+                not_before=request.timestamp,
+                expires_at=request.timeout,
+            )
+        )
+    return rows

@@ -1242,6 +1242,7 @@ def test_the_spec_views_keep_their_fields() -> None:
         "agentTag": "safe-agent",
         "tool": "process-refund",
         "parameters": REFUND,
+        "reason": "r",
         "timestamp": "2024-01-15T10:30:00Z",
         "expiresAt": "2024-01-15T10:30:00Z",
         "callbackUrl": None,

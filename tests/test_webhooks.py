@@ -50,6 +50,7 @@ SPEC_KEYS = {
     "agentTag",
     "tool",
     "parameters",
+    "reason",  # beyond the spec's example: the confirmation message, one body for all
     "timestamp",
     "expiresAt",
     "callbackUrl",
@@ -193,7 +194,7 @@ def db(tmp_path: Path) -> Path:
 # -- the body and its signature -------------------------------------------------------------
 
 
-async def test_body_is_exactly_the_spec_webhook(db: Path, recorder: Recorder) -> None:
+async def test_body_is_the_spec_webhook_with_the_reason(db: Path, recorder: Recorder) -> None:
     receiver = Receiver()
     with serving(receiver.app) as url:
         async with open_app(db) as app:
@@ -217,6 +218,7 @@ async def test_body_is_exactly_the_spec_webhook(db: Path, recorder: Recorder) ->
     assert body["agentTag"] == "safe-agent"
     assert body["tool"] == "process-refund"
     assert body["parameters"] == REFUND
+    assert body["reason"] == "Calling 'process-refund' requires approval"
     timestamp, expires = parse_iso(body["timestamp"]), parse_iso(body["expiresAt"])
     assert before - timedelta(seconds=1) <= timestamp <= hit.at
     assert expires - timestamp == timedelta(minutes=2)

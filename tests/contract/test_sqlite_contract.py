@@ -32,4 +32,11 @@ def test_the_testing_package_loads_without_pytest_or_hypothesis() -> None:
         "print(*sorted(t.__all__))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["FakeClock", "ScriptedModel", "SequentialIds", "text", "tool_use"]
+    assert out.stdout.split() == [
+        "FakeClock",
+        "MemoryBroker",
+        "ScriptedModel",
+        "SequentialIds",
+        "text",
+        "tool_use",
+    ]

@@ -1,0 +1,156 @@
+"""Decisions that come back over a message broker, on `<event>.decisions`.
+
+A reviewer service publishes `{"requestId", "approved", "reason", "modifiedParams",
+"by"}` (camelCase, as the callback body). Each process hosting an agent that names
+the broker reads that subject as one consumer group, so each message is applied
+once by one of them, through the same path as `decide()`: one decision wins,
+modified parameters are checked against the tool's schema, a late one finds the
+request timed out.
+
+A message is acknowledged only once its outcome is settled: applied (committed),
+a redelivery of the decision that stands (acknowledged silently), or refused
+(the refusal is published on `<event>.errors` first, then acknowledged). When the
+store cannot be reached the message is left unacknowledged, so the broker hands
+it out again: at least once in, exactly one decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+
+from clearance.core.agent import BrokerTarget
+from clearance.core.errors import ClearanceError, Refusal
+from clearance.core.execution import APPROVED, REJECTED, ApprovalRequest
+from clearance.ports.broker import Broker, Incoming
+
+log = logging.getLogger("clearance")
+
+GROUP = "clearance"  # the consumer group every hosting process joins
+FIELDS = frozenset({"requestId", "approved", "reason", "modifiedParams", "by"})
+# After a failure to reach the store or the broker: wait, then read again.
+BACKOFF = 1.0
+
+
+@attrs.frozen
+class Decision:
+    request_id: str
+    approved: bool
+    reason: str | None = None
+    modified_params: dict[str, Any] | None = None
+    by: str | None = None
+
+
+class BadDecision(ClearanceError):
+    def __init__(self, message: str, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def parse(data: bytes) -> Decision:
+    """A decision message, checked field by field; BadDecision says what is wrong."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadDecision(f"the message is not JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise BadDecision(f"a decision is a JSON object, got {type(body).__name__}")
+    request_id = body.get("requestId")
+    if not isinstance(request_id, str) or not request_id:
+        raise BadDecision("requestId (the 'apr-…' id) is missing or not a string")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise BadDecision(f"unknown fields {unknown}; a decision has {sorted(FIELDS)}", request_id)
+    if not isinstance(body.get("approved"), bool):
+        raise BadDecision("approved must be true or false", request_id)
+    for key in ("reason", "by"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise BadDecision(f"{key} must be a string or null", request_id)
+    changes = body.get("modifiedParams")
+    if changes is not None and not isinstance(changes, dict):
+        raise BadDecision("modifiedParams must be an object or null", request_id)
+    return Decision(request_id, body["approved"], body.get("reason"), changes, body.get("by"))
+
+
+def stands(request: ApprovalRequest | None, decision: Decision) -> bool:
+    """Whether `decision` is the one `request` already has: a redelivery."""
+    if request is None or request.decided_by != decision.by:
+        return False
+    if decision.approved:
+        return request.status == APPROVED and request.modified_params == decision.modified_params
+    return request.status == REJECTED and request.rejection_reason == decision.reason
+
+
+Decide = Callable[[Decision], Awaitable[Any]]
+Lookup = Callable[[str], Awaitable[ApprovalRequest | None]]
+
+
+async def consume(
+    broker: Broker, target: BrokerTarget, consumer: str, decide: Decide, lookup: Lookup
+) -> None:
+    """Apply the decisions published on `target`'s decisions subject, until cancelled."""
+    while True:
+        try:
+            async for message in broker.decisions(target.decisions, GROUP, consumer):
+                await handle(broker, target, message, decide, lookup)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception(
+                "reading decisions from %s on %s failed; trying again",
+                broker.name,
+                target.decisions,
+            )
+        await asyncio.sleep(BACKOFF)
+
+
+async def handle(
+    broker: Broker, target: BrokerTarget, message: Incoming, decide: Decide, lookup: Lookup
+) -> None:
+    """Settle one message; raises (leaving it unacknowledged) when it cannot be."""
+    try:
+        decision = parse(message.data)
+    except BadDecision as bad:
+        await _refuse(broker, target, message, bad.request_id, "invalid_decision", str(bad))
+        return
+    try:
+        await decide(decision)
+    except Refusal as refusal:
+        if refusal.code == "already_decided" and stands(
+            await lookup(decision.request_id), decision
+        ):
+            log.info("decision for %s delivered again; it stands", decision.request_id)
+        else:
+            await _refuse(broker, target, message, decision.request_id, refusal.code, str(refusal))
+            return
+    await message.ack()
+
+
+async def _refuse(
+    broker: Broker,
+    target: BrokerTarget,
+    message: Incoming,
+    request_id: str | None,
+    code: str,
+    text: str,
+) -> None:
+    log.warning("decision message %s refused: %s", message.message_id, text)
+    await broker.publish(
+        target.errors,
+        {
+            "type": "decision_refused",
+            "requestId": request_id,
+            "error": {"code": str(code), "message": text},
+            "decision": _as_text(message.data),
+        },
+    )
+    await message.ack()
+
+
+def _as_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
