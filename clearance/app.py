@@ -83,22 +83,25 @@ def open_store(url: str, *, synchronous: str = "FULL") -> Store:
     if "://" not in url:
         url = f"sqlite:///{url}"
     scheme = url.split("://", 1)[0]
-    found = entry_points(group="clearance.stores", name=scheme)
-    if not found:
-        known = sorted({e.name for e in entry_points(group="clearance.stores")})
-        raise ClearanceError(
-            f"unsupported store URL scheme '{scheme}://'; accepted: "
-            + ", ".join(f"{name}://" for name in known)
-        )
-    try:
-        opener = next(iter(found)).load()
-    except ImportError as err:
-        raise ClearanceError(
-            f"{scheme}:// stores need a package that is not installed ({err.name}):"
-            " for PostgreSQL, pip install 'clearance[postgres]'"
-        ) from None
+    opener = _plugin("clearance.stores", scheme, f"unsupported store URL scheme '{scheme}://'")
     store: Store = opener(url, synchronous=synchronous)
     return store
+
+
+def _plugin(group: str, scheme: str, unsupported: str) -> Any:
+    """The function the entry point `scheme` of `group` names (a package can add one)."""
+    found = entry_points(group=group, name=scheme) if scheme else ()
+    if not found:
+        known = sorted({e.name for e in entry_points(group=group)})
+        raise ClearanceError(f"{unsupported}; accepted: " + ", ".join(f"{k}://" for k in known))
+    try:
+        return next(iter(found)).load()
+    except ImportError as err:
+        extra = {"postgresql": "postgres", "postgres": "postgres"}.get(scheme, scheme)
+        raise ClearanceError(
+            f"{scheme}:// needs a package that is not installed ({err.name}):"
+            f" pip install 'clearance[{extra}]'"
+        ) from None
 
 
 Signer = Callable[[Delivery, str], dict[str, str] | None]
@@ -117,20 +120,7 @@ def open_brokers(brokers: Mapping[str, str], sign: Signer) -> dict[str, Broker]:
         if not isinstance(name, str) or not BROKER_NAME.match(name):
             raise ClearanceError(f"broker name {name!r}: use 1-64 letters, digits, '.', '_' or '-'")
         scheme = url.split("://", 1)[0] if isinstance(url, str) and "://" in url else ""
-        found = entry_points(group="clearance.channels", name=scheme) if scheme else ()
-        if not found:
-            known = sorted({e.name for e in entry_points(group="clearance.channels")})
-            raise ClearanceError(
-                f"broker {name!r}: unsupported URL {url!r}; accepted schemes: "
-                + ", ".join(f"{k}://" for k in known)
-            )
-        try:
-            opener = next(iter(found)).load()
-        except ImportError as err:
-            raise ClearanceError(
-                f"{scheme}:// brokers need a package that is not installed ({err.name}):"
-                f" pip install 'clearance[{scheme}]'"
-            ) from None
+        opener = _plugin("clearance.channels", scheme, f"broker {name!r}: unsupported URL {url!r}")
         try:
             opened[name] = opener(name, url, sign=sign)
         except ValueError as err:
