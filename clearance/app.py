@@ -326,6 +326,12 @@ class Clearance:
         named = getattr(hitl.approval_broker, "broker", None)
         if isinstance(hitl.approval_broker, dict):
             named = hitl.approval_broker.get("broker")
+        if named is not None and not (self.webhook_secret or hitl.webhook_secret):
+            raise DefinitionError(
+                "approval_broker signs its messages as webhooks are signed: open Clearance"
+                " with webhook_secret='whsec_…', or give the agent"
+                " HumanInLoop(webhook_secret='whsec_…')"
+            )
         if named is not None and named not in self.brokers:
             raise DefinitionError(
                 f"approval_broker names broker {named!r}, which this process was not opened"
