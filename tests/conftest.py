@@ -136,3 +136,15 @@ async def wait_for(predicate: Callable[[], Any], seconds: float = 20.0) -> Any:
             return value
         await asyncio.sleep(0.01)
     raise AssertionError("condition not reached in time")
+
+
+async def check_the_timer_is_kept_and_claimed(store: Any, run: Any) -> None:
+    """After a store's upgrade: the timer of `run`'s request 'apr-1' is still there, is
+    claimed at its due time and, claimed, is held."""
+    from datetime import timedelta
+
+    due = run.request("apr-1").timeout
+    far = due + timedelta(days=1)
+    (timer,) = await store.claim_timers(far, far + timedelta(seconds=30), 9)
+    assert (timer.request_id, timer.due_at) == ("apr-1", due)
+    assert await store.claim_timers(far, far, 9) == []  # held

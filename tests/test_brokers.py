@@ -151,6 +151,16 @@ async def _published(hub: Memory | Redis, n: int = 1) -> list[dict[str, Any]]:
     return await wait_for(lambda: (m := hub.messages(hub.event)) and len(m) >= n and m)  # type: ignore[no-any-return]
 
 
+async def _paused_and_published(
+    app: Clearance, hub: Memory | Redis, recorder: Recorder
+) -> tuple[Any, str]:
+    """The refund agent defined on the broker, one execution paused, its request out."""
+    _define(app, recorder, hub.event)
+    ex = await app.run("safe-agent", input="Refund ORD-123")
+    await _published(hub)
+    return ex, ex.pending_approvals[0].request_id
+
+
 async def _status(app: Clearance, execution_id: str, *statuses: str) -> Any:
     async def rested() -> Any:
         ex = await app.execution(execution_id)
@@ -218,10 +228,7 @@ async def test_an_invalid_modification_is_answered_on_the_error_subject_and_stay
     app: Clearance, hub: Memory | Redis
 ) -> None:
     recorder = Recorder()
-    _define(app, recorder, hub.event)
-    ex = await app.run("safe-agent", input="Refund ORD-123")
-    request_id = ex.pending_approvals[0].request_id
-    await _published(hub)
+    ex, request_id = await _paused_and_published(app, hub, recorder)
     bad = {"requestId": request_id, "approved": True, "modifiedParams": {"amount": "lots"}}
     hub.publish(f"{hub.event}.decisions", bad)
     [error] = await wait_for(lambda: hub.messages(f"{hub.event}.errors"))
@@ -241,10 +248,7 @@ async def test_a_decision_delivered_twice_is_one_decision_and_one_run(
     app: Clearance, hub: Memory | Redis
 ) -> None:
     recorder = Recorder()
-    _define(app, recorder, hub.event)
-    ex = await app.run("safe-agent", input="Refund ORD-123")
-    request_id = ex.pending_approvals[0].request_id
-    await _published(hub)
+    ex, request_id = await _paused_and_published(app, hub, recorder)
     decision = {"requestId": request_id, "approved": True, "by": "ops"}
     hub.publish(f"{hub.event}.decisions", decision)
     hub.publish(f"{hub.event}.decisions", decision)  # a redelivery: the same decision
@@ -371,10 +375,7 @@ async def test_a_decision_that_could_not_be_recorded_is_not_acknowledged_and_com
     app: Clearance, hub: Memory | Redis
 ) -> None:
     recorder = Recorder()
-    _define(app, recorder, hub.event)
-    ex = await app.run("safe-agent", input="Refund ORD-123")
-    request_id = ex.pending_approvals[0].request_id
-    await _published(hub)
+    ex, request_id = await _paused_and_published(app, hub, recorder)
     flaky = _FirstDecisionFails(app.store)
     app.engine.store = flaky  # type: ignore[assignment]
     hub.redeliver_soon()

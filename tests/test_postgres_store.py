@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Recorder, define_refund_agent
+from conftest import Recorder, check_the_timer_is_kept_and_claimed, define_refund_agent
 from postgres_server import OwnServer, own_postgres, postgres_url
 from psycopg import sql
 from test_cli import acli
@@ -141,11 +141,7 @@ async def test_tables_of_schema_1_are_upgraded_keeping_their_timers_and_requests
         await conn.execute("UPDATE clearance_schema SET version = 1")
         store = PostgresStore(url)
         try:
-            due = run.request("apr-1").timeout
-            far = due + timedelta(days=1)
-            (timer,) = await store.claim_timers(far, far + timedelta(seconds=30), 9)
-            assert (timer.request_id, timer.due_at) == ("apr-1", due)
-            assert await store.claim_timers(far, far, 9) == []  # held
+            await check_the_timer_is_kept_and_claimed(store, run)
         finally:
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REFUND, Commits, Recorder, as_if_restarted, define_refund_agent
+from conftest import (
+    REFUND,
+    Commits,
+    Recorder,
+    as_if_restarted,
+    check_the_timer_is_kept_and_claimed,
+    define_refund_agent,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -583,10 +590,6 @@ async def test_timers_of_a_schema_4_file_are_kept_and_claimed_after_the_upgrade(
     store = SQLiteStore(str(path))
     try:
         assert store._db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        due = run.request("apr-1").timeout
-        far = due + timedelta(days=1)
-        (timer,) = await store.claim_timers(far, far + timedelta(seconds=30), 9)
-        assert (timer.request_id, timer.due_at) == ("apr-1", due)
-        assert await store.claim_timers(far, far, 9) == []  # held
+        await check_the_timer_is_kept_and_claimed(store, run)
     finally:
         await store.close()
