@@ -16,7 +16,7 @@ per stream, default 100000) and `claim_after` (seconds, default 30).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,10 +26,10 @@ from redis.exceptions import RedisError, ResponseError
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
+from clearance.ports.broker import Signer, signed_message
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
 
-Signer = Callable[[Delivery, str], dict[str, str] | None]
 SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
 READ_COUNT = 16
 BLOCK_MS = 1000
@@ -78,10 +78,10 @@ class RedisBroker:
         return self._client
 
     async def send(self, delivery: Delivery, body: dict[str, Any]) -> Sent:
-        text = dumps(body, compact=True)
-        headers = self._sign(delivery, text) if self._sign is not None else {}
-        if headers is None:
+        message = signed_message(delivery, body, self._sign)
+        if message is None:
             return Sent(FAILED, error="no webhook_secret configured to sign it")
+        text, headers = message
         fields = {"data": text, "id": delivery.webhook_id}
         fields.update({k: v for k, v in headers.items() if k in SIGNATURE})
         try:

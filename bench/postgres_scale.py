@@ -34,17 +34,13 @@ from bench import concurrent
 from bench.agents import INPUT, define_refund_agent
 from bench.common import ROOT, Section, Sizes, Target, fmt, median, table
 from bench.postgres import SERVER, schema, unreachable
+from bench.scale import DUE, DUE_MS, LONG, LONG_MS, first_page_times
 from clearance import Clearance
 from clearance.testing import FakeClock
 
-LONG = "safe-agent"  # 24 h approval timeout: stays paused
-DUE = "safe-agent-due"  # 60 s approval timeout: the timers the sweep fires
-LONG_MS = 24 * 3600 * 1000
-DUE_MS = 60 * 1000
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 BUILDERS = 2
 LANES = 32
-MB = 1024 * 1024
 
 
 def _agents(app: Clearance) -> list[Any]:
@@ -146,13 +142,7 @@ async def _measure(url: str, n: int, batch: int, page_calls: int) -> dict[str, A
     clock = FakeClock(T0 + timedelta(milliseconds=n + 1))
     async with Clearance.open(url, clock=clock) as app:
         models = _agents(app)
-        await app.pending(limit=50)  # the statement cache and the pool, warm
-        pages = []
-        for _ in range(page_calls):
-            began = time.perf_counter()
-            page = await app.pending(limit=50)
-            pages.append(time.perf_counter() - began)
-            assert len(page) == min(50, n)
+        pages = await first_page_times(app, page_calls, n)
         sweeps = []
         for round_no in range(2):
             if round_no:

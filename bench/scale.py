@@ -52,6 +52,19 @@ MB = 1024 * 1024
 # -- workers (run in their own process) -------------------------------------------------------
 
 
+async def first_page_times(app: Clearance, calls: int, n: int) -> list[float]:
+    """Seconds of `calls` calls of `app.pending(limit=50)` with `n` pending, after one
+    untimed call that warms the caches (page, statement, connection pool)."""
+    await app.pending(limit=50)
+    times = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        page = await app.pending(limit=50)
+        times.append(time.perf_counter() - began)
+        assert len(page) == min(50, n)
+    return times
+
+
 async def _clearance_level(path: Path, n: int, batch: int, page_calls: int) -> dict[str, Any]:
     clock = FakeClock()
     app = Clearance.open(f"sqlite:///{path}", clock=clock, synchronous="NORMAL")
@@ -84,13 +97,7 @@ async def _clearance_level(path: Path, n: int, batch: int, page_calls: int) -> d
         size = db_bytes(path)
         tables = bytes_by_table(path)
 
-        await app.pending(limit=50)  # warm the page cache and the statement cache
-        pages = []
-        for _ in range(page_calls):
-            t = time.perf_counter()
-            page = await app.pending(limit=50)
-            pages.append(time.perf_counter() - t)
-            assert len(page) == min(50, n)
+        pages = await first_page_times(app, page_calls, n)
 
         sweeps = []
         counter = CommitCounter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from importlib.metadata import entry_points
 from types import TracebackType
 from typing import Any
@@ -41,7 +41,7 @@ from clearance.engine import (
     Engine,
     new_worker_id,
 )
-from clearance.ports.broker import Broker
+from clearance.ports.broker import Broker, Signer
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
@@ -102,9 +102,6 @@ def _plugin(group: str, scheme: str, unsupported: str) -> Any:
             f"{scheme}:// needs a package that is not installed ({err.name}):"
             f" pip install 'clearance[{extra}]'"
         ) from None
-
-
-Signer = Callable[[Delivery, str], dict[str, str] | None]
 
 
 def open_brokers(brokers: Mapping[str, str], sign: Signer) -> dict[str, Broker]:
@@ -323,21 +320,6 @@ class Clearance:
                 f"async reply(request), got {type(model).__name__}"
             )
         hitl = human_in_loop or HumanInLoop()
-        named = getattr(hitl.approval_broker, "broker", None)
-        if isinstance(hitl.approval_broker, dict):
-            named = hitl.approval_broker.get("broker")
-        if named is not None and not (self.webhook_secret or hitl.webhook_secret):
-            raise DefinitionError(
-                "approval_broker signs its messages as webhooks are signed: open Clearance"
-                " with webhook_secret='whsec_…', or give the agent"
-                " HumanInLoop(webhook_secret='whsec_…')"
-            )
-        if named is not None and named not in self.brokers:
-            raise DefinitionError(
-                f"approval_broker names broker {named!r}, which this process was not opened"
-                f" with (brokers: {', '.join(sorted(self.brokers)) or 'none'}); pass"
-                f" Clearance.open(..., brokers={{{named!r}: 'redis://…'}})"
-            )
         if hitl.approval_webhook and not (self.public_url and self.webhook_secret):
             raise DefinitionError(
                 "approval_webhook needs a callbackUrl to send: open Clearance with "
@@ -346,10 +328,7 @@ class Clearance:
             )
         if hitl.webhook_secret is not None:
             secret_bytes(hitl.webhook_secret)
-        replaced = self._agents.get(tag)
-        if replaced is not None and replaced.model is not port:
-            self._retired_models.append(replaced.model)
-        self._agents[tag] = compile_agent(
+        agent = compile_agent(
             tag=tag,
             name=name,
             product=product,
@@ -360,6 +339,23 @@ class Clearance:
             human_in_loop=hitl,
             max_iterations=max_iterations,
         )
+        broker = agent.spec.approval_broker
+        if broker is not None and not (self.webhook_secret or hitl.webhook_secret):
+            raise DefinitionError(
+                "approval_broker signs its messages as webhooks are signed: open Clearance"
+                " with webhook_secret='whsec_…', or give the agent"
+                " HumanInLoop(webhook_secret='whsec_…')"
+            )
+        if broker is not None and broker.broker not in self.brokers:
+            raise DefinitionError(
+                f"approval_broker names broker {broker.broker!r}, which this process was not"
+                f" opened with (brokers: {', '.join(sorted(self.brokers)) or 'none'}); pass"
+                f" Clearance.open(..., brokers={{{broker.broker!r}: 'redis://…'}})"
+            )
+        replaced = self._agents.get(tag)
+        if replaced is not None and replaced.model is not port:
+            self._retired_models.append(replaced.model)
+        self._agents[tag] = agent
 
     # -- running and deciding -------------------------------------------------------------
 

@@ -22,10 +22,26 @@ Contract, beyond `ApprovalChannel`'s:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
+from clearance.core.json_text import dumps
 from clearance.ports.channel import ApprovalChannel
+from clearance.ports.store import Delivery
+
+# Standard Webhooks headers (webhook-id, -timestamp, -signature) for a delivery's body
+# text, made by the runtime with the secret that signs it; None: no secret here does.
+Signer = Callable[[Delivery, str], dict[str, str] | None]
+
+
+def signed_message(
+    delivery: Delivery, body: dict[str, Any], sign: Signer | None
+) -> tuple[str, dict[str, str]] | None:
+    """The message a broker publishes for `delivery`: the body's compact JSON text and
+    its signature headers (none without a signer); None when it cannot be signed."""
+    text = dumps(body, compact=True)
+    headers = sign(delivery, text) if sign is not None else {}
+    return None if headers is None else (text, headers)
 
 
 class Incoming(Protocol):

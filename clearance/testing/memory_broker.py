@@ -22,18 +22,16 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import attrs
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
+from clearance.ports.broker import Signer, signed_message
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
-
-# Standard Webhooks headers for a delivery's body text; None: no secret signs it.
-Signer = Callable[[Delivery, str], dict[str, str] | None]
 
 
 @attrs.define
@@ -146,10 +144,10 @@ class MemoryChannel:
         self._sign = sign
 
     async def send(self, delivery: Delivery, body: dict[str, Any]) -> Sent:
-        text = dumps(body, compact=True)
-        headers = self._sign(delivery, text) if self._sign is not None else {}
-        if headers is None:
+        message = signed_message(delivery, body, self._sign)
+        if message is None:
             return Sent(FAILED, error="no webhook_secret configured to sign it")
+        text, headers = message
         try:
             self.hub.publish(delivery.url, text, message_id=delivery.webhook_id, headers=headers)
         except ConnectionError as err:
