@@ -26,13 +26,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
-from clearance.ports.broker import Signer, signed_message
+from clearance.ports.broker import PUBLISHES_AT_ONCE, Signer, signed_message
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
 
 SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
 READ_COUNT = 16
 BLOCK_MS = 1000
+POOL_SIZE = 100  # connections: publishes (64 at once per event) and decision readers
+POOL_WAIT = 10.0  # seconds a caller waits for a free connection
 
 
 @attrs.define(eq=False)
@@ -46,8 +48,13 @@ class RedisMessage:
     async def ack(self) -> None:
         await self._client.xack(self._stream, self._group, self.message_id)
 
+    async def retry(self, delay: float) -> None:
+        pass  # it stays pending: XAUTOCLAIM takes it back once idle claim_after
+
 
 class RedisBroker:
+    per_target: int | None = PUBLISHES_AT_ONCE
+
     def __init__(self, broker: str, url: str, *, sign: Signer | None = None) -> None:
         self.name = broker_channel(broker)
         parts = urlsplit(url)
@@ -71,10 +78,18 @@ class RedisBroker:
 
     def _redis(self) -> redis.Redis:
         # Made on first use: a broker that is down at start is not fatal.
+        # A pool that makes callers wait for a free connection (up to POOL_WAIT) rather
+        # than fail, as redis-py's default pool does past its size.
         if self._client is None:
-            self._client = redis.from_url(
-                self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30
+            pool = redis.BlockingConnectionPool.from_url(
+                self.url,
+                max_connections=POOL_SIZE,
+                timeout=POOL_WAIT,
+                socket_connect_timeout=5,
+                socket_timeout=10,
+                health_check_interval=30,
             )
+            self._client = redis.Redis.from_pool(pool)  # closed with the client
         return self._client
 
     async def send(self, delivery: Delivery, body: dict[str, Any]) -> Sent:

@@ -35,6 +35,7 @@ def classify(status_code: int | None) -> str:
 
 class WebhookChannel:
     name = WEBHOOK
+    per_target: int | None = None  # the relay's per_endpoint
 
     def __init__(
         self,

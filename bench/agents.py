@@ -14,7 +14,7 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-from clearance import Clearance, HumanInLoop, Tool, ToolContext
+from clearance import ApprovalBroker, Clearance, HumanInLoop, Tool, ToolContext
 from clearance.testing import ScriptedModel, text, tool_use
 
 AGENT = "safe-agent"
@@ -48,6 +48,8 @@ def define_refund_agent(
     timeout_ms: int = 300_000,
     handler: Handler = process_refund,
     model: ScriptedModel | None = None,
+    approval_broker: ApprovalBroker | None = None,
+    approval_webhook: str | None = None,
 ) -> ScriptedModel:
     model = model or refund_model()
     app.define(
@@ -65,7 +67,12 @@ def define_refund_agent(
                 handler=handler,
             )
         ],
-        human_in_loop=HumanInLoop(enabled=True, approval_timeout=timeout_ms),
+        human_in_loop=HumanInLoop(
+            enabled=True,
+            approval_timeout=timeout_ms,
+            approval_broker=approval_broker,
+            approval_webhook=approval_webhook,
+        ),
     )
     return model
 

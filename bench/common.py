@@ -42,6 +42,7 @@ class Sizes:
     concurrent_cycles: int  # cycles per system per round in benchmark 5
     in_flight: int  # executions kept in flight at once in benchmark 5
     postgres_scale_levels: tuple[int, ...]  # paused executions, benchmark 7
+    broker_requests: int  # approval requests per broker, benchmark 8
 
     @classmethod
     def full(cls) -> Sizes:
@@ -60,6 +61,7 @@ class Sizes:
             concurrent_cycles=2_000,
             in_flight=64,
             postgres_scale_levels=(1_000, 1_000_000),
+            broker_requests=1_000,
         )
 
     @classmethod
@@ -79,6 +81,7 @@ class Sizes:
             concurrent_cycles=128,
             in_flight=64,
             postgres_scale_levels=(200, 1_000),
+            broker_requests=20,
         )
 
 

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4, 5, 6, 7),
+        choices=(1, 2, 3, 4, 5, 6, 7, 8),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(profile.run(30 if args.quick else 300))
         return 0
 
-    from bench import concurrent, cycle, latency, postgres, postgres_scale, scale, step
+    from bench import brokers, concurrent, cycle, latency, postgres, postgres_scale, scale, step
 
     benchmarks: dict[int, Callable[[Sizes], Section]] = {
         1: cycle.run,
@@ -155,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         5: concurrent.run,
         6: postgres.run,
         7: postgres_scale.run,
+        8: brokers.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))

@@ -198,6 +198,7 @@ class Clearance:
             timeout=webhook_timeout,
             retry_base=webhook_retry_base,
         )
+        self.engine.on_deliveries = self.webhooks.wake
         self._background: asyncio.Task[None] | None = None
         self._delivering: asyncio.Task[None] | None = None
         self._driving: set[asyncio.Task[Execution]] = set()
@@ -236,6 +237,9 @@ class Clearance:
         `brokers` names the message brokers agents publish approval requests on
         (`HumanInLoop(approval_broker=ApprovalBroker(broker=NAME, event=...))`):
         {NAME: "redis://…" | "nats://…" | "amqp://…" | "memory://…"}."""
+        # Checked before the store is opened, so a bad broker URL leaves nothing open
+        # (brokers connect on first use: making them here touches no server).
+        open_brokers(brokers or {}, lambda delivery, body: None)
         return cls(
             open_store(url, synchronous=synchronous),
             clock=clock,
@@ -482,7 +486,8 @@ class Clearance:
                 await self.webhooks.start_due()
             except Exception:
                 log.exception("clearance webhook step failed")
-            await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(self.poll_interval)
+            await self.webhooks.wait(self.poll_interval)
 
     def _consume_decisions(self) -> None:
         """Read decisions off every broker an agent hosted here publishes on."""

@@ -17,6 +17,7 @@ it out again: at least once in, exactly one decision.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ GROUP = "clearance"  # the consumer group every hosting process joins
 FIELDS = frozenset({"requestId", "approved", "reason", "modifiedParams", "by"})
 # After a failure to reach the store or the broker: wait, then read again.
 BACKOFF = 1.0
+AT_ONCE = 16  # messages settled at once by one consumer
 
 
 @attrs.frozen
@@ -93,20 +95,73 @@ Lookup = Callable[[str], Awaitable[ApprovalRequest | None]]
 async def consume(
     broker: Broker, target: BrokerTarget, consumer: str, decide: Decide, lookup: Lookup
 ) -> None:
-    """Apply the decisions published on `target`'s decisions subject, until cancelled."""
-    while True:
+    """Apply the decisions published on `target`'s decisions subject, until cancelled.
+
+    Up to AT_ONCE messages are settled at once (each waits on the store), except that
+    the decisions of one request are settled in the order they came: the first one
+    published is the one that wins."""
+    slots = asyncio.Semaphore(AT_ONCE)
+    latest: dict[str | None, asyncio.Task[None]] = {}  # by request id: the last one read
+    settling: set[asyncio.Task[None]] = set()
+    held: set[str] = set()  # the message ids being settled
+
+    async def settle(message: Incoming, after: asyncio.Task[None] | None) -> None:
         try:
-            async for message in broker.decisions(target.decisions, GROUP, consumer):
-                await handle(broker, target, message, decide, lookup)
-        except asyncio.CancelledError:
-            raise
+            if after is not None:
+                await asyncio.wait([after])
+            await handle(broker, target, message, decide, lookup)
         except Exception:
             log.exception(
-                "reading decisions from %s on %s failed; trying again",
-                broker.name,
-                target.decisions,
+                "decision message %s could not be settled; it comes again", message.message_id
             )
-        await asyncio.sleep(BACKOFF)
+            try:
+                await message.retry(BACKOFF)
+            except Exception:  # the broker went away too: it redelivers by itself
+                log.exception("could not hand message %s back", message.message_id)
+        finally:
+            slots.release()
+
+    def settled(key: str | None, message_id: str, task: asyncio.Task[None]) -> None:
+        settling.discard(task)
+        held.discard(message_id)
+        if latest.get(key) is task:
+            del latest[key]
+
+    try:
+        while True:
+            try:
+                async for message in broker.decisions(target.decisions, GROUP, consumer):
+                    if message.message_id in held:
+                        # Handed out again while still being settled here (it waited
+                        # longer than the broker's redelivery time): that one answers.
+                        continue
+                    await slots.acquire()
+                    key = _request_id(message.data)
+                    task = asyncio.create_task(settle(message, latest.get(key)))
+                    latest[key] = task
+                    held.add(message.message_id)
+                    settling.add(task)
+                    task.add_done_callback(functools.partial(settled, key, message.message_id))
+            except Exception:
+                log.exception(
+                    "reading decisions from %s on %s failed; trying again",
+                    broker.name,
+                    target.decisions,
+                )
+            await asyncio.sleep(BACKOFF)
+    finally:
+        for task in settling:
+            task.cancel()
+        await asyncio.gather(*settling, return_exceptions=True)
+
+
+def _request_id(data: bytes) -> str | None:
+    """The request a message decides, where it says (None: `handle` says what is wrong)."""
+    try:
+        request_id = json.loads(data).get("requestId")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return request_id if isinstance(request_id, str) else None
 
 
 async def handle(

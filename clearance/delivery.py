@@ -20,6 +20,7 @@ request's expiry nor `max_attempts`. Every attempt is recorded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable
@@ -75,8 +76,13 @@ class DeliveryRelay:
         self.max_attempts = max_attempts
         self.concurrency = concurrency
         self.per_endpoint = per_endpoint
-        self._in_flight: dict[str, int] = {}  # attempts running, by target
+        # Attempts running, by target: (channel name, url).
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._due = asyncio.Event()
         self._running: set[asyncio.Task[None]] = set()
+
+    def _limit(self, channel: ApprovalChannel) -> int:
+        return channel.per_target or self.per_endpoint
 
     async def start_due(self) -> int:
         """Start an attempt for every delivery that is due; returns how many started."""
@@ -87,25 +93,30 @@ class DeliveryRelay:
         # The lease outlives one attempt (`_send` cuts a send off before it runs out),
         # so a live worker is never raced for it.
         lease = now + timedelta(seconds=self.timeout * 2 + 5)
-        # One hanging receiver may hold at most `per_endpoint` slots: the rest stay free
-        # for healthy endpoints.
-        busy = [u for u, n in self._in_flight.items() if n >= self.per_endpoint]
+        # One hanging receiver may hold at most its channel's limit of slots: the rest
+        # stay free for healthy targets.
+        busy = [
+            url
+            for (name, url), n in self._in_flight.items()
+            if n >= self._limit(self.channels[name])
+        ]
+        # Claimed rows beyond a target's limit go back unsent (a wasted write each):
+        # claim no more than the most one target may take.
+        most = max(self._limit(channel) for channel in self.channels.values())
         due = await self.store.claim_deliveries(
             list(self.agents),
             self.worker,
             now,
             lease,
-            free,
+            min(free, most),
             instance_signed=self._secret() is not None,
             channels=list(self.channels),
             exclude_urls=busy,
         )
         started = 0
         for delivery in due:
-            if self._in_flight.get(delivery.url, 0) >= self.per_endpoint:
-                await self.store.release_delivery(delivery.id, self.worker)
-                continue
-            if delivery.channel not in self.channels:  # a store that ignored `channels`
+            channel = self.channels.get(delivery.channel)
+            if channel is None:  # a store that ignored `channels`
                 log.warning(
                     "delivery %s: no %r channel in this process; handed back",
                     delivery.webhook_id,
@@ -113,12 +124,27 @@ class DeliveryRelay:
                 )
                 await self.store.release_delivery(delivery.id, self.worker)
                 continue
-            self._in_flight[delivery.url] = self._in_flight.get(delivery.url, 0) + 1
+            target = (delivery.channel, delivery.url)
+            if self._in_flight.get(target, 0) >= self._limit(channel):
+                await self.store.release_delivery(delivery.id, self.worker)
+                continue
+            self._in_flight[target] = self._in_flight.get(target, 0) + 1
             task = asyncio.create_task(self._attempt(delivery))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
             started += 1
         return started
+
+    def wake(self) -> None:
+        """Something may be due now: a delivery was committed, or an attempt ended."""
+        self._due.set()
+
+    async def wait(self, at_most: float) -> None:
+        """Until `wake()`, or `at_most` seconds (for deliveries of other processes and
+        retries coming due)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._due.wait(), at_most)
+        self._due.clear()
 
     async def deliver_due(self) -> int:
         """Start what is due and wait for those attempts to finish (tests, CLI)."""
@@ -138,9 +164,11 @@ class DeliveryRelay:
         except Exception:  # one broken delivery must not stop the others
             log.exception("delivery %s failed unexpectedly", delivery.webhook_id)
         finally:
-            self._in_flight[delivery.url] -= 1
-            if not self._in_flight[delivery.url]:
-                del self._in_flight[delivery.url]
+            target = (delivery.channel, delivery.url)
+            self._in_flight[target] -= 1
+            if not self._in_flight[target]:
+                del self._in_flight[target]
+            self.wake()  # a slot is free: the next due delivery need not wait a poll
 
     async def _try(self, delivery: Delivery) -> None:
         now = self.clock.now()

@@ -43,7 +43,7 @@ import functools
 import inspect
 import logging
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
@@ -139,6 +139,9 @@ class Engine:
         # Leases are about processes being alive, so they run on real time even when
         # tests move the approval clock by hand.
         self.lease_clock: Clock = lease_clock or SystemClock()
+        # Called when a step committed deliveries (approval requests to send out): the
+        # runtime wakes its delivery relay rather than leave them to its next poll.
+        self.on_deliveries: Callable[[], None] = lambda: None
         self._carrying: dict[int, Work] = {}  # work carried out here now, by id
         self._tasks: set[asyncio.Task[Execution | None]] = set()  # those carrying work
         self._held: dict[int, Claim] = {}  # leases to renew
@@ -428,6 +431,8 @@ class Engine:
             finally:
                 self._reserved -= n
                 self._committing -= 1
+            if step.deliveries:
+                self.on_deliveries()
             for work in queued:
                 if work.holder == self.worker and not work.cancelled:
                     self._begin(work)

@@ -14,7 +14,8 @@ Contract, beyond `ApprovalChannel`'s:
 - `decisions(subject, group, consumer)` yields the messages published on `subject`
   (`<event>.decisions`), shared by every consumer of `group`: each message goes to
   one of them, and comes again (to any) until acknowledged. A message that is
-  never acknowledged because its consumer died comes again after a while.
+  never acknowledged because its consumer died comes again after a while; one
+  handed back with `retry` comes again sooner.
 - `publish(subject, body)` publishes one message (the answers on `<event>.errors`).
 - Broker outages are not fatal: `decisions` waits and tries again; `send` answers
   RETRY; `publish` raises (the caller retries by not acknowledging).
@@ -28,6 +29,10 @@ from typing import Any, Protocol
 from clearance.core.json_text import dumps
 from clearance.ports.channel import ApprovalChannel
 from clearance.ports.store import Delivery
+
+# Publishes a broker channel takes at once per event (its `per_target`): a broker
+# pipelines them on one connection, and the relay runs at most 64 attempts anyway.
+PUBLISHES_AT_ONCE = 64
 
 # Standard Webhooks headers (webhook-id, -timestamp, -signature) for a delivery's body
 # text, made by the runtime with the secret that signs it; None: no secret here does.
@@ -52,6 +57,13 @@ class Incoming(Protocol):
 
     async def ack(self) -> None:
         """Done with it: it is not delivered again."""
+        ...
+
+    async def retry(self, delay: float) -> None:
+        """Not done (the store could not be reached): hand it out again, to any
+        consumer of the group, no sooner than `delay` seconds from now where the
+        broker can say so (NATS's nak with a delay; RabbitMQ waits, then requeues;
+        Redis takes it back once it has been idle `claim_after`)."""
         ...
 
 

@@ -56,6 +56,10 @@ class Sent:
 class ApprovalChannel(Protocol):
     # The `Delivery.channel` value of the deliveries this channel carries ("webhook").
     name: str
+    # At most this many attempts at once per target (`Delivery.url`); None: the relay's
+    # `per_endpoint` (webhooks: someone's HTTP server, asked politely). A broker takes
+    # many publishes at once.
+    per_target: int | None
 
     async def send(self, delivery: Delivery, body: dict[str, Any]) -> Sent:
         """Send `body` for `delivery` once, and classify the answer (see the module)."""

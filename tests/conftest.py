@@ -148,3 +148,18 @@ async def check_the_timer_is_kept_and_claimed(store: Any, run: Any) -> None:
     (timer,) = await store.claim_timers(far, far + timedelta(seconds=30), 9)
     assert (timer.request_id, timer.due_at) == ("apr-1", due)
     assert await store.claim_timers(far, far, 9) == []  # held
+
+
+class Releases:
+    """A relay's store, counting the claimed deliveries it hands back unsent."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self.released = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def release_delivery(self, *args: Any) -> Any:
+        self.released += 1
+        return await self._store.release_delivery(*args)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Recorder, refund_script
+from conftest import Recorder, Releases, refund_script
 
 from clearance import Clearance, HumanInLoop, views
 from clearance.adapters.webhook_channel import WebhookChannel, classify
@@ -38,6 +38,7 @@ class MemoryChannel:
     """Answers the n-th send with `answers[n]`, then delivered; keeps what it was sent."""
 
     name = MEMORY
+    per_target = None
 
     def __init__(self, *answers: Sent | BaseException | float) -> None:
         self.answers = list(answers)
@@ -187,6 +188,24 @@ async def test_a_channel_that_disables_its_target_ends_every_delivery_to_it(
     [row] = await app.deliveries(request.request_id)
     assert (row.status, outcomes(row)) == ("disabled", [(None, "stream deleted", DISABLED)])
     assert await app.store.endpoint_disabled(STREAM)
+    await relay.aclose()
+    await app.close()
+
+
+async def test_a_claim_takes_no_more_than_one_target_may_start(
+    tmp_path: Path, clock: FakeClock, recorder: Recorder, memory_rows: None
+) -> None:
+    """Twelve deliveries due for one target that takes 4 at once: the relay claims 4
+    and starts them, rather than claim every free slot's worth and hand 8 back."""
+    app, _ = await paused(tmp_path, clock, recorder)
+    for n in range(11):
+        await app.run("safe-agent", input=f"Refund order ORD-{n}")
+    hanging = MemoryChannel(*[5.0] * 12)
+    relay = relay_for(app, clock, hanging)
+    counting = Releases(app.store)
+    relay.store = counting  # type: ignore[assignment]
+    assert await relay.start_due() == relay.per_endpoint == 4
+    assert counting.released == 0
     await relay.aclose()
     await app.close()
 

@@ -7,6 +7,7 @@ here looks at a timing or at whether a target was met.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def test_quick_bench_prints_a_markdown_report() -> None:
         "## 3. Core step cost",
         "## 4. Approval latency",
         "## 5. Concurrent executions in one process",
+        "## 8. Approval requests over message brokers",
         "## Targets",
     ):
         assert heading in out
@@ -59,9 +61,40 @@ def test_quick_bench_prints_a_markdown_report() -> None:
     assert "| synchronous | system | in flight | cycles/s |" in out
     assert "| FULL | Clearance, concurrent | 64 |" in out
     assert "|---|" in out
+    _check_brokers(out.split("## 8. Approval requests over message brokers", 1)[1])
     # Every target has a row saying whether it was met, whatever the answer.
     targets = out.split("## Targets", 1)[1]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "target" not in line]
     assert len(rows) >= 14
     assert sum("5. concurrent" in row for row in rows) == 4
     assert all(row.rstrip().endswith(("yes |", "**no** |")) for row in rows)
+
+
+def _check_brokers(section: str) -> None:
+    """Benchmark 8's table: memory and the webhook baseline run in this process, Redis
+    where a server answers; NATS and RabbitMQ only in a full run."""
+    section = section.split("\n## ", 1)[0]
+    assert "| channel | server | requests | requests/s | wall s |" in section
+    rows = {
+        cells[0]: cells[1:]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| channel")
+        for cells in [[c.strip() for c in line.strip("|").split(" | ")]]
+    }
+    assert set(rows) == {
+        "memory",
+        "Redis Streams",
+        "NATS JetStream",
+        "RabbitMQ",
+        "webhook (baseline)",
+    }, rows
+    measured = ["memory", "webhook (baseline)"]
+    no_redis = rows["Redis Streams"][2].startswith("skipped: no Redis answers")
+    if not no_redis or os.environ.get("CLEARANCE_REQUIRE_SERVICES") == "1":
+        measured.append("Redis Streams")
+    for label in measured:
+        _server, requests, rate, *_ = rows[label]
+        assert requests == "20", rows[label]
+        assert float(rate.replace(",", "")) > 0, rows[label]
+    for label in ("NATS JetStream", "RabbitMQ"):
+        assert rows[label][2] == "skipped: not run with --quick", rows[label]

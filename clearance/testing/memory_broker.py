@@ -29,7 +29,7 @@ import attrs
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
-from clearance.ports.broker import Signer, signed_message
+from clearance.ports.broker import PUBLISHES_AT_ONCE, Signer, signed_message
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
 
@@ -44,7 +44,8 @@ class _Entry:
 @attrs.define
 class _Group:
     next: int = 0  # the index of the first entry not yet handed to a consumer
-    unacked: dict[int, float] = attrs.field(factory=dict)  # entry index -> handed out at
+    # Entries handed out and not acknowledged: entry index -> when it comes again.
+    unacked: dict[int, float] = attrs.field(factory=dict)
 
 
 @attrs.define(eq=False)
@@ -56,6 +57,10 @@ class MemoryMessage:
 
     async def ack(self) -> None:
         self._group.unacked.pop(self._index, None)
+
+    async def retry(self, delay: float) -> None:
+        if self._index in self._group.unacked:
+            self._group.unacked[self._index] = time.monotonic() + delay
 
 
 class MemoryBroker:
@@ -119,24 +124,26 @@ class MemoryBroker:
         while True:
             entries = self._subjects.get(subject, [])
             now = time.monotonic()
-            for index, since in sorted(state.unacked.items()):
-                if now - since >= self.redeliver_after:
-                    state.unacked[index] = now
+            for index, due in sorted(state.unacked.items()):
+                if due <= now:
+                    state.unacked[index] = now + self.redeliver_after
                     entry = entries[index]
                     return MemoryMessage(entry.data, entry.message_id, state, index)
             if state.next < len(entries):
                 index, state.next = state.next, state.next + 1
-                state.unacked[index] = now
+                state.unacked[index] = now + self.redeliver_after
                 entry = entries[index]
                 return MemoryMessage(entry.data, entry.message_id, state, index)
             self._changed.clear()
-            wait = self.redeliver_after if state.unacked else None
+            wait = max(0.0, min(state.unacked.values()) - now) if state.unacked else None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), wait)
 
 
 class MemoryChannel:
     """The `Broker` port on a `MemoryBroker`, under the name the runtime gave it."""
+
+    per_target: int | None = PUBLISHES_AT_ONCE
 
     def __init__(self, broker: str, hub: MemoryBroker, sign: Signer | None = None) -> None:
         self.name = broker_channel(broker)
