@@ -1,7 +1,7 @@
 """The child of tests/test_broker_outages.py's crash test: SIGKILLs itself between the
 commit of a pause and the publish of its approval request.
 
-    python broker_crash_process.py STORE BROKER_URL EVENT
+    python broker_crash_process.py STORE BROKER_URL EVENT [decide]
 
 Opens the store STORE with the broker BROKER_URL as "approval-events", defines the
 refund agent publishing on EVENT, and wraps the broker channel's `send` (the object
@@ -9,6 +9,9 @@ the delivery relay sends through) so that its first call SIGKILLs this process
 BEFORE anything is published. Then it runs the agent: the execution pauses, the
 pause and its delivery row are committed, the relay claims the delivery and calls
 `send`, and the process dies there.
+
+With `decide`, it instead hosts the agent and SIGKILLs itself applying the first
+decision it reads off the broker (`deciding <request id>`, after `reading`).
 
 stdout, one line each, flushed: `sending <execution id> <request id>` just before the
 kill (so the parent knows the kill came from inside `send`), `paused <execution id>
@@ -60,6 +63,26 @@ class Telling(Recorder):
         return await super().process_refund(ctx, params)
 
 
+async def decide_and_die(store: str, url: str, event: str) -> None:
+    """Host the agent, and die (SIGKILL) applying the first decision read off the
+    broker: after reading it, before its commit and its ack."""
+    async with Clearance.open(
+        store, poll_interval=0.02, webhook_secret=SECRET, brokers={BROKER: url}
+    ) as app:
+        apply = app._record_decision
+
+        async def record(decision: Any) -> None:
+            say(f"deciding {decision.request_id}")
+            os.kill(os.getpid(), signal.SIGKILL)
+            await apply(decision)  # never reached
+
+        app._record_decision = record  # type: ignore[method-assign]
+        define(app, Telling(), event)
+        say("reading")
+        await asyncio.sleep(GIVE_UP_SECONDS)
+    say("alive")
+
+
 async def main(store: str, url: str, event: str) -> None:
     async with Clearance.open(
         store,
@@ -87,6 +110,7 @@ async def main(store: str, url: str, event: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5) or sys.argv[4:] not in ([], ["decide"]):
         sys.exit(__doc__)
-    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    run = decide_and_die if sys.argv[4:] == ["decide"] else main
+    asyncio.run(run(sys.argv[1], sys.argv[2], sys.argv[3]))

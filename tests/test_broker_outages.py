@@ -194,3 +194,50 @@ async def test_a_sigkill_between_commit_and_publish_is_published_once_after_the_
         assert done.request(request_id).status == "approved"
         assert recorder.ran("process-refund") == [REFUND]
         assert side.message_ids(side.event) == [request_id]  # published exactly once
+
+
+async def test_a_process_killed_applying_a_decision_leaves_it_to_another(
+    tmp_path: Path, side: ServerSide
+) -> None:
+    """At least once in: the process that read a decision dies before its commit and
+    ack; the broker hands the decision to the next reader, which applies it once."""
+    store = f"sqlite:///{tmp_path / 'decide.db'}"
+    recorder = Recorder()
+    async with _opened(store, side.url) as app:
+        define(app, recorder, side.event)
+        ex = await app.run("safe-agent", input="Refund ORD-123")
+        request_id = ex.pending_approvals[0].request_id
+        await wait_for(lambda: side.message_ids(side.event))
+    # Nobody reads the decisions now; the child is the only reader once it starts.
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        CHILD,
+        store,
+        side.url,
+        side.event,
+        "decide",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), CHILD_SECONDS)
+        assert line.decode().strip() == "reading", line
+        _decide(side, request_id, "ops")
+        out, err = await asyncio.wait_for(child.communicate(), CHILD_SECONDS)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    said = out.decode().splitlines()
+    why = f"the child said {said}; stderr:\n{err.decode(errors='replace')[-3000:]}"
+    assert child.returncode == -signal.SIGKILL and said == [f"deciding {request_id}"], why
+
+    async with _opened(store, side.url) as app:
+        define(app, recorder, side.event)
+        assert (await app.execution(ex.id)).status == "awaiting_approval"  # type: ignore[union-attr]
+        done = await _status(app, ex.id, "completed")
+        assert done.request(request_id).decided_by == "ops"
+        assert recorder.ran("process-refund") == [REFUND]
+        assert len(await app.audit(request_id=request_id)) == 1
+        assert side.messages(f"{side.event}.errors") == []

@@ -316,6 +316,30 @@ async def test_a_broker_takes_many_publishes_at_once(tmp_path: Any, memory_hub: 
         assert counting.released == 0
 
 
+async def test_two_processes_share_the_decisions_each_applied_once(
+    app: Clearance, hub: Side, tmp_path: Any
+) -> None:
+    """Two runtimes on one store host the agent and read the decisions as one group:
+    every decision is applied once, by one of them, and every tool runs once."""
+    recorder = Recorder()
+    _define(app, recorder, hub.event)
+    async with await _opened(tmp_path, hub) as other:
+        _define(other, recorder, hub.event)
+        runs = [await app.run("safe-agent", input=f"Refund ORD-{n}") for n in range(12)]
+        await _published(hub, 12)
+        for ex in runs:
+            hub.publish(
+                f"{hub.event}.decisions",
+                {"requestId": ex.pending_approvals[0].request_id, "approved": True, "by": "ops"},
+            )
+        for ex in runs:
+            await _status(app, ex.id, "completed")
+        assert len(recorder.ran("process-refund")) == 12
+        audits = [await app.audit(request_id=ex.pending_approvals[0].request_id) for ex in runs]
+        assert all(len(records) == 1 for records in audits)
+        assert hub.messages(f"{hub.event}.errors") == []
+
+
 class _SlowApproval:
     """A store whose commit of an approval takes a while, as a busy store's does."""
 

@@ -5,8 +5,8 @@
 
 `exit`: never enters `async with` (no background delivery), runs until paused,
 prints, closes and exits. `hold`: enters `async with` with a 60 s poll
-interval, runs until paused, prints, then waits to be SIGKILLed before its
-delivery loop looks again. Either way the request is committed, with its
+interval and the relay's wake-up on commit turned off, runs until paused, prints,
+then waits to be SIGKILLed before its delivery loop looks again. Either way the request is committed, with its
 `deliveries` row, and nothing has been sent. Prints one JSON line.
 """
 
@@ -53,6 +53,9 @@ async def main(db: str, webhook_url: str, public_url: str, secret: str, mode: st
     if mode == "hold":
         await app.__aenter__()
         await asyncio.sleep(0.1)  # the delivery loop has looked once (nothing yet) and sleeps
+        # The commit below would wake it at once: keep it asleep, so the kill lands in
+        # the window between the commit and the relay's next look.
+        app.engine.on_deliveries = lambda: None
     define(app, webhook_url)
     ex = await app.run("safe-agent", input="Refund order ORD-123")
     [request] = ex.pending_approvals
