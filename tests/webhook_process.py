@@ -4,10 +4,11 @@
     python webhook_process.py DB WEBHOOK_URL PUBLIC_URL SECRET hold
 
 `exit`: never enters `async with` (no background delivery), runs until paused,
-prints, closes and exits. `hold`: enters `async with` with a 60 s poll
-interval and the relay's wake-up on commit turned off, runs until paused, prints,
-then waits to be SIGKILLed before its delivery loop looks again. Either way the request is committed, with its
-`deliveries` row, and nothing has been sent. Prints one JSON line.
+prints, closes and exits. `hold`: enters `async with` with a 60 s poll interval
+and the relay's wake-up on commit turned off, runs until paused, prints, then
+waits to be SIGKILLed before its delivery loop looks again. Either way the
+request is committed, with its `deliveries` row, and nothing has been sent.
+Prints one JSON line.
 """
 
 from __future__ import annotations
