@@ -47,6 +47,7 @@ from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.replay import (
     DECIDE_VERSION,
 )
+from clearance.core.reviewers import BadReviewer, Reviewer, ReviewerKey
 from clearance.core.rows import Writes
 from clearance.core.wire import (
     audit_from_data,
@@ -55,6 +56,8 @@ from clearance.core.wire import (
     event_to_data,
     execution_to_data,
     request_from_data,
+    reviewer_from_data,
+    reviewer_to_data,
 )
 from clearance.ports.store import (
     Claim,
@@ -65,6 +68,7 @@ from clearance.ports.store import (
     DueTimer,
     LeaseLost,
     UnknownRequest,
+    UnknownReviewer,
     UnreadableExecution,
     Work,
     above_prefix,
@@ -74,7 +78,23 @@ from clearance.ports.store import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Schema 3: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
+# keys. Names and key ids compare by code point ("C"), so reviewers list in the order
+# SQLite lists them, whatever the database's collation. IF NOT EXISTS: tables that
+# are already there are taken as they are (as SQLite's schema does), so an older
+# version's tables that already hold these upgrade too.
+_REVIEWER_TABLES = """
+CREATE TABLE IF NOT EXISTS clearance_reviewers (
+    name TEXT COLLATE "C" PRIMARY KEY, body TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS clearance_reviewer_keys (
+    key_id TEXT COLLATE "C" PRIMARY KEY, reviewer TEXT COLLATE "C" NOT NULL,
+    digest TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, expires_at TIMESTAMPTZ,
+    revoked_at TIMESTAMPTZ
+);
+CREATE INDEX IF NOT EXISTS clearance_reviewer_keys_of ON clearance_reviewer_keys (reviewer)
+"""
 # Each upgrades the tables in place by one schema version, at open, in the
 # transaction that checked the version.
 MIGRATIONS: dict[int, LiteralString] = {
@@ -83,13 +103,16 @@ MIGRATIONS: dict[int, LiteralString] = {
     # range of the primary key.
     1: "ALTER TABLE clearance_timers ADD COLUMN held_until TIMESTAMPTZ;"
     ' ALTER TABLE clearance_approvals ALTER COLUMN request_id TYPE TEXT COLLATE "C"',
+    # Reviewers and their keys: new tables, made exactly as a new database has them.
+    2: _REVIEWER_TABLES,
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
 # Connections per store: steps of executions in flight commit side by side.
 POOL_SIZE = 8
 
-SCHEMA = """
+SCHEMA = (
+    """
 CREATE TABLE clearance_schema (version INTEGER NOT NULL);
 CREATE TABLE clearance_agents (spec_id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE clearance_events (
@@ -148,8 +171,10 @@ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
 CREATE TRIGGER clearance_audit_no_change BEFORE UPDATE OR DELETE ON clearance_audit
     FOR EACH ROW EXECUTE FUNCTION clearance_audit_append_only();
 CREATE TRIGGER clearance_audit_no_truncate BEFORE TRUNCATE ON clearance_audit
-    FOR EACH STATEMENT EXECUTE FUNCTION clearance_audit_append_only()
+    FOR EACH STATEMENT EXECUTE FUNCTION clearance_audit_append_only();
 """
+    + _REVIEWER_TABLES
+)
 
 _WORK = "id, execution_id, agent_tag, body, holder"
 # Seconds between measurements of the database clock's offset from ours; an offset
@@ -165,6 +190,7 @@ _DELIVERY = (
 )
 
 _RETURNED_DELIVERY = ", ".join("d." + column.strip() for column in _DELIVERY.split(","))
+_KEY = "key_id, reviewer, digest, created_at, expires_at, revoked_at"
 
 
 def _backoff(attempt: int) -> float:
@@ -1119,6 +1145,122 @@ class PostgresStore:
     async def endpoint_disabled(self, url: str) -> bool:
         row = await self._one("SELECT 1 FROM clearance_disabled_endpoints WHERE url = %s", (url,))
         return row is not None
+
+    # -- reviewers and their keys -------------------------------------------------------------
+
+    @_retried
+    async def save_reviewer(self, reviewer: Reviewer) -> bool:
+        body = compact_json(reviewer_to_data(reviewer))
+        async with self._write() as conn:
+            # Insert, else update: an upsert alone cannot tell which it did. A racer's
+            # insert is waited for by ON CONFLICT; a removal between the two, tried again.
+            while True:
+                cur = await conn.execute(
+                    "INSERT INTO clearance_reviewers (name, body) VALUES (%s, %s)"
+                    " ON CONFLICT (name) DO NOTHING",
+                    (reviewer.name, body),
+                )
+                if cur.rowcount == 1:
+                    return True
+                cur = await conn.execute(
+                    "UPDATE clearance_reviewers SET body = %s WHERE name = %s",
+                    (body, reviewer.name),
+                )
+                if cur.rowcount == 1:
+                    return False
+
+    @_retried
+    async def reviewer(self, name: str) -> Reviewer | None:
+        row = await self._one("SELECT body FROM clearance_reviewers WHERE name = %s", (name,))
+        return None if row is None else reviewer_from_data(json.loads(row[0]))
+
+    @_retried
+    async def reviewers(self) -> list[Reviewer]:
+        rows = await self._all("SELECT body FROM clearance_reviewers ORDER BY name", ())
+        return [reviewer_from_data(json.loads(body)) for (body,) in rows]
+
+    @_retried
+    async def remove_reviewer(self, name: str) -> bool:
+        async with self._write() as conn:
+            # The reviewer first: it waits for an add_key holding the row (see there),
+            # so the keys deleted next include the key that one added.
+            cur = await conn.execute("DELETE FROM clearance_reviewers WHERE name = %s", (name,))
+            await conn.execute("DELETE FROM clearance_reviewer_keys WHERE reviewer = %s", (name,))
+            return cur.rowcount == 1
+
+    @staticmethod
+    def _key(row: Any) -> ReviewerKey:
+        key_id, reviewer, digest, created, expires, revoked = row
+        return ReviewerKey(
+            key_id,
+            reviewer,
+            digest,
+            _utc(created),
+            None if expires is None else _utc(expires),
+            None if revoked is None else _utc(revoked),
+        )
+
+    @_retried
+    async def add_key(self, key: ReviewerKey) -> None:
+        async with self._write() as conn:
+            # Held until the key is in (as a foreign key would, without blocking a save):
+            # a removal of the reviewer waits, then deletes this key too, instead of
+            # leaving it to a new reviewer of that name.
+            cur = await conn.execute(
+                "SELECT 1 FROM clearance_reviewers WHERE name = %s FOR KEY SHARE",
+                (key.reviewer,),
+            )
+            if await cur.fetchone() is None:
+                raise UnknownReviewer(f"no reviewer '{key.reviewer}' to add a key for")
+            cur = await conn.execute(
+                "INSERT INTO clearance_reviewer_keys (key_id, reviewer, digest, created_at,"
+                " expires_at, revoked_at) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (key_id) DO NOTHING",
+                (
+                    key.key_id,
+                    key.reviewer,
+                    key.digest,
+                    _utc(key.created_at),
+                    None if key.expires_at is None else _utc(key.expires_at),
+                    None if key.revoked_at is None else _utc(key.revoked_at),
+                ),
+            )
+            if cur.rowcount == 1:
+                return
+            # Already there: this very key (a call repeated after a lost connection
+            # whose insert had landed), or another that drew the same id.
+            cur = await conn.execute(
+                f"SELECT {_KEY} FROM clearance_reviewer_keys WHERE key_id = %s", (key.key_id,)
+            )
+            stored = await cur.fetchone()
+            if stored is None or self._key(stored) != key:
+                raise BadReviewer(f"key id {key.key_id} is already taken by another key")
+
+    @_retried
+    async def reviewer_key(self, key_id: str) -> ReviewerKey | None:
+        row = await self._one(
+            f"SELECT {_KEY} FROM clearance_reviewer_keys WHERE key_id = %s", (key_id,)
+        )
+        return None if row is None else self._key(row)
+
+    @_retried
+    async def reviewer_keys(self, reviewer: str) -> list[ReviewerKey]:
+        rows = await self._all(
+            f"SELECT {_KEY} FROM clearance_reviewer_keys WHERE reviewer = %s"
+            " ORDER BY created_at, key_id",
+            (reviewer,),
+        )
+        return [self._key(row) for row in rows]
+
+    @_retried
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "UPDATE clearance_reviewer_keys SET revoked_at = %s"
+                " WHERE key_id = %s AND revoked_at IS NULL",
+                (_utc(at), key_id),
+            )
+            return cur.rowcount == 1
 
 
 def open_url(url: str, *, synchronous: str = "FULL") -> PostgresStore:

@@ -39,6 +39,7 @@ from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.replay import (
     DECIDE_VERSION,
 )
+from clearance.core.reviewers import BadReviewer, Reviewer, ReviewerKey
 from clearance.core.rows import Writes
 from clearance.core.wire import (
     audit_from_data,
@@ -48,6 +49,8 @@ from clearance.core.wire import (
     execution_to_data,
     parse_stamp,
     request_from_data,
+    reviewer_from_data,
+    reviewer_to_data,
     stamp,
 )
 from clearance.ports.store import (
@@ -59,13 +62,26 @@ from clearance.ports.store import (
     DueTimer,
     LeaseLost,
     UnknownRequest,
+    UnknownReviewer,
     UnreadableExecution,
     Work,
     above_prefix,
     soonest_first,
 )
 
-SCHEMA = """
+# Schema 6: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
+# keys. Also what `_from_5` runs, so an upgraded file has them exactly as a new one.
+_REVIEWER_TABLES = """
+CREATE TABLE IF NOT EXISTS reviewers (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS reviewer_keys (
+    key_id TEXT PRIMARY KEY, reviewer TEXT NOT NULL, digest TEXT NOT NULL,
+    created_at TEXT NOT NULL, expires_at TEXT, revoked_at TEXT
+);
+CREATE INDEX IF NOT EXISTS reviewer_keys_of ON reviewer_keys (reviewer);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS agents (
     spec_id TEXT PRIMARY KEY, body TEXT NOT NULL
 ) WITHOUT ROWID;
@@ -128,11 +144,13 @@ CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
+    + _REVIEWER_TABLES
+)
 
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -141,6 +159,14 @@ SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
 # How often `wait_for_work` looks for another process's commit.
 WAKE_POLL = 0.02
+
+
+def _execute_each(db: sqlite3.Connection, script: str) -> None:
+    """The statements of `script` in the caller's transaction (`executescript` would
+    commit it first)."""
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def _from_2(db: sqlite3.Connection) -> int:
@@ -187,11 +213,18 @@ def _from_4(db: sqlite3.Connection) -> int:
     return 5
 
 
+def _from_5(db: sqlite3.Connection) -> int:
+    """Schema 5 to 6: reviewers and their keys, in tables of their own (new, empty)."""
+    _execute_each(db, _REVIEWER_TABLES)
+    return 6
+
+
 # Each step upgrades a file in place by one schema version, at open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     2: _from_2,
     3: _from_3,
     4: _from_4,
+    5: _from_5,
 }
 
 
@@ -328,9 +361,7 @@ class SQLiteStore:
             # In place, in the same transaction as the check: a crash leaves the old file.
             while tables and version != SCHEMA_VERSION:
                 version = MIGRATIONS[version](self._db)
-            for statement in SCHEMA.split(";\n"):
-                if statement.strip():
-                    self._db.execute(statement)
+            _execute_each(self._db, SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -1012,6 +1043,98 @@ class SQLiteStore:
     async def endpoint_disabled(self, url: str) -> bool:
         row = self._db.execute("SELECT 1 FROM disabled_endpoints WHERE url = ?", (url,))
         return row.fetchone() is not None
+
+    # -- reviewers and their keys ------------------------------------------------------------
+
+    async def save_reviewer(self, reviewer: Reviewer) -> bool:
+        body = compact_json(reviewer_to_data(reviewer))
+        with self._write():  # the write lock from the start: nobody saves it in between
+            new = (
+                self._db.execute(
+                    "SELECT 1 FROM reviewers WHERE name = ?", (reviewer.name,)
+                ).fetchone()
+                is None
+            )
+            self._db.execute(
+                "INSERT INTO reviewers (name, body) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET body = excluded.body",
+                (reviewer.name, body),
+            )
+        return new
+
+    async def reviewer(self, name: str) -> Reviewer | None:
+        row = self._db.execute("SELECT body FROM reviewers WHERE name = ?", (name,)).fetchone()
+        return None if row is None else reviewer_from_data(json.loads(row[0]))
+
+    async def reviewers(self) -> list[Reviewer]:
+        rows = self._db.execute("SELECT body FROM reviewers ORDER BY name")
+        return [reviewer_from_data(json.loads(body)) for (body,) in rows]
+
+    async def remove_reviewer(self, name: str) -> bool:
+        with self._write():
+            self._db.execute("DELETE FROM reviewer_keys WHERE reviewer = ?", (name,))
+            return self._db.execute("DELETE FROM reviewers WHERE name = ?", (name,)).rowcount == 1
+
+    _KEY = "SELECT key_id, reviewer, digest, created_at, expires_at, revoked_at FROM reviewer_keys"
+
+    @staticmethod
+    def _key(row: Any) -> ReviewerKey:
+        key_id, reviewer, digest, created, expires, revoked = row
+        return ReviewerKey(
+            key_id,
+            reviewer,
+            digest,
+            parse_stamp(created),
+            None if expires is None else parse_stamp(expires),
+            None if revoked is None else parse_stamp(revoked),
+        )
+
+    async def add_key(self, key: ReviewerKey) -> None:
+        row = (
+            key.key_id,
+            key.reviewer,
+            key.digest,
+            stamp(key.created_at),
+            None if key.expires_at is None else stamp(key.expires_at),
+            None if key.revoked_at is None else stamp(key.revoked_at),
+        )
+        with self._write():
+            # In the transaction that adds the key: a reviewer removed meanwhile would
+            # leave a key that a new reviewer of that name would inherit.
+            if (
+                self._db.execute(
+                    "SELECT 1 FROM reviewers WHERE name = ?", (key.reviewer,)
+                ).fetchone()
+                is None
+            ):
+                raise UnknownReviewer(f"no reviewer '{key.reviewer}' to add a key for")
+            stored = self._db.execute(self._KEY + " WHERE key_id = ?", (key.key_id,)).fetchone()
+            if stored is None:
+                self._db.execute(
+                    "INSERT INTO reviewer_keys (key_id, reviewer, digest, created_at,"
+                    " expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+            elif self._key(stored) != key:
+                raise BadReviewer(f"key id {key.key_id} is already taken by another key")
+
+    async def reviewer_key(self, key_id: str) -> ReviewerKey | None:
+        row = self._db.execute(self._KEY + " WHERE key_id = ?", (key_id,)).fetchone()
+        return None if row is None else self._key(row)
+
+    async def reviewer_keys(self, reviewer: str) -> list[ReviewerKey]:
+        rows = self._db.execute(
+            self._KEY + " WHERE reviewer = ? ORDER BY created_at, key_id", (reviewer,)
+        )
+        return [self._key(row) for row in rows]
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        with self._write():
+            cur = self._db.execute(
+                "UPDATE reviewer_keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (stamp(at), key_id),
+            )
+            return cur.rowcount == 1
 
     async def close(self) -> None:
         self._flush()  # steps committed but not yet flushed are written, not dropped

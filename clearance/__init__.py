@@ -3,10 +3,11 @@
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from clearance.app import Clearance, ExecutionHistory
+    from clearance.app import BatchOutcome, Clearance, ExecutionHistory
     from clearance.core.commands import AuditRecord
     from clearance.core.errors import ClearanceError, DefinitionError, InvalidParameters, Refusal
     from clearance.core.execution import ApprovalRequest, Execution
+    from clearance.core.reviewers import Grant, Identity, Reviewer
     from clearance.definition import ApprovalBroker, ClearanceWarning, HumanInLoop, Model, Tool
     from clearance.ports.model import ModelReply, ModelRequest
     from clearance.ports.tools import ToolContext
@@ -15,18 +16,22 @@ _WHERE = {
     "ApprovalBroker": "clearance.definition",
     "ApprovalRequest": "clearance.core.execution",
     "AuditRecord": "clearance.core.commands",
+    "BatchOutcome": "clearance.app",
     "Clearance": "clearance.app",
     "ClearanceError": "clearance.core.errors",
     "ClearanceWarning": "clearance.definition",
     "DefinitionError": "clearance.core.errors",
     "Execution": "clearance.core.execution",
     "ExecutionHistory": "clearance.app",
+    "Grant": "clearance.core.reviewers",
     "HumanInLoop": "clearance.definition",
+    "Identity": "clearance.core.reviewers",
     "InvalidParameters": "clearance.core.errors",
     "Model": "clearance.definition",
     "ModelReply": "clearance.ports.model",
     "ModelRequest": "clearance.ports.model",
     "Refusal": "clearance.core.errors",
+    "Reviewer": "clearance.core.reviewers",
     "Tool": "clearance.definition",
     "ToolContext": "clearance.ports.tools",
 }
@@ -49,18 +54,22 @@ __all__ = [
     "ApprovalBroker",
     "ApprovalRequest",
     "AuditRecord",
+    "BatchOutcome",
     "Clearance",
     "ClearanceError",
     "ClearanceWarning",
     "DefinitionError",
     "Execution",
     "ExecutionHistory",
+    "Grant",
     "HumanInLoop",
+    "Identity",
     "InvalidParameters",
     "Model",
     "ModelReply",
     "ModelRequest",
     "Refusal",
+    "Reviewer",
     "Tool",
     "ToolContext",
 ]

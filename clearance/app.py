@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
+from datetime import datetime
 from importlib.metadata import entry_points
 from types import TracebackType
 from typing import Any
@@ -23,6 +24,7 @@ from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.reviewers import CLAIMED, REVIEWER, Identity, Reviewer, ReviewerKey
 from clearance.core.rows import AGENT_SIGNER
 from clearance.definition import (
     BROKER_NAME,
@@ -46,8 +48,20 @@ from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
 from clearance.ports.store import Delivery, Store
+from clearance.reviewer_keys import key_id_of, key_matches, new_key
 
 log = logging.getLogger("clearance")
+
+
+@attrs.frozen
+class BatchOutcome:
+    """One request's outcome in `decide_many`: the execution as the decision left it, or
+    the refusal that left the request as it was."""
+
+    request_id: str
+    execution: Execution | None
+    refusal: Refusal | None
+
 
 DEFAULT_POLL_INTERVAL = 0.2  # seconds between looks for decisions made by other processes
 
@@ -143,6 +157,7 @@ class Clearance:
         public_url: str | None = None,
         webhook_secret: str | None = None,
         api_key: str | None = None,
+        trust_header: str | None = None,
         webhook_timeout: float = 10.0,
         webhook_retry_base: float = 1.0,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
@@ -156,6 +171,9 @@ class Clearance:
         self.public_url = public_url.rstrip("/") if public_url else None
         self.webhook_secret = webhook_secret
         self.api_key = api_key  # bearer token for the HTTP API's signal/read routes
+        # A header an SSO proxy in front of this API sets to the signed-in reviewer's
+        # name (off unless named: anyone can send any header).
+        self.trust_header = trust_header.lower() if trust_header else None
         self.clock: Clock = clock or SystemClock()
         self.poll_interval = poll_interval
         self._agents: dict[str, HostedAgent] = {}
@@ -218,6 +236,7 @@ class Clearance:
         public_url: str | None = None,
         webhook_secret: str | None = None,
         api_key: str | None = None,
+        trust_header: str | None = None,
         webhook_timeout: float = 10.0,
         webhook_retry_base: float = 1.0,
         max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
@@ -227,7 +246,10 @@ class Clearance:
     ) -> Clearance:
         """`public_url` is where this instance's HTTP API is reachable (callbackUrl is
         built on it); `webhook_secret` ('whsec_…') signs webhooks and callback tokens;
-        `api_key` protects the HTTP API's signal and read routes.
+        `api_key` protects the HTTP API's signal and read routes (it stands for reviewer
+        `admin`, granted everything; reviewers' own keys work beside it);
+        `trust_header` names a header (e.g. "X-Forwarded-User") a proxy in front of the
+        API sets to the signed-in reviewer's name, who must be a registered reviewer.
 
         `max_concurrency` bounds the model calls and tool runs this process carries
         out at once (sync handlers run on a thread pool of that size). Each is
@@ -248,6 +270,7 @@ class Clearance:
             public_url=public_url,
             webhook_secret=webhook_secret,
             api_key=api_key,
+            trust_header=trust_header,
             webhook_timeout=webhook_timeout,
             webhook_retry_base=webhook_retry_base,
             max_concurrency=max_concurrency,
@@ -375,9 +398,12 @@ class Clearance:
         request_id: str | None = None,
         modified_params: dict[str, Any] | None = None,
         reason: str | None = None,
-        by: str | None = None,
+        by: str | Identity | None = None,
     ) -> Execution:
         """`approve` (optionally with `modified_params`), `reject` (with `reason`) or `stop`.
+
+        `by` is who decides: a name is this code's word for it (recorded as `app`); an
+        `Identity` says how it is known, and a reviewer's is held to its grants.
 
         Where this process hosts the agent, returns when the execution rests;
         elsewhere it records the decision and returns, and the hosting process
@@ -400,7 +426,7 @@ class Clearance:
         approved: bool,
         reason: str | None = None,
         modified_params: dict[str, Any] | None = None,
-        by: str | None = None,
+        by: str | Identity | None = None,
     ) -> Execution:
         """Decide by request id alone, as the spec's callback body does."""
         execution_id = await self.store.execution_of_request(request_id)
@@ -414,6 +440,40 @@ class Clearance:
             reason=reason,
             by=by,
         )
+
+    async def decide_many(
+        self,
+        request_ids: Sequence[str],
+        *,
+        approved: bool,
+        reason: str | None = None,
+        by: str | Identity | None = None,
+    ) -> list[BatchOutcome]:
+        """One decision for each of `request_ids`, each on its own: a refusal of one (not
+        granted, already decided, expired, unknown) refuses only that one. Returns once
+        every decision is recorded, one outcome per id in order; the approved tools run
+        in the background, here or in a process that hosts their agent."""
+        outcomes = []
+        for request_id in request_ids:
+            try:
+                execution_id = await self.store.execution_of_request(request_id)
+                if execution_id is None:
+                    raise Refusal("unknown_request", f"no approval request '{request_id}'")
+                ex = await self._shielded(
+                    self.engine.signal(
+                        execution_id,
+                        "approve" if approved else "reject",
+                        request_id=request_id,
+                        reason=reason,
+                        by=by,
+                        settle=False,
+                    )
+                )
+            except Refusal as refusal:
+                outcomes.append(BatchOutcome(request_id, None, refusal))
+            else:
+                outcomes.append(BatchOutcome(request_id, ex, None))
+        return outcomes
 
     async def pending(
         self, agent_tag: str | None = None, *, limit: int | None = None, after: str | None = None
@@ -518,7 +578,7 @@ class Clearance:
             request_id=decision.request_id,
             modified_params=decision.modified_params,
             reason=decision.reason,
-            by=decision.by,
+            by=Identity(decision.by, CLAIMED) if decision.by else None,  # the sender's word
             settle=False,
         )
 
@@ -541,6 +601,47 @@ class Clearance:
             except Exception:
                 log.exception("clearance could not wait for work")
                 await asyncio.sleep(self.poll_interval)
+
+    # -- reviewers: who may decide what, and the keys they prove it with -------------------
+
+    async def save_reviewer(self, reviewer: Reviewer) -> bool:
+        """Register `reviewer`, or replace its grants and groups; True when it is new."""
+        return await self.store.save_reviewer(reviewer)
+
+    async def reviewers(self) -> list[Reviewer]:
+        return await self.store.reviewers()
+
+    async def remove_reviewer(self, name: str) -> bool:
+        """Remove a reviewer and every key of theirs; False when there was none."""
+        return await self.store.remove_reviewer(name)
+
+    async def issue_key(self, reviewer: str, *, expires_at: datetime | None = None) -> str:
+        """A new key for `reviewer`, to hand over once: only its digest is kept."""
+        text, key = new_key(reviewer, self.clock.now(), expires_at)
+        await self.store.add_key(key)
+        return text
+
+    async def reviewer_keys(self, reviewer: str) -> list[ReviewerKey]:
+        """A reviewer's keys (ids, times; never the secrets), oldest first."""
+        return await self.store.reviewer_keys(reviewer)
+
+    async def revoke_key(self, key_id: str) -> bool:
+        return await self.store.revoke_key(key_id, self.clock.now())
+
+    async def identify(self, key: str) -> Identity | None:
+        """The reviewer a key belongs to, if it is one of theirs and still valid."""
+        key_id = key_id_of(key)
+        stored = await self.store.reviewer_key(key_id) if key_id else None
+        if stored is None or not stored.valid_at(self.clock.now()):
+            return None
+        if not key_matches(key, stored):
+            return None
+        return await self.reviewer_identity(stored.reviewer)
+
+    async def reviewer_identity(self, name: str) -> Identity | None:
+        """A registered reviewer as an identity (a trusted header names one)."""
+        reviewer = await self.store.reviewer(name)
+        return Identity(reviewer.name, REVIEWER, reviewer) if reviewer else None
 
     # -- reads for the HTTP API and the CLI ------------------------------------------------
 

@@ -49,8 +49,12 @@ EXAMPLES = {
         "clearance approve apr-1a23c8f5       # a unique start of the id is enough",
         "clearance approve apr-1a23c8f5 --set amount=25 --by ops-lead",
         "clearance --db /srv/approvals.db approve apr-1a23c8f5 --json",
+        "clearance approve apr-1a23 apr-9f04 apr-77c1   # each decided on its own",
     ],
-    "reject": ["clearance reject apr-1a23c8f5 --reason 'Amount exceeds policy limit'"],
+    "reject": [
+        "clearance reject apr-1a23c8f5 --reason 'Amount exceeds policy limit'",
+        "clearance reject --all --agent safe-agent --tool process-refund --reason 'Fraud wave'",
+    ],
     "show": [
         "clearance show exec-1a23c8f5e1c2 --json",
         "clearance show apr-1a23       # the execution of this approval request",
@@ -59,6 +63,12 @@ EXAMPLES = {
         "clearance audit",
         "clearance audit --execution exec-1a23c8f5e1c2",
         "clearance audit --request apr-1a23 --json",
+    ],
+    "reviewer": [
+        "clearance reviewer add rita --agents 'support-*' --tools 'process-refund,*-account'",
+        "clearance reviewer key rita --expires-in 90d",
+        "clearance reviewer list",
+        "clearance reviewer revoke k3x9a1b2c3d4",
     ],
     "serve": [
         "CLEARANCE_WEBHOOK_SECRET=whsec_... CLEARANCE_API_KEY=... clearance serve --port 8080"
@@ -135,9 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     pending.add_argument("--json", action="store_true", help="one JSON request per line")
     pending.set_defaults(run="pending")
 
-    approve = command("approve", "approve a pending request, optionally with modified parameters")
+    approve = command(
+        "approve", "approve pending requests, one optionally with modified parameters"
+    )
     approve.add_argument(
-        "request_id", metavar="REQUEST_ID", help="the 'apr-…' id, or a unique start of it"
+        "request_ids",
+        nargs="+",
+        metavar="REQUEST_ID",
+        help="the 'apr-…' id, or a unique start of it; several are decided each on its own",
     )
     approve.add_argument(
         "--set",
@@ -151,10 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("--json", action="store_true", help="the decision as JSON")
     approve.set_defaults(run="approve")
 
-    reject = command("reject", "reject a pending request with a reason")
+    reject = command("reject", "reject pending requests with a reason")
     reject.add_argument(
-        "request_id", metavar="REQUEST_ID", help="the 'apr-…' id, or a unique start of it"
+        "request_ids",
+        nargs="*",
+        metavar="REQUEST_ID",
+        help="the 'apr-…' id, or a unique start of it; several are decided each on its own",
     )
+    reject.add_argument(
+        "--all", action="store_true", help="every pending request (narrow with --agent, --tool)"
+    )
+    reject.add_argument("--agent", metavar="TAG", help="with --all: only this agent's requests")
+    reject.add_argument("--tool", metavar="TOOL", help="with --all: only requests for this tool")
     reject.add_argument("--reason", required=True, help="why; the agent is told")
     reject.add_argument("--by", metavar="NAME", help="who rejects (default: your login name)")
     reject.add_argument("--json", action="store_true", help="the decision as JSON")
@@ -189,7 +212,43 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--public-url", metavar="URL", help="where callers reach this server; callbackUrl base"
     )
+    serve.add_argument(
+        "--trust-header",
+        metavar="HEADER",
+        help="a header an SSO proxy in front sets to the signed-in reviewer's name (e.g."
+        " X-Forwarded-User); off unless given: anyone can send any header",
+    )
     serve.set_defaults(run="serve")
+
+    reviewer = command("reviewer", "who may decide what: reviewers, their grants and keys")
+    actions = reviewer.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="add, key, list, revoke, remove"
+    )
+    add = actions.add_parser("add", help="register a reviewer and print their first key once")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--agents", default="*", metavar="GLOBS", help="agents they may decide for ('*')"
+    )
+    add.add_argument(
+        "--tools", default="*", metavar="GLOBS", help="tools, e.g. 'process-refund,*-account'"
+    )
+    add.add_argument(
+        "--actions", default="decide", metavar="LIST", help="decide and/or extend ('decide')"
+    )
+    add.add_argument("--groups", default="", metavar="LIST", help="groups they belong to")
+    key = actions.add_parser("key", help="print another key for a reviewer, once")
+    key.add_argument("name", metavar="NAME")
+    for p in (add, key):
+        p.add_argument("--expires-in", metavar="DURATION", help="e.g. 90d, 12h (default: never)")
+    listing = actions.add_parser("list", help="reviewers, grants and key ids")
+    listing.add_argument("--json", action="store_true", help="one JSON reviewer per line")
+    revoke = actions.add_parser("revoke", help="revoke a key (its id, or the whole key)")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    remove = actions.add_parser("remove", help="remove a reviewer and all their keys")
+    remove.add_argument("name", metavar="NAME")
+    for p in (add, key, listing, revoke, remove):
+        p.add_argument("--db", metavar="PATH|URL", default=argparse.SUPPRESS, help=db_help)
+    reviewer.set_defaults(run="reviewer")
     return parser
 
 

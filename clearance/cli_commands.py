@@ -42,10 +42,12 @@ from clearance.cli_args import (
     DB_ENV,
     DEFAULT_DB,
     SECRET_ENV,
+    UsageError,
     modified_params,
 )
 from clearance.core.commands import AuditRecord
 from clearance.core.decide import duration
+from clearance.core.durations import BadDuration, parse_duration
 from clearance.core.errors import ClearanceError
 from clearance.core.events import (
     Approved,
@@ -67,6 +69,9 @@ from clearance.core.execution import (
     ApprovalRequest,
     iso,
 )
+from clearance.core.reviewers import CLAIMED, BadReviewer, Grant, Identity, Reviewer
+from clearance.ports.store import UnknownReviewer
+from clearance.reviewer_keys import key_id_of
 
 
 def say(*lines: str) -> None:
@@ -333,6 +338,16 @@ async def _whole_request_id(app: Clearance, given: str) -> str:
 
 
 async def _decide(args: argparse.Namespace, approved: bool) -> int:
+    every = getattr(args, "all", False)
+    if every and args.request_ids:
+        raise UsageError("give REQUEST_IDs or --all, not both")
+    if not every and not args.request_ids:
+        raise UsageError("give the REQUEST_IDs to decide, or --all (with --agent, --tool)")
+    if not every and (getattr(args, "agent", None) or getattr(args, "tool", None)):
+        raise UsageError("--agent and --tool narrow --all")
+    if every or len(args.request_ids) != 1:
+        return await _decide_many(args, approved)
+    args.request_id = args.request_ids[0]
     changes = modified_params(args.set)
     path = db_path(args, must_exist=True)
     by = args.by or default_user()
@@ -343,7 +358,7 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
             approved=approved,
             modified_params=changes,
             reason=None if approved else args.reason,
-            by=by,
+            by=Identity(by, CLAIMED),  # a name typed at the terminal: nothing checks it
         )
     request = ex.request(args.request_id)
     assert request is not None  # decide() found it
@@ -360,6 +375,45 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
         f"starts (see: clearance show {ex.id} --db {shlex.quote(shown(path))})."
     )
     return 0
+
+
+async def _decide_many(args: argparse.Namespace, approved: bool) -> int:
+    """Several requests (`approve ID ID …`, `reject --all --agent … --tool …`), each
+    decided on its own: one refused does not stop the others. Exit 1 if any was."""
+    if args.set:
+        raise UsageError("--set modifies one request's parameters: give one REQUEST_ID")
+    path = db_path(args, must_exist=True)
+    by = args.by or default_user()
+    async with opened(path) as app:
+        if getattr(args, "all", False):
+            pending = await app.pending(args.agent)
+            ids = [r.request_id for r in pending if args.tool is None or r.tool == args.tool]
+            if not ids:
+                say("No pending approval requests match; nothing decided.")
+                return 0
+        else:
+            ids = [await _whole_request_id(app, given) for given in args.request_ids]
+        outcomes = await app.decide_many(
+            ids,
+            approved=approved,
+            reason=None if approved else args.reason,
+            by=Identity(by, CLAIMED),  # a name typed at the terminal: nothing checks it
+        )
+    refused = 0
+    for outcome in outcomes:
+        if args.json:
+            say(views.dumps(views.batch_outcome(outcome)))
+        elif outcome.refusal is not None:
+            say(f"{outcome.request_id}: refused: {outcome.refusal}")
+        else:
+            assert outcome.execution is not None
+            decided = outcome.execution.request(outcome.request_id)
+            assert decided is not None
+            say(sentence(f"{outcome.request_id}: {describe_decision(decided)}"))
+        refused += outcome.refusal is not None
+    if not args.json:
+        say(f"{len(outcomes) - refused} decided, {refused} refused.")
+    return 1 if refused else 0
 
 
 async def cmd_approve(args: argparse.Namespace) -> int:
@@ -502,7 +556,11 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     secret = os.environ.get(SECRET_ENV) or None
     api_key = os.environ.get(API_KEY_ENV) or None
     async with Clearance.open(
-        store_url(path), public_url=args.public_url, webhook_secret=secret, api_key=api_key
+        store_url(path),
+        public_url=args.public_url,
+        webhook_secret=secret,
+        api_key=api_key,
+        trust_header=args.trust_header,
     ) as app:
         config = uvicorn.Config(
             app.asgi(), host=args.host, port=args.port, lifespan="off", log_level="info"
@@ -511,8 +569,114 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         say(
             f"Clearance HTTP API for {shown(path)} (OpenAPI at /openapi.json)",
             f"  callbacks:          {'on' if secret else f'off (set ${SECRET_ENV})'}",
-            f"  signal/read routes: {'on' if api_key else f'off (set ${API_KEY_ENV})'}",
+            f"  signal/read routes: {'on' if api_key else f'off (set ${API_KEY_ENV})'}"
+            " (and reviewers' keys: clearance reviewer add)",
+            f"  trusted header:     {args.trust_header or 'off (--trust-header)'}",
         )
         await _Server(config).serve()
     say("Stopped; anything pending stays pending in the database.")
     return 0
+
+
+# -- reviewers ------------------------------------------------------------------------------
+
+
+async def cmd_reviewer(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=args.action != "add")  # only `add` may make a store
+    async with opened(path) as app:
+        return await _REVIEWER_ACTIONS[args.action](app, args)
+
+
+def _expiry(app: Clearance, args: argparse.Namespace) -> datetime | None:
+    if args.expires_in is None:
+        return None
+    try:
+        return app.clock.now() + parse_duration(args.expires_in, "--expires-in")
+    except BadDuration as err:
+        raise UsageError(str(err)) from None
+
+
+async def _reviewer_add(app: Clearance, args: argparse.Namespace) -> int:
+    try:
+        grant = Grant(agents=args.agents, tools=args.tools, actions=args.actions.split(","))
+        reviewer = Reviewer(args.name, [grant], [g for g in args.groups.split(",") if g])
+    except BadReviewer as err:
+        raise UsageError(str(err)) from None
+    if any(r.name == reviewer.name for r in await app.reviewers()):
+        raise ClearanceError(
+            f"reviewer {reviewer.name!r} exists; `clearance reviewer key {reviewer.name}` gives"
+            " another key, `clearance reviewer remove` removes them"
+        )
+    expires_at = _expiry(app, args)
+    await app.save_reviewer(reviewer)
+    key = await app.issue_key(reviewer.name, expires_at=expires_at)
+    _say_key(reviewer.name, key, expires_at)
+    return 0
+
+
+async def _reviewer_key(app: Clearance, args: argparse.Namespace) -> int:
+    expires_at = _expiry(app, args)
+    try:
+        key = await app.issue_key(args.name, expires_at=expires_at)
+    except UnknownReviewer:
+        raise ClearanceError(f"no reviewer {args.name!r} (clearance reviewer list)") from None
+    _say_key(args.name, key, expires_at)
+    return 0
+
+
+def _say_key(name: str, key: str, expires_at: datetime | None) -> None:
+    until = f", valid until {iso(expires_at)}" if expires_at else ""
+    say(
+        f"Key for reviewer {name!r}{until}. It is shown this once; only its digest is kept:",
+        "",
+        f"  {key}",
+        "",
+        "Send it as `Authorization: Bearer <key>` to the HTTP API.",
+    )
+
+
+async def _reviewer_list(app: Clearance, args: argparse.Namespace) -> int:
+    reviewers = await app.reviewers()
+    if args.json:
+        for reviewer in reviewers:
+            keys = await app.reviewer_keys(reviewer.name)
+            say(views.dumps(views.reviewer(reviewer, keys)))
+        return 0
+    if not reviewers:
+        say("No reviewers. Add one: clearance reviewer add NAME --agents '*' --tools '*'")
+        return 0
+    now = app.clock.now()
+    for reviewer in reviewers:
+        grants = "; ".join(
+            f"agents {','.join(g.agents)} tools {','.join(g.tools)} ({','.join(sorted(g.actions))})"
+            for g in reviewer.grants
+        )
+        keys = await app.reviewer_keys(reviewer.name)
+        valid = [k.key_id for k in keys if k.valid_at(now)]
+        groups = f" groups {','.join(reviewer.groups)}" if reviewer.groups else ""
+        say(f"{reviewer.name}: {grants or 'no grants'}{groups}; keys {', '.join(valid) or 'none'}")
+    return 0
+
+
+async def _reviewer_revoke(app: Clearance, args: argparse.Namespace) -> int:
+    key_id = key_id_of(args.key_id) or args.key_id  # the whole key, or its id
+    if not await app.revoke_key(key_id):
+        raise ClearanceError(f"no valid key {key_id!r} (clearance reviewer list shows the ids)")
+    say(f"Key {key_id} revoked.")
+    return 0
+
+
+async def _reviewer_remove(app: Clearance, args: argparse.Namespace) -> int:
+    if not await app.remove_reviewer(args.name):
+        raise ClearanceError(f"no reviewer {args.name!r} (clearance reviewer list)")
+    say(f"Reviewer {args.name!r} and their keys removed.")
+    return 0
+
+
+_REVIEWER_ACTIONS = {
+    "add": _reviewer_add,
+    "key": _reviewer_key,
+    "list": _reviewer_list,
+    "revoke": _reviewer_revoke,
+    "remove": _reviewer_remove,
+}

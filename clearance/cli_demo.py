@@ -40,6 +40,7 @@ from clearance.core.execution import (
     Execution,
     iso,
 )
+from clearance.core.reviewers import CLAIMED, Identity
 from clearance.demo import (
     AGENT_TAG,
     USER_INPUT,
@@ -130,7 +131,8 @@ class Demo:
         self.args = args
         self.path = path
         self.changes = changes  # --set, read before the demo starts
-        self.by = args.by or default_user()
+        # A name typed at (or taken from) the terminal: said, not checked.
+        self.by = Identity(args.by or default_user(), CLAIMED)
         self.shown_messages = 0
         self.at_prompt = False  # the cursor sits after a prompt: start other output on a new line
         self._terminal: TerminalLines | None = None
@@ -246,13 +248,13 @@ class Demo:
             reason, changes = None, None
             if args.auto == "reject":
                 reason = args.reason or DEFAULT_REJECTION
-                say(f"--auto reject: rejecting as {self.by} ({reason!r}).")
+                say(f"--auto reject: rejecting as {self.by.name} ({reason!r}).")
             else:
                 changes = self.changes
                 if args.auto == "modify" and changes is None:
                     changes = {"amount": 25}  # the spec's example
                 with_changes = f" with changes {compact(changes)}" if changes else ""
-                say(f"--auto {args.auto}: approving as {self.by}{with_changes}.")
+                say(f"--auto {args.auto}: approving as {self.by.name}{with_changes}.")
             await self.app.decide(
                 request.request_id,
                 approved=args.auto != "reject",

@@ -51,7 +51,7 @@ from typing import Any
 from clearance.adapters.clock import SystemClock
 from clearance.core.commands import CallModel, RunTool
 from clearance.core.decide import decide
-from clearance.core.errors import ClearanceError, Refusal
+from clearance.core.errors import ClearanceError, Refusal, RefusalCode
 from clearance.core.events import (
     Approved,
     Event,
@@ -65,8 +65,17 @@ from clearance.core.events import (
     ToolFailed,
     ToolFinished,
 )
-from clearance.core.execution import EXECUTING, PENDING, RESTING, STOPPED, Execution, Usage
+from clearance.core.execution import (
+    EXECUTING,
+    PENDING,
+    RESTING,
+    STOPPED,
+    ApprovalRequest,
+    Execution,
+    Usage,
+)
 from clearance.core.json_value import NotJSON, check_text, strict
+from clearance.core.reviewers import APP, REVIEWER, Identity
 from clearance.core.rows import writes
 from clearance.definition import HostedAgent
 from clearance.ports.clock import Clock
@@ -193,28 +202,38 @@ class Engine:
         request_id: str | None = None,
         modified_params: dict[str, Any] | None = None,
         reason: str | None = None,
-        by: str | None = None,
+        by: str | Identity | None = None,
         settle: bool = True,
     ) -> Execution:
-        """`settle=False`: return once the signal is recorded; the work it queues runs
-        in tasks of this process (or another's)."""
+        """`by`: who decides; a plain name is the embedding code's word for it (`app`),
+        an `Identity` says how it is known, and a `reviewer` must be granted the
+        request's agent and tool (for a stop, those of every pending request).
+        `settle=False`: return once the signal is recorded; the work it queues runs in
+        tasks of this process (or another's)."""
         if signal not in SIGNALS:
             raise Refusal(
                 "unknown_signal", f"unknown signal {signal!r}; accepted: {', '.join(SIGNALS)}"
             )
+        who = Identity(by, APP) if isinstance(by, str) else by
+        name, kind = (who.name, who.kind) if who is not None else (None, None)
         ex = await self._load(execution_id)
         if signal == "stop":
-            event: Event = StopRequested(self.clock.now(), by, reason)
+            for pending in ex.pending_approvals:
+                _check_granted(who, ex, pending)
+            event: Event = StopRequested(self.clock.now(), name, reason, kind)
         else:
             if not request_id:
                 raise Refusal(
                     "missing_request_id", f"signal '{signal}' needs request_id (the 'apr-…' id)"
                 )
+            request = ex.request(request_id)
+            if request is not None:
+                _check_granted(who, ex, request)
             ex = await self._expire(ex, request_id)
             if signal == "approve":
-                event = Approved(request_id, self.clock.now(), by, modified_params)
+                event = Approved(request_id, self.clock.now(), name, modified_params, kind)
             else:
-                event = Rejected(request_id, self.clock.now(), by, reason)
+                event = Rejected(request_id, self.clock.now(), name, reason, kind)
         if not settle:
             return await self._feed(ex, event)
         return await self._drive(ex, event)
@@ -797,3 +816,13 @@ def _failure(event: Event, error: str) -> Event:
     if isinstance(event, ToolFinished):
         return ToolFailed(event.tool_use_id, error, event.at)
     return event
+
+
+def _check_granted(who: Identity | None, ex: Execution, request: ApprovalRequest) -> None:
+    """A reviewer decides only what a grant covers; refused before anything changes."""
+    if who is not None and who.kind == REVIEWER and not who.may(ex.agent_tag, request.tool):
+        raise Refusal(
+            RefusalCode.NOT_GRANTED,
+            f"reviewer {who.name!r} is not granted '{request.tool}' of agent"
+            f" '{ex.agent_tag}' (request {request.request_id})",
+        )

@@ -232,6 +232,45 @@ def signal_call(value: Any) -> SignalCall:
     return SignalCall(name, request_id, reason, changes, by)
 
 
+BATCH_FIELDS = ("requestIds", "approved", "reason")
+MAX_BATCH = 100  # request ids in one batch
+
+
+@attrs.frozen
+class BatchDecision:
+    """`POST /approvals/batch`: `Clearance.decide_many(request_ids, **the rest)`."""
+
+    request_ids: tuple[str, ...]
+    approved: bool
+    reason: str | None
+
+
+def batch_decision(value: Any) -> BatchDecision:
+    body = json_object(value, "the body")
+    only(body, BATCH_FIELDS, "the body")
+    ids = body.get("requestIds")
+    if (
+        not isinstance(ids, list)
+        or not 1 <= len(ids) <= MAX_BATCH
+        or not all(isinstance(i, str) and i for i in ids)
+    ):
+        fail(
+            422,
+            "invalid_body",
+            f"requestIds is a list of 1 to {MAX_BATCH} 'apr-…' ids, e.g."
+            ' {"requestIds": ["apr-1", "apr-2"], "approved": true}',
+        )
+    if len(set(ids)) != len(ids):
+        fail(422, "invalid_body", "requestIds names a request more than once")
+    approved = body.get("approved")
+    if type(approved) is not bool:
+        fail(422, "invalid_body", "approved is required and must be true or false")
+    reason = optional_text(body, "reason", "")
+    if approved:
+        not_with(body, "reason", "reason goes with approved: false (a rejection)")
+    return BatchDecision(tuple(ids), approved, reason)
+
+
 # -- the listing's query -------------------------------------------------------------------
 
 

@@ -30,6 +30,8 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     RefusalCode.STALE_TOOL_RESULT: 409,
     RefusalCode.INVALID_REPLY: 409,
     RefusalCode.INVALID_EVENT: 409,
+    # a reviewer whose grants do not cover the request's agent and tool
+    RefusalCode.NOT_GRANTED: 403,
 }
 
 

@@ -21,10 +21,18 @@ from clearance.callback import TokenError, check_token
 from clearance.core.decide import standing_decision
 from clearance.core.errors import ClearanceError, InvalidParameters, Refusal, RefusalCode
 from clearance.core.execution import TIMED_OUT, ApprovalRequest
-from clearance.http_bodies import callback_decision, listing, read_json, signal_call
+from clearance.core.reviewers import CLAIMED, Identity, admin
+from clearance.http_bodies import (
+    batch_decision,
+    callback_decision,
+    listing,
+    read_json,
+    signal_call,
+)
 from clearance.http_errors import REFUSAL_STATUS, ApiError, fail
 from clearance.openapi import openapi_document
 from clearance.ports.store import UnknownRequest, UnreadableExecution
+from clearance.reviewer_keys import key_id_of
 
 if TYPE_CHECKING:
     from clearance.app import Clearance
@@ -48,21 +56,44 @@ def error_response(err: ApiError) -> Response:
 # -- credentials -------------------------------------------------------------------------
 
 
-def require_api_key(app: Clearance, request: Request) -> None:
-    if not app.api_key:
-        fail(
-            503,
-            "not_configured",
-            "this route needs an API key: Clearance.open(..., api_key=...), or "
-            "$CLEARANCE_API_KEY for `clearance serve`",
-        )
+async def authenticate(app: Clearance, request: Request) -> Identity:
+    """Who is asking: the reviewer a trusted header names (only where the operator
+    enabled that header), else the bearer key's owner (the instance API key is
+    `admin`). Refused before anything is looked up or changed."""
+    if app.trust_header and request.headers.get(app.trust_header):
+        name = request.headers[app.trust_header].strip()
+        who = await app.reviewer_identity(name)
+        if who is None:
+            fail(403, "forbidden", f"{app.trust_header} names {name!r}, who is not a reviewer")
+        return who
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not given.strip():
+    given = given.strip()
+    if scheme.lower() != "bearer" or not given:
+        if not app.api_key:
+            _not_configured()
         err = ApiError(401, "unauthorized", "send Authorization: Bearer <api key>")
         err.headers["WWW-Authenticate"] = "Bearer"
         raise err
-    if not hmac.compare_digest(given.strip().encode("latin-1"), app.api_key.encode("utf-8")):
+    if key_id_of(given) is not None:
+        who = await app.identify(given)
+        if who is None:
+            fail(403, "forbidden", "the reviewer key is not valid (unknown, revoked or expired)")
+        return who
+    if not app.api_key:
+        _not_configured()
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), app.api_key.encode("utf-8")):
         fail(403, "forbidden", "the API key is not valid")
+    return admin()
+
+
+def _not_configured() -> NoReturn:
+    fail(
+        503,
+        "not_configured",
+        "this route needs an API key: Clearance.open(..., api_key=...), or "
+        "$CLEARANCE_API_KEY for `clearance serve`; or a reviewer's key "
+        "(clearance reviewer add NAME)",
+    )
 
 
 def require_token(app: Clearance, request: Request, request_id: str) -> None:
@@ -116,7 +147,8 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 approved=call.approved,
                 reason=call.reason,
                 modified_params=call.modified_params,
-                by=call.by,
+                # The token proves the URL was ours to hand out, not who holds it.
+                by=Identity(call.by, CLAIMED) if call.by else None,
             )
         except Refusal as refusal:
             await refused(app, refusal, request_id)
@@ -129,9 +161,16 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
         return JSONView(views.decision(decided, ex.status))
 
     async def signal(request: Request) -> Response:
-        require_api_key(app, request)
+        who = await authenticate(app, request)
         execution_id = request.path_params["executionId"]
         call = signal_call(await read_json(request, max_body))
+        if call.by is not None and call.by != who.name:
+            fail(
+                422,
+                "invalid_body",
+                f"payload.by is {call.by!r}, but the credential is {who.name!r}'s: `by` comes"
+                " from the credential (leave it out)",
+            )
         try:
             ex = await app.signal(
                 execution_id,
@@ -139,7 +178,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 request_id=call.request_id,
                 modified_params=call.modified_params,
                 reason=call.reason,
-                by=call.by,
+                by=who,
             )
         except Refusal as refusal:
             await refused(app, refusal, call.request_id)
@@ -154,8 +193,21 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
             answer = {"signal": call.name, **views.decision(decided, ex.status)}
         return JSONView(answer)
 
+    async def batch(request: Request) -> Response:
+        who = await authenticate(app, request)
+        call = batch_decision(await read_json(request, max_body))
+        try:
+            outcomes = await app.decide_many(
+                call.request_ids, approved=call.approved, reason=call.reason, by=who
+            )
+        except UnreadableExecution:
+            raise
+        except ClearanceError as err:
+            fail(503, "busy", f"{err}; try again")
+        return JSONView({"results": [views.batch_outcome(o) for o in outcomes]})
+
     async def approvals(request: Request) -> Response:
-        require_api_key(app, request)
+        await authenticate(app, request)
         query = listing(request.query_params)
         try:
             pending = await app.pending(query.agent_tag, limit=query.limit, after=query.after)
@@ -168,7 +220,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
         )
 
     async def execution(request: Request) -> Response:
-        require_api_key(app, request)
+        await authenticate(app, request)
         try:
             history = await app.get_execution(request.path_params["executionId"])
         except Refusal as refusal:
@@ -181,6 +233,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
     return [
         Route("/approvals/{requestId}/respond", guarded(respond), methods=["POST"]),
         Route("/executions/{executionId}/signal", guarded(signal), methods=["POST"]),
+        Route("/approvals/batch", guarded(batch), methods=["POST"]),
         Route("/approvals", guarded(approvals), methods=["GET"]),
         Route("/executions/{executionId}", guarded(execution), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

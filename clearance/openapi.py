@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from clearance.core.execution import PENDING, REQUEST_STATUSES
+from clearance.core.reviewers import BY_KINDS
 from clearance.engine import SIGNALS
-from clearance.http_bodies import DEFAULT_LIMIT, MAX_BODY, MAX_LIMIT
+from clearance.http_bodies import DEFAULT_LIMIT, MAX_BATCH, MAX_BODY, MAX_LIMIT
 
 
 def _path_param(name: str) -> dict[str, Any]:
@@ -47,7 +48,21 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 _TEXT_OR_NULL = {"type": ["string", "null"]}
 _OBJECT_OR_NULL = {"type": ["object", "null"]}
-_BY = {"type": ["string", "null"], "description": "Who decides; recorded in the audit log."}
+_BY = {
+    "type": ["string", "null"],
+    "description": (
+        "Who decides; recorded in the audit log. On the signal route it comes from the"
+        " credential: leave it out, or give the credential's own name."
+    ),
+}
+_BY_KIND = {
+    "enum": [*BY_KINDS, None],
+    "description": (
+        "How `by` is known: reviewer (a reviewer's key, the instance API key as 'admin',"
+        " or a trusted header), app (the embedding code), claimed (unchecked: a callback"
+        " or broker body, the CLI's --by)."
+    ),
+}
 
 
 def _signal_variant(signal: str, fields: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -83,6 +98,7 @@ _SCHEMAS: dict[str, Any] = {
                         "properties": {
                             "status": {"type": "string"},
                             "by": _TEXT_OR_NULL,
+                            "byKind": _BY_KIND,
                             "at": _TEXT_OR_NULL,
                         },
                     },
@@ -154,8 +170,53 @@ _SCHEMAS: dict[str, Any] = {
             "modifiedParams": {"type": "object"},
             "reason": {"type": "string"},
             "by": {"type": "string"},
+            "byKind": _BY_KIND,
             "decidedAt": {"type": "string", "format": "date-time"},
             "executionStatus": {"type": "string"},
+        },
+    },
+    "BatchBody": {
+        "type": "object",
+        "required": ["requestIds", "approved"],
+        "additionalProperties": False,
+        "properties": {
+            "requestIds": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "maxItems": MAX_BATCH,
+                "uniqueItems": True,
+            },
+            "approved": {"type": "boolean"},
+            "reason": {"type": ["string", "null"], "description": "With approved: false."},
+        },
+    },
+    "BatchResult": {
+        "type": "object",
+        "required": ["results"],
+        "properties": {
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["requestId", "ok"],
+                    "properties": {
+                        "requestId": {"type": "string"},
+                        "ok": {"type": "boolean"},
+                        "decision": {"enum": ["approved", "rejected"]},
+                        "by": {"type": "string"},
+                        "byKind": _BY_KIND,
+                        "executionStatus": {"type": "string"},
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "code": {"type": "string"},
+                                "message": {"type": "string"},
+                            },
+                        },
+                    },
+                },
+            }
         },
     },
     "SignalResult": {
@@ -196,6 +257,7 @@ _SCHEMAS: dict[str, Any] = {
             "expiresAt": {"type": "string", "format": "date-time"},
             "callbackUrl": {"type": "string"},
             "decidedBy": _TEXT_OR_NULL,
+            "decidedByKind": _BY_KIND,
             "decidedAt": _TEXT_OR_NULL,
             "modifiedParams": _OBJECT_OR_NULL,
             "rejectionReason": _TEXT_OR_NULL,
@@ -288,6 +350,25 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     "responses": {
                         "200": _json(_ref("SignalResult"), "Signalled."),
                         **_errors(400, 401, 403, 404, 409, 410, 413, 415, 422, 500, 503),
+                    },
+                }
+            },
+            "/approvals/batch": {
+                "post": {
+                    "operationId": "decideBatch",
+                    "summary": "Approve or reject several requests with one reason.",
+                    "description": "Each request is decided on its own: a refusal of one "
+                    "(not granted, already decided, expired, unknown) leaves the others "
+                    "decided. The answer lists every outcome in the order asked. `by` is "
+                    "the credential's reviewer.",
+                    "security": _BEARER,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("BatchBody")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("BatchResult"), "Every outcome, in order."),
+                        **_errors(400, 401, 403, 413, 415, 422, 500, 503),
                     },
                 }
             },

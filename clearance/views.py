@@ -15,14 +15,18 @@ listing can never be broken by one odd parameter a model proposed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clearance.core.commands import AuditRecord
 from clearance.core.events import Event
 from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
 from clearance.core.json_text import dumps as dumps  # the views' encoder, re-exported
 from clearance.core.json_text import encode as encode
+from clearance.core.reviewers import Reviewer, ReviewerKey
 from clearance.core.wire import event_to_data
+
+if TYPE_CHECKING:
+    from clearance.app import BatchOutcome
 
 CallbackUrl = Callable[[ApprovalRequest], str | None]
 
@@ -40,6 +44,7 @@ def decision_fields(request: ApprovalRequest) -> dict[str, Any]:
     """Who decided a request, when, and with what changes or reason (null while pending)."""
     return {
         "decidedBy": request.decided_by,
+        "decidedByKind": request.decided_by_kind,
         "decidedAt": iso(request.decided_at) if request.decided_at else None,
         "modifiedParams": request.modified_params,
         "rejectionReason": request.rejection_reason,
@@ -84,6 +89,7 @@ def decision(request: ApprovalRequest, execution_status: str) -> dict[str, Any]:
         data["reason"] = request.rejection_reason
     if request.decided_by is not None:
         data["by"] = request.decided_by
+        data["byKind"] = request.decided_by_kind
     if request.decided_at is not None:
         data["decidedAt"] = iso(request.decided_at)
     data["executionStatus"] = execution_status
@@ -95,6 +101,7 @@ def decision_summary(request: ApprovalRequest) -> dict[str, Any]:
     return {
         "status": request.status,
         "by": request.decided_by,
+        "byKind": request.decided_by_kind,
         "at": iso(request.decided_at) if request.decided_at else None,
     }
 
@@ -109,9 +116,47 @@ def audit_record(record: AuditRecord) -> dict[str, Any]:
         "decision": record.decision,
         "at": iso(record.at),
         "by": record.by,
+        "byKind": record.by_kind,
         "parameters": record.parameters,
         "modifiedParams": record.modified_params,
         "reason": record.reason,
+    }
+
+
+def batch_outcome(outcome: BatchOutcome) -> dict[str, Any]:
+    """One request's line in a batch answer: its decision, or why it was refused (the
+    code and HTTP status a single decision would have had)."""
+    if outcome.refusal is not None:
+        code = outcome.refusal.code
+        return {
+            "requestId": outcome.request_id,
+            "ok": False,
+            "error": {"code": str(code), "message": str(outcome.refusal)},
+        }
+    ex = outcome.execution
+    request = ex.request(outcome.request_id) if ex is not None else None
+    assert ex is not None and request is not None  # decided just now
+    return {"ok": True, **decision(request, ex.status)}
+
+
+def reviewer(who: Reviewer, keys: Sequence[ReviewerKey]) -> dict[str, Any]:
+    """A reviewer, its grants and its keys' ids and times (never a secret or digest)."""
+    return {
+        "name": who.name,
+        "grants": [
+            {"agents": list(g.agents), "tools": list(g.tools), "actions": sorted(g.actions)}
+            for g in who.grants
+        ],
+        "groups": list(who.groups),
+        "keys": [
+            {
+                "keyId": k.key_id,
+                "createdAt": iso(k.created_at),
+                "expiresAt": iso(k.expires_at) if k.expires_at else None,
+                "revokedAt": iso(k.revoked_at) if k.revoked_at else None,
+            }
+            for k in keys
+        ],
     }
 
 

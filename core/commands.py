@@ -30,6 +30,7 @@ class AuditRecord:
     by: str | None = None
     modified_params: dict[str, Any] | None = None
     reason: str | None = None
+    by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
 
 
 @attrs.frozen

@@ -77,6 +77,7 @@ from clearance.core.execution import (
 )
 from clearance.core.json_value import NotJSON, check_text, strict
 from clearance.core.machine import CALL_MOVES, EXECUTION_ACCEPTS, EXECUTION_MOVES, REQUEST_MOVES
+from clearance.core.reviewers import BY_KINDS
 from clearance.core.schema import check, declared_parameters, problems, with_defaults
 
 # The version of decide()'s behaviour, recorded with the logs it folds. Version 1 logs are
@@ -174,6 +175,19 @@ def _sent_text(value: Any, what: str, *, optional: bool = True) -> Any:
         return check_text(value, what)
     except NotJSON as err:
         raise Refusal(RefusalCode.INVALID_EVENT, str(err)) from None
+
+
+def _by_kind(kind: Any, by: str | None, what: str) -> str | None:
+    """How a decider is known: one of BY_KINDS, and only with a name to qualify."""
+    if kind is None:
+        return None
+    if kind not in BY_KINDS:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT, f"{what}.by_kind is one of {list(BY_KINDS)}, got {kind!r}"
+        )
+    if by is None:
+        raise Refusal(RefusalCode.INVALID_EVENT, f"{what}.by_kind {kind!r} qualifies no `by`")
+    return str(kind)
 
 
 def _visible(text: str) -> str:
@@ -659,6 +673,7 @@ def _decision_record(
     by: str | None = None,
     modified: dict[str, Any] | None = None,
     reason: str | None = None,
+    by_kind: str | None = None,
 ) -> RecordDecision:
     return RecordDecision(
         AuditRecord(
@@ -672,6 +687,7 @@ def _decision_record(
             by=by,
             modified_params=modified,
             reason=reason,
+            by_kind=by_kind,
         )
     )
 
@@ -731,6 +747,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
     by = _sent_text(ev.by, "approved.by")
+    by_kind = _by_kind(ev.by_kind, by, "approved")
     params, modified = request.parameters, None
     if ev.modified_params is not None:
         modified = _modified_params(ex, request, ev.modified_params)
@@ -750,6 +767,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
         "approve",
         status=APPROVED,
         decided_by=by,
+        decided_by_kind=by_kind,
         decided_at=ev.at,
         modified_params=modified,
     )
@@ -761,7 +779,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     ]
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, APPROVED, ev.at, by=by, modified=modified),
+        _decision_record(ex, request, APPROVED, ev.at, by=by, modified=modified, by_kind=by_kind),
         RunTool(
             tool_use_id=request.tool_use_id,
             tool=request.tool,
@@ -778,6 +796,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
     by = _sent_text(ev.by, "rejected.by")
+    by_kind = _by_kind(ev.by_kind, by, "rejected")
     reason = _sent_text(ev.reason, "rejected.reason")
     requests = _decide_request(
         ex.requests,
@@ -785,6 +804,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
         "reject",
         status=REJECTED,
         decided_by=by,
+        decided_by_kind=by_kind,
         decided_at=ev.at,
         rejection_reason=reason,
     )
@@ -798,7 +818,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
     )
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, REJECTED, ev.at, by=by, reason=reason),
+        _decision_record(ex, request, REJECTED, ev.at, by=by, reason=reason, by_kind=by_kind),
     ]
     calls = _settle_call(ex, request.tool_use_id, "reject", REJECTED, result)
     return _advance(ex, ev, calls, Changes(requests=requests), commands)
@@ -844,6 +864,7 @@ def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
 
 def _stop(ex: Execution, ev: StopRequested) -> Step:
     by = _sent_text(ev.by, "stop_requested.by")
+    by_kind = _by_kind(ev.by_kind, by, "stop_requested")
     reason = _sent_text(ev.reason, "stop_requested.reason")
     commands: list[Command] = []
     requests = ex.requests
@@ -854,13 +875,20 @@ def _stop(ex: Execution, ev: StopRequested) -> Step:
             "cancel",
             status=CANCELLED,
             decided_by=by,
+            decided_by_kind=by_kind,
             decided_at=ev.at,
             rejection_reason=reason,
         )
         commands += [
             CancelTimer(request.request_id),
             _decision_record(
-                ex, request, CANCELLED, ev.at, by=by, reason=reason or "execution stopped"
+                ex,
+                request,
+                CANCELLED,
+                ev.at,
+                by=by,
+                reason=reason or "execution stopped",
+                by_kind=by_kind,
             ),
         ]
     # Calls not yet running never will; one that is running goes on, and its outcome is

@@ -31,6 +31,7 @@ class RefusalCode(StrEnum):
     UNKNOWN_EXECUTION = "unknown_execution"
     UNKNOWN_SIGNAL = "unknown_signal"
     MISSING_REQUEST_ID = "missing_request_id"
+    NOT_GRANTED = "not_granted"  # a reviewer acting on an agent's tool no grant covers
 
 
 class Refusal(ClearanceError):

@@ -75,6 +75,7 @@ class Approved:
     at: datetime
     by: str | None = None
     modified_params: dict[str, Any] | None = None
+    by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
 
 
 @attrs.frozen
@@ -84,6 +85,7 @@ class Rejected:
     at: datetime
     by: str | None = None
     reason: str | None = None
+    by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
 
 
 @attrs.frozen
@@ -99,6 +101,7 @@ class StopRequested:
     at: datetime
     by: str | None = None
     reason: str | None = None
+    by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
 
 
 Event = (

@@ -92,6 +92,7 @@ class ApprovalRequest:
     status: str = PENDING
     decided_by: str | None = None
     decided_at: datetime | None = None
+    decided_by_kind: str | None = None  # how decided_by is known: reviewer | app | claimed
     modified_params: dict[str, Any] | None = None
     rejection_reason: str | None = None
 

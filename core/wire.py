@@ -38,6 +38,7 @@ from clearance.core.execution import (
     ToolCall,
     ToolContent,
 )
+from clearance.core.reviewers import Grant, Reviewer
 
 
 def stamp(at: datetime) -> str:
@@ -160,3 +161,23 @@ def request_from_data(data: dict[str, Any]) -> ApprovalRequest:
 
 def audit_from_data(data: dict[str, Any]) -> AuditRecord:
     return converter.structure(data, AuditRecord)
+
+
+def reviewer_to_data(reviewer: Reviewer) -> dict[str, Any]:
+    """`{"name", "grants": [{"agents", "tools", "actions"}], "groups"}` (actions sorted)."""
+    return {
+        "name": reviewer.name,
+        "grants": [
+            {"agents": list(g.agents), "tools": list(g.tools), "actions": sorted(g.actions)}
+            for g in reviewer.grants
+        ],
+        "groups": list(reviewer.groups),
+    }
+
+
+def reviewer_from_data(data: dict[str, Any]) -> Reviewer:
+    return Reviewer(
+        data["name"],
+        tuple(Grant(g["agents"], g["tools"], g["actions"]) for g in data.get("grants", ())),
+        tuple(data.get("groups", ())),
+    )

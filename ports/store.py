@@ -15,6 +15,7 @@ Protocols.
   never judged by hostname or pid.
 - `DeliveryQueue`: approval requests on their way out, one row per (request,
   channel), leased the same way, every attempt recorded.
+- `Reviewers`: who may decide what (`core.reviewers`), and the digests of their keys.
 
 Methods are async so network databases fit; the SQLite adapter answers inline.
 """
@@ -32,6 +33,7 @@ from clearance.core.commands import AuditRecord, CallModel, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.reviewers import Reviewer, ReviewerKey
 from clearance.core.rows import WEBHOOK, Writes
 
 
@@ -45,6 +47,10 @@ class Conflict(ClearanceError):
 
 class LeaseLost(ClearanceError):
     """The work was taken over after its lease ran out: its result is not ours to record."""
+
+
+class UnknownReviewer(ClearanceError):
+    """A key for a reviewer the store does not hold: save the reviewer first."""
 
 
 class UnreadableExecution(ClearanceError):
@@ -296,7 +302,44 @@ class DeliveryQueue(Protocol):
     async def endpoint_disabled(self, url: str) -> bool: ...
 
 
-class Store(ExecutionLog, Inbox, Timers, WorkQueue, DeliveryQueue, Protocol):
+class Reviewers(Protocol):
+    """Reviewers by name, and their keys by key id. A key never outlives its reviewer:
+    one saved again later under the same name must not find the old keys still valid."""
+
+    async def save_reviewer(self, reviewer: Reviewer) -> bool:
+        """Store `reviewer`, or replace the grants and groups of the one of that name
+        (its keys stay). True if it was new."""
+        ...
+
+    async def reviewer(self, name: str) -> Reviewer | None: ...
+
+    async def reviewers(self) -> list[Reviewer]:
+        """Every reviewer, by name (code point order, whatever the database's collation)."""
+        ...
+
+    async def remove_reviewer(self, name: str) -> bool:
+        """Remove the reviewer and all its keys; False if there was none."""
+        ...
+
+    async def add_key(self, key: ReviewerKey) -> None:
+        """Store a key of a stored reviewer, or raise UnknownReviewer. Adding the same key
+        again changes nothing (a call repeated after a lost connection); another key
+        with a stored key's id raises BadReviewer."""
+        ...
+
+    async def reviewer_key(self, key_id: str) -> ReviewerKey | None: ...
+
+    async def reviewer_keys(self, reviewer: str) -> list[ReviewerKey]:
+        """The reviewer's keys, revoked and expired ones too, oldest first (then by id)."""
+        ...
+
+    async def revoke_key(self, key_id: str, at: datetime) -> bool:
+        """Mark the key revoked at `at`; False if there is no such key or it already was
+        (the first revocation's time stays: it is when the key stopped counting)."""
+        ...
+
+
+class Store(ExecutionLog, Inbox, Timers, WorkQueue, DeliveryQueue, Reviewers, Protocol):
     """Every job a store does; the composition root opens one and hands it around."""
 
     async def close(self) -> None: ...

@@ -111,7 +111,7 @@ async def test_a_request_is_published_signed_and_decided_over_the_broker(
     done = await _status(app, ex.id, "completed")
     assert len(recorder.ran("process-refund")) == 1
     [record] = await app.audit(request_id=request.request_id)
-    assert (record.decision, record.by) == ("approved", "slack-bot")
+    assert (record.decision, record.by, record.by_kind) == ("approved", "slack-bot", "claimed")
     assert done.request(request.request_id).status == "approved"
     assert hub.messages(f"{hub.event}.errors") == []
 

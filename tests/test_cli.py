@@ -875,3 +875,85 @@ def test_outcomes_are_coloured_on_a_terminal_only_and_never_with_no_color(
     assert "status \x1b[32mcompleted\x1b[0m" in _on_a_terminal(
         tmp_path, "show", execution, "--db", "d.db"
     )
+
+
+# -- several at once, and reviewers ------------------------------------------------------------
+
+
+async def test_approve_several_and_reject_all_of_a_tool(host: Host, tmp_path: Path) -> None:
+    runs = [await host.start() for _ in range(4)]
+    ids = [ex.pending_approvals[0].request_id for ex in runs]
+    db = str(host.db)
+    code, out, err = await acli(tmp_path, "approve", ids[0], ids[1], "apr-nope", "--db", db)
+    assert code == 1, err  # one refused: the others are decided all the same
+    assert f"{ids[0]}: approved" in out and f"{ids[1]}: approved" in out
+    assert "apr-nope: refused: no approval request" in out
+    assert "2 decided, 1 refused." in out
+    no_traceback((code, out, err))
+    for ex in runs[:2]:
+        assert (await host.finished(ex.id)).status == "completed"
+    code, out, err = await acli(
+        tmp_path,
+        *("reject", "--all", "--agent", AGENT_TAG, "--tool", "process-refund"),
+        *("--reason", "Fraud wave", "--by", "ops", "--db", db, "--json"),
+    )
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [(x["requestId"], x["ok"], x["decision"]) for x in lines] == [
+        (ids[2], True, "rejected"),
+        (ids[3], True, "rejected"),
+    ]
+    records = {r.request_id: (r.decision, r.by, r.by_kind) for r in await host.app.audit()}
+    assert records[ids[3]] == ("rejected", "ops", "claimed")  # typed at a terminal
+    assert len(host.refunds) == 2
+    for args, says in (
+        (["reject", "--reason", "x"], "give the REQUEST_IDs"),
+        (["reject", ids[0], "--all", "--reason", "x"], "not both"),
+        (["reject", ids[0], "--tool", "t", "--reason", "x"], "narrow --all"),
+        (["approve", ids[0], ids[1], "--set", "amount=1"], "give one REQUEST_ID"),
+    ):
+        result = await acli(tmp_path, *args, "--db", db)
+        assert result[0] == 2 and says in result[2], result
+
+
+def test_reviewer_commands_add_list_key_revoke_remove(tmp_path: Path) -> None:
+    db = str(tmp_path / "r.db")
+    added = cli(
+        tmp_path,
+        *("reviewer", "add", "rita", "--tools", "process-refund,*-account"),
+        *("--agents", "support-*", "--expires-in", "90d", "--db", db),
+    )
+    assert added.returncode == 0, added.stderr
+    [key] = re.findall(r"clr_[a-z0-9]{12}_[A-Za-z0-9_-]{43}", added.stdout)
+    assert "shown this once" in added.stdout
+    again = cli(tmp_path, "reviewer", "add", "rita", "--db", db)
+    assert again.returncode == 1 and "exists" in again.stderr
+    listed = cli(tmp_path, "reviewer", "list", "--json", "--db", db)
+    [rita] = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert rita["grants"] == [
+        {"agents": ["support-*"], "tools": ["process-refund", "*-account"], "actions": ["decide"]}
+    ]
+    [stored] = rita["keys"]
+    assert stored["keyId"] == key[4:16] and stored["expiresAt"] and not stored["revokedAt"]
+    assert key not in listed.stdout and key[17:] not in listed.stdout  # never the secret
+    second = cli(tmp_path, "reviewer", "key", "rita", "--db", db)
+    assert second.returncode == 0 and "clr_" in second.stdout
+    revoked = cli(tmp_path, "reviewer", "revoke", key, "--db", db)
+    assert revoked.returncode == 0 and f"Key {key[4:16]} revoked." in revoked.stdout
+    twice = cli(tmp_path, "reviewer", "revoke", key[4:16], "--db", db)
+    assert twice.returncode == 1 and "no valid key" in twice.stderr
+    text = cli(tmp_path, "reviewer", "list", "--db", db).stdout
+    assert text.startswith("rita: agents support-* tools process-refund,*-account (decide)")
+    for args, says in (
+        (["reviewer", "add", "bad name"], "reviewer name"),
+        (["reviewer", "add", "x", "--actions", "delete"], "actions"),
+        (["reviewer", "add", "y", "--expires-in", "soon"], "--expires-in is"),
+    ):
+        result = cli(tmp_path, *args, "--db", db)
+        assert result.returncode == 2 and says in result.stderr, result
+        assert "Traceback" not in result.stderr
+    unknown = cli(tmp_path, "reviewer", "key", "nobody", "--db", db)
+    assert unknown.returncode == 1 and "no reviewer 'nobody'" in unknown.stderr
+    removed = cli(tmp_path, "reviewer", "remove", "rita", "--db", db)
+    assert removed.returncode == 0
+    assert "No reviewers" in cli(tmp_path, "reviewer", "list", "--db", db).stdout

@@ -163,6 +163,7 @@ async def test_callback_approve_runs_the_tool_once_and_finishes(api: Api) -> Non
         "tool": "process-refund",
         "parameters": REFUND,
         "by": "ops-lead",
+        "byKind": "claimed",  # a callback body's word: the token is not a person
         "decidedAt": "2024-01-15T10:30:00Z",
         "executionStatus": "completed",
     }
@@ -415,6 +416,7 @@ async def test_replayed_callback_is_409_naming_the_decision_that_stands(api: Api
         assert response.json()["error"]["decision"] == {
             "status": "rejected",
             "by": "alice",
+            "byKind": "claimed",
             "at": "2024-01-15T10:30:00Z",
         }
     assert await api.snapshot() == before
@@ -459,7 +461,7 @@ async def test_cancelled_request_is_409(api: Api) -> None:
     request = await api.start()
     stop = await api.client.post(
         f"/executions/{request.execution_id}/signal",
-        json={"signal": "stop", "payload": {"reason": "customer withdrew", "by": "ops"}},
+        json={"signal": "stop", "payload": {"reason": "customer withdrew"}},
         headers=AUTH,
     )
     assert stop.status_code == 200, stop.text
@@ -544,18 +546,20 @@ async def test_signal_approve_with_changes_and_reject(api: Api) -> None:
         f"/executions/{first.execution_id}/signal",
         json={
             "signal": "approve",
-            "payload": {"requestId": first.request_id, "modifiedParams": {"amount": 20}, "by": "b"},
+            "payload": {"requestId": first.request_id, "modifiedParams": {"amount": 20}},
         },
         headers=AUTH,
     )
     assert response.status_code == 200, response.text
     body = conforms(response.json(), "SignalResult")
-    assert (body["signal"], body["decision"], body["by"], body["executionStatus"]) == (
+    # `by` is the credential's: the instance API key is reviewer admin.
+    assert (body["signal"], body["decision"], body["by"], body["byKind"]) == (
         "approve",
         "approved",
-        "b",
-        "completed",
+        "admin",
+        "reviewer",
     )
+    assert body["executionStatus"] == "completed"
     assert api.recorder.ran("process-refund") == [{**REFUND, "amount": 20}]
     second = await api.start()
     response = await api.client.post(
@@ -1162,6 +1166,7 @@ class _OddFacade:
     api_key = API_KEY
     webhook_secret = None
     public_url = None
+    trust_header = None
 
     def __init__(self, request: ApprovalRequest) -> None:
         self.request = request

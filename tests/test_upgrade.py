@@ -8,6 +8,9 @@ inbox, the audit log and the webhook deliveries read back, and that the work
 the file left half done (pending requests, a queued tool run, a dead worker's
 claim) is carried on exactly once. The corpus is never regenerated with newer
 code: it stands for files already out there.
+
+Later schemas are checked from the version before them, made as the stores' own
+upgrade tests make one: the tests at the end (SQLite 5, PostgreSQL 2).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import secrets
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from corpus.v2_agents import (
     BATCH_A,
@@ -33,10 +38,21 @@ from corpus.v2_agents import (
     Handlers,
     define_agents,
 )
+from postgres_server import postgres_url
+from psycopg import sql
 
 from clearance import Clearance, Refusal
+from clearance.adapters import postgres_store, sqlite_store
+from clearance.adapters.postgres_store import PostgresStore
+from clearance.adapters.sqlite_store import SQLiteStore
+from clearance.core.reviewers import Grant, Reviewer
 from clearance.core.wire import converter, execution_from_data, execution_to_data
+from clearance.ports.store import Store
+from clearance.reviewer_keys import new_key
 from clearance.testing import FakeClock, SequentialIds
+from clearance.testing.contract import Run, agent
+
+__all__ = ["postgres_url"]  # the fixture, for pytest
 
 CORPUS = Path(__file__).parent / "corpus" / "v2.sqlite3"
 EXPECTED: dict[str, Any] = json.loads(CORPUS.with_name("v2_expected.json").read_text())
@@ -194,7 +210,7 @@ async def test_every_pending_request_is_still_listed(app: Clearance) -> None:
     for request in pending:
         ex_id, stored = request_of(request.request_id)
         assert request.execution_id == ex_id
-        assert jsonable(converter.unstructure(request)) == stored
+        assert_as_stored(jsonable(converter.unstructure(request)), stored)
     parallel = EXECUTIONS[scenario("parallel-pending")]["pending"]
     assert [r.request_id for r in await app.pending("batch-refunds")] == parallel
 
@@ -203,12 +219,24 @@ async def test_the_audit_log_reads_back(app: Clearance) -> None:
     everything = []
     for ex_id, expected in EXECUTIONS.items():
         records = jsonable(converter.unstructure(await app.audit(execution_id=ex_id)))
-        assert records == expected["audit"], ex_id
+        assert_as_stored(records, expected["audit"])
         for record in expected["audit"]:
             by_request = await app.audit(request_id=record["request_id"])
-            assert jsonable(converter.unstructure(by_request)) == [record]
+            assert_as_stored(jsonable(converter.unstructure(by_request)), [record])
         everything += expected["audit"]
-    assert jsonable(converter.unstructure(await app.audit())) == everything
+    assert_as_stored(jsonable(converter.unstructure(await app.audit())), everything)
+
+
+def assert_as_stored(now: Any, then: Any) -> None:
+    """`now` reads back as `then` was written: every field the corpus has, the same;
+    a field added since (e.g. `by_kind`, who a decider is known as) at its default."""
+    if isinstance(then, list):
+        assert isinstance(now, list) and len(now) == len(then), (now, then)
+        for a, b in zip(now, then, strict=True):
+            assert_as_stored(a, b)
+        return
+    assert {k: now.get(k) for k in then} == then
+    assert {k: v for k, v in now.items() if k not in then and v is not None} == {}, now
 
 
 async def test_the_webhook_delivery_reads_back(app: Clearance) -> None:
@@ -347,3 +375,138 @@ async def test_a_dead_workers_claim_is_taken_over_not_lost(
     assert await finished(), "the dead worker's tool run was never taken over"
     # Re-run, or reported to the model as of unknown outcome: at most once either way.
     assert len(handlers.ran("process-refund", ex_id)) <= 1
+
+
+# -- schema 5 (SQLite) and 2 (PostgreSQL): before reviewers were stored ---------------------
+# Made as the stores' own upgrade tests make an old store: written by the current code,
+# then put back in the old shape (here: without the reviewer tables) and version.
+
+OPS = Reviewer("ops.lead@example.com", (Grant(("billing-*",), ("*-refund",)),), ("finance",))
+
+
+async def _pending_run(store: Store) -> Run:
+    run = Run(agent(), "exec-1")
+    await run.commit(store, run.started())
+    await run.commit(store, run.asks(1, ("tu-1", "refund", "apr-1")))
+    return run
+
+
+async def _check_upgraded(store: Store, run: Run) -> None:
+    """The pending request is still listed and its execution loads; reviewers and their
+    keys can be stored."""
+    assert await store.pending() == [run.request("apr-1")]
+    assert await store.load(run.id) == run.ex
+    assert await store.reviewers() == []
+    assert await store.save_reviewer(OPS) is True
+    _, key = new_key(OPS.name, datetime(2026, 1, 1, tzinfo=UTC))
+    await store.add_key(key)
+    assert await store.reviewer(OPS.name) == OPS
+    assert await store.reviewer_keys(OPS.name) == [key]
+
+
+def _reviewer_tables(path: Path) -> list[tuple[str, str]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(
+            "SELECT name, sql FROM sqlite_master WHERE tbl_name LIKE 'reviewer%' ORDER BY name"
+        ).fetchall()
+    finally:
+        db.close()
+
+
+async def test_a_schema_5_sqlite_file_is_upgraded_keeping_its_pending_requests(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v5.db"
+    store = SQLiteStore(str(path))
+    run = await _pending_run(store)
+    await store.close()
+    fresh = _reviewer_tables(path)
+    assert {"reviewers", "reviewer_keys", "reviewer_keys_of"} <= {name for name, _ in fresh}
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE reviewer_keys")
+    db.execute("DROP TABLE reviewers")
+    db.execute("PRAGMA user_version = 5")
+    db.close()
+    assert _reviewer_tables(path) == []
+
+    store = SQLiteStore(str(path))
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone() == (6,)
+        assert sqlite_store.SCHEMA_VERSION == 6
+        assert _reviewer_tables(path) == fresh  # as a new file has them
+        await _check_upgraded(store, run)
+    finally:
+        await store.close()
+    store = SQLiteStore(str(path))  # the second open finds it upgraded
+    try:
+        assert await store.reviewer(OPS.name) == OPS
+        assert await store.pending() == [run.request("apr-1")]
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def pg_schemas(postgres_url: str) -> AsyncIterator[tuple[str, str]]:
+    """Two store URLs, each on a schema of its own, dropped after the test."""
+    names = [f"up_{secrets.token_hex(6)}" for _ in range(2)]
+    yield f"{postgres_url}?schema={names[0]}", f"{postgres_url}?schema={names[1]}"
+    async with await psycopg.AsyncConnection.connect(postgres_url, autocommit=True) as conn:
+        for name in names:
+            await conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
+            )
+
+
+async def _pg_reviewer_columns(conn: psycopg.AsyncConnection[Any], schema: str) -> list[Any]:
+    cur = await conn.execute(
+        "SELECT table_name, column_name, data_type, is_nullable, collation_name"
+        " FROM information_schema.columns WHERE table_schema = %s"
+        " AND table_name LIKE 'clearance_reviewer%%' ORDER BY table_name, ordinal_position",
+        (schema,),
+    )
+    columns = await cur.fetchall()
+    cur = await conn.execute(
+        "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = %s"
+        " AND tablename LIKE 'clearance_reviewer%%' ORDER BY indexname",
+        (schema,),
+    )
+    return [*columns, *await cur.fetchall()]
+
+
+async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_requests(
+    pg_schemas: tuple[str, str],
+) -> None:
+    url, fresh_url = pg_schemas
+    store = PostgresStore(url)
+    run = await _pending_run(store)
+    await store.close()
+    fresh_store = PostgresStore(fresh_url)
+    await fresh_store.open()
+    await fresh_store.close()
+    base, schema = url.split("?schema=")
+    fresh_schema = fresh_url.split("?schema=")[1]
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        fresh = await _pg_reviewer_columns(conn, fresh_schema)
+        assert len(fresh) == 2 + 6 + 3  # two tables' columns, their keys and the index
+        await conn.execute("DROP TABLE clearance_reviewer_keys")
+        await conn.execute("DROP TABLE clearance_reviewers")
+        await conn.execute("UPDATE clearance_schema SET version = 2")
+        assert await _pg_reviewer_columns(conn, schema) == []
+
+        store = PostgresStore(url)
+        try:
+            await _check_upgraded(store, run)
+        finally:
+            await store.close()
+        cur = await conn.execute("SELECT version FROM clearance_schema")
+        assert await cur.fetchall() == [(3,)] and postgres_store.SCHEMA_VERSION == 3
+        assert await _pg_reviewer_columns(conn, schema) == fresh  # as a new database has them
+        store = PostgresStore(url)  # the second open finds it upgraded
+        try:
+            assert await store.reviewer(OPS.name) == OPS
+            assert await store.pending() == [run.request("apr-1")]
+        finally:
+            await store.close()

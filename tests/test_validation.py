@@ -410,6 +410,9 @@ def test_people_cannot_send_text_utf8_cannot_carry() -> None:
         "modified_params.note",
     )
     refused(life.ex, Rejected("apr-1", now, by="bob", reason=LONE), "invalid_event", "reason")
+    # How a decider is known: one of reviewer | app | claimed, and only beside a name.
+    refused(life.ex, Approved("apr-1", now, "bob", by_kind="boss"), "invalid_event", "by_kind")
+    refused(life.ex, Rejected("apr-1", now, by_kind="app"), "invalid_event", "qualifies no")
     refused(life.ex, Rejected("apr-1", now, by=LONE), "invalid_event", "by")
     refused(life.ex, StopRequested(now, by="ops", reason=LONE), "invalid_event", "reason")
     refused(life.ex, StopRequested(now, by=LONE), "invalid_event", "by")
@@ -460,6 +463,7 @@ CODES = {
     "stale_tool_result",
     "invalid_reply",
     "invalid_event",
+    "not_granted",
 }
 
 

@@ -54,6 +54,7 @@ from clearance.core.events import (
     ToolFinished,
 )
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.reviewers import DECIDE, EXTEND, BadReviewer, Grant, Reviewer, ReviewerKey
 from clearance.core.rows import AGENT_SIGNER, INSTANCE_SIGNER, WEBHOOK, Writes, writes
 from clearance.ports.store import (
     Claim,
@@ -65,8 +66,10 @@ from clearance.ports.store import (
     LeaseLost,
     Store,
     UnknownRequest,
+    UnknownReviewer,
     Work,
 )
+from clearance.reviewer_keys import key_id_of, key_matches, new_key
 
 __all__ = ["StoreContract"]
 
@@ -1029,3 +1032,133 @@ class StoreContract(abc.ABC):
             await store.disable_endpoint(HOOK, at(5), "410 Gone again")  # no error
             assert await store.endpoint_disabled(HOOK) is True
             assert await store.endpoint_disabled("https://elsewhere.example/") is False
+
+    # -- reviewers and their keys ----------------------------------------------------------
+
+    async def test_reviewers_are_saved_replaced_listed_by_name_and_removed(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            assert await store.reviewers() == []
+            assert await store.reviewer("lee") is None
+            lee = Reviewer("lee", (Grant(("refunds",), ("process-refund",)),), ("finance",))
+            assert await store.save_reviewer(lee) is True
+            assert await store.reviewer("lee") == lee
+            # Saved again: its grants and groups replaced, whatever they were.
+            again = Reviewer("lee", (Grant(("*",), ("lookup",), {EXTEND}),))
+            assert await store.save_reviewer(again) is False
+            assert await store.reviewer("lee") == again
+            # By name in code point order (capitals first), as the two stores agree.
+            others = [Reviewer(n) for n in ("zoe", "Zed", "ana.ops@example.com", "a-b_c", "9")]
+            for other in others:
+                assert await store.save_reviewer(other) is True
+            names = [r.name for r in await store.reviewers()]
+            assert names == ["9", "Zed", "a-b_c", "ana.ops@example.com", "lee", "zoe"]
+            assert await store.reviewers() == sorted([again, *others], key=lambda r: r.name)
+            assert await store.remove_reviewer("lee") is True
+            assert await store.remove_reviewer("lee") is False
+            assert await store.remove_reviewer("nobody") is False
+            assert await store.reviewer("lee") is None
+            assert "lee" not in [r.name for r in await store.reviewers()]
+            assert await store.reviewer("Zed") == Reviewer("Zed")
+            assert await store.reviewer("zed") is None  # names are told apart by case
+
+    async def test_a_reviewers_grants_and_groups_read_back_exactly(self, tmp_path: Path) -> None:
+        ops = Reviewer(
+            "ops.lead@example.com",
+            (
+                Grant(("billing-*", "support"), ("*-refund", "process-?", "[ab]*"), {DECIDE}),
+                Grant(("*",), ("lookup",), {DECIDE, EXTEND}),
+                Grant(("équipe-*",), ("*",), {EXTEND}),
+            ),
+            ("finance", "on-call"),
+        )
+        async with self.opened(tmp_path) as store:
+            await store.save_reviewer(ops)
+            await store.save_reviewer(Reviewer("nobody.granted"))
+            (read,) = [r for r in await store.reviewers() if r.name == ops.name]
+            for found in (read, await store.reviewer(ops.name)):
+                assert found == ops
+                assert found is not None and found.grants == ops.grants  # in their order
+                assert found.may("billing-eu", "process-x")
+                assert not found.may("billing-eu", "process-x", EXTEND)
+                assert found.may("anyone", "lookup", EXTEND)
+            assert await store.reviewer("nobody.granted") == Reviewer("nobody.granted", (), ())
+
+    async def test_a_key_of_a_reviewer_not_stored_is_refused(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            _, key = new_key("ghost@example.com", T0)
+            with pytest.raises(UnknownReviewer, match=r"ghost@example\.com"):
+                await store.add_key(key)
+            assert await store.reviewer_key(key.key_id) is None
+            assert await store.reviewer_keys("ghost@example.com") == []
+
+    async def test_keys_read_back_oldest_first_and_are_revoked_once(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            await store.save_reviewer(Reviewer("lee"))
+            await store.save_reviewer(Reviewer("kim"))
+            micro = timedelta(microseconds=123_457)
+            texts: dict[str, str] = {}
+            keys: list[ReviewerKey] = []
+            for seconds, expires in ((10, None), (0, at(3600) + micro), (5, None)):
+                text, key = new_key("lee", at(seconds) + micro, expires)
+                await store.add_key(key)
+                texts[key.key_id] = text
+                keys.append(key)
+            _, kims = new_key("kim", at(1))
+            await store.add_key(kims)
+            oldest_first = sorted(keys, key=lambda k: k.created_at)
+            assert await store.reviewer_keys("lee") == oldest_first
+            assert await store.reviewer_keys("kim") == [kims]
+            assert await store.reviewer_keys("nobody") == []
+            for key in keys:
+                found = await store.reviewer_key(key.key_id)
+                assert found == key  # times to the microsecond, in UTC
+                assert found is not None and found.created_at.utcoffset() == timedelta(0)
+                text = texts[key.key_id]
+                assert key_id_of(text) == key.key_id and key_matches(text, found)
+            assert await store.reviewer_key("nosuchkey000") is None
+            # Adding a key again changes nothing; another key under its id is refused.
+            await store.add_key(keys[0])
+            assert await store.reviewer_keys("lee") == oldest_first
+            with pytest.raises(BadReviewer, match=keys[0].key_id):
+                await store.add_key(ReviewerKey(keys[0].key_id, "kim", "0" * 64, at(2)))
+            assert await store.reviewer_key(keys[0].key_id) == keys[0]
+
+            revoked = keys[1]
+            assert await store.revoke_key(revoked.key_id, at(60) + micro) is True
+            found = await store.reviewer_key(revoked.key_id)
+            assert found is not None and found.revoked_at == at(60) + micro
+            assert not found.valid_at(at(61))
+            # The first revocation's time stays.
+            assert await store.revoke_key(revoked.key_id, at(120)) is False
+            assert await store.reviewer_key(revoked.key_id) == found
+            assert await store.revoke_key("nosuchkey000", at(60)) is False
+            assert [k.revoked_at for k in await store.reviewer_keys("lee")] == [
+                at(60) + micro if k.key_id == revoked.key_id else None for k in oldest_first
+            ]
+            # Saving the reviewer again keeps its keys.
+            await store.save_reviewer(Reviewer("lee", (Grant(("*",), ("*",)),)))
+            assert len(await store.reviewer_keys("lee")) == 3
+
+    async def test_removing_a_reviewer_removes_its_keys(self, tmp_path: Path) -> None:
+        async with self.opened(tmp_path) as store:
+            await store.save_reviewer(Reviewer("lee@example.com"))
+            await store.save_reviewer(Reviewer("kim"))
+            _, first = new_key("lee@example.com", at(0))
+            _, second = new_key("lee@example.com", at(1))
+            _, kims = new_key("kim", at(2))
+            for key in (first, second, kims):
+                await store.add_key(key)
+            assert await store.revoke_key(second.key_id, at(3))
+            assert await store.remove_reviewer("lee@example.com") is True
+            assert await store.reviewer_keys("lee@example.com") == []
+            assert await store.reviewer_key(first.key_id) is None
+            assert await store.reviewer_key(second.key_id) is None
+            assert await store.revoke_key(first.key_id, at(4)) is False
+            # A new reviewer of that name starts without the old keys.
+            await store.save_reviewer(Reviewer("lee@example.com"))
+            assert await store.reviewer_keys("lee@example.com") == []
+            with pytest.raises(UnknownReviewer):
+                await store.add_key(ReviewerKey("k" * 12, "gone", "0" * 64, at(5)))
+            assert await store.reviewer_keys("kim") == [kims]

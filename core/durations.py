@@ -1,0 +1,32 @@
+"""Durations, read by one parser wherever the library takes one: a whole number of
+milliseconds, a `timedelta`, or text such as "30s", "10m", "2h", "1d" (also "500ms")."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from clearance.core.errors import ClearanceError
+
+UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+TEXT = re.compile(r"\s*(\d+)\s*(ms|s|m|h|d)\s*")
+ACCEPTED = "milliseconds (an int), a timedelta, or text such as '30s', '10m', '2h', '1d'"
+
+
+class BadDuration(ClearanceError, ValueError):
+    """Not a duration; the message says what is accepted."""
+
+
+def parse_duration(value: int | timedelta | str, what: str = "a duration") -> timedelta:
+    """`value` as a positive timedelta, or BadDuration saying what was wrong."""
+    if isinstance(value, timedelta):
+        length = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        length = timedelta(milliseconds=value)
+    elif isinstance(value, str) and (match := TEXT.fullmatch(value)):
+        length = timedelta(seconds=int(match.group(1)) * UNITS[match.group(2)])
+    else:
+        raise BadDuration(f"{what} is {ACCEPTED}; got {value!r}")
+    if length <= timedelta(0):
+        raise BadDuration(f"{what} must be above zero; got {value!r}")
+    return length
