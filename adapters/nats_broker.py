@@ -40,30 +40,27 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
-from clearance.ports.broker import PUBLISHES_AT_ONCE, Signer, signed_message
+from clearance.ports.broker import (
+    ANSWERS,
+    PUBLISHES_AT_ONCE,
+    SIGNATURE,
+    Signer,
+    event_of,
+    signed_message,
+)
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
 
-SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
 FETCH_COUNT = 16
 FETCH_WAIT = 1.0  # seconds a pull waits for messages before asking again
 CHECK_EVERY = 5.0  # seconds between checks, while idle, that the consumer is there
 CONNECT_WAIT = 3.0  # seconds for the first connection
 TIMEOUT = 5.0  # seconds to wait for JetStream's answer to a publish or a request
-ANSWERS = (".decisions", ".errors")
 
 
 def _safe(text: str) -> str:
     """`text` as a stream or consumer name, which take no '.', '*', '>' or spaces."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", text)
-
-
-def _event(subject: str) -> str:
-    """The event a subject belongs to: `<event>`, `<event>.decisions`, `<event>.errors`."""
-    for suffix in ANSWERS:
-        if subject.endswith(suffix):
-            return subject.removesuffix(suffix)
-    return subject
 
 
 @attrs.define(eq=False)
@@ -163,18 +160,18 @@ class NatsBroker:
 
     async def publish(self, subject: str, body: dict[str, Any]) -> None:
         js = await self._js()
-        await self._stream(js, _event(subject))
+        await self._stream(js, event_of(subject))
         try:
             await js.publish(subject, dumps(body, compact=True).encode())
         except nats.errors.Error:
-            self._streams.pop(_event(subject), None)  # look again: it may have been deleted
+            self._streams.pop(event_of(subject), None)  # look again: it may have been deleted
             raise
 
     async def decisions(
         self, subject: str, group: str, consumer: str
     ) -> AsyncIterator[NatsMessage]:
         js = await self._js()
-        stream = await self._stream(js, _event(subject))
+        stream = await self._stream(js, event_of(subject))
         durable = _safe(f"{group}-{subject}")
         pull = await js.pull_subscribe(
             subject,
@@ -199,7 +196,7 @@ class NatsBroker:
                         try:
                             await js.consumer_info(stream, durable)
                         except nats.js.errors.NotFoundError:
-                            self._streams.pop(_event(subject), None)
+                            self._streams.pop(event_of(subject), None)
                             raise ConnectionError(
                                 f"consumer {durable} of stream {stream} is gone"
                             ) from None

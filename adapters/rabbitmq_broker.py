@@ -44,22 +44,19 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
-from clearance.ports.broker import PUBLISHES_AT_ONCE, Signer, signed_message
+from clearance.ports.broker import (
+    ANSWERS,
+    PUBLISHES_AT_ONCE,
+    SIGNATURE,
+    Signer,
+    event_of,
+    signed_message,
+)
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
 
-SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
-ANSWERS = (".decisions", ".errors")
 CONNECT_WAIT = 3.0  # seconds for the first connection
 TIMEOUT = 5.0  # seconds to wait for a publisher confirm or a declaration
-
-
-def _event(subject: str) -> str:
-    """The event a routing key belongs to: `<event>`, `<event>.decisions`, `.errors`."""
-    for suffix in ANSWERS:
-        if subject.endswith(suffix):
-            return subject.removesuffix(suffix)
-    return subject
 
 
 @attrs.define(eq=False)
@@ -153,7 +150,7 @@ class RabbitBroker:
     async def _publish(
         self, key: str, text: str, message_id: str | None, headers: dict[str, str]
     ) -> None:
-        exchange = await self._publishing(_event(key))
+        exchange = await self._publishing(event_of(key))
         message = aio_pika.Message(
             text.encode(),
             content_type="application/json",
@@ -201,7 +198,7 @@ class RabbitBroker:
             channel.close_callbacks.add(stopped)
             (await channel.get_underlay_channel()).on_consumer_cancel_callbacks.add(cancelled)
             await channel.set_qos(prefetch_count=self.prefetch)
-            queues = await self._bind(channel, await self._declare(channel), _event(subject))
+            queues = await self._bind(channel, await self._declare(channel), event_of(subject))
             await queues[subject].consume(got.put, timeout=TIMEOUT)
             while True:
                 incoming = await got.get()

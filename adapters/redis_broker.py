@@ -26,11 +26,15 @@ from redis.exceptions import RedisError, ResponseError
 
 from clearance.core.json_text import dumps
 from clearance.core.rows import broker_channel
-from clearance.ports.broker import PUBLISHES_AT_ONCE, Signer, signed_message
+from clearance.ports.broker import (
+    PUBLISHES_AT_ONCE,
+    SIGNATURE,
+    Signer,
+    signed_message,
+)
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
 from clearance.ports.store import Delivery
 
-SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
 READ_COUNT = 16
 BLOCK_MS = 1000
 POOL_SIZE = 100  # connections: publishes (64 at once per event) and decision readers

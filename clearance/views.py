@@ -23,7 +23,7 @@ from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
 from clearance.core.json_text import dumps as dumps  # the views' encoder, re-exported
 from clearance.core.json_text import encode as encode
 from clearance.core.reviewers import Reviewer, ReviewerKey
-from clearance.core.wire import event_to_data
+from clearance.core.wire import event_to_data, reviewer_to_data
 
 if TYPE_CHECKING:
     from clearance.app import BatchOutcome
@@ -142,12 +142,7 @@ def batch_outcome(outcome: BatchOutcome) -> dict[str, Any]:
 def reviewer(who: Reviewer, keys: Sequence[ReviewerKey]) -> dict[str, Any]:
     """A reviewer, its grants and its keys' ids and times (never a secret or digest)."""
     return {
-        "name": who.name,
-        "grants": [
-            {"agents": list(g.agents), "tools": list(g.tools), "actions": sorted(g.actions)}
-            for g in who.grants
-        ],
-        "groups": list(who.groups),
+        **reviewer_to_data(who),
         "keys": [
             {
                 "keyId": k.key_id,

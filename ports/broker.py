@@ -30,6 +30,20 @@ from clearance.core.json_text import dumps
 from clearance.ports.channel import ApprovalChannel
 from clearance.ports.store import Delivery
 
+# The Standard Webhooks signature, as message headers or fields beside the body.
+SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
+# The subjects that answer an event: decisions come in on one, refusals go out on the other.
+ANSWERS = (".decisions", ".errors")
+
+
+def event_of(subject: str) -> str:
+    """The event a subject belongs to: `<event>`, `<event>.decisions`, `<event>.errors`."""
+    for suffix in ANSWERS:
+        if subject.endswith(suffix):
+            return subject.removesuffix(suffix)
+    return subject
+
+
 # Publishes a broker channel takes at once per event (its `per_target`): a broker
 # pipelines them on one connection, and the relay runs at most 64 attempts anyway.
 PUBLISHES_AT_ONCE = 64
