@@ -572,6 +572,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             f"  signal/read routes: {'on' if api_key else f'off (set ${API_KEY_ENV})'}"
             " (and reviewers' keys: clearance reviewer add)",
             f"  trusted header:     {args.trust_header or 'off (--trust-header)'}",
+            f"  inbox:              {args.public_url or f'http://{args.host}:{args.port}'}/inbox",
         )
         await _Server(config).serve()
     say("Stopped; anything pending stays pending in the database.")

@@ -5,6 +5,7 @@
     GET  /approvals?status=pending&agentTag=…&limit=…    (bearer)
     GET  /executions/{executionId}                (bearer)
     GET  /openapi.json                            this API, described as OpenAPI 3.1
+    GET  /inbox                                   the reviewers' page (`inbox`)
 
 Theory of operation. Every write goes through `Clearance.decide()` or
 `Clearance.signal()`, so the guarantees of the library hold over HTTP too:
@@ -41,10 +42,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from clearance.http_bodies import MAX_BODY
 from clearance.http_errors import ApiError
 from clearance.http_routes import EXCEPTION_HANDLERS, routes
+from clearance.inbox import SecurityHeaders
+from clearance.inbox import mount as inbox
 from clearance.openapi import openapi_document
 
 if TYPE_CHECKING:
@@ -55,6 +59,10 @@ __all__ = ["MAX_BODY", "ApiError", "build_asgi", "openapi_document"]
 
 def build_asgi(app: Clearance, *, max_body: int = MAX_BODY) -> Starlette:
     """The HTTP API over `app` as a Starlette app: serve it, or mount it in your own."""
-    api = Starlette(routes=routes(app, max_body), exception_handlers=EXCEPTION_HANDLERS)
+    api = Starlette(
+        routes=[*routes(app, max_body), inbox(app, max_body)],
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(SecurityHeaders)],
+    )
     api.state.clearance = app
     return api

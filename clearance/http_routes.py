@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from clearance import views
+from clearance import page_session, views
 from clearance.callback import TokenError, check_token
 from clearance.core.decide import standing_decision
 from clearance.core.errors import ClearanceError, InvalidParameters, Refusal, RefusalCode
@@ -59,21 +59,28 @@ def error_response(err: ApiError) -> Response:
 async def authenticate(app: Clearance, request: Request) -> Identity:
     """Who is asking: the reviewer a trusted header names (only where the operator
     enabled that header), else the bearer key's owner (the instance API key is
-    `admin`). Refused before anything is looked up or changed."""
-    if app.trust_header and request.headers.get(app.trust_header):
-        name = request.headers[app.trust_header].strip()
-        who = await app.reviewer_identity(name)
-        if who is None:
-            fail(403, "forbidden", f"{app.trust_header} names {name!r}, who is not a reviewer")
-        return who
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    given = given.strip()
-    if scheme.lower() != "bearer" or not given:
+    `admin`), else the inbox page's session cookie's. Page sessions' state-changing
+    requests must carry their CSRF token (`page_session`). Refused before anything
+    is looked up or changed."""
+    found = page_session.credential(request, app.trust_header)
+    if found is None:
         if not app.api_key:
             _not_configured()
         err = ApiError(401, "unauthorized", "send Authorization: Bearer <api key>")
         err.headers["WWW-Authenticate"] = "Bearer"
         raise err
+    kind, given = found
+    page_session.check_csrf(request, kind, given)
+    if kind == "header":
+        who = await app.reviewer_identity(given)
+        if who is None:
+            fail(403, "forbidden", f"{app.trust_header} names {given!r}, who is not a reviewer")
+        return who
+    return await key_identity(app, given)
+
+
+async def key_identity(app: Clearance, given: str) -> Identity:
+    """The owner of a key: a reviewer's key, or the instance API key (`admin`)."""
     if key_id_of(given) is not None:
         who = await app.identify(given)
         if who is None:
