@@ -212,4 +212,5 @@ def mount(app: Clearance, max_body: int) -> Mount:
 def _cookie_path(request: Request) -> str:
     """Where the API is mounted (`root_path`, e.g. /clearance), so the browser sends the
     key to this API only, not to the app around it."""
-    return request.scope.get("root_path", "").removesuffix(MOUNT).rstrip("/") + "/"
+    root: str = request.scope.get("root_path", "")
+    return root.removesuffix(MOUNT).rstrip("/") + "/"

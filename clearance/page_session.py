@@ -10,7 +10,7 @@ A request is authenticated by exactly one credential, looked for in this order:
   (percent-encoded), so a stolen cookie is a stolen key, and any process of the
   instance checks it the way it checks a bearer key: no server-side session, no
   shared session secret. HttpOnly, SameSite=Strict, Path = where the API is mounted,
-Secure over https.
+  Secure over https.
 
 CSRF. A browser attaches a cookie (or, behind an SSO proxy, the proxy attaches the
 identity header) to requests another site makes it send; a bearer key it never
