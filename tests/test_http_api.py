@@ -113,8 +113,10 @@ class Api:
 
 
 @asynccontextmanager
-async def hosted(tmp_path: Path, **options: Any) -> AsyncIterator[Api]:
-    clock = FakeClock()
+async def hosted(
+    tmp_path: Path, clock: FakeClock | None = None, **options: Any
+) -> AsyncIterator[Api]:
+    clock = clock or FakeClock()
     recorder = Recorder()
     async with Clearance.open(
         f"sqlite:///{tmp_path / 'approvals.db'}", clock=clock, ids=SequentialIds(), **options

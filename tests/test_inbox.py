@@ -14,9 +14,12 @@ own tool calls).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,7 +33,7 @@ from clearance import Grant, HumanInLoop, Reviewer, Tool, ToolContext
 from clearance.http_api import build_asgi
 from clearance.inbox import CSP
 from clearance.page_session import csrf_token, header_secret
-from clearance.testing import ScriptedModel, text, tool_use
+from clearance.testing import FakeClock, ScriptedModel, text, tool_use
 
 try:
     from playwright.async_api import Browser, Locator, Page, async_playwright, expect
@@ -361,6 +364,33 @@ async def test_requests_decided_elsewhere_leave_the_open_page(inbox: Inbox) -> N
     await expect(detail.locator("#approve")).to_have_count(0)
     await page.keyboard.press("j")  # on to the next one still waiting
     await expect(detail.locator(".ids")).to_contain_text(third.request_id)
+
+
+async def test_a_request_decided_by_the_cli_leaves_the_open_page(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """`clearance reject` in another process, on the same file: the open page drops the
+    request. (The CLI runs on the real clock: so does this instance's, from now.)"""
+    clock = FakeClock(datetime.now(UTC))
+    async with hosted(tmp_path, clock, webhook_secret=SECRET, api_key=API_KEY) as api:
+        await api.app.save_reviewer(REFUNDS)
+        async for inbox in _inbox(api, browser):
+            request, other = await api.start(), await api.start()
+            await inbox.open(await api.app.issue_key("rita"))
+            await expect(inbox.row(request.request_id)).to_be_visible()
+            cli = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-m", "clearance", "reject", request.request_id),
+                *("--reason", "Not ours", "--by", "sam", "--db", "approvals.db"),
+                cwd=str(tmp_path),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            _, err = await cli.communicate()
+            assert cli.returncode == 0, err.decode()
+            await expect(inbox.row(request.request_id)).to_have_count(0)
+            await expect(inbox.row(other.request_id)).to_be_visible()
+            [record] = await api.app.audit(request_id=request.request_id)
+            assert (record.decision, record.by, record.by_kind) == ("rejected", "sam", "claimed")
 
 
 async def test_an_expired_request_shows_as_timed_out(inbox: Inbox) -> None:
