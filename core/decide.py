@@ -511,7 +511,9 @@ def _advance(
                         tool_use_id=call.tool_use_id,
                         tool=call.tool,
                         parameters=call.parameters,
-                        idempotency_key=f"{ex.id}:{call.tool_use_id}",
+                        # The turn too: a model may use a tool_use id again in a later
+                        # turn, and two calls must never share a key.
+                        idempotency_key=f"{ex.id}:{ex.model_turn}:{call.tool_use_id}",
                     )
                 )
         if not parallel:

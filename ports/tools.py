@@ -11,7 +11,8 @@ import attrs
 @attrs.frozen
 class ToolContext:
     """Passed to every handler. `idempotency_key` is stable for one approval (its request
-    id), so a handler that talks to a payment API can pass it along and never pay twice."""
+    id), so a handler that talks to a payment API can pass it along and never pay twice;
+    an ungated call's is `<execution id>:<model turn>:<tool_use id>`, one per call."""
 
     execution_id: str
     agent_tag: str

@@ -345,7 +345,8 @@ async def test_ungated_tools_run_without_approval(app: Clearance, recorder: Reco
     assert ex.status == "completed"
     [(name, ctx, _)] = recorder.calls
     assert name == "get-order"
-    assert ctx.request_id is None and ctx.idempotency_key == f"{ex.id}:{ctx.tool_use_id}"
+    # The model turn is in the key: a later turn may use the same tool_use id again.
+    assert ctx.request_id is None and ctx.idempotency_key == f"{ex.id}:1:{ctx.tool_use_id}"
     assert await app.audit(execution_id=ex.id) == []
 
 

@@ -1125,7 +1125,9 @@ class ClearanceMachine(RuleBasedStateMachine):
             ctx = call.ctx
             if call.tool in UNGATED:
                 assert ctx.request_id is None
-                assert ctx.idempotency_key == f"{ctx.execution_id}:{ctx.tool_use_id}"
+                execution_id, turn, tool_use_id = ctx.idempotency_key.split(":", 2)
+                assert (execution_id, tool_use_id) == (ctx.execution_id, ctx.tool_use_id)
+                assert turn.isdigit()  # the model turn that asked for the call
                 continue
             # G1: a gated tool runs only for a recorded approval of that request.
             assert call.tool in GATED_TIMEOUT_S, f"handler ran for {call.tool}"
