@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 import nats.errors
@@ -46,6 +45,7 @@ from clearance.ports.broker import (
     SIGNATURE,
     Signer,
     event_of,
+    our_options,
     signed_message,
 )
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
@@ -81,10 +81,7 @@ class NatsBroker:
 
     def __init__(self, broker: str, url: str, *, sign: Signer | None = None) -> None:
         self.name = broker_channel(broker)
-        parts = urlsplit(url)
-        ours = {"ack_wait", "max_msgs"}
-        query = parse_qsl(parts.query)
-        options = {k: v for k, v in query if k in ours}
+        options, self.url = our_options(url, {"ack_wait", "max_msgs"})
         try:
             self.ack_wait = float(options.get("ack_wait", 30))
             self.max_msgs = int(options.get("max_msgs", 100_000))
@@ -94,9 +91,6 @@ class NatsBroker:
             ) from None
         if not self.ack_wait > 0 or self.max_msgs < 1:  # `not >`: NaN is refused too
             raise ValueError(f"ack_wait and max_msgs must be above 0, got {options}")
-        self.url = urlunsplit(
-            parts._replace(query=urlencode([(k, v) for k, v in query if k not in ours]))
-        )
         self._sign = sign
         self._client: Client | None = None
         self._connecting = asyncio.Lock()

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import aio_pika
 import attrs
@@ -50,6 +49,7 @@ from clearance.ports.broker import (
     SIGNATURE,
     Signer,
     event_of,
+    our_options,
     signed_message,
 )
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
@@ -79,10 +79,7 @@ class RabbitBroker:
 
     def __init__(self, broker: str, url: str, *, sign: Signer | None = None) -> None:
         self.name = broker_channel(broker)
-        parts = urlsplit(url)
-        ours = {"exchange", "prefetch"}
-        query = parse_qsl(parts.query)
-        options = {k: v for k, v in query if k in ours}
+        options, self.url = our_options(url, {"exchange", "prefetch"})
         self.exchange = options.get("exchange", broker)
         try:
             self.prefetch = int(options.get("prefetch", 16))
@@ -90,9 +87,6 @@ class RabbitBroker:
             raise ValueError(f"prefetch must be a whole number, got {options}") from None
         if self.prefetch < 1 or not self.exchange:
             raise ValueError(f"prefetch must be above 0 and exchange named, got {options}")
-        self.url = urlunsplit(
-            parts._replace(query=urlencode([(k, v) for k, v in query if k not in ours]))
-        )
         self._sign = sign
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None  # the one requests are published on

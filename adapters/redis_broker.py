@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import attrs
 import redis.asyncio as redis
@@ -30,6 +29,7 @@ from clearance.ports.broker import (
     PUBLISHES_AT_ONCE,
     SIGNATURE,
     Signer,
+    our_options,
     signed_message,
 )
 from clearance.ports.channel import DELIVERED, FAILED, RETRY, Sent
@@ -61,10 +61,7 @@ class RedisBroker:
 
     def __init__(self, broker: str, url: str, *, sign: Signer | None = None) -> None:
         self.name = broker_channel(broker)
-        parts = urlsplit(url)
-        ours = {"maxlen", "claim_after"}
-        query = parse_qsl(parts.query)
-        options = {k: v for k, v in query if k in ours}
+        options, self.url = our_options(url, {"maxlen", "claim_after"})
         try:
             self.maxlen = int(options.get("maxlen", 100_000))
             self.claim_after_ms = int(float(options.get("claim_after", 30)) * 1000)
@@ -74,9 +71,6 @@ class RedisBroker:
             ) from None
         if self.maxlen < 1 or self.claim_after_ms < 1:
             raise ValueError(f"maxlen and claim_after must be above 0, got {options}")
-        self.url = urlunsplit(
-            parts._replace(query=urlencode([(k, v) for k, v in query if k not in ours]))
-        )
         self._sign = sign
         self._client: redis.Redis | None = None
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from clearance.core.json_text import dumps
 from clearance.ports.channel import ApprovalChannel
@@ -34,6 +35,15 @@ from clearance.ports.store import Delivery
 SIGNATURE = ("webhook-id", "webhook-timestamp", "webhook-signature")
 # The subjects that answer an event: decisions come in on one, refusals go out on the other.
 ANSWERS = (".decisions", ".errors")
+
+
+def our_options(url: str, ours: set[str]) -> tuple[dict[str, str], str]:
+    """The URL parameters named in `ours` (an adapter's own, e.g. `claim_after`), and
+    the URL without them, for the client library, which would refuse them."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query)
+    rest = urlencode([(k, v) for k, v in query if k not in ours])
+    return {k: v for k, v in query if k in ours}, urlunsplit(parts._replace(query=rest))
 
 
 def event_of(subject: str) -> str:
