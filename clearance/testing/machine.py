@@ -220,6 +220,12 @@ def _twinned(turn: Turn) -> bool:
     return len(set(ids)) != len(ids)
 
 
+# Examples per machine test, when the pytest plugin's --clearance-examples gives it:
+# read as each machine class is made (its test module imported), after pytest's
+# options are known.
+EXAMPLES: int | None = None
+
+
 class AgentMachine(RuleBasedStateMachine):
     """Property-based tests of one agent definition: subclass with `agent = dict(...)`,
     the keyword arguments of `Clearance.define()` (`model` is replaced by the puppet)."""
@@ -267,6 +273,8 @@ class AgentMachine(RuleBasedStateMachine):
         test_case = cls.TestCase
         phases = [p for p in test_case.settings.phases if p is not Phase.explain]
         test_case.settings = settings(test_case.settings, phases=phases)
+        if EXAMPLES is not None:  # pytest --clearance-examples N
+            test_case.settings = settings(test_case.settings, max_examples=EXAMPLES)
 
     @classmethod
     def agent_spec(cls) -> AgentSpec:
