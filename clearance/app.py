@@ -429,16 +429,10 @@ class Clearance:
         by: str | Identity | None = None,
     ) -> Execution:
         """Decide by request id alone, as the spec's callback body does."""
-        execution_id = await self.store.execution_of_request(request_id)
-        if execution_id is None:
-            raise Refusal("unknown_request", f"no approval request '{request_id}'")
-        return await self.signal(
-            execution_id,
-            "approve" if approved else "reject",
-            request_id=request_id,
-            modified_params=modified_params,
-            reason=reason,
-            by=by,
+        return await self._shielded(
+            self._decision(
+                request_id, approved, reason=reason, modified_params=modified_params, by=by
+            )
         )
 
     async def decide_many(
@@ -456,18 +450,8 @@ class Clearance:
         outcomes = []
         for request_id in request_ids:
             try:
-                execution_id = await self.store.execution_of_request(request_id)
-                if execution_id is None:
-                    raise Refusal("unknown_request", f"no approval request '{request_id}'")
                 ex = await self._shielded(
-                    self.engine.signal(
-                        execution_id,
-                        "approve" if approved else "reject",
-                        request_id=request_id,
-                        reason=reason,
-                        by=by,
-                        settle=False,
-                    )
+                    self._decision(request_id, approved, reason=reason, by=by, settle=False)
                 )
             except Refusal as refusal:
                 outcomes.append(BatchOutcome(request_id, None, refusal))
@@ -569,17 +553,37 @@ class Clearance:
     async def _record_decision(self, decision: Decision) -> None:
         """A decision from a broker: recorded, and its work started here or elsewhere;
         the consumer does not wait for a tool to finish."""
-        execution_id = await self.store.execution_of_request(decision.request_id)
-        if execution_id is None:
-            raise Refusal("unknown_request", f"no approval request '{decision.request_id}'")
-        await self.engine.signal(
-            execution_id,
-            "approve" if decision.approved else "reject",
-            request_id=decision.request_id,
-            modified_params=decision.modified_params,
+        await self._decision(
+            decision.request_id,
+            decision.approved,
             reason=decision.reason,
+            modified_params=decision.modified_params,
             by=Identity(decision.by, CLAIMED) if decision.by else None,  # the sender's word
             settle=False,
+        )
+
+    async def _decision(
+        self,
+        request_id: str,
+        approved: bool,
+        *,
+        reason: str | None = None,
+        modified_params: dict[str, Any] | None = None,
+        by: str | Identity | None = None,
+        settle: bool = True,
+    ) -> Execution:
+        """Approve or reject a request known by its id alone (`decide`, a batch, a broker)."""
+        execution_id = await self.store.execution_of_request(request_id)
+        if execution_id is None:
+            raise Refusal("unknown_request", f"no approval request '{request_id}'")
+        return await self.engine.signal(
+            execution_id,
+            "approve" if approved else "reject",
+            request_id=request_id,
+            modified_params=modified_params,
+            reason=reason,
+            by=by,
+            settle=settle,
         )
 
     async def _request(self, request_id: str) -> ApprovalRequest | None:

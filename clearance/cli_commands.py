@@ -603,7 +603,7 @@ async def _reviewer_add(app: Clearance, args: argparse.Namespace) -> int:
         reviewer = Reviewer(args.name, [grant], [g for g in args.groups.split(",") if g])
     except BadReviewer as err:
         raise UsageError(str(err)) from None
-    if any(r.name == reviewer.name for r in await app.reviewers()):
+    if await app.reviewer_identity(reviewer.name) is not None:
         raise ClearanceError(
             f"reviewer {reviewer.name!r} exists; `clearance reviewer key {reviewer.name}` gives"
             " another key, `clearance reviewer remove` removes them"

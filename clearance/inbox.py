@@ -28,7 +28,7 @@ Content-Security-Policy (no inline script or style), nosniff, no referrer, and
 from __future__ import annotations
 
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -151,25 +151,14 @@ def mount(app: Clearance, max_body: int) -> Mount:
         who = await key_identity(app, key)
         answer = _session(app, who, "cookie", key)
         answer.set_cookie(
-            page_session.SESSION_COOKIE,
-            page_session.cookie_value(key),
-            path=_cookie_path(request),
-            secure=request.url.scheme == "https",
-            httponly=True,
-            samesite="strict",
+            page_session.SESSION_COOKIE, page_session.cookie_value(key), **_cookie(request)
         )
         return answer
 
     async def sign_out(request: Request) -> Response:
         page_session.refuse_cross_site(request)
         answer = JSONView({"signedOut": True})
-        answer.delete_cookie(
-            page_session.SESSION_COOKIE,
-            path=_cookie_path(request),
-            secure=request.url.scheme == "https",
-            httponly=True,
-            samesite="strict",
-        )
+        answer.delete_cookie(page_session.SESSION_COOKIE, **_cookie(request))
         return answer
 
     async def tool_schema(request: Request) -> Response:
@@ -209,8 +198,14 @@ def mount(app: Clearance, max_body: int) -> Mount:
     )
 
 
-def _cookie_path(request: Request) -> str:
-    """Where the API is mounted (`root_path`, e.g. /clearance), so the browser sends the
-    key to this API only, not to the app around it."""
+def _cookie(request: Request) -> dict[str, Any]:
+    """The session cookie's attributes, the same to set it and to clear it: scoped to
+    where the API is mounted (`root_path`, e.g. /clearance), so the browser sends the key
+    to this API only, not to the app around it."""
     root: str = request.scope.get("root_path", "")
-    return root.removesuffix(MOUNT).rstrip("/") + "/"
+    return {
+        "path": root.removesuffix(MOUNT).rstrip("/") + "/",
+        "secure": request.url.scheme == "https",
+        "httponly": True,
+        "samesite": "strict",
+    }
