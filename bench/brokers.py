@@ -165,7 +165,28 @@ async def running(review: Coroutine[Any, Any, None], times: Times) -> AsyncItera
 # -- the sides ---------------------------------------------------------------------------
 
 
-class MemorySide:
+class BrokerSide:
+    """What the broker sides share: Clearance opened with the broker's `url`, the agent
+    publishing on it, and the side's reviewer (`_review`) running while measured."""
+
+    url: str
+
+    def open_options(self, name: str) -> dict[str, Any]:
+        return {"brokers": {name: self.url}}
+
+    def agent_options(self, name: str, event: str) -> dict[str, Any]:
+        return {"approval_broker": ApprovalBroker(broker=name, event=event)}
+
+    async def _review(self, event: str, times: Times) -> None:
+        raise NotImplementedError
+
+    def reviewing(
+        self, app: Clearance, event: str, times: Times
+    ) -> AbstractAsyncContextManager[None]:
+        return running(self._review(event, times), times)
+
+
+class MemorySide(BrokerSide):
     label = "memory"
     server = "in-process (`memory://`)"
 
@@ -174,12 +195,7 @@ class MemorySide:
 
         self.key = f"bench-{secrets.token_hex(4)}"
         self.hub = MemoryBroker.named(self.key)
-
-    def open_options(self, name: str) -> dict[str, Any]:
-        return {"brokers": {name: f"memory://{self.key}"}}
-
-    def agent_options(self, name: str, event: str) -> dict[str, Any]:
-        return {"approval_broker": ApprovalBroker(broker=name, event=event)}
+        self.url = f"memory://{self.key}"
 
     async def _review(self, event: str, times: Times) -> None:
         while True:
@@ -189,18 +205,13 @@ class MemorySide:
             if data is not None:
                 self.hub.publish(f"{event}.decisions", data.decode())
 
-    def reviewing(
-        self, app: Clearance, event: str, times: Times
-    ) -> AbstractAsyncContextManager[None]:
-        return running(self._review(event, times), times)
-
     async def close(self, event: str) -> None:
         self.hub.clear()
 
 
-class RedisSide:
+class RedisSide(BrokerSide):
     label = "Redis Streams"
-    server = REDIS
+    server = url = REDIS
 
     async def connect(self) -> None:
         import redis.asyncio as redis
@@ -212,12 +223,6 @@ class RedisSide:
         except (RedisError, OSError) as err:
             await self.client.aclose()
             raise Skipped(f"no Redis answers at {REDIS} ({err})") from None
-
-    def open_options(self, name: str) -> dict[str, Any]:
-        return {"brokers": {name: REDIS}}
-
-    def agent_options(self, name: str, event: str) -> dict[str, Any]:
-        return {"approval_broker": ApprovalBroker(broker=name, event=event)}
 
     async def _review(self, event: str, times: Times) -> None:
         last = "0-0"
@@ -234,11 +239,6 @@ class RedisSide:
                 if data is not None:
                     await self.client.xadd(f"{event}.decisions", {"data": data})
 
-    def reviewing(
-        self, app: Clearance, event: str, times: Times
-    ) -> AbstractAsyncContextManager[None]:
-        return running(self._review(event, times), times)
-
     async def close(self, event: str) -> None:
         try:
             keys = [key async for key in self.client.scan_iter(match=f"{event}*")]
@@ -248,9 +248,9 @@ class RedisSide:
             await self.client.aclose()
 
 
-class NatsSide:
+class NatsSide(BrokerSide):
     label = "NATS JetStream"
-    server = NATS
+    server = url = NATS
 
     async def connect(self) -> None:
         import nats
@@ -279,12 +279,6 @@ class NatsSide:
         except (NatsError, TimeoutError) as err:
             await self.nc.close()
             raise Skipped(f"NATS at {NATS} has no JetStream ({err})") from None
-
-    def open_options(self, name: str) -> dict[str, Any]:
-        return {"brokers": {name: NATS}}
-
-    def agent_options(self, name: str, event: str) -> dict[str, Any]:
-        return {"approval_broker": ApprovalBroker(broker=name, event=event)}
 
     async def _stream(self, event: str) -> str | None:
         from nats.js.errors import NotFoundError
@@ -315,11 +309,6 @@ class NatsSide:
             await self.js.publish(f"{event}.decisions", data)
         await message.ack()
 
-    def reviewing(
-        self, app: Clearance, event: str, times: Times
-    ) -> AbstractAsyncContextManager[None]:
-        return running(self._review(event, times), times)
-
     async def close(self, event: str) -> None:
         try:
             stream = await self._stream(event)
@@ -329,8 +318,9 @@ class NatsSide:
             await self.nc.close()
 
 
-class RabbitSide:
+class RabbitSide(BrokerSide):
     label = "RabbitMQ"
+    url = RABBITMQ
     server = RABBITMQ.replace("guest:guest@", "")
 
     async def connect(self) -> None:
@@ -345,10 +335,7 @@ class RabbitSide:
 
     def open_options(self, name: str) -> dict[str, Any]:
         self.exchange = name  # the broker name is the exchange's
-        return {"brokers": {name: RABBITMQ}}
-
-    def agent_options(self, name: str, event: str) -> dict[str, Any]:
-        return {"approval_broker": ApprovalBroker(broker=name, event=event)}
+        return super().open_options(name)
 
     async def _review(self, event: str, times: Times) -> None:
         import aio_pika
@@ -393,11 +380,6 @@ class RabbitSide:
         finally:
             for task in running:
                 task.cancel()
-
-    def reviewing(
-        self, app: Clearance, event: str, times: Times
-    ) -> AbstractAsyncContextManager[None]:
-        return running(self._review(event, times), times)
 
     async def close(self, event: str) -> None:
         try:
@@ -604,7 +586,8 @@ def run(sizes: Sizes) -> Section:
     alone = min(n, ONE_AT_A_TIME)
     deadline = 30.0 if sizes.quick else 120.0
     chosen = QUICK if sizes.quick else tuple(SIDES)
-    rows, quiet = [], []
+    rows: list[list[str]] = []
+    quiet: list[list[str]] = []
     for key, make in SIDES.items():
         side = make()
         for count, lanes, into in ((n, IN_FLIGHT, rows), (alone, 1, quiet)):

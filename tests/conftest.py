@@ -150,15 +150,21 @@ async def check_the_timer_is_kept_and_claimed(store: Any, run: Any) -> None:
     assert await store.claim_timers(far, far, 9) == []  # held
 
 
-class Releases:
-    """A relay's store, counting the claimed deliveries it hands back unsent."""
+class StoreWrapper:
+    """A store passed through unchanged, but for the methods a subclass overrides (to
+    count, slow down or fail them)."""
 
     def __init__(self, store: Any) -> None:
         self._store = store
-        self.released = 0
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
+
+
+class Releases(StoreWrapper):
+    """A relay's store, counting the claimed deliveries it hands back unsent."""
+
+    released = 0
 
     async def release_delivery(self, *args: Any) -> Any:
         self.released += 1

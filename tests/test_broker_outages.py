@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -141,20 +141,25 @@ async def test_a_broker_stopped_during_a_run_is_retried_and_published_once_it_is
         assert side.message_ids(side.event) == [a, b]  # still one message each
 
 
-async def test_a_sigkill_between_commit_and_publish_is_published_once_after_the_restart(
-    tmp_path: Path, side: ServerSide
-) -> None:
-    store = f"sqlite:///{tmp_path / 'crash.db'}"
+async def _killed_child(
+    *args: str, reading: Callable[[], None] | None = None
+) -> tuple[list[str], str]:
+    """Run tests/broker_crash_process.py with `args` until it dies, which must be by
+    SIGKILL; `reading`: done once the child says it reads decisions. Returns the
+    lines it said, and a text about it for assertion messages."""
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         CHILD,
-        store,
-        side.url,
-        side.event,
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     try:
+        if reading is not None:
+            assert child.stdout is not None
+            line = await asyncio.wait_for(child.stdout.readline(), CHILD_SECONDS)
+            assert line.decode().strip() == "reading", line
+            reading()
         out, err = await asyncio.wait_for(child.communicate(), CHILD_SECONDS)
     finally:
         if child.returncode is None:
@@ -163,6 +168,14 @@ async def test_a_sigkill_between_commit_and_publish_is_published_once_after_the_
     said = out.decode().splitlines()
     why = f"the child said {said}; stderr:\n{err.decode(errors='replace')[-3000:]}"
     assert child.returncode == -signal.SIGKILL, why
+    return said, why
+
+
+async def test_a_sigkill_between_commit_and_publish_is_published_once_after_the_restart(
+    tmp_path: Path, side: ServerSide
+) -> None:
+    store = f"sqlite:///{tmp_path / 'crash.db'}"
+    said, why = await _killed_child(store, side.url, side.event)
     # Killed inside `send`, before it published: the pause committed, nothing out.
     [sending] = [line for line in said if line.startswith("sending ")]
     _, execution_id, request_id = sending.split()
@@ -209,29 +222,10 @@ async def test_a_process_killed_applying_a_decision_leaves_it_to_another(
         request_id = ex.pending_approvals[0].request_id
         await wait_for(lambda: side.message_ids(side.event))
     # Nobody reads the decisions now; the child is the only reader once it starts.
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        CHILD,
-        store,
-        side.url,
-        side.event,
-        "decide",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    said, why = await _killed_child(
+        store, side.url, side.event, "decide", reading=lambda: _decide(side, request_id, "ops")
     )
-    try:
-        assert child.stdout is not None
-        line = await asyncio.wait_for(child.stdout.readline(), CHILD_SECONDS)
-        assert line.decode().strip() == "reading", line
-        _decide(side, request_id, "ops")
-        out, err = await asyncio.wait_for(child.communicate(), CHILD_SECONDS)
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
-    said = out.decode().splitlines()
-    why = f"the child said {said}; stderr:\n{err.decode(errors='replace')[-3000:]}"
-    assert child.returncode == -signal.SIGKILL and said == [f"deciding {request_id}"], why
+    assert said == [f"deciding {request_id}"], why
 
     async with _opened(store, side.url) as app:
         define(app, recorder, side.event)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from broker_sides import SECRET, SERVED, SIDES, Memory, Side
-from conftest import REFUND, Recorder, Releases, define_refund_agent, wait_for
+from conftest import REFUND, Recorder, Releases, StoreWrapper, define_refund_agent, wait_for
 from standardwebhooks.webhooks import Webhook
 
 from clearance import ApprovalBroker, Clearance, ClearanceError, DefinitionError, HumanInLoop
@@ -340,14 +340,8 @@ async def test_two_processes_share_the_decisions_each_applied_once(
         assert hub.messages(f"{hub.event}.errors") == []
 
 
-class _SlowApproval:
+class _SlowApproval(StoreWrapper):
     """A store whose commit of an approval takes a while, as a busy store's does."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
     async def commit(self, writes: Any, **kwargs: Any) -> Any:
         if writes.event.TAG == "approved":
@@ -377,15 +371,10 @@ async def test_one_requests_decisions_are_applied_in_the_order_they_came(
     assert len(recorder.ran("process-refund")) == 1
 
 
-class _FirstDecisionFails:
+class _FirstDecisionFails(StoreWrapper):
     """A store whose first commit of a decision fails, as a store that went away does."""
 
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self.failed = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
+    failed = 0
 
     async def commit(self, writes: Any, **kwargs: Any) -> Any:
         if writes.event.TAG == "approved" and not self.failed:
