@@ -16,8 +16,9 @@ per stream, default 100000) and `claim_after` (seconds, default 30).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import attrs
 import redis.asyncio as redis
@@ -39,6 +40,21 @@ READ_COUNT = 16
 BLOCK_MS = 1000
 POOL_SIZE = 100  # connections: publishes (64 at once per event) and decision readers
 POOL_WAIT = 10.0  # seconds a caller waits for a free connection
+T = TypeVar("T")
+
+
+async def _cancellable(call: Awaitable[T]) -> T:
+    """`call`, in a task of its own, so that cancelling the caller works: redis-py
+    (5.x with a socket timeout, 8.x always) swallows a cancellation that lands while
+    a command waits for its answer, and a reader told to stop read on. The command
+    itself finishes on its own (at most BLOCK_MS), and its connection goes back."""
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        # Nobody waits for it now: take its outcome so that it is not reported as lost.
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
 
 
 @attrs.define(eq=False)
@@ -123,12 +139,16 @@ class RedisBroker:
         while True:
             try:
                 # Entries another consumer took and never acknowledged, first.
-                _, entries, *_ = await client.xautoclaim(
-                    subject, group, consumer, self.claim_after_ms, "0-0", count=READ_COUNT
+                _, entries, *_ = await _cancellable(
+                    client.xautoclaim(
+                        subject, group, consumer, self.claim_after_ms, "0-0", count=READ_COUNT
+                    )
                 )
                 if not entries:
-                    read: Any = await client.xreadgroup(
-                        group, consumer, {subject: ">"}, count=READ_COUNT, block=BLOCK_MS
+                    read: Any = await _cancellable(
+                        client.xreadgroup(
+                            group, consumer, {subject: ">"}, count=READ_COUNT, block=BLOCK_MS
+                        )
                     )
                     # RESP2: [[stream, entries]]; RESP3: {stream: [entries]}.
                     if isinstance(read, dict):

@@ -17,8 +17,11 @@ Contract, beyond `ApprovalChannel`'s:
   never acknowledged because its consumer died comes again after a while; one
   handed back with `retry` comes again sooner.
 - `publish(subject, body)` publishes one message (the answers on `<event>.errors`).
-- Broker outages are not fatal: `decisions` waits and tries again; `send` answers
-  RETRY; `publish` raises (the caller retries by not acknowledging).
+- Broker outages are not fatal: `send` answers RETRY; `publish` raises (the caller
+  retries by not acknowledging); `decisions` may wait or raise (the decision consumer
+  reads again after a pause). Cancelling the task that reads `decisions` ends it
+  promptly, whatever it waits on.
+- `clearance.testing.contract.BrokerContract` holds an adapter to all of this.
 """
 
 from __future__ import annotations

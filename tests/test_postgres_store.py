@@ -22,7 +22,7 @@ from test_cli import acli
 from clearance import Clearance, ClearanceError
 from clearance.adapters.postgres_store import SCHEMA_VERSION, PostgresStore
 from clearance.ports.store import ClaimRequest
-from clearance.testing.contract import Run, agent
+from clearance.testing.contract.store import Run, agent
 
 __all__ = ["own_postgres", "postgres_url"]  # the fixtures, for pytest
 

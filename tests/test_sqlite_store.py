@@ -31,7 +31,7 @@ from clearance.core.rows import writes
 from clearance.core.wire import parse_stamp, stamp
 from clearance.ports.store import Claim, ClaimRequest, Conflict, LeaseLost, UnreadableExecution
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
-from clearance.testing.contract import Run, agent
+from clearance.testing.contract.store import Run, agent
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

@@ -50,7 +50,7 @@ from clearance.core.wire import converter, execution_from_data, execution_to_dat
 from clearance.ports.store import Store
 from clearance.reviewer_keys import new_key
 from clearance.testing import FakeClock, SequentialIds
-from clearance.testing.contract import Run, agent
+from clearance.testing.contract.store import Run, agent
 
 __all__ = ["postgres_url"]  # the fixture, for pytest
 
