@@ -622,7 +622,8 @@ class PostgresStore:
                 f" WHERE {ok} ORDER BY n)"
             )
         if writes.audit:
-            args["au_req"] = [r.request_id for r in writes.audit]
+            # A call a policy decided has no request: "" in the column, null in the body.
+            args["au_req"] = [r.request_id or "" for r in writes.audit]
             args["au_ex"] = [r.execution_id for r in writes.audit]
             args["au_body"] = [compact_json(converter.unstructure(r)) for r in writes.audit]
             parts.append(

@@ -618,7 +618,7 @@ class SQLiteStore:
             db.execute(
                 "INSERT INTO audit (request_id, execution_id, body) VALUES (?, ?, ?)",
                 (
-                    record.request_id,
+                    record.request_id or "",  # a call a policy decided has no request
                     record.execution_id,
                     compact_json(converter.unstructure(record)),
                 ),

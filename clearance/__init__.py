@@ -8,7 +8,15 @@ if TYPE_CHECKING:
     from clearance.core.errors import ClearanceError, DefinitionError, InvalidParameters, Refusal
     from clearance.core.execution import ApprovalRequest, Execution
     from clearance.core.reviewers import Grant, Identity, Reviewer
-    from clearance.definition import ApprovalBroker, ClearanceWarning, HumanInLoop, Model, Tool
+    from clearance.definition import (
+        ApprovalBroker,
+        ClearanceWarning,
+        HumanInLoop,
+        Model,
+        Policy,
+        Rule,
+        Tool,
+    )
     from clearance.ports.model import ModelReply, ModelRequest
     from clearance.ports.tools import ToolContext
 
@@ -30,8 +38,10 @@ _WHERE = {
     "Model": "clearance.definition",
     "ModelReply": "clearance.ports.model",
     "ModelRequest": "clearance.ports.model",
+    "Policy": "clearance.definition",
     "Refusal": "clearance.core.errors",
     "Reviewer": "clearance.core.reviewers",
+    "Rule": "clearance.definition",
     "Tool": "clearance.definition",
     "ToolContext": "clearance.ports.tools",
 }
@@ -68,8 +78,10 @@ __all__ = [
     "Model",
     "ModelReply",
     "ModelRequest",
+    "Policy",
     "Refusal",
     "Reviewer",
+    "Rule",
     "Tool",
     "ToolContext",
 ]

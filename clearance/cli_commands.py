@@ -241,10 +241,13 @@ def audit_line(record: AuditRecord) -> str:
     parts = [
         iso(record.at),
         tint(record.decision),
-        record.request_id,
+        # A call a policy decided has no request: its tool_use id says which call.
+        record.request_id or f"call {record.tool_use_id}",
         record.tool,
         f"params={compact(record.parameters)}",
     ]
+    if record.rule_id is not None:
+        parts.append(f"rule={record.rule_id}")
     if record.modified_params is not None:
         parts.append(f"modified={compact(record.modified_params)}")
     if record.by:

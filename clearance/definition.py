@@ -23,6 +23,16 @@ from clearance.core.agent import (
     ToolSpec,
 )
 from clearance.core.errors import DefinitionError
+from clearance.core.policy import (
+    ASK,
+    EFFECTS,
+    PolicyError,
+    PolicySpec,
+    Predicate,
+    RuleSpec,
+    compile_condition,
+    version_of,
+)
 from clearance.core.schema import to_json_schema
 from clearance.ports.model import ModelPort
 from clearance.ports.tools import Handler
@@ -40,6 +50,72 @@ class ClearanceWarning(UserWarning):
 
 
 ConfirmationMessage = str | Callable[[dict[str, Any]], str]
+RULE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+@attrs.frozen
+class Rule:
+    """One policy rule: `effect` ("allow", "ask" or "deny") for the tools `tools` names
+    (a tag or a glob such as "refund-*", or a list of them), when `when` holds (a CEL
+    condition on `args`, `tool` and `agent`, e.g. 'args.amount <= 20.0'), or
+    `predicate` (a pure Python function of the arguments, for what CEL cannot say);
+    always, with neither. `reason` is what the model (deny), the reviewer (ask) and the
+    audit log are told. Build them with `Rule.allow(...)`, `Rule.ask(...)`,
+    `Rule.deny(...)`."""
+
+    effect: str
+    tools: str | Sequence[str] = "*"
+    when: str | None = None
+    predicate: Predicate | None = attrs.field(default=None, eq=False)
+    id: str | None = None  # default: "<effect>-<position>"
+    reason: str = ""
+
+    @classmethod
+    def allow(
+        cls,
+        tools: str | Sequence[str] = "*",
+        *,
+        when: str | None = None,
+        predicate: Predicate | None = None,
+        id: str | None = None,
+        reason: str = "",
+    ) -> Rule:
+        return cls("allow", tools, when, predicate, id, reason)
+
+    @classmethod
+    def ask(
+        cls,
+        tools: str | Sequence[str] = "*",
+        *,
+        when: str | None = None,
+        predicate: Predicate | None = None,
+        id: str | None = None,
+        reason: str = "",
+    ) -> Rule:
+        return cls("ask", tools, when, predicate, id, reason)
+
+    @classmethod
+    def deny(
+        cls,
+        tools: str | Sequence[str] = "*",
+        *,
+        when: str | None = None,
+        predicate: Predicate | None = None,
+        id: str | None = None,
+        reason: str = "",
+    ) -> Rule:
+        return cls("deny", tools, when, predicate, id, reason)
+
+
+@attrs.frozen
+class Policy:
+    """An agent's rules, on `HumanInLoop(policy=...)`: any matching deny wins, then ask,
+    then allow; a call no rule matches is gated as its tool says. `enforce=False` is
+    shadow mode: verdicts are recorded (the audit log's would_allow / would_ask /
+    would_deny) and nothing else changes."""
+
+    rules: Sequence[Rule] = ()
+    enforce: bool = True
 
 
 @attrs.frozen
@@ -53,6 +129,8 @@ class Tool:
     requires_confirmation: bool = False
     confirmation_message: ConfirmationMessage | None = None
     approval_timeout: int | None = None  # milliseconds; overrides HumanInLoop's
+    # Rules for this tool alone (their `tools` is this tool), after the agent's rules.
+    policy: Sequence[Rule] = ()
 
 
 # An event is a Redis stream key, a NATS subject and a RabbitMQ routing key at once:
@@ -86,6 +164,7 @@ class HumanInLoop:
     # tokens always use the instance's secret, so any process sharing it can check them.
     webhook_secret: str | None = attrs.field(default=None, repr=False)
     approval_order: str = SEQUENTIAL
+    policy: Policy | Sequence[Rule] | None = None
 
 
 @attrs.frozen
@@ -114,6 +193,7 @@ class HostedAgent:
     handlers: dict[str, Handler]
     confirmation_messages: dict[str, ConfirmationMessage | None]
     webhook_secret: str | None = None
+    predicates: dict[str, Predicate] = attrs.field(factory=dict)  # by rule id
 
     def reason(self, tool: str, params: dict[str, Any]) -> str:
         message = self.confirmation_messages.get(tool)
@@ -166,6 +246,105 @@ def _broker_target(given: ApprovalBroker | dict[str, Any] | None) -> BrokerTarge
             f" e.g. 'approval-requested'; got {given.event!r}"
         )
     return BrokerTarget(given.broker, given.event)
+
+
+def _patterns(rule_id: str, tools: Any) -> tuple[str, ...]:
+    patterns = (tools,) if isinstance(tools, str) else tools
+    if (
+        not isinstance(patterns, Sequence)
+        or not patterns
+        or not all(isinstance(p, str) and p.strip() for p in patterns)
+    ):
+        raise DefinitionError(
+            f"policy rule '{rule_id}': tools is a tool tag or glob, or a list of them"
+            f" (e.g. 'process-refund', 'refund-*', ['a', 'b']), got {tools!r}"
+        )
+    return tuple(patterns)
+
+
+def _rule(rule: Any, rule_id: str, tools: tuple[str, ...] | None) -> RuleSpec:
+    """The stored form of one rule; `tools` overrides its tools (a tool's own rules)."""
+    if not isinstance(rule, Rule):
+        raise DefinitionError(
+            f"a policy holds Rule(...) objects (Rule.allow/ask/deny), got {type(rule).__name__}"
+        )
+    if rule.effect not in EFFECTS:
+        raise DefinitionError(
+            f"policy rule '{rule_id}': effect must be one of allow, ask, deny; got {rule.effect!r}"
+        )
+    if rule.when is not None and rule.predicate is not None:
+        raise DefinitionError(
+            f"policy rule '{rule_id}': give a CEL condition (when=) or a predicate, not both"
+        )
+    if rule.when is not None:
+        try:
+            compile_condition(rule.when)
+        except PolicyError as err:
+            raise DefinitionError(f"policy rule '{rule_id}': {err}") from None
+    if rule.predicate is not None and not callable(rule.predicate):
+        raise DefinitionError(
+            f"policy rule '{rule_id}': predicate must be a function of the arguments"
+        )
+    if not isinstance(rule.reason, str):
+        raise DefinitionError(f"policy rule '{rule_id}': reason must be a string")
+    predicate = rule.predicate
+    return RuleSpec(
+        id=rule_id,
+        effect=rule.effect,
+        tools=tools if tools is not None else _patterns(rule_id, rule.tools),
+        when=rule.when,
+        predicate=(
+            f"{getattr(predicate, '__module__', '?')}.{getattr(predicate, '__qualname__', '?')}"
+            if predicate is not None
+            else None
+        ),
+        reason=rule.reason,
+    )
+
+
+def compile_policy(
+    given: Policy | Sequence[Rule] | None, tools: Sequence[Tool], enabled: bool
+) -> tuple[PolicySpec | None, dict[str, Predicate]]:
+    """The agent's stored policy (its rules, then each tool's own) and its predicates."""
+    if given is None:
+        policy = Policy()
+    elif isinstance(given, Policy):
+        policy = given
+    elif isinstance(given, Sequence) and not isinstance(given, str):
+        policy = Policy(tuple(given))
+    else:
+        raise DefinitionError(
+            f"policy must be a Policy or a list of Rule, got {type(given).__name__}"
+        )
+    placed: list[tuple[Rule, tuple[str, ...] | None]] = [(r, None) for r in policy.rules]
+    for tool in tools:
+        if isinstance(tool, Tool):
+            placed += [(r, (tool.tag,)) for r in tool.policy]
+    if not placed:
+        return None, {}
+    specs: list[RuleSpec] = []
+    predicates: dict[str, Predicate] = {}
+    for position, (rule, only) in enumerate(placed, 1):
+        rule_id = getattr(rule, "id", None) or f"{getattr(rule, 'effect', 'rule')}-{position}"
+        if not isinstance(rule_id, str) or not RULE_ID.match(rule_id):
+            raise DefinitionError(
+                f"policy rule id {rule_id!r}: use 1-64 letters, digits, '_', '.', ':' or '-'"
+            )
+        if any(s.id == rule_id for s in specs):
+            raise DefinitionError(f"policy rule id '{rule_id}' is used twice")
+        spec = _rule(rule, rule_id, only)
+        if spec.effect == ASK and not enabled:
+            raise DefinitionError(
+                f"policy rule '{rule_id}' asks for approval but human_in_loop is not enabled,"
+                " so nobody would be asked; pass HumanInLoop(enabled=True, ...)"
+            )
+        specs.append(spec)
+        if rule.predicate is not None:
+            predicates[rule_id] = rule.predicate
+    if not isinstance(policy.enforce, bool):
+        raise DefinitionError(f"Policy.enforce must be True or False, got {policy.enforce!r}")
+    rules = tuple(specs)
+    return PolicySpec(rules, policy.enforce, version_of(rules, policy.enforce)), predicates
 
 
 def compile_agent(
@@ -261,6 +440,17 @@ def compile_agent(
             ClearanceWarning,
             stacklevel=3,
         )
+    policy, predicates = compile_policy(hitl.policy, tools, hitl.enabled)
+    if policy is not None:
+        defined = [s.tag for s in specs]
+        for rule in policy.rules:
+            if not any(rule.covers(t) for t in defined):
+                warnings.warn(
+                    f"agent '{tag}': policy rule '{rule.id}' names tools it does not define:"
+                    f" {', '.join(rule.tools)} (defined: {', '.join(defined) or 'none'})",
+                    ClearanceWarning,
+                    stacklevel=3,
+                )
     spec = AgentSpec(
         tag=tag,
         name=name or tag,
@@ -273,6 +463,7 @@ def compile_agent(
         approval_webhook=webhook,
         own_webhook_secret=hitl.webhook_secret is not None,
         approval_broker=broker,
+        policy=policy,
     )
     return HostedAgent(
         spec=spec,
@@ -280,4 +471,5 @@ def compile_agent(
         handlers={t.tag: t.handler for t in tools if t.handler is not None},
         confirmation_messages={t.tag: t.confirmation_message for t in tools},
         webhook_secret=hitl.webhook_secret,
+        predicates=predicates,
     )

@@ -75,8 +75,10 @@ from clearance.core.execution import (
     Usage,
 )
 from clearance.core.json_value import NotJSON, check_text, strict
+from clearance.core.policy import DENY, HostRequired, Verdict, evaluate
 from clearance.core.reviewers import APP, REVIEWER, Identity
 from clearance.core.rows import writes
+from clearance.core.schema import with_defaults
 from clearance.definition import HostedAgent
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
@@ -231,12 +233,38 @@ class Engine:
                 _check_granted(who, ex, request)
             ex = await self._expire(ex, request_id)
             if signal == "approve":
-                event = Approved(request_id, self.clock.now(), name, modified_params, kind)
+                verdict = self._edit_verdict(ex, request, modified_params)
+                event = Approved(request_id, self.clock.now(), name, modified_params, kind, verdict)
             else:
                 event = Rejected(request_id, self.clock.now(), name, reason, kind)
         if not settle:
             return await self._feed(ex, event)
         return await self._drive(ex, event)
+
+    def _edit_verdict(
+        self, ex: Execution, request: ApprovalRequest | None, modified: Any
+    ) -> Verdict | None:
+        """The agent's policy on an edited call (the request's parameters with the
+        changes merged in, as the tool would get them); None without a policy or an
+        edit, or for an edit decide() refuses anyway."""
+        policy = ex.agent.policy
+        if policy is None or request is None or not isinstance(modified, dict):
+            return None
+        hosted = self.agents.get(ex.agent_tag)
+        try:
+            return evaluate(
+                policy,
+                agent=ex.agent_tag,
+                tool=request.tool,
+                args={**request.parameters, **modified},
+                predicates=hosted.predicates if hosted is not None else None,
+            )
+        except HostRequired as err:
+            raise Refusal(
+                RefusalCode.HOST_REQUIRED,
+                f"{err}; decide this edit where agent '{ex.agent_tag}' runs, or approve"
+                " the request unchanged",
+            ) from None
 
     async def _drive(self, ex: Execution, event: Event) -> Execution:
         """Feed `event`, carry the work it queues for this execution here, in the
@@ -738,7 +766,14 @@ class Engine:
                         f"Calling '{name}' requires approval ({type(err).__name__} in "
                         "confirmation_message)"
                     )
-                tickets.append(Ticket(str(block.get("id", "")), self.ids.request_id(), reason))
+                tickets.append(
+                    Ticket(
+                        str(block.get("id", "")),
+                        self.ids.request_id(),
+                        reason,
+                        self._proposal_verdict(agent, ex, name, params),
+                    )
+                )
         return ModelReplied(
             turn=turn,
             content=blocks if isinstance(content, list | tuple) else content,
@@ -747,6 +782,27 @@ class Engine:
             usage=usage if isinstance(usage, Usage) else Usage(),
             tickets=tuple(tickets),
         )
+
+    @staticmethod
+    def _proposal_verdict(
+        agent: HostedAgent, ex: Execution, tool: str, params: Any
+    ) -> Verdict | None:
+        """The execution's policy on a proposed call, its defaults filled in (what would
+        run); None where decide() answers the call before any policy matters."""
+        policy = ex.agent.policy
+        spec = ex.agent.tool(tool)
+        if policy is None or spec is None or not isinstance(params, dict):
+            return None
+        try:
+            args = with_defaults(spec.input_schema, params)
+        except Exception:  # decide() answers the schema's error
+            return None
+        try:
+            return evaluate(
+                policy, agent=ex.agent_tag, tool=tool, args=args, predicates=agent.predicates
+            )
+        except HostRequired as err:  # redefined without the predicate since it started
+            return Verdict(DENY, policy.version, policy.enforce, reason=str(err), failed=str(err))
 
     async def _run_tool(self, agent: HostedAgent, ex: Execution, command: RunTool) -> Event:
         handler = agent.handlers.get(command.tool)

@@ -22,6 +22,8 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     RefusalCode.INVALID_PARAMETERS: 422,
     RefusalCode.MISSING_REQUEST_ID: 422,
     RefusalCode.UNKNOWN_SIGNAL: 422,
+    # an edit that lands where a policy rule denies: the request stays pending
+    RefusalCode.DENIED_BY_POLICY: 422,
     # it does not fit the execution's state now
     RefusalCode.ALREADY_DECIDED: 409,
     RefusalCode.WRONG_STATE: 409,
@@ -30,6 +32,8 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     RefusalCode.STALE_TOOL_RESULT: 409,
     RefusalCode.INVALID_REPLY: 409,
     RefusalCode.INVALID_EVENT: 409,
+    # an edit a rule's Python predicate must judge, sent where the agent is not hosted
+    RefusalCode.HOST_REQUIRED: 409,
     # a reviewer whose grants do not cover the request's agent and tool
     RefusalCode.NOT_GRANTED: 403,
 }

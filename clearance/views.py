@@ -36,8 +36,19 @@ CallbackUrl = Callable[[ApprovalRequest], str | None]
 
 def approval_request(request: ApprovalRequest) -> dict[str, Any]:
     """The spec's approval request: what `clearance pending --json` prints, and what the
-    demo shows."""
-    return request.to_dict()
+    demo shows; `policy` when a policy rule asked for it."""
+    data = request.to_dict()
+    if request.policy is not None:
+        data["policy"] = asking_rule(request)
+    return data
+
+
+def asking_rule(request: ApprovalRequest) -> dict[str, Any] | None:
+    """The policy rule that asked for the request: `{ruleId, reason, version}`."""
+    verdict = request.policy
+    if verdict is None:
+        return None
+    return {"ruleId": verdict.rule_id, "reason": verdict.reason, "version": verdict.version}
 
 
 def decision_fields(request: ApprovalRequest) -> dict[str, Any]:
@@ -120,6 +131,12 @@ def audit_record(record: AuditRecord) -> dict[str, Any]:
         "parameters": record.parameters,
         "modifiedParams": record.modified_params,
         "reason": record.reason,
+        "toolUseId": record.tool_use_id,
+        "policy": (
+            {"ruleId": record.rule_id, "version": record.policy_version}
+            if record.policy_version is not None
+            else None
+        ),
     }
 
 
@@ -237,9 +254,10 @@ def execution_report(
 
 def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str, Any]:
     """The one body every channel sends for an approval request: the spec's webhook
-    body, plus `reason` (the tool's confirmation message). `callbackUrl` is null when
-    this instance has no public URL and secret to build one."""
-    return {
+    body, plus `reason` (the tool's confirmation message) and, when a policy rule asked
+    for it, `policy` ({ruleId, reason, version}). `callbackUrl` is null when this
+    instance has no public URL and secret to build one."""
+    body = {
         "type": "approval_request",
         "requestId": request.request_id,
         "executionId": request.execution_id,
@@ -251,3 +269,6 @@ def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str
         "expiresAt": iso(request.timeout),
         "callbackUrl": callback_url,
     }
+    if request.policy is not None:
+        body["policy"] = asking_rule(request)
+    return body

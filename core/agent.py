@@ -11,6 +11,8 @@ from typing import Any
 
 import attrs
 
+from clearance.core.policy import PolicySpec
+
 # The spec's default approval timeout, in milliseconds: 5 minutes.
 DEFAULT_TIMEOUT_MS = 300_000
 
@@ -62,6 +64,8 @@ class AgentSpec:
     # any process with the instance's secret (e.g. `clearance serve`) may deliver.
     own_webhook_secret: bool = False
     approval_broker: BrokerTarget | None = None  # where approval requests are published
+    # Rules that allow, ask or deny a call before a person is asked (core.policy).
+    policy: PolicySpec | None = None
 
     def tool(self, tag: str) -> ToolSpec | None:
         for tool in self.tools:

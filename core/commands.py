@@ -20,17 +20,22 @@ from clearance.core.execution import ApprovalRequest
 class AuditRecord:
     """One decision on one approval request: who, when, what, and why."""
 
-    request_id: str
+    request_id: str | None  # None: a call a policy decided, with no request
     execution_id: str
     agent_tag: str
     tool: str
-    decision: str  # approved | rejected | timed_out | cancelled
+    # approved | rejected | timed_out | cancelled | allowed_by_policy | denied_by_policy,
+    # and in shadow mode would_allow | would_ask | would_deny.
+    decision: str
     at: datetime
     parameters: dict[str, Any]
     by: str | None = None
     modified_params: dict[str, Any] | None = None
     reason: str | None = None
     by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
+    tool_use_id: str | None = None  # the call's, where a policy decided it
+    rule_id: str | None = None  # the policy rule that decided (or asked for) it
+    policy_version: str | None = None
 
 
 @attrs.frozen

@@ -77,6 +77,7 @@ from clearance.core.execution import (
 )
 from clearance.core.json_value import NotJSON, check_text, strict
 from clearance.core.machine import CALL_MOVES, EXECUTION_ACCEPTS, EXECUTION_MOVES, REQUEST_MOVES
+from clearance.core.policy import ALLOW, ASK, DENY, EFFECTS, NO_MATCH, Verdict
 from clearance.core.reviewers import BY_KINDS
 from clearance.core.schema import check, declared_parameters, problems, with_defaults
 
@@ -351,7 +352,7 @@ def _model_replied(ex: Execution, ev: ModelReplied) -> Step:
         )
     tickets = {t.tool_use_id: t for t in ev.tickets if isinstance(t.tool_use_id, str)}
     calls = [_new_call(ex, str(b["id"]), b, unusable.get(i), tickets) for i, b in uses]
-    return _advance(ex, ev, calls, changes, [])
+    return _advance(ex, ev, calls, changes, _policy_records(ex, ev, calls))
 
 
 def _new_call(
@@ -386,7 +387,14 @@ def _new_call(
         return _answer(call, params, _invalid_parameters(name, found))
     assert isinstance(params, dict)  # the schema's "type": "object" held
     ticket = tickets.get(tool_use_id)
-    if tool.gated and ticket is None:
+    verdict = _verdict(ex, ticket.verdict if ticket else None, f"tool_use {tool_use_id}")
+    effect = verdict.applied if verdict is not None else NO_MATCH
+    if effect == DENY:
+        assert verdict is not None
+        call = attrs.evolve(call, verdict=verdict)
+        return _answer(call, params, _denied(name, verdict))
+    gated = effect == ASK or (effect == NO_MATCH and tool.gated)
+    if gated and ticket is None:
         raise Refusal(
             RefusalCode.INVALID_EVENT, f"gated tool_use {tool_use_id} arrived without a ticket"
         )
@@ -394,7 +402,7 @@ def _new_call(
     if ticket is not None:  # the engine makes one for every tool_use, gated or not
         request_id = _ticket_text(ticket.request_id, tool_use_id, "request_id")
         reason = _ticket_text(ticket.reason, tool_use_id, "reason")
-    if tool.gated and not request_id:
+    if gated and not request_id:
         raise Refusal(
             RefusalCode.INVALID_EVENT,
             f"the ticket for tool_use {tool_use_id} has no request_id",
@@ -402,10 +410,80 @@ def _new_call(
     return attrs.evolve(
         call,
         parameters=params,
-        gated=tool.gated,
+        gated=gated,
         request_id=request_id,
         reason=reason,
+        verdict=verdict,
     )
+
+
+def _verdict(ex: Execution, verdict: Any, what: str) -> Verdict | None:
+    """The verdict an event carries for `what`, checked: the agent's policy must have
+    judged the call (an event without one would slip past its rules), and that policy
+    only (not another version of it)."""
+    policy = ex.agent.policy
+    if policy is None:
+        return None
+    if not isinstance(verdict, Verdict):
+        raise Refusal(
+            RefusalCode.INVALID_EVENT, f"{what} arrived without the verdict of the agent's policy"
+        )
+    if verdict.version != policy.version or verdict.effect not in (*EFFECTS, NO_MATCH):
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"{what}: a verdict of policy {verdict.version!r} ({verdict.effect!r}), not of the"
+            f" agent's policy {policy.version!r}",
+        )
+    return verdict
+
+
+def _denied(name: str, verdict: Verdict) -> ToolResult:
+    reason = verdict.reason or f"Calling '{name}' is not allowed by the agent's policy."
+    return _error(
+        "denied_by_policy",
+        f"{reason} The tool did not run; no one was asked.",
+        rule=verdict.rule_id,
+    )
+
+
+# What the audit log calls a policy's verdict on a call it decided (or, in shadow mode,
+# would have decided).
+_POLICY_DECISIONS = {ALLOW: "allowed_by_policy", DENY: "denied_by_policy"}
+_SHADOW_DECISIONS = {ALLOW: "would_allow", ASK: "would_ask", DENY: "would_deny"}
+
+
+def _policy_records(ex: Execution, ev: ModelReplied, calls: list[ToolCall]) -> list[Command]:
+    """An audit record for each call a policy allowed or denied (no person was asked,
+    and an auditor must see why), and for each a shadow policy would have decided."""
+    records: list[Command] = []
+    for call in calls:
+        verdict = call.verdict
+        if verdict is None:
+            continue
+        table = _POLICY_DECISIONS if verdict.enforced else _SHADOW_DECISIONS
+        decision = table.get(verdict.effect)
+        if decision is None:
+            continue
+        records.append(
+            RecordDecision(
+                AuditRecord(
+                    # The call, not a request: a policy's verdict is not a decision on
+                    # one (in shadow mode the request, if any, gets its own record).
+                    request_id=None,
+                    execution_id=ex.id,
+                    agent_tag=ex.agent_tag,
+                    tool=call.tool,
+                    decision=decision,
+                    at=ev.at,
+                    parameters=call.parameters,
+                    reason=verdict.reason,
+                    tool_use_id=call.tool_use_id,
+                    rule_id=verdict.rule_id,
+                    policy_version=verdict.version,
+                )
+            )
+        )
+    return records
 
 
 def _ticket_text(value: Any, tool_use_id: str, what: str) -> str:
@@ -497,6 +575,7 @@ def _advance(
                     timestamp=ev.at,
                     timeout=timeout,
                     timeout_ms=tool.approval_timeout_ms,
+                    policy=call.verdict if call.verdict and call.verdict.applied == ASK else None,
                 )
                 requests.append(request)
                 calls[i] = _move(call, "gate", AWAITING)
@@ -763,6 +842,16 @@ def _approved(ex: Execution, ev: Approved) -> Step:
                 request.tool,
                 [f"the tool's parameter schema could not be evaluated ({type(err).__name__})"],
             ) from None
+        # An edit goes through the same rules as the call: it may not move the call
+        # into a region the policy denies (the request stays pending).
+        verdict = _verdict(ex, ev.verdict, f"the edit of {request.request_id}")
+        if verdict is not None and verdict.applied == DENY:
+            raise Refusal(
+                RefusalCode.DENIED_BY_POLICY,
+                f"the modified parameters of {request.request_id} are denied by rule"
+                f" '{verdict.rule_id}': {verdict.reason or 'no reason given'}; the request"
+                " is still pending: approve it as it is, with other changes, or reject it",
+            )
     requests = _decide_request(
         ex.requests,
         request,

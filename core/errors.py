@@ -27,11 +27,14 @@ class RefusalCode(StrEnum):
     STALE_TOOL_RESULT = "stale_tool_result"  # a result for a tool call that is not executing
     INVALID_REPLY = "invalid_reply"  # a model reply that cannot be used (malformed content)
     INVALID_EVENT = "invalid_event"  # an event whose fields are not what they must be
+    DENIED_BY_POLICY = "denied_by_policy"  # modified parameters a deny rule covers
     # From the runtime, before decide() sees anything.
     UNKNOWN_EXECUTION = "unknown_execution"
     UNKNOWN_SIGNAL = "unknown_signal"
     MISSING_REQUEST_ID = "missing_request_id"
     NOT_GRANTED = "not_granted"  # a reviewer acting on an agent's tool no grant covers
+    # An edit a rule's Python predicate must judge, made where the agent is not hosted.
+    HOST_REQUIRED = "host_required"
 
 
 class Refusal(ClearanceError):

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import attrs
 
 from clearance.core.execution import Usage
+from clearance.core.policy import Verdict
 
 
 @attrs.frozen
@@ -31,6 +32,9 @@ class Ticket:
     tool_use_id: str
     request_id: str
     reason: str
+    # The agent's policy on this call (its parameters with defaults): None where the
+    # agent has no policy, or the call is not one its tools can take.
+    verdict: Verdict | None = None
 
 
 @attrs.frozen
@@ -76,6 +80,8 @@ class Approved:
     by: str | None = None
     modified_params: dict[str, Any] | None = None
     by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
+    # The agent's policy on the modified call: an edit is checked like a proposal.
+    verdict: Verdict | None = None
 
 
 @attrs.frozen

@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from clearance.core.agent import AgentSpec
+from clearance.core.policy import Verdict
 
 # Execution statuses.
 CREATED = "created"
@@ -95,6 +96,7 @@ class ApprovalRequest:
     decided_by_kind: str | None = None  # how decided_by is known: reviewer | app | claimed
     modified_params: dict[str, Any] | None = None
     rejection_reason: str | None = None
+    policy: Verdict | None = None  # the ask rule that asked for it, if one did
 
     @property
     def expires_at(self) -> datetime:
@@ -132,6 +134,7 @@ class ToolCall:
     reason: str = ""
     approved_by: str | None = None
     result: ToolResult | None = None
+    verdict: Verdict | None = None  # the agent's policy on the call, if it has one
 
 
 @attrs.frozen

@@ -107,7 +107,8 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
             deliveries.extend(_deliveries(execution, request))
         elif isinstance(command, RecordDecision):
             audit.append(command.record)
-            now = execution.request(command.record.request_id)
+            rid = command.record.request_id
+            now = execution.request(rid) if rid is not None else None
             if now is not None:
                 decided.append((now.request_id, now.status))
         elif isinstance(command, Finish):

@@ -16,6 +16,7 @@ ALLOWED = {
     "enum",
     "fnmatch",
     "functools",
+    "hashlib",  # a policy's version is its content hash
     "json",
     "re",
     "typing",
@@ -24,6 +25,7 @@ ALLOWED = {
     "fastjsonschema",
     "jsonschema",
     "transitions",
+    "cel_expr_python",  # policy conditions: CEL, a side-effect-free expression language
     "clearance",
 }
 FORBIDDEN_CALLS = {

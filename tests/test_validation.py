@@ -464,6 +464,8 @@ CODES = {
     "invalid_reply",
     "invalid_event",
     "not_granted",
+    "denied_by_policy",
+    "host_required",
 }
 
 

@@ -100,6 +100,7 @@ from clearance.core.execution import (
     ApprovalRequest,
     Execution,
 )
+from clearance.core.policy import ALLOW, ASK, DENY, evaluate
 from clearance.core.replay import replay
 from clearance.definition import Tool
 from clearance.ports.model import ModelReply, ModelRequest
@@ -123,6 +124,15 @@ from clearance.testing.strategies import (
 )
 
 T = TypeVar("T")
+
+# How a proposed call is authorised (`AgentMachine._effect`).
+GATED, UNGATED, ALLOWED, DENIED = "gated", "ungated", "allowed", "denied"
+
+
+def _gating(spec: ToolSpec | None) -> str:
+    """A call's authorisation by its tool's definition alone (no policy rule matched)."""
+    return GATED if spec is not None and spec.gated else UNGATED
+
 
 # What a second decision's refusal says about the one that stands.
 STANDING = {
@@ -650,9 +660,19 @@ class AgentMachine(RuleBasedStateMachine):
         exactly the approved parameters."""
         for call in self.calls:
             spec = self.spec.tool(call.tool)
-            if spec is None or not spec.gated:
+            if spec is None:
+                continue
+            block = None
+            if call.execution_id and call.turn is not None and call.tool_use_id:
+                block = self._block(call.execution_id, call.turn, call.tool_use_id)
+            effect = self._effect(call.tool, block["input"]) if block else _gating(spec)
+            if effect == ALLOWED and not call.direct:
+                self._check_allowed(call)
+                continue
+            if effect == UNGATED and not spec.gated:
                 continue
             where = f"gated tool {call.tool!r}"
+            assert effect != DENIED, f"{where} ran although the policy denies it: {call.params}"
             assert not call.direct, (
                 f"{where}: its handler was called directly by the code of "
                 f"{call.via or 'something outside a tool'} (request {call.request_id}, params "
@@ -677,6 +697,39 @@ class AgentMachine(RuleBasedStateMachine):
             )
             approvals = [r for r in self.audit if r.request_id == rid and r.decision == APPROVED]
             assert len(approvals) == 1, f"{where} ran for {rid} with {len(approvals)} approvals"
+
+    def _effect(self, tool: str, params: Any) -> str:
+        """How a proposed call is authorised: gated (a person decides), ungated, allowed
+        or denied by the agent's policy. The verdict is `core.policy.evaluate`'s on the
+        call with its defaults (your own invariants say what the rules should mean)."""
+        spec = self.spec.tool(tool)
+        policy = self.spec.policy
+        if spec is None or policy is None or not acceptable_params(spec.input_schema, params):
+            return _gating(spec)
+        hosted = self.app._agents.get(self.tag)
+        verdict = evaluate(
+            policy,
+            agent=self.tag,
+            tool=tool,
+            args=with_defaults(spec.input_schema, params),
+            predicates=hosted.predicates if hosted is not None else None,
+        )
+        return {DENY: DENIED, ASK: GATED, ALLOW: ALLOWED}.get(verdict.applied, _gating(spec))
+
+    def _check_allowed(self, call: HandlerCall) -> None:
+        """A call a policy allowed ran with no request, once, and is audited as allowed."""
+        where = f"{call.tool!r} ({call.tool_use_id} of {call.execution_id})"
+        assert call.request_id is None, f"{where}: allowed by the policy, yet ran for a request"
+        records = [
+            r
+            for r in self.audit
+            if (r.execution_id, r.tool_use_id, r.decision)
+            == (call.execution_id, call.tool_use_id, "allowed_by_policy")
+        ]
+        assert records, f"{where} ran as allowed by the policy with no audit record saying so"
+        assert same_json(records[-1].parameters, call.params), (
+            f"{where} ran with {call.params}; the policy allowed {records[-1].parameters}"
+        )
 
     @invariant()
     def approved_calls_ran_once(self) -> None:
@@ -705,13 +758,14 @@ class AgentMachine(RuleBasedStateMachine):
         for ex in self.executions.values():
             for request in ex.requests:
                 spec = self.spec.tool(request.tool)
-                assert spec is not None and spec.gated, (
-                    f"ungated tool {request.tool!r} waited for approval ({request.request_id})"
-                )
                 turn = self.request_turns[request.request_id]
                 block = self._block(ex.id, turn, request.tool_use_id)
                 assert block is not None and block["name"] == request.tool, (
                     f"request {request.request_id} matches no tool_use of the model"
+                )
+                assert spec is not None and self._effect(request.tool, block["input"]) == GATED, (
+                    f"{request.tool!r} waited for approval ({request.request_id}), though"
+                    " neither its definition nor the policy asks for one"
                 )
                 assert acceptable_params(spec.input_schema, block["input"]), (
                     f"request {request.request_id} asks a person about parameters the tool "
@@ -789,14 +843,20 @@ class AgentMachine(RuleBasedStateMachine):
                 f"{where} should be an {code} error: {result}"
             )
             return
-        if not spec.gated:
+        effect = self._effect(spec.tag, use["input"])
+        if effect == DENIED:
+            assert result.get("is_error") is True and "denied_by_policy" in content, (
+                f"{where}: denied by the policy; the model was told {result}"
+            )
+            return
+        if effect != GATED:
             ran = [
                 c
                 for c in self.calls
                 if not c.direct
                 and (c.execution_id, c.turn, c.tool_use_id) == (ex.id, turn, use["id"])
             ]
-            assert len(ran) == 1, f"{where}: the ungated tool ran {len(ran)} times"
+            assert len(ran) == 1, f"{where}: the {effect} tool ran {len(ran)} times"
             return
         request = next(
             (
@@ -823,13 +883,16 @@ class AgentMachine(RuleBasedStateMachine):
         seen = getattr(self, "_audit_seen", [])
         assert self.audit[: len(seen)] == seen, "the audit log was rewritten"
         self._audit_seen = list(self.audit)
-        per_request = Counter(r.request_id for r in self.audit)
+        # A policy's allow / deny of a call has no request: those are not decisions here.
+        decisions = [r for r in self.audit if r.request_id is not None]
+        per_request = Counter(r.request_id or "" for r in decisions)
         assert set(per_request) == set(self.decided), (
             f"audited {sorted(per_request)}, decided {sorted(self.decided)}"
         )
         for rid, count in per_request.items():
             assert count == 1, f"request {rid} has {count} audit records"
-        for record in self.audit:
+        for record in decisions:
+            assert record.request_id is not None
             decided = self.decided[record.request_id]
             where = f"the audit record of {record.request_id}"
             assert record.decision == decided.status, (
