@@ -761,6 +761,27 @@ class PostgresStore:
             rows = await self._log(conn, execution_id)
         return [event for _, event in read_events(execution_id, rows)]
 
+    async def execution_ids(
+        self, agent_tag: str | None = None, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        found: list[str] = []
+        async with self._conn() as conn:
+            while len(found) < limit:
+                cur = await conn.execute(
+                    "SELECT execution_id, spec_id FROM clearance_events WHERE seq = 1"
+                    " AND execution_id > %s ORDER BY execution_id LIMIT %s",
+                    (after or "", limit),
+                )
+                rows = await cur.fetchall()
+                if not rows:
+                    break
+                for execution_id, spec_id in rows:
+                    spec = await self._spec(conn, spec_id)
+                    if agent_tag is None or spec.tag == agent_tag:
+                        found.append(execution_id)
+                after = rows[-1][0]
+        return found[:limit]
+
     # -- approvals, timers, audit -----------------------------------------------------------
 
     async def _one(self, query: str, args: Sequence[Any]) -> Any:

@@ -705,6 +705,26 @@ class SQLiteStore:
     async def events(self, execution_id: str) -> list[Event]:
         return [event for _, event in read_events(execution_id, self._log(execution_id))]
 
+    async def execution_ids(
+        self, agent_tag: str | None = None, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        found: list[str] = []
+        while len(found) < limit:
+            # The first event of each execution names its agent's spec; a page of them at
+            # a time, filtered by the spec's tag here (specs are few and cached).
+            rows = self._db.execute(
+                "SELECT execution_id, spec_id FROM events WHERE seq = 1 AND execution_id > ?"
+                " ORDER BY execution_id LIMIT ?",
+                (after or "", limit),
+            ).fetchall()
+            if not rows:
+                break
+            for execution_id, spec_id in rows:
+                if agent_tag is None or self._spec(spec_id).tag == agent_tag:
+                    found.append(execution_id)
+            after = rows[-1][0]
+        return found[:limit]
+
     # -- approvals, timers, audit --------------------------------------------------------
 
     async def execution_of_request(self, request_id: str) -> str | None:

@@ -70,6 +70,10 @@ EXAMPLES = {
         "clearance reviewer list",
         "clearance reviewer revoke k3x9a1b2c3d4",
     ],
+    "policy": [
+        "clearance policy check refunds.policy.toml",
+        "clearance policy replay refunds.policy.toml --since 30d --agent support-agent",
+    ],
     "serve": [
         "CLEARANCE_WEBHOOK_SECRET=whsec_... CLEARANCE_API_KEY=... clearance serve --port 8080"
         " --public-url https://approvals.example.com",
@@ -249,6 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (add, key, listing, revoke, remove):
         p.add_argument("--db", metavar="PATH|URL", default=argparse.SUPPRESS, help=db_help)
     reviewer.set_defaults(run="reviewer")
+
+    policy = command("policy", "check a policy file, or replay the store's calls against it")
+    steps = policy.add_subparsers(
+        dest="action", required=True, metavar="ACTION", help="check, replay"
+    )
+    check = steps.add_parser("check", help="validate FILE and print its rules as a table")
+    replay = steps.add_parser(
+        "replay", help="what FILE would have done to every call the store recorded"
+    )
+    replay.add_argument("--since", metavar="DURATION", help="only calls this recent, e.g. 30d")
+    replay.add_argument("--agent", metavar="TAG", help="only this agent's calls")
+    replay.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="changed calls listed (50)"
+    )
+    replay.add_argument("--db", metavar="PATH|URL", default=argparse.SUPPRESS, help=db_help)
+    for p in (check, replay):
+        p.add_argument("file", metavar="FILE", help="a policy file (TOML)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    policy.set_defaults(run="policy")
     return parser
 
 

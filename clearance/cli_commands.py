@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import attrs
 import uvicorn
 
 from clearance import views
@@ -48,7 +49,7 @@ from clearance.cli_args import (
 from clearance.core.commands import AuditRecord
 from clearance.core.decide import duration
 from clearance.core.durations import BadDuration, parse_duration
-from clearance.core.errors import ClearanceError
+from clearance.core.errors import ClearanceError, DefinitionError
 from clearance.core.events import (
     Approved,
     Event,
@@ -69,7 +70,10 @@ from clearance.core.execution import (
     ApprovalRequest,
     iso,
 )
+from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import CLAIMED, BadReviewer, Grant, Identity, Reviewer
+from clearance.definition import Policy
+from clearance.policy_replay import replay_policy
 from clearance.ports.store import UnknownReviewer
 from clearance.reviewer_keys import key_id_of
 
@@ -684,3 +688,88 @@ _REVIEWER_ACTIONS = {
     "revoke": _reviewer_revoke,
     "remove": _reviewer_remove,
 }
+
+
+# -- policies ---------------------------------------------------------------------------------
+
+
+def _policy_from(path: str) -> PolicySpec:
+    """The policy in FILE, or the file's one-line error (exit code 2 via UsageError)."""
+    try:
+        return Policy.from_file(path).spec()
+    except DefinitionError as err:
+        raise UsageError(str(err)) from None
+
+
+async def cmd_policy(args: argparse.Namespace) -> int:
+    policy = _policy_from(args.file)
+    if args.action == "check":
+        return _policy_check(args, policy)
+    return await _policy_replay(args, policy)
+
+
+def _policy_check(args: argparse.Namespace, policy: PolicySpec) -> int:
+    if args.json:
+        say(
+            views.dumps(
+                {
+                    "version": policy.version,
+                    "enforce": policy.enforce,
+                    "rules": [attrs.asdict(r) for r in policy.rules],
+                }
+            )
+        )
+        return 0
+    mode = "enforced" if policy.enforce else "shadow mode: recorded, not enforced"
+    say(f"{args.file}: {len(policy.rules)} rules, {mode}, version {policy.version}")
+    rows = [["ID", "EFFECT", "TOOLS", "WHEN", "REASON"]] + [
+        [r.id, r.effect, ",".join(r.tools), r.when or "always", r.reason] for r in policy.rules
+    ]
+    say(*_table(rows, terminal_width(), shrink=4))
+    say(
+        "Precedence: any matching deny wins, then ask, then allow; no match: the tool's own gating."
+    )
+    return 0
+
+
+async def _policy_replay(args: argparse.Namespace, policy: PolicySpec) -> int:
+    path = db_path(args, must_exist=True)
+    async with opened(path) as app:
+        since = None
+        if args.since is not None:
+            try:
+                since = app.clock.now() - parse_duration(args.since, "--since")
+            except BadDuration as err:
+                raise UsageError(str(err)) from None
+        report = await replay_policy(app.store, policy, agent_tag=args.agent, since=since)
+    if args.json:
+        say(views.dumps(views.policy_replay(report)))
+        return 0
+    scope = f" of agent {args.agent}" if args.agent else ""
+    window = f" since {iso(since)}" if since else ""
+    say(
+        f"{report.calls} recorded calls{scope} in {report.executions} executions{window},"
+        f" judged by {args.file} ({policy.version}) in {report.seconds:.2f} s"
+    )
+    outcomes = [
+        o
+        for o in ("allow", "ask", "deny", "host_required")
+        if report.before.get(o) or report.after.get(o)
+    ]
+    rows = [["OUTCOME", "BEFORE", "AFTER"]] + [
+        [o, str(report.before.get(o, 0)), str(report.after.get(o, 0))] for o in outcomes
+    ]
+    say(*_table(rows))
+    if not report.changed:
+        say("No call's outcome would change.")
+        return 0
+    shown_calls = report.changed[: args.limit]
+    say(f"{len(report.changed)} calls would change:")
+    rows = [["EXECUTION", "TOOL_USE", "TOOL", "AT", "BEFORE", "AFTER", "RULE"]] + [
+        [c.execution_id, c.tool_use_id, c.tool, iso(c.at), c.before, c.after, c.rule_after or "-"]
+        for c in shown_calls
+    ]
+    say(*_table(rows))
+    if len(report.changed) > len(shown_calls):
+        say(f"… and {len(report.changed) - len(shown_calls)} more (--limit N, or --json for all)")
+    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -51,6 +52,40 @@ class ClearanceWarning(UserWarning):
 
 ConfirmationMessage = str | Callable[[dict[str, Any]], str]
 RULE_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# An argument a CEL condition names: `args.amount`, `args["amount"]` (string literals
+# are blanked out first, so "args.x" inside a string does not count).
+_ARG_NAMED = re.compile(
+    r"""\bargs\s*(?:\.\s*([A-Za-z_][A-Za-z0-9_]*)|\[\s*(?:"([^"]*)"|'([^']*)')\s*\])"""
+)
+_CEL_STRING = re.compile(r""""(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'""")
+
+
+def _unknown_arguments(rule: RuleSpec, tools: Sequence[ToolSpec]) -> str | None:
+    """Why `rule`'s condition names an argument no tool it covers takes (a typo, which
+    would otherwise deny every call at run time), or None."""
+    if rule.when is None:
+        return None
+    covered = [t for t in tools if rule.covers(t.tag)]
+    known: set[str] = set()
+    for tool in covered:
+        properties = tool.input_schema.get("properties")
+        if not isinstance(properties, dict):
+            return None  # a tool whose parameters are not listed: anything may be there
+        known |= set(properties)
+    if not covered:
+        return None
+    blanked = _CEL_STRING.sub(lambda m: m.group(0)[0] * 2, rule.when)
+    named = [a or b or c for a, b, c in _ARG_NAMED.findall(blanked)]
+    # A string key is read from the source itself: blanking emptied it.
+    named += [b or c for _, b, c in _ARG_NAMED.findall(rule.when) if b or c]
+    unknown = sorted({n for n in named if n and n not in known})
+    if not unknown:
+        return None
+    return (
+        f"policy rule '{rule.id}': its condition names {', '.join('args.' + n for n in unknown)},"
+        f" which {', '.join(t.tag for t in covered)} does not take (parameters:"
+        f" {', '.join(sorted(known)) or 'none'})"
+    )
 
 
 @attrs.frozen
@@ -116,6 +151,22 @@ class Policy:
 
     rules: Sequence[Rule] = ()
     enforce: bool = True
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Policy:
+        """The policy in a TOML file (`clearance.policy_file` documents the schema);
+        a DefinitionError names the file, line and rule of anything wrong."""
+        from clearance.policy_file import load_policy_file
+
+        policy: Policy = load_policy_file(path)
+        return policy
+
+    def spec(self) -> PolicySpec:
+        """The stored form and version (content hash) of these rules, alone (a tool's
+        own rules are added where an agent is defined)."""
+        spec, _ = compile_policy(self, (), True)
+        empty = PolicySpec((), self.enforce, version_of((), self.enforce))
+        return spec if spec is not None else empty
 
 
 @attrs.frozen
@@ -444,6 +495,9 @@ def compile_agent(
     if policy is not None:
         defined = [s.tag for s in specs]
         for rule in policy.rules:
+            problem = _unknown_arguments(rule, specs)
+            if problem is not None:
+                raise DefinitionError(problem)
             if not any(rule.covers(t) for t in defined):
                 warnings.warn(
                     f"agent '{tag}': policy rule '{rule.id}' names tools it does not define:"

@@ -27,6 +27,7 @@ from clearance.core.wire import event_to_data, reviewer_to_data
 
 if TYPE_CHECKING:
     from clearance.app import BatchOutcome
+    from clearance.policy_replay import ReplayReport
 
 CallbackUrl = Callable[[ApprovalRequest], str | None]
 
@@ -272,3 +273,32 @@ def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str
     if request.policy is not None:
         body["policy"] = asking_rule(request)
     return body
+
+
+# -- policies ----------------------------------------------------------------------------
+
+
+def policy_replay(report: ReplayReport) -> dict[str, Any]:
+    """What `clearance policy replay --json` prints: the counts before and after, and
+    every call whose outcome would change."""
+    return {
+        "executions": report.executions,
+        "calls": report.calls,
+        "before": report.before,
+        "after": report.after,
+        "seconds": round(report.seconds, 3),
+        "changed": [
+            {
+                "executionId": c.execution_id,
+                "turn": c.turn,
+                "toolUseId": c.tool_use_id,
+                "tool": c.tool,
+                "at": iso(c.at),
+                "before": c.before,
+                "after": c.after,
+                "ruleBefore": c.rule_before,
+                "ruleAfter": c.rule_after,
+            }
+            for c in report.changed
+        ],
+    }

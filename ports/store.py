@@ -172,6 +172,13 @@ class ExecutionLog(Protocol):
 
     async def events(self, execution_id: str) -> list[Event]: ...
 
+    async def execution_ids(
+        self, agent_tag: str | None = None, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        """Ids of the stored executions (of `agent_tag`'s agent, if given), in id order,
+        from the first above `after`: a page of at most `limit` (for `policy replay`)."""
+        ...
+
 
 class Inbox(Protocol):
     async def execution_of_request(self, request_id: str) -> str | None: ...

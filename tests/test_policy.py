@@ -301,6 +301,12 @@ async def test_a_condition_that_cannot_be_evaluated_denies_and_names_its_rule(
         (Rule.allow(when="true", predicate=lambda a: True, id="r"), "not both"),
         (Rule.allow(tools=[], id="r"), "tools is a tool tag or glob"),
         (Rule.allow(id="bad id!"), "use 1-64 letters"),
+        (
+            Rule.deny("process-refund", when="args.amont > 1000.0", id="typo"),
+            "policy rule 'typo': its condition names args.amont, which process-refund does not"
+            " take (parameters: amount, currency, note, orderId)",
+        ),
+        (Rule.deny("*", when='args["nope"] == "x"', id="r"), "names args.nope"),
     ],
 )
 def test_a_rule_that_cannot_work_is_refused_at_define_naming_it(
@@ -598,3 +604,123 @@ PolicyAgentMachine.TestCase.settings = settings(
     PolicyAgentMachine.TestCase.settings, max_examples=60, derandomize=True, database=None
 )
 TestPolicyAgent = PolicyAgentMachine.TestCase
+
+
+# -- policies in a file, `clearance policy check` and `replay` ----------------------------
+
+POLICY_FILE = """\
+# What the refund agent may do on its own.
+enforce = true
+
+[[rules]]
+id = "no-large-refunds"
+effect = "deny"
+tools = "process-refund"
+when = "args.amount > 1000.0"
+reason = "Refunds above 1,000 are made by finance, not by the agent."
+
+[[rules]]
+id = "review-refunds"
+effect = "ask"
+tools = ["process-refund"]
+when = "args.amount > 20.0"
+
+[[rules]]
+id = "small-refunds"
+effect = "allow"
+tools = "process-refund"
+when = "args.amount <= 20.0"
+"""
+
+
+def test_a_policy_file_reads_as_the_same_policy_as_in_python(tmp_path: Any) -> None:
+    path = tmp_path / "refunds.policy.toml"
+    path.write_text(POLICY_FILE)
+    from_file = Policy.from_file(path)
+    in_python = Policy(REFUND_RULES[:3])
+    assert from_file.spec() == in_python.spec()
+    assert from_file.spec().version.startswith("sha256:")
+    assert Policy(REFUND_RULES[:2]).spec().version != in_python.spec().version
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (('effect = "allow"', 'effect = "alow"'), ":17: rule 'small-refunds': effect: 'alow' is"),
+        (('when = "args.amount > 20.0"', 'when = "args.amont > 20.0 &&"'), ":11: rule 'review-"),
+        (('id = "small-refunds"', 'id = "review-refunds"'), ":17: rule 'review-refunds': the id"),
+        (('reason = "Refunds', 'reasn = "Refunds'), ":4: rule 'no-large-refunds': the rule:"),
+        (
+            (
+                'tools = "process-refund"\nwhen = "args.amount <=',
+                'tools = 7\nwhen = "args.amount <=',
+            ),
+            ":17: rule 'small-refunds': tools:",
+        ),
+        (("enforce = true", "enforce = yes"), "not valid TOML"),
+    ],
+)
+def test_a_policy_file_with_a_mistake_is_one_line_naming_file_line_and_rule(
+    tmp_path: Any, change: tuple[str, str], says: str
+) -> None:
+    path = tmp_path / "refunds.policy.toml"
+    assert change[0] in POLICY_FILE
+    path.write_text(POLICY_FILE.replace(change[0], change[1]))
+    with pytest.raises(DefinitionError) as caught:
+        Policy.from_file(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and says in message, message
+    assert "\n" not in message
+
+
+async def test_policy_check_and_replay_from_the_command_line(
+    app: Clearance, recorder: Recorder, tmp_path: Any
+) -> None:
+    from test_cli import acli
+
+    # What happened: no policy; refunds of 5, 300 and 5,000 all waited for a person,
+    # and one went out as an unknown tool (not counted: no policy decides it).
+    def script(request: Any) -> list[Any]:
+        if len(request.messages) > 1:
+            return [text("Ok.")]
+        word, _, amount = request.messages[0]["content"].partition(" ")
+        return [tool_use("process-refund", refund(int(amount)))] if amount else [tool_use(word)]
+
+    define(app, recorder, script)  # type: ignore[arg-type]
+    for amount in (5, 300, 5000):
+        ex = await app.run("refunds", input=f"refund {amount}")
+        [request] = ex.pending_approvals
+        await app.signal(ex.id, "reject", request_id=request.request_id, reason="later")
+    assert (await app.run("refunds", input="nope")).status == "completed"
+    path = tmp_path / "refunds.policy.toml"
+    path.write_text(POLICY_FILE)
+    db = str(tmp_path / "policy.db")
+
+    code, out, err = await acli(tmp_path, "policy", "check", str(path), columns=200)
+    assert code == 0, err
+    assert "3 rules, enforced" in out and "no-large-refunds  deny" in out
+
+    code, out, err = await acli(tmp_path, "--db", db, "policy", "replay", str(path), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["calls"], report["before"], report["after"]) == (
+        3,
+        {"ask": 3},
+        {"allow": 1, "ask": 1, "deny": 1},
+    )
+    assert sorted((c["before"], c["after"], c["ruleAfter"]) for c in report["changed"]) == [
+        ("ask", "allow", "small-refunds"),
+        ("ask", "deny", "no-large-refunds"),
+    ]
+    code, out, err = await acli(tmp_path, "--db", db, "policy", "replay", str(path))
+    assert code == 0, err
+    assert "3 recorded calls in 3 executions" in out and "2 calls would change" in out
+    code, out, err = await acli(
+        tmp_path, "--db", db, "policy", "replay", str(path), "--agent", "other"
+    )
+    assert code == 0 and "0 recorded calls" in out and "No call's outcome would change" in out
+
+    path.write_text(POLICY_FILE.replace('effect = "allow"', 'effect = "alow"'))
+    code, out, err = await acli(tmp_path, "policy", "check", str(path))
+    assert code == 2 and "rule 'small-refunds': effect: 'alow'" in err
+    assert "Traceback" not in err

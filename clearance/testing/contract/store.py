@@ -411,6 +411,26 @@ class StoreContract(abc.ABC):
             assert await store.events("exec-1") == one.log and len(one.log) == 3
             assert await store.events("exec-2") == two.log and len(two.log) == 2
 
+    async def test_execution_ids_page_through_every_execution_of_an_agent(
+        self, tmp_path: Path
+    ) -> None:
+        async with self.opened(tmp_path) as store:
+            assert await store.execution_ids() == []
+            for n in range(7):
+                run = Run(agent("contract-agent" if n % 3 else "other"), f"exec-{n}")
+                await run.commit(store, run.started(n))
+                await run.commit(store, run.answers(n + 1))
+            every = [f"exec-{n}" for n in range(7)]
+            assert await store.execution_ids() == every
+            assert await store.execution_ids("other") == ["exec-0", "exec-3", "exec-6"]
+            assert await store.execution_ids("nobody") == []
+            # Pages of two, each from the last id of the one before.
+            pages, after = [], None
+            while page := await store.execution_ids("contract-agent", after=after, limit=2):
+                pages.append(page)
+                after = page[-1]
+            assert pages == [["exec-1", "exec-2"], ["exec-4", "exec-5"]]
+
     # -- the inbox -------------------------------------------------------------------------
 
     async def _awaiting(
