@@ -9,7 +9,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from datetime import datetime
 from importlib.metadata import entry_points
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -24,6 +24,7 @@ from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import CLAIMED, REVIEWER, Identity, Reviewer, ReviewerKey
 from clearance.core.rows import AGENT_SIGNER
 from clearance.definition import (
@@ -32,6 +33,7 @@ from clearance.definition import (
     HostedAgent,
     HumanInLoop,
     Model,
+    Policy,
     Tool,
     compile_agent,
 )
@@ -49,6 +51,9 @@ from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
 from clearance.ports.store import Delivery, Store
 from clearance.reviewer_keys import key_id_of, key_matches, new_key
+
+if TYPE_CHECKING:
+    from clearance.policy_replay import ReplayReport
 
 log = logging.getLogger("clearance")
 
@@ -399,8 +404,14 @@ class Clearance:
         modified_params: dict[str, Any] | None = None,
         reason: str | None = None,
         by: str | Identity | None = None,
+        remember: str | None = None,
+        remember_when: str | None = None,
     ) -> Execution:
         """`approve` (optionally with `modified_params`), `reject` (with `reason`) or `stop`.
+
+        `remember="execution"` with an approval: later calls of the same tool in this
+        execution (within `remember_when`, a CEL bound on `args`, if given) run without
+        a request, audited as allowed_by_grant; a policy's deny still wins.
 
         `by` is who decides: a name is this code's word for it (recorded as `app`); an
         `Identity` says how it is known, and a reviewer's is held to its grants.
@@ -416,6 +427,8 @@ class Clearance:
                 modified_params=modified_params,
                 reason=reason,
                 by=by,
+                remember=remember,
+                remember_when=remember_when,
             )
         )
 
@@ -427,11 +440,20 @@ class Clearance:
         reason: str | None = None,
         modified_params: dict[str, Any] | None = None,
         by: str | Identity | None = None,
+        remember: str | None = None,
+        remember_when: str | None = None,
     ) -> Execution:
-        """Decide by request id alone, as the spec's callback body does."""
+        """Decide by request id alone, as the spec's callback body does (`remember`: as
+        for `signal`)."""
         return await self._shielded(
             self._decision(
-                request_id, approved, reason=reason, modified_params=modified_params, by=by
+                request_id,
+                approved,
+                reason=reason,
+                modified_params=modified_params,
+                by=by,
+                remember=remember,
+                remember_when=remember_when,
             )
         )
 
@@ -458,6 +480,21 @@ class Clearance:
             else:
                 outcomes.append(BatchOutcome(request_id, ex, None))
         return outcomes
+
+    async def replay_policy(
+        self,
+        policy: Policy | PolicySpec,
+        *,
+        agent_tag: str | None = None,
+        since: datetime | None = None,
+    ) -> ReplayReport:
+        """What `policy` would have done to every call recorded here (of `agent_tag`'s
+        agent, proposed since `since`): counts before and after, and the calls whose
+        outcome changes (`clearance policy replay`)."""
+        from clearance.policy_replay import replay_policy
+
+        spec = policy.spec() if isinstance(policy, Policy) else policy
+        return await replay_policy(self.store, spec, agent_tag=agent_tag, since=since)
 
     async def pending(
         self, agent_tag: str | None = None, *, limit: int | None = None, after: str | None = None
@@ -571,6 +608,8 @@ class Clearance:
         modified_params: dict[str, Any] | None = None,
         by: str | Identity | None = None,
         settle: bool = True,
+        remember: str | None = None,
+        remember_when: str | None = None,
     ) -> Execution:
         """Approve or reject a request known by its id alone (`decide`, a batch, a broker)."""
         execution_id = await self.store.execution_of_request(request_id)
@@ -584,6 +623,8 @@ class Clearance:
             reason=reason,
             by=by,
             settle=settle,
+            remember=remember,
+            remember_when=remember_when,
         )
 
     async def _request(self, request_id: str) -> ApprovalRequest | None:

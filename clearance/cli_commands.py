@@ -73,7 +73,6 @@ from clearance.core.execution import (
 from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import CLAIMED, BadReviewer, Grant, Identity, Reviewer
 from clearance.definition import Policy
-from clearance.policy_replay import replay_policy
 from clearance.ports.store import UnknownReviewer
 from clearance.reviewer_keys import key_id_of
 
@@ -741,7 +740,7 @@ async def _policy_replay(args: argparse.Namespace, policy: PolicySpec) -> int:
                 since = app.clock.now() - parse_duration(args.since, "--since")
             except BadDuration as err:
                 raise UsageError(str(err)) from None
-        report = await replay_policy(app.store, policy, agent_tag=args.agent, since=since)
+        report = await app.replay_policy(policy, agent_tag=args.agent, since=since)
     if args.json:
         say(views.dumps(views.policy_replay(report)))
         return 0

@@ -75,7 +75,16 @@ from clearance.core.execution import (
     Usage,
 )
 from clearance.core.json_value import NotJSON, check_text, strict
-from clearance.core.policy import DENY, HostRequired, Verdict, evaluate
+from clearance.core.policy import (
+    DENY,
+    EXECUTION,
+    HostRequired,
+    PolicyError,
+    SessionGrant,
+    Verdict,
+    compile_condition,
+    evaluate,
+)
 from clearance.core.reviewers import APP, REVIEWER, Identity
 from clearance.core.rows import writes
 from clearance.core.schema import with_defaults
@@ -206,6 +215,8 @@ class Engine:
         reason: str | None = None,
         by: str | Identity | None = None,
         settle: bool = True,
+        remember: str | None = None,
+        remember_when: str | None = None,
     ) -> Execution:
         """`by`: who decides; a plain name is the embedding code's word for it (`app`),
         an `Identity` says how it is known, and a `reviewer` must be granted the
@@ -234,7 +245,12 @@ class Engine:
             ex = await self._expire(ex, request_id)
             if signal == "approve":
                 verdict = self._edit_verdict(ex, request, modified_params)
-                event = Approved(request_id, self.clock.now(), name, modified_params, kind, verdict)
+                grant = _session_grant(request, remember, remember_when)
+                event = Approved(
+                    request_id, self.clock.now(), name, modified_params, kind, verdict, grant
+                )
+            elif remember is not None or remember_when is not None:
+                raise Refusal(RefusalCode.INVALID_REMEMBER, "remember= goes with an approval")
             else:
                 event = Rejected(request_id, self.clock.now(), name, reason, kind)
         if not settle:
@@ -766,12 +782,14 @@ class Engine:
                         f"Calling '{name}' requires approval ({type(err).__name__} in "
                         "confirmation_message)"
                     )
+                verdict = self._proposal_verdict(agent, ex, name, params)
                 tickets.append(
                     Ticket(
                         str(block.get("id", "")),
                         self.ids.request_id(),
                         reason,
-                        self._proposal_verdict(agent, ex, name, params),
+                        verdict,
+                        _covering_grant(ex, name, params, verdict),
                     )
                 )
         return ModelReplied(
@@ -872,6 +890,48 @@ def _failure(event: Event, error: str) -> Event:
     if isinstance(event, ToolFinished):
         return ToolFailed(event.tool_use_id, error, event.at)
     return event
+
+
+def _covering_grant(ex: Execution, tool: str, params: Any, verdict: Verdict | None) -> int | None:
+    """The first of the execution's session grants that covers a proposed call (its
+    index), unless the policy denies the call; None where none does."""
+    if not ex.grants or not isinstance(params, dict):
+        return None
+    if verdict is not None and verdict.applied == DENY:
+        return None  # a deny rule wins over a grant
+    spec = ex.agent.tool(tool)
+    if spec is None:
+        return None
+    try:
+        args = with_defaults(spec.input_schema, params)
+    except Exception:
+        return None
+    for index, grant in enumerate(ex.grants):
+        if grant.covers(tool, args):
+            return index
+    return None
+
+
+def _session_grant(
+    request: ApprovalRequest | None, remember: Any, when: Any
+) -> SessionGrant | None:
+    """What `remember=` asks for, checked; decide() fills in who and when."""
+    if remember is None and when is None:
+        return None
+    if remember != EXECUTION:
+        raise Refusal(
+            RefusalCode.INVALID_REMEMBER,
+            f"remember takes 'execution' (allow this tool for the rest of this execution),"
+            f" got {remember!r}",
+        )
+    if when is not None:
+        try:
+            compile_condition(when)
+        except PolicyError as err:
+            raise Refusal(RefusalCode.INVALID_REMEMBER, f"remember_when: {err}") from None
+    if request is None:
+        return None  # decide() refuses the unknown request
+    return SessionGrant(request.tool, request.request_id, request.timestamp, None, None, when)
 
 
 def _check_granted(who: Identity | None, ex: Execution, request: ApprovalRequest) -> None:

@@ -30,7 +30,7 @@ MAX_LIMIT = 1000
 
 CALLBACK_FIELDS = ("approved", "reason", "modifiedParams", "by")
 SIGNAL_FIELDS = ("signal", "payload")
-PAYLOAD_FIELDS = ("requestId", "reason", "modifiedParams", "by")
+PAYLOAD_FIELDS = ("requestId", "reason", "modifiedParams", "by", "remember", "rememberWhen")
 LISTING_QUERY = ("status", "agentTag", "limit", "after")
 
 
@@ -202,6 +202,8 @@ class SignalCall:
     reason: str | None
     modified_params: dict[str, Any] | None
     by: str | None
+    remember: str | None = None  # "execution": a session grant (see Clearance.signal)
+    remember_when: str | None = None
 
 
 def signal_call(value: Any) -> SignalCall:
@@ -216,6 +218,11 @@ def signal_call(value: Any) -> SignalCall:
     reason = optional_text(payload, "reason", "payload.")
     by = optional_text(payload, "by", "payload.")
     changes = optional_changes(payload, "payload.")
+    remember = optional_text(payload, "remember", "payload.")
+    remember_when = optional_text(payload, "rememberWhen", "payload.")
+    if name != "approve":
+        not_with(payload, "remember", "remember goes with signal approve")
+        not_with(payload, "rememberWhen", "rememberWhen goes with signal approve")
     if name == "stop":
         not_with(payload, "requestId", "stop ends the whole execution: send no requestId")
         not_with(payload, "modifiedParams", "modifiedParams goes with signal approve")
@@ -229,7 +236,7 @@ def signal_call(value: Any) -> SignalCall:
         not_with(payload, "reason", "reason goes with signal reject or stop")
     else:
         not_with(payload, "modifiedParams", "modifiedParams goes with signal approve")
-    return SignalCall(name, request_id, reason, changes, by)
+    return SignalCall(name, request_id, reason, changes, by, remember, remember_when)
 
 
 BATCH_FIELDS = ("requestIds", "approved", "reason")

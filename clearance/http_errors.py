@@ -24,6 +24,7 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     RefusalCode.UNKNOWN_SIGNAL: 422,
     # an edit that lands where a policy rule denies: the request stays pending
     RefusalCode.DENIED_BY_POLICY: 422,
+    RefusalCode.INVALID_REMEMBER: 422,
     # it does not fit the execution's state now
     RefusalCode.ALREADY_DECIDED: 409,
     RefusalCode.WRONG_STATE: 409,

@@ -186,6 +186,8 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 modified_params=call.modified_params,
                 reason=call.reason,
                 by=who,
+                remember=call.remember,
+                remember_when=call.remember_when,
             )
         except Refusal as refusal:
             await refused(app, refusal, call.request_id)

@@ -137,7 +137,15 @@ _SCHEMAS: dict[str, Any] = {
         "oneOf": [
             _signal_variant(
                 "approve",
-                {"requestId": {"type": "string"}, "modifiedParams": _OBJECT_OR_NULL, "by": _BY},
+                {
+                    "requestId": {"type": "string"},
+                    "modifiedParams": _OBJECT_OR_NULL,
+                    "by": _BY,
+                    # A session grant: later calls of this tool in this execution (within
+                    # rememberWhen, a CEL bound on args) run without a request.
+                    "remember": {"enum": ["execution", None]},
+                    "rememberWhen": _TEXT_OR_NULL,
+                },
                 ["requestId"],
             ),
             _signal_variant(

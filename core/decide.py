@@ -77,8 +77,8 @@ from clearance.core.execution import (
 )
 from clearance.core.json_value import NotJSON, check_text, strict
 from clearance.core.machine import CALL_MOVES, EXECUTION_ACCEPTS, EXECUTION_MOVES, REQUEST_MOVES
-from clearance.core.policy import ALLOW, ASK, DENY, EFFECTS, NO_MATCH, Verdict
-from clearance.core.reviewers import BY_KINDS
+from clearance.core.policy import ALLOW, ASK, DENY, EFFECTS, NO_MATCH, SessionGrant, Verdict
+from clearance.core.reviewers import APP, BY_KINDS, REVIEWER
 from clearance.core.schema import check, declared_parameters, problems, with_defaults
 
 # The version of decide()'s behaviour, recorded with the logs it folds. Version 1 logs are
@@ -113,6 +113,7 @@ class Changes(TypedDict, total=False):
     error: str | None
     stop_reason: str | None
     usage: Usage
+    grants: tuple[SessionGrant, ...]
 
 
 Step = tuple[Changes, list[Command]]
@@ -394,6 +395,10 @@ def _new_call(
         call = attrs.evolve(call, verdict=verdict)
         return _answer(call, params, _denied(name, verdict))
     gated = effect == ASK or (effect == NO_MATCH and tool.gated)
+    granted = _grant(ex, ticket, name) if gated else None
+    if granted is not None:
+        gated = False
+        call = attrs.evolve(call, granted=granted)
     if gated and ticket is None:
         raise Refusal(
             RefusalCode.INVALID_EVENT, f"gated tool_use {tool_use_id} arrived without a ticket"
@@ -415,6 +420,23 @@ def _new_call(
         reason=reason,
         verdict=verdict,
     )
+
+
+def _grant(ex: Execution, ticket: Ticket | None, tool: str) -> SessionGrant | None:
+    """The session grant the ticket says covers this call: it must be one of this
+    execution's, for this tool (whether its bound holds the engine judged)."""
+    index = ticket.grant if ticket is not None else None
+    if index is None:
+        return None
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(ex.grants):
+        raise Refusal(RefusalCode.INVALID_EVENT, f"a ticket names no session grant {index!r}")
+    grant = ex.grants[index]
+    if grant.tool != tool:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"session grant {index} is for '{grant.tool}', not for a call of '{tool}'",
+        )
+    return grant
 
 
 def _verdict(ex: Execution, verdict: Any, what: str) -> Verdict | None:
@@ -457,6 +479,25 @@ def _policy_records(ex: Execution, ev: ModelReplied, calls: list[ToolCall]) -> l
     and an auditor must see why), and for each a shadow policy would have decided."""
     records: list[Command] = []
     for call in calls:
+        if call.granted is not None:
+            grant = call.granted
+            records.append(
+                RecordDecision(
+                    AuditRecord(
+                        request_id=None,
+                        execution_id=ex.id,
+                        agent_tag=ex.agent_tag,
+                        tool=call.tool,
+                        decision="allowed_by_grant",
+                        at=ev.at,
+                        parameters=call.parameters,
+                        by=grant.by,
+                        by_kind=grant.by_kind,
+                        reason=f"allowed in this execution by the approval of {grant.request_id}",
+                        tool_use_id=call.tool_use_id,
+                    )
+                )
+            )
         verdict = call.verdict
         if verdict is None:
             continue
@@ -852,6 +893,9 @@ def _approved(ex: Execution, ev: Approved) -> Step:
                 f" '{verdict.rule_id}': {verdict.reason or 'no reason given'}; the request"
                 " is still pending: approve it as it is, with other changes, or reject it",
             )
+    grants = ex.grants
+    if ev.remember is not None:
+        grants = (*grants, _remembered(request, ev, by, by_kind))
     requests = _decide_request(
         ex.requests,
         request,
@@ -880,7 +924,29 @@ def _approved(ex: Execution, ev: Approved) -> Step:
             approved_by=by,
         ),
     ]
-    return _advance(ex, ev, calls, Changes(requests=requests), commands)
+    return _advance(ex, ev, calls, Changes(requests=requests, grants=grants), commands)
+
+
+def _remembered(
+    request: ApprovalRequest, ev: Approved, by: str | None, by_kind: str | None
+) -> SessionGrant:
+    """The session grant an approval asks for, checked: for the request's own tool, by
+    someone known (a reviewer or the embedding app, never a claimed name)."""
+    grant = ev.remember
+    assert grant is not None
+    if not isinstance(grant, SessionGrant) or grant.tool != request.tool:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT, f"remember= must grant '{request.tool}', the request's tool"
+        )
+    if by is None or by_kind not in (REVIEWER, APP):
+        raise Refusal(
+            RefusalCode.NOT_GRANTED,
+            "remember= needs a known decider (a reviewer's key or the app's by=): a claimed"
+            " or anonymous approval cannot allow later calls",
+        )
+    if grant.when is not None and not isinstance(grant.when, str):
+        raise Refusal(RefusalCode.INVALID_EVENT, "remember's bound must be a CEL condition")
+    return SessionGrant(grant.tool, request.request_id, ev.at, by, by_kind, grant.when)
 
 
 def _rejected(ex: Execution, ev: Rejected) -> Step:

@@ -28,6 +28,7 @@ class RefusalCode(StrEnum):
     INVALID_REPLY = "invalid_reply"  # a model reply that cannot be used (malformed content)
     INVALID_EVENT = "invalid_event"  # an event whose fields are not what they must be
     DENIED_BY_POLICY = "denied_by_policy"  # modified parameters a deny rule covers
+    INVALID_REMEMBER = "invalid_remember"  # a session grant that cannot be given as asked
     # From the runtime, before decide() sees anything.
     UNKNOWN_EXECUTION = "unknown_execution"
     UNKNOWN_SIGNAL = "unknown_signal"

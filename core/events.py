@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import attrs
 
 from clearance.core.execution import Usage
-from clearance.core.policy import Verdict
+from clearance.core.policy import SessionGrant, Verdict
 
 
 @attrs.frozen
@@ -35,6 +35,9 @@ class Ticket:
     # The agent's policy on this call (its parameters with defaults): None where the
     # agent has no policy, or the call is not one its tools can take.
     verdict: Verdict | None = None
+    # The session grant (its index in `Execution.grants`) that lets this call run
+    # without a request, where a person would otherwise be asked.
+    grant: int | None = None
 
 
 @attrs.frozen
@@ -82,6 +85,9 @@ class Approved:
     by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
     # The agent's policy on the modified call: an edit is checked like a proposal.
     verdict: Verdict | None = None
+    # "Allow this tool for the rest of this execution" (its tool, request, by: this
+    # approval's).
+    remember: SessionGrant | None = None
 
 
 @attrs.frozen

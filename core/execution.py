@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 
 from clearance.core.agent import AgentSpec
-from clearance.core.policy import Verdict
+from clearance.core.policy import SessionGrant, Verdict
 
 # Execution statuses.
 CREATED = "created"
@@ -135,6 +135,7 @@ class ToolCall:
     approved_by: str | None = None
     result: ToolResult | None = None
     verdict: Verdict | None = None  # the agent's policy on the call, if it has one
+    granted: SessionGrant | None = None  # the session grant that let it run unasked
 
 
 @attrs.frozen
@@ -156,6 +157,8 @@ class Execution:
     error: str | None = None
     stop_reason: str | None = None
     usage: Usage = Usage()
+    # Reviewers' "allow this tool for the rest of this execution", oldest first.
+    grants: tuple[SessionGrant, ...] = ()
 
     @property
     def agent_tag(self) -> str:

@@ -24,10 +24,12 @@ and `agent` (their tags).
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import functools
 import hashlib
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 import attrs
@@ -102,6 +104,38 @@ class Verdict:
         return self.effect if self.enforced else NO_MATCH
 
 
+EXECUTION = "execution"  # the one scope of a session grant: the rest of one execution
+
+
+@attrs.frozen
+class SessionGrant:
+    """A reviewer's "allow this tool (within `when`) for the rest of this execution",
+    given with an approval (`remember="execution"`). Later calls it covers run without
+    a request, audited as allowed_by_grant; a policy's deny still wins."""
+
+    tool: str
+    request_id: str  # the approval it came with
+    at: datetime
+    by: str | None
+    by_kind: str | None
+    when: str | None = None  # a CEL bound on the arguments; None: any
+
+    def covers(self, tool: str, args: dict[str, Any]) -> bool:
+        """Whether a call of `tool` with `args` is within the grant; a bound that
+        cannot be evaluated covers nothing (a person is asked, as without it)."""
+        if tool != self.tool:
+            return False
+        if self.when is None:
+            return True
+        try:
+            value = compile_condition(self.when).eval(
+                data={"args": args, "tool": tool, "agent": ""}
+            )
+        except Exception:
+            return False
+        return value.type() == _T.BOOL and value.value() is True
+
+
 def version_of(rules: tuple[RuleSpec, ...], enforce: bool) -> str:
     """The policy's content hash: the same rules, in the same order, the same version."""
     body = {"enforce": enforce, "rules": [attrs.asdict(r) for r in rules]}
@@ -172,7 +206,8 @@ def evaluate(
                 f"rule '{rule.id}' asks the Python predicate {rule.predicate}, which only a"
                 " process hosting the agent has"
             )
-        answer = predicate(dict(args))
+        # A copy: a predicate that changes what it is given must not change the call.
+        answer = predicate(copy.deepcopy(args))
         if isinstance(answer, bool):
             answers.append((rule.id, answer))
         return answer

@@ -1299,3 +1299,33 @@ async def test_the_facade_reads_one_request(api: Api) -> None:
     ex = await api.app.execution(request.execution_id)
     assert ex is not None and ex.status == "completed"
     assert await api.app.execution("exec-ghost") is None
+
+
+async def test_a_signal_approval_may_remember_the_tool_for_the_execution(api: Api) -> None:
+    request = await api.start()
+    url = f"/executions/{request.execution_id}/signal"
+    payload = {"requestId": request.request_id, "remember": "forever"}
+    error(
+        await api.client.post(url, json={"signal": "approve", "payload": payload}, headers=AUTH),
+        422,
+        "invalid_remember",
+    )
+    payload = {"requestId": request.request_id, "remember": "execution"}
+    refused = await api.client.post(
+        url, json={"signal": "reject", "payload": payload}, headers=AUTH
+    )
+    error(refused, 422, "invalid_body")
+    payload["rememberWhen"] = "args.amount <= 100.0"
+    body = {"signal": "approve", "payload": payload}
+    conforms(body, "SignalBody")
+    response = await api.client.post(url, json=body, headers=AUTH)
+    assert response.status_code == 200, response.text
+    ex = await api.app.store.load(request.execution_id)
+    assert ex is not None
+    [grant] = ex.grants
+    assert (grant.tool, grant.by, grant.by_kind, grant.when) == (
+        "process-refund",
+        "admin",
+        "reviewer",
+        "args.amount <= 100.0",
+    )

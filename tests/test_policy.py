@@ -724,3 +724,103 @@ async def test_policy_check_and_replay_from_the_command_line(
     code, out, err = await acli(tmp_path, "policy", "check", str(path))
     assert code == 2 and "rule 'small-refunds': effect: 'alow'" in err
     assert "Traceback" not in err
+
+
+async def test_a_predicate_that_changes_its_arguments_changes_nothing(
+    app: Clearance, recorder: Recorder
+) -> None:
+    def sly(args: dict[str, Any]) -> bool:
+        args["amount"] = 1  # what runs must be what the model asked for
+        args.setdefault("note", "x")
+        return True
+
+    define(
+        app,
+        recorder,
+        [[tool_use("process-refund", refund(700))], [text("Done.")]],
+        [Rule.allow("process-refund", predicate=sly, id="sly")],
+    )
+    await app.run("refunds", input="x")
+    [(_, _, params)] = recorder.calls
+    assert params == refund(700, currency="EUR")
+
+
+# -- session grants ------------------------------------------------------------------------
+
+
+def three_refunds(request: Any) -> list[Any]:
+    """The model refunds 300, then 80, then 5000, one turn each, then answers."""
+    turn = sum(1 for m in request.messages if m["role"] == "assistant")
+    amounts = [300, 80, 5000]
+    if turn < len(amounts):
+        return [tool_use("process-refund", refund(amounts[turn]))]
+    return [text("Done.")]
+
+
+async def test_a_session_grant_allows_later_calls_within_its_bound_and_deny_still_wins(
+    app: Clearance, recorder: Recorder
+) -> None:
+    define(app, recorder, three_refunds, REFUND_RULES)  # type: ignore[arg-type]
+    ex = await app.run("refunds", input="x")
+    [first] = ex.pending_approvals
+    ex = await app.signal(
+        ex.id,
+        "approve",
+        request_id=first.request_id,
+        by="rita",
+        remember="execution",
+        remember_when="args.amount <= 100.0",
+    )
+    # 300 approved; 80 within the grant ran unasked; 5000 is denied by the policy.
+    assert ex.status == "completed", ex.pending_approvals
+    assert [c[2]["amount"] for c in recorder.calls] == [300, 80]
+    records = [(r.decision, r.by, r.request_id) for r in await app.audit(execution_id=ex.id)]
+    assert records == [
+        ("approved", "rita", first.request_id),
+        ("allowed_by_grant", "rita", None),
+        ("denied_by_policy", None, None),
+    ]
+    [grant] = ex.grants
+    assert (grant.tool, grant.by, grant.request_id) == ("process-refund", "rita", first.request_id)
+    await replays(app, ex)
+
+
+async def test_a_call_outside_the_grants_bound_still_asks(
+    app: Clearance, recorder: Recorder
+) -> None:
+    define(app, recorder, three_refunds, REFUND_RULES)  # type: ignore[arg-type]
+    ex = await app.run("refunds", input="x")
+    [first] = ex.pending_approvals
+    ex = await app.signal(
+        ex.id,
+        "approve",
+        request_id=first.request_id,
+        by="rita",
+        remember="execution",
+        remember_when="args.amount <= 50.0",
+    )
+    [second] = ex.pending_approvals
+    assert second.parameters["amount"] == 80 and len(recorder.calls) == 1
+
+
+async def test_a_grant_needs_a_known_decider_and_a_valid_bound(
+    app: Clearance, recorder: Recorder
+) -> None:
+    define(app, recorder, three_refunds, REFUND_RULES)  # type: ignore[arg-type]
+    ex = await app.run("refunds", input="x")
+    [first] = ex.pending_approvals
+    for kwargs, code in [
+        ({"remember": "forever", "by": "rita"}, "invalid_remember"),
+        (
+            {"remember": "execution", "remember_when": "args.amount <=", "by": "rita"},
+            "invalid_remember",
+        ),
+        ({"remember": "execution"}, "not_granted"),  # nobody said who
+    ]:
+        with pytest.raises(Refusal) as caught:
+            await app.signal(ex.id, "approve", request_id=first.request_id, **kwargs)
+        assert caught.value.code == code, (kwargs, caught.value)
+    with pytest.raises(Refusal, match="goes with an approval"):
+        await app.signal(ex.id, "reject", request_id=first.request_id, remember="execution")
+    assert [r.request_id for r in await app.pending()] == [first.request_id]
+    assert recorder.calls == []

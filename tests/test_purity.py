@@ -12,6 +12,7 @@ CORE = Path(__file__).resolve().parent.parent / "core"
 ALLOWED = {
     "__future__",
     "collections",
+    "copy",  # a policy predicate gets a copy of the arguments
     "datetime",
     "enum",
     "fnmatch",

@@ -465,6 +465,7 @@ CODES = {
     "invalid_event",
     "not_granted",
     "denied_by_policy",
+    "invalid_remember",
     "host_required",
 }
 
