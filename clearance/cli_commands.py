@@ -58,6 +58,7 @@ from clearance.core.events import (
     Rejected,
     Started,
     StopRequested,
+    Ticket,
     TimerFired,
     ToolFailed,
     ToolFinished,
@@ -430,16 +431,31 @@ async def cmd_reject(args: argparse.Namespace) -> int:
     return await _decide(args, approved=False)
 
 
+def _authorised(ticket: Ticket | None) -> str:
+    """What a policy or a session grant said about a proposed call, for `show`."""
+    if ticket is None:
+        return ""
+    if ticket.grant is not None:
+        return f" (session grant {ticket.grant})"
+    verdict = ticket.verdict
+    if verdict is None or verdict.effect == "none":
+        return ""
+    said = f"{verdict.effect} by rule {verdict.rule_id}"
+    return f" ({said})" if verdict.enforced else f" (shadow: would {said})"
+
+
 def _event_summary(event: Event) -> str:
     if isinstance(event, Started):
         return f"input={views.dumps(event.input)}"
     if isinstance(event, ModelReplied):
         parts = []
+        tickets = {t.tool_use_id: t for t in event.tickets}
         for block in event.content:
             if block.get("type") == "text":
                 parts.append(views.dumps(block.get("text", "")))
             elif block.get("type") == "tool_use":
-                parts.append(f"tool_use {block.get('name')} {compact(block.get('input'))}")
+                use = f"tool_use {block.get('name')} {compact(block.get('input'))}"
+                parts.append(use + _authorised(tickets.get(str(block.get("id")))))
         return f"turn {event.turn}: " + "; ".join(parts)
     if isinstance(event, ModelFailed):
         return f"turn {event.turn}: {event.error}"

@@ -269,6 +269,16 @@ _SCHEMAS: dict[str, Any] = {
             "decidedAt": _TEXT_OR_NULL,
             "modifiedParams": _OBJECT_OR_NULL,
             "rejectionReason": _TEXT_OR_NULL,
+            "policy": {
+                "type": "object",
+                "description": "The policy rule that asked for this request (absent otherwise).",
+                "required": ["ruleId", "reason", "version"],
+                "properties": {
+                    "ruleId": {"type": "string"},
+                    "reason": _TEXT_OR_NULL,
+                    "version": {"type": "string"},
+                },
+            },
         },
     },
     "Execution": {

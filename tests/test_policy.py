@@ -12,6 +12,7 @@ from conftest import Recorder
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import invariant
+from test_http_api import conforms
 
 from clearance import (
     Clearance,
@@ -139,7 +140,7 @@ async def replays(app: Clearance, ex: Execution) -> None:
 
 
 async def test_a_denied_call_never_runs_and_the_model_is_told_why(
-    app: Clearance, recorder: Recorder
+    app: Clearance, recorder: Recorder, tmp_path: Any
 ) -> None:
     model = define(
         app,
@@ -166,6 +167,11 @@ async def test_a_denied_call_never_runs_and_the_model_is_told_why(
     assert record.parameters == {**refund(5000), "currency": "EUR"}
     assert record.policy_version == app._agents["refunds"].spec.policy.version  # type: ignore[union-attr]
     await replays(app, ex)
+    from test_cli import acli
+
+    code, out, err = await acli(tmp_path, "--db", str(tmp_path / "policy.db"), "show", ex.id)
+    assert code == 0, err
+    assert "(deny by rule no-large-refunds)" in out and "denied_by_policy" in out
 
 
 async def test_an_allowed_call_of_a_gated_tool_runs_without_a_request(
@@ -207,6 +213,7 @@ async def test_an_ask_rule_gates_an_ungated_tool_and_the_request_names_the_rule(
     }
     assert webhook_body(request, None)["policy"] == rule
     assert approval(request)["policy"] == rule
+    conforms(approval(request), "ApprovalRequest")
     ex = await app.signal(ex.id, "approve", request_id=request.request_id, by="ops")
     assert ex.status == "completed" and len(recorder.calls) == 1
     assert [r.decision for r in await app.audit(execution_id=ex.id)] == ["approved"]
