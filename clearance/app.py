@@ -406,8 +406,12 @@ class Clearance:
         by: str | Identity | None = None,
         remember: str | None = None,
         remember_when: str | None = None,
+        digest: str | None = None,
     ) -> Execution:
         """`approve` (optionally with `modified_params`), `reject` (with `reason`) or `stop`.
+
+        `digest`: the request's `digest` as the decider saw it; the decision is refused
+        (`stale_decision`) if the request asks about another call.
 
         `remember="execution"` with an approval: later calls of the same tool in this
         execution (within `remember_when`, a CEL bound on `args`, if given) run without
@@ -429,6 +433,7 @@ class Clearance:
                 by=by,
                 remember=remember,
                 remember_when=remember_when,
+                digest=digest,
             )
         )
 
@@ -442,9 +447,10 @@ class Clearance:
         by: str | Identity | None = None,
         remember: str | None = None,
         remember_when: str | None = None,
+        digest: str | None = None,
     ) -> Execution:
-        """Decide by request id alone, as the spec's callback body does (`remember`: as
-        for `signal`)."""
+        """Decide by request id alone, as the spec's callback body does (`remember`,
+        `digest`: as for `signal`)."""
         return await self._shielded(
             self._decision(
                 request_id,
@@ -454,6 +460,7 @@ class Clearance:
                 by=by,
                 remember=remember,
                 remember_when=remember_when,
+                digest=digest,
             )
         )
 
@@ -610,6 +617,7 @@ class Clearance:
         settle: bool = True,
         remember: str | None = None,
         remember_when: str | None = None,
+        digest: str | None = None,
     ) -> Execution:
         """Approve or reject a request known by its id alone (`decide`, a batch, a broker)."""
         execution_id = await self.store.execution_of_request(request_id)
@@ -625,6 +633,7 @@ class Clearance:
             settle=settle,
             remember=remember,
             remember_when=remember_when,
+            digest=digest,
         )
 
     async def _request(self, request_id: str) -> ApprovalRequest | None:

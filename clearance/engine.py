@@ -217,6 +217,7 @@ class Engine:
         settle: bool = True,
         remember: str | None = None,
         remember_when: str | None = None,
+        digest: str | None = None,
     ) -> Execution:
         """`by`: who decides; a plain name is the embedding code's word for it (`app`),
         an `Identity` says how it is known, and a `reviewer` must be granted the
@@ -247,12 +248,19 @@ class Engine:
                 verdict = self._edit_verdict(ex, request, modified_params)
                 grant = _session_grant(request, remember, remember_when)
                 event = Approved(
-                    request_id, self.clock.now(), name, modified_params, kind, verdict, grant
+                    request_id,
+                    self.clock.now(),
+                    name,
+                    modified_params,
+                    kind,
+                    verdict,
+                    grant,
+                    digest,
                 )
             elif remember is not None or remember_when is not None:
                 raise Refusal(RefusalCode.INVALID_REMEMBER, "remember= goes with an approval")
             else:
-                event = Rejected(request_id, self.clock.now(), name, reason, kind)
+                event = Rejected(request_id, self.clock.now(), name, reason, kind, digest)
         if not settle:
             return await self._feed(ex, event)
         return await self._drive(ex, event)

@@ -28,9 +28,17 @@ MAX_DEPTH = 32  # nesting of JSON arrays/objects in a body
 DEFAULT_LIMIT = 100  # GET /approvals page size
 MAX_LIMIT = 1000
 
-CALLBACK_FIELDS = ("approved", "reason", "modifiedParams", "by")
+CALLBACK_FIELDS = ("approved", "reason", "modifiedParams", "by", "callDigest")
 SIGNAL_FIELDS = ("signal", "payload")
-PAYLOAD_FIELDS = ("requestId", "reason", "modifiedParams", "by", "remember", "rememberWhen")
+PAYLOAD_FIELDS = (
+    "requestId",
+    "reason",
+    "modifiedParams",
+    "by",
+    "remember",
+    "rememberWhen",
+    "callDigest",
+)
 LISTING_QUERY = ("status", "agentTag", "limit", "after")
 
 
@@ -171,6 +179,7 @@ class CallbackDecision:
     reason: str | None
     modified_params: dict[str, Any] | None
     by: str | None
+    digest: str | None = None  # callDigest: the call the decider saw
 
 
 def callback_decision(value: Any) -> CallbackDecision:
@@ -190,7 +199,8 @@ def callback_decision(value: Any) -> CallbackDecision:
         not_with(body, "reason", "reason goes with approved: false (a rejection)")
     else:
         not_with(body, "modifiedParams", "modifiedParams goes with approved: true")
-    return CallbackDecision(approved, reason, changes, by)
+    digest = optional_text(body, "callDigest", "")
+    return CallbackDecision(approved, reason, changes, by, digest)
 
 
 @attrs.frozen
@@ -204,6 +214,7 @@ class SignalCall:
     by: str | None
     remember: str | None = None  # "execution": a session grant (see Clearance.signal)
     remember_when: str | None = None
+    digest: str | None = None  # callDigest: the call the decider saw
 
 
 def signal_call(value: Any) -> SignalCall:
@@ -236,7 +247,10 @@ def signal_call(value: Any) -> SignalCall:
         not_with(payload, "reason", "reason goes with signal reject or stop")
     else:
         not_with(payload, "modifiedParams", "modifiedParams goes with signal approve")
-    return SignalCall(name, request_id, reason, changes, by, remember, remember_when)
+    digest = optional_text(payload, "callDigest", "payload.")
+    if name == "stop":
+        not_with(payload, "callDigest", "callDigest goes with signal approve or reject")
+    return SignalCall(name, request_id, reason, changes, by, remember, remember_when, digest)
 
 
 BATCH_FIELDS = ("requestIds", "approved", "reason")

@@ -33,6 +33,8 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     RefusalCode.STALE_TOOL_RESULT: 409,
     RefusalCode.INVALID_REPLY: 409,
     RefusalCode.INVALID_EVENT: 409,
+    # a decision made for another call than the request's (its digest differs)
+    RefusalCode.STALE_DECISION: 409,
     # an edit a rule's Python predicate must judge, sent where the agent is not hosted
     RefusalCode.HOST_REQUIRED: 409,
     # a reviewer whose grants do not cover the request's agent and tool

@@ -156,6 +156,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 modified_params=call.modified_params,
                 # The token proves the URL was ours to hand out, not who holds it.
                 by=Identity(call.by, CLAIMED) if call.by else None,
+                digest=call.digest,
             )
         except Refusal as refusal:
             await refused(app, refusal, request_id)
@@ -188,6 +189,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 by=who,
                 remember=call.remember,
                 remember_when=call.remember_when,
+                digest=call.digest,
             )
         except Refusal as refusal:
             await refused(app, refusal, call.request_id)

@@ -47,6 +47,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _TEXT_OR_NULL = {"type": ["string", "null"]}
+# The request's callDigest as the decider saw it: the decision is refused (409
+# stale_decision) if the request asks about another call.
+_CALL_DIGEST = {"type": ["string", "null"], "description": "The request's callDigest."}
 _OBJECT_OR_NULL = {"type": ["object", "null"]}
 _BY = {
     "type": ["string", "null"],
@@ -118,6 +121,7 @@ _SCHEMAS: dict[str, Any] = {
                     "approved": {"const": True},
                     "modifiedParams": _OBJECT_OR_NULL,
                     "by": _BY,
+                    "callDigest": _CALL_DIGEST,
                 },
             },
             {
@@ -128,6 +132,7 @@ _SCHEMAS: dict[str, Any] = {
                     "approved": {"const": False},
                     "reason": _TEXT_OR_NULL,
                     "by": _BY,
+                    "callDigest": _CALL_DIGEST,
                 },
             },
         ],
@@ -145,12 +150,18 @@ _SCHEMAS: dict[str, Any] = {
                     # rememberWhen, a CEL bound on args) run without a request.
                     "remember": {"enum": ["execution", None]},
                     "rememberWhen": _TEXT_OR_NULL,
+                    "callDigest": _CALL_DIGEST,
                 },
                 ["requestId"],
             ),
             _signal_variant(
                 "reject",
-                {"requestId": {"type": "string"}, "reason": _TEXT_OR_NULL, "by": _BY},
+                {
+                    "requestId": {"type": "string"},
+                    "reason": _TEXT_OR_NULL,
+                    "by": _BY,
+                    "callDigest": _CALL_DIGEST,
+                },
                 ["requestId"],
             ),
             _signal_variant("stop", {"reason": _TEXT_OR_NULL, "by": _BY}, []),
@@ -269,6 +280,7 @@ _SCHEMAS: dict[str, Any] = {
             "decidedAt": _TEXT_OR_NULL,
             "modifiedParams": _OBJECT_OR_NULL,
             "rejectionReason": _TEXT_OR_NULL,
+            "callDigest": _TEXT_OR_NULL,
             "policy": {
                 "type": "object",
                 "description": "The policy rule that asked for this request (absent otherwise).",

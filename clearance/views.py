@@ -70,6 +70,7 @@ def approval(request: ApprovalRequest, callback_url: CallbackUrl | None = None) 
     data = approval_request(request)
     data["status"] = request.status
     data["expiresAt"] = iso(request.expires_at)
+    data["callDigest"] = request.digest
     if request.status != PENDING:
         data.update(decision_fields(request))
     elif callback_url is not None and (url := callback_url(request)) is not None:
@@ -269,6 +270,9 @@ def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str
         "timestamp": iso(request.timestamp),
         "expiresAt": iso(request.timeout),
         "callbackUrl": callback_url,
+        # What the call is, exactly: send it back with the decision to have it refused
+        # if the request asks about another call (callDigest).
+        "callDigest": request.digest,
     }
     if request.policy is not None:
         body["policy"] = asking_rule(request)

@@ -26,6 +26,7 @@ from typing import Any, TypedDict
 import attrs
 
 from clearance.core.agent import PARALLEL, ToolSpec
+from clearance.core.call_digest import call_digest
 from clearance.core.commands import (
     AuditRecord,
     CallModel,
@@ -617,6 +618,13 @@ def _advance(
                     timeout=timeout,
                     timeout_ms=tool.approval_timeout_ms,
                     policy=call.verdict if call.verdict and call.verdict.applied == ASK else None,
+                    digest=call_digest(
+                        ex.agent_tag,
+                        call.tool,
+                        call.parameters,
+                        tool.input_schema,
+                        ex.agent.policy.version if ex.agent.policy else None,
+                    ),
                 )
                 requests.append(request)
                 calls[i] = _move(call, "gate", AWAITING)
@@ -865,9 +873,20 @@ def _modified_params(ex: Execution, request: ApprovalRequest, modified: Any) -> 
     return plain
 
 
+def _check_digest(request: ApprovalRequest, digest: Any) -> None:
+    """A decision that names the call it was made for applies to that call only."""
+    if digest is not None and digest != request.digest:
+        raise Refusal(
+            RefusalCode.STALE_DECISION,
+            f"this decision was made for call {digest!r}, but {request.request_id} asks about"
+            f" call {request.digest!r}: look at the request again and decide what it asks",
+        )
+
+
 def _approved(ex: Execution, ev: Approved) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
+    _check_digest(request, ev.digest)
     by = _sent_text(ev.by, "approved.by")
     by_kind = _by_kind(ev.by_kind, by, "approved")
     params, modified = request.parameters, None
@@ -952,6 +971,7 @@ def _remembered(
 def _rejected(ex: Execution, ev: Rejected) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
+    _check_digest(request, ev.digest)
     by = _sent_text(ev.by, "rejected.by")
     by_kind = _by_kind(ev.by_kind, by, "rejected")
     reason = _sent_text(ev.reason, "rejected.reason")

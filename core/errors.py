@@ -29,6 +29,7 @@ class RefusalCode(StrEnum):
     INVALID_EVENT = "invalid_event"  # an event whose fields are not what they must be
     DENIED_BY_POLICY = "denied_by_policy"  # modified parameters a deny rule covers
     INVALID_REMEMBER = "invalid_remember"  # a session grant that cannot be given as asked
+    STALE_DECISION = "stale_decision"  # made for another call digest than the request's
     # From the runtime, before decide() sees anything.
     UNKNOWN_EXECUTION = "unknown_execution"
     UNKNOWN_SIGNAL = "unknown_signal"

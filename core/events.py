@@ -88,6 +88,7 @@ class Approved:
     # "Allow this tool for the rest of this execution" (its tool, request, by: this
     # approval's).
     remember: SessionGrant | None = None
+    digest: str | None = None  # the call digest the decision was made for, if it says
 
 
 @attrs.frozen
@@ -98,6 +99,7 @@ class Rejected:
     by: str | None = None
     reason: str | None = None
     by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
+    digest: str | None = None  # the call digest the decision was made for, if it says
 
 
 @attrs.frozen

@@ -97,6 +97,7 @@ class ApprovalRequest:
     modified_params: dict[str, Any] | None = None
     rejection_reason: str | None = None
     policy: Verdict | None = None  # the ask rule that asked for it, if one did
+    digest: str | None = None  # of the exact call (core.call_digest); None: made before
 
     @property
     def expires_at(self) -> datetime:

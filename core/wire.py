@@ -22,6 +22,7 @@ import cattrs
 from cattrs.strategies import configure_tagged_union
 
 from clearance.core.agent import AgentSpec
+from clearance.core.call_digest import call_digest
 from clearance.core.commands import AuditRecord, Command
 from clearance.core.events import Event
 from clearance.core.execution import (
@@ -94,6 +95,24 @@ def _cancel_open_calls(ex: Execution) -> Execution:
     return attrs.evolve(ex, calls=calls)
 
 
+def _with_digests(ex: Execution) -> Execution:
+    """Requests made before decide() recorded call digests get the digest it would have
+    recorded (their policy version was none), so that an old state and its log replayed
+    today agree."""
+    if all(r.digest for r in ex.requests):
+        return ex
+    requests = []
+    for request in ex.requests:
+        tool = ex.agent.tool(request.tool)
+        if not request.digest and tool is not None:
+            digest = call_digest(
+                ex.agent_tag, request.tool, request.parameters, tool.input_schema, None
+            )
+            request = attrs.evolve(request, digest=digest)
+        requests.append(request)
+    return attrs.evolve(ex, requests=tuple(requests))
+
+
 def _build() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_unstructure_hook(datetime, stamp)
@@ -117,7 +136,9 @@ def _build() -> cattrs.Converter:
     conv.register_structure_hook(ToolCall, structure_call)
     # Built after the ToolCall hook, so that it structures its calls with it.
     build_execution = conv.get_structure_hook(Execution)
-    conv.register_structure_hook(Execution, lambda v, t: _cancel_open_calls(build_execution(v, t)))
+    conv.register_structure_hook(
+        Execution, lambda v, t: _with_digests(_cancel_open_calls(build_execution(v, t)))
+    )
     for union in (Event, Command):
         configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")
     return conv

@@ -633,6 +633,7 @@ async def test_list_pending_approvals(api: Api) -> None:
         **first.to_dict(),
         "status": "pending",
         "expiresAt": "2024-01-15T10:35:00Z",
+        "callDigest": first.digest,
         "callbackUrl": api.url(first),
     }
     query: dict[str, str] = {"status": "pending", "agentTag": "safe-agent", "limit": "1"}
@@ -1253,6 +1254,7 @@ def test_the_spec_views_keep_their_fields() -> None:
         "timestamp": "2024-01-15T10:30:00Z",
         "expiresAt": "2024-01-15T10:30:00Z",
         "callbackUrl": None,
+        "callDigest": None,  # made by hand: no digest
     }
 
 
@@ -1329,3 +1331,14 @@ async def test_a_signal_approval_may_remember_the_tool_for_the_execution(api: Ap
         "reviewer",
         "args.amount <= 100.0",
     )
+
+
+async def test_a_callback_made_for_another_call_is_409_and_changes_nothing(api: Api) -> None:
+    request = await api.start()
+    assert request.digest and request.digest.startswith("sha256:")
+    before = await api.snapshot()
+    stale = {"approved": True, "callDigest": "sha256:" + "0" * 64}
+    error(await api.respond(request, stale), 409, "stale_decision")
+    assert await api.snapshot() == before
+    response = await api.respond(request, {"approved": True, "callDigest": request.digest})
+    assert response.status_code == 200, response.text

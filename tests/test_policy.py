@@ -831,3 +831,36 @@ async def test_a_grant_needs_a_known_decider_and_a_valid_bound(
         await app.signal(ex.id, "reject", request_id=first.request_id, remember="execution")
     assert [r.request_id for r in await app.pending()] == [first.request_id]
     assert recorder.calls == []
+
+
+# -- decisions bound to the exact call -----------------------------------------------------
+
+
+async def test_a_decision_made_for_another_call_is_refused(
+    app: Clearance, recorder: Recorder
+) -> None:
+    from clearance.core.call_digest import call_digest
+
+    define(
+        app, recorder, [[tool_use("process-refund", refund(300))], [text("Done.")]], REFUND_RULES
+    )
+    ex = await app.run("refunds", input="x")
+    [request] = ex.pending_approvals
+    spec = app._agents["refunds"].spec
+    assert request.digest == call_digest(
+        "refunds",
+        "process-refund",
+        refund(300, currency="EUR"),
+        REFUND_SCHEMA,
+        spec.policy.version if spec.policy else None,
+    )
+    assert webhook_body(request, None)["callDigest"] == request.digest
+    # What a reviewer saw for another call (another amount) is not this call.
+    other = call_digest("refunds", "process-refund", refund(30), REFUND_SCHEMA, None)
+    for signal in ("approve", "reject"):
+        with pytest.raises(Refusal) as caught:
+            await app.signal(ex.id, signal, request_id=request.request_id, digest=other)
+        assert caught.value.code == "stale_decision" and request.digest in str(caught.value)
+    assert [r.request_id for r in await app.pending()] == [request.request_id]
+    ex = await app.signal(ex.id, "approve", request_id=request.request_id, digest=request.digest)
+    assert ex.status == "completed" and len(recorder.calls) == 1

@@ -466,6 +466,7 @@ CODES = {
     "not_granted",
     "denied_by_policy",
     "invalid_remember",
+    "stale_decision",
     "host_required",
 }
 

@@ -54,6 +54,7 @@ SPEC_KEYS = {
     "timestamp",
     "expiresAt",
     "callbackUrl",
+    "callDigest",
 }
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 PROCESS = str(Path(__file__).with_name("webhook_process.py"))
@@ -223,6 +224,7 @@ async def test_body_is_the_spec_webhook_with_the_reason(db: Path, recorder: Reco
     assert before - timedelta(seconds=1) <= timestamp <= hit.at
     assert expires - timestamp == timedelta(minutes=2)
     assert body["callbackUrl"] == expected_callback
+    assert body["callDigest"] == request.digest and request.digest.startswith("sha256:")
     match = re.fullmatch(
         re.escape(f"{PUBLIC}/approvals/{request_id}/respond") + r"\?token=([^&]+)",
         body["callbackUrl"],
