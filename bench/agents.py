@@ -11,10 +11,20 @@ then approve-and-run).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from clearance import ApprovalBroker, Clearance, HumanInLoop, Tool, ToolContext
+from clearance import (
+    ApprovalBroker,
+    Clearance,
+    ClearanceWarning,
+    HumanInLoop,
+    Policy,
+    Rule,
+    Tool,
+    ToolContext,
+)
 from clearance.testing import ScriptedModel, text, tool_use
 
 AGENT = "safe-agent"
@@ -50,30 +60,37 @@ def define_refund_agent(
     model: ScriptedModel | None = None,
     approval_broker: ApprovalBroker | None = None,
     approval_webhook: str | None = None,
+    policy: Policy | Sequence[Rule] | None = None,
 ) -> ScriptedModel:
     model = model or refund_model()
-    app.define(
-        tag=tag,
-        name="Agent with Approvals",
-        product="bench",
-        model=model,
-        system_prompt="You are a helpful assistant...",
-        tools=[
-            Tool(
-                tag=TOOL,
-                description="Process a refund for an order",
-                parameters=SCHEMA,
-                requires_confirmation=True,
-                handler=handler,
-            )
-        ],
-        human_in_loop=HumanInLoop(
-            enabled=True,
-            approval_timeout=timeout_ms,
-            approval_broker=approval_broker,
-            approval_webhook=approval_webhook,
-        ),
-    )
+    with warnings.catch_warnings():
+        if policy is not None:
+            # Benchmark 9's policies name tools this agent does not define, as a policy
+            # shared by many agents does: define() warns about each such rule.
+            warnings.simplefilter("ignore", ClearanceWarning)
+        app.define(
+            tag=tag,
+            name="Agent with Approvals",
+            product="bench",
+            model=model,
+            system_prompt="You are a helpful assistant...",
+            tools=[
+                Tool(
+                    tag=TOOL,
+                    description="Process a refund for an order",
+                    parameters=SCHEMA,
+                    requires_confirmation=True,
+                    handler=handler,
+                )
+            ],
+            human_in_loop=HumanInLoop(
+                enabled=True,
+                approval_timeout=timeout_ms,
+                approval_broker=approval_broker,
+                approval_webhook=approval_webhook,
+                policy=policy,
+            ),
+        )
     return model
 
 

@@ -43,6 +43,8 @@ class Sizes:
     in_flight: int  # executions kept in flight at once in benchmark 5
     postgres_scale_levels: tuple[int, ...]  # paused executions, benchmark 7
     broker_requests: int  # approval requests per broker, benchmark 8
+    policy_calls: int  # evaluate() calls per policy per round, benchmark 9
+    policy_rounds: int  # interleaved rounds of benchmark 9's cycles (`cycles` each)
 
     @classmethod
     def full(cls) -> Sizes:
@@ -62,6 +64,8 @@ class Sizes:
             in_flight=64,
             postgres_scale_levels=(1_000, 1_000_000),
             broker_requests=1_000,
+            policy_calls=2_000,
+            policy_rounds=20,
         )
 
     @classmethod
@@ -82,6 +86,8 @@ class Sizes:
             in_flight=64,
             postgres_scale_levels=(200, 1_000),
             broker_requests=20,
+            policy_calls=50,
+            policy_rounds=1,
         )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from bench.agents import (
     langgraph_connection,
 )
 from bench.common import Section, Sizes, Target, fmt, median, ratio, scratch_dir, table
-from clearance import Clearance
+from clearance import Clearance, Policy, Rule
 
 SYNCS = ("FULL", "NORMAL")
 WARMUP = 3
@@ -54,9 +54,11 @@ class Run:
 # -- the systems ----------------------------------------------------------------------
 
 
-async def _clearance(path: Path, synchronous: str, n: int) -> Run:
+async def _clearance(
+    path: Path, synchronous: str, n: int, policy: Policy | Sequence[Rule] | None
+) -> Run:
     async with Clearance.open(f"sqlite:///{path}", synchronous=synchronous) as app:
-        model = define_refund_agent(app)
+        model = define_refund_agent(app, policy=policy)
         counter = CommitCounter()
         app.store._db.set_trace_callback(counter)  # type: ignore[attr-defined]
 
@@ -79,8 +81,11 @@ async def _clearance(path: Path, synchronous: str, n: int) -> Run:
     return Run(n, seconds, commits)
 
 
-def clearance(path: Path, synchronous: str, n: int) -> Run:
-    return asyncio.run(_clearance(path, synchronous, n))
+def clearance(
+    path: Path, synchronous: str, n: int, *, policy: Policy | Sequence[Rule] | None = None
+) -> Run:
+    """Benchmark 1's Clearance cycle; `policy`: the agent's (benchmark 9), none by default."""
+    return asyncio.run(_clearance(path, synchronous, n, policy))
 
 
 def langgraph_sync(path: Path, synchronous: str, n: int) -> Run:

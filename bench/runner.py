@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4, 5, 6, 7, 8),
+        choices=(1, 2, 3, 4, 5, 6, 7, 8, 9),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -145,7 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(profile.run(30 if args.quick else 300))
         return 0
 
-    from bench import brokers, concurrent, cycle, latency, postgres, postgres_scale, scale, step
+    from bench import (
+        brokers,
+        concurrent,
+        cycle,
+        latency,
+        policy,
+        postgres,
+        postgres_scale,
+        scale,
+        step,
+    )
 
     benchmarks: dict[int, Callable[[Sizes], Section]] = {
         1: cycle.run,
@@ -156,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         6: postgres.run,
         7: postgres_scale.run,
         8: brokers.run,
+        9: policy.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))

@@ -186,6 +186,31 @@ def _holds(rule: RuleSpec, args: dict[str, Any], tool: str, agent: str, asked: A
     return result
 
 
+# Which rules cover a tool, in the order they are tried (deny, ask, allow; each in the
+# policy's order), by (policy version, tool): matching every rule's globs on every call
+# cost more than the conditions (67 µs of 134 for 100 rules). The version is the rules'
+# content hash, so one key is one list of rules.
+_COVERING: dict[tuple[str, str], tuple[RuleSpec, ...]] = {}
+_COVERING_MAX = 4096
+
+
+def _covering(policy: PolicySpec, tool: str) -> tuple[RuleSpec, ...]:
+    key = (policy.version, tool)
+    found = _COVERING.get(key)
+    if found is None or not policy.version:
+        found = tuple(
+            rule
+            for effect in EFFECTS
+            for rule in policy.rules
+            if rule.effect == effect and rule.covers(tool)
+        )
+        if policy.version:
+            if len(_COVERING) >= _COVERING_MAX:
+                _COVERING.clear()
+            _COVERING[key] = found
+    return found
+
+
 def evaluate(
     policy: PolicySpec,
     *,
@@ -223,23 +248,18 @@ def evaluate(
             **more,
         )
 
-    for effect in EFFECTS:
-        for rule in policy.rules:
-            if rule.effect != effect or not rule.covers(tool):
-                continue
-            try:
-                if _holds(rule, args, tool, agent, asked):
-                    return verdict(effect, rule)
-            except HostRequired:
-                raise
-            except Exception as err:  # fail closed, whatever the condition did
-                why = (
-                    f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
-                )
-                return verdict(
-                    DENY,
-                    rule,
-                    reason=f"Rule '{rule.id}' could not be evaluated ({why}); denied.",
-                    failed=why,
-                )
+    for rule in _covering(policy, tool):
+        try:
+            if _holds(rule, args, tool, agent, asked):
+                return verdict(rule.effect, rule)
+        except HostRequired:
+            raise
+        except Exception as err:  # fail closed, whatever the condition did
+            why = f"{type(err).__name__}: {err}" if not isinstance(err, ValueError) else str(err)
+            return verdict(
+                DENY,
+                rule,
+                reason=f"Rule '{rule.id}' could not be evaluated ({why}); denied.",
+                failed=why,
+            )
     return verdict(NO_MATCH, None)

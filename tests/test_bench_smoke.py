@@ -54,6 +54,7 @@ def test_quick_bench_prints_a_markdown_report() -> None:
         "## 4. Approval latency",
         "## 5. Concurrent executions in one process",
         "## 8. Approval requests over message brokers",
+        "## 9. Policy evaluation, and the cycle with a policy",
         "## Targets",
     ):
         assert heading in out
@@ -62,11 +63,13 @@ def test_quick_bench_prints_a_markdown_report() -> None:
     assert "| FULL | Clearance, concurrent | 64 |" in out
     assert "|---|" in out
     _check_brokers(out.split("## 8. Approval requests over message brokers", 1)[1])
+    _check_policy(out.split("## 9. Policy evaluation", 1)[1])
     # Every target has a row saying whether it was met, whatever the answer.
     targets = out.split("## Targets", 1)[1]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "target" not in line]
-    assert len(rows) >= 14
+    assert len(rows) >= 16
     assert sum("5. concurrent" in row for row in rows) == 4
+    assert sum("9. policy" in row for row in rows) == 2
     assert all(row.rstrip().endswith(("yes |", "**no** |")) for row in rows)
 
 
@@ -98,3 +101,31 @@ def _check_brokers(section: str) -> None:
         assert float(rate.replace(",", "")) > 0, rows[label]
     for label in ("NATS JetStream", "RabbitMQ"):
         assert rows[label][2] == "skipped: not run with --quick", rows[label]
+
+
+def _check_policy(section: str) -> None:
+    """Benchmark 9's tables: six policies evaluated (1, 10, 100 rules; early and worst
+    case, with the verdicts those cases mean), and the cycle for the three agents."""
+    section = section.split("\n## ", 1)[0]
+    assert "| rules | case | rules covering the tool | conditions evaluated | verdict |" in section
+    rows = [
+        [c.strip() for c in line.strip("|").split(" | ")]
+        for line in section.splitlines()
+        if line.startswith(("| 1 |", "| 10 |", "| 100 |"))
+    ]
+    assert [(r[0], r[1].split(" ")[0]) for r in rows] == [
+        (n, case) for n in ("1", "10", "100") for case in ("verdict", "worst")
+    ], rows
+    for row in rows:
+        early = row[1].startswith("verdict")
+        assert row[4] == ("deny (eur-refunds-over-200)" if early else "none"), row
+        if not early:  # every condition of a rule covering the tool was evaluated
+            assert row[2] == row[3], row
+        assert float(row[5]) > 0, row
+    assert "| synchronous | agent | cycles/s | µs/cycle |" in section
+    agents = [
+        line.split(" | ")[1]
+        for line in section.splitlines()
+        if line.startswith(("| FULL |", "| NORMAL |"))
+    ]
+    assert len(agents) == 6 and len(set(agents)) == 3, agents
