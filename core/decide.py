@@ -476,41 +476,16 @@ _SHADOW_DECISIONS = {ALLOW: "would_allow", ASK: "would_ask", DENY: "would_deny"}
 
 
 def _policy_records(ex: Execution, ev: ModelReplied, calls: list[ToolCall]) -> list[Command]:
-    """An audit record for each call a policy allowed or denied (no person was asked,
-    and an auditor must see why), and for each a shadow policy would have decided."""
+    """An audit record for each call a policy allowed or denied or a session grant let
+    run (no person was asked, and an auditor must see why), and for each a shadow
+    policy would have decided. Each names the call, not a request: such a verdict is
+    no decision on one (in shadow mode the request, if any, gets its own record)."""
     records: list[Command] = []
-    for call in calls:
-        if call.granted is not None:
-            grant = call.granted
-            records.append(
-                RecordDecision(
-                    AuditRecord(
-                        request_id=None,
-                        execution_id=ex.id,
-                        agent_tag=ex.agent_tag,
-                        tool=call.tool,
-                        decision="allowed_by_grant",
-                        at=ev.at,
-                        parameters=call.parameters,
-                        by=grant.by,
-                        by_kind=grant.by_kind,
-                        reason=f"allowed in this execution by the approval of {grant.request_id}",
-                        tool_use_id=call.tool_use_id,
-                    )
-                )
-            )
-        verdict = call.verdict
-        if verdict is None:
-            continue
-        table = _POLICY_DECISIONS if verdict.enforced else _SHADOW_DECISIONS
-        decision = table.get(verdict.effect)
-        if decision is None:
-            continue
+
+    def record(call: ToolCall, decision: str, **more: Any) -> None:
         records.append(
             RecordDecision(
                 AuditRecord(
-                    # The call, not a request: a policy's verdict is not a decision on
-                    # one (in shadow mode the request, if any, gets its own record).
                     request_id=None,
                     execution_id=ex.id,
                     agent_tag=ex.agent_tag,
@@ -518,13 +493,35 @@ def _policy_records(ex: Execution, ev: ModelReplied, calls: list[ToolCall]) -> l
                     decision=decision,
                     at=ev.at,
                     parameters=call.parameters,
-                    reason=verdict.reason,
                     tool_use_id=call.tool_use_id,
-                    rule_id=verdict.rule_id,
-                    policy_version=verdict.version,
+                    **more,
                 )
             )
         )
+
+    for call in calls:
+        grant = call.granted
+        if grant is not None:
+            record(
+                call,
+                "allowed_by_grant",
+                by=grant.by,
+                by_kind=grant.by_kind,
+                reason=f"allowed in this execution by the approval of {grant.request_id}",
+            )
+        verdict = call.verdict
+        if verdict is None:
+            continue
+        table = _POLICY_DECISIONS if verdict.enforced else _SHADOW_DECISIONS
+        decision = table.get(verdict.effect)
+        if decision is not None:
+            record(
+                call,
+                decision,
+                reason=verdict.reason,
+                rule_id=verdict.rule_id,
+                policy_version=verdict.version,
+            )
     return records
 
 

@@ -27,7 +27,7 @@ from clearance import (
 )
 from clearance.core.decide import decide
 from clearance.core.events import ModelReplied
-from clearance.core.execution import Execution
+from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.policy import (
     ALLOW,
     ASK,
@@ -764,9 +764,10 @@ def three_refunds(request: Any) -> list[Any]:
     return [text("Done.")]
 
 
-async def test_a_session_grant_allows_later_calls_within_its_bound_and_deny_still_wins(
-    app: Clearance, recorder: Recorder
-) -> None:
+async def granted(
+    app: Clearance, recorder: Recorder, when: str
+) -> tuple[Execution, ApprovalRequest]:
+    """The three refunds' first (300) approved by rita, remembering the tool within `when`."""
     define(app, recorder, three_refunds, REFUND_RULES)  # type: ignore[arg-type]
     ex = await app.run("refunds", input="x")
     [first] = ex.pending_approvals
@@ -776,8 +777,15 @@ async def test_a_session_grant_allows_later_calls_within_its_bound_and_deny_stil
         request_id=first.request_id,
         by="rita",
         remember="execution",
-        remember_when="args.amount <= 100.0",
+        remember_when=when,
     )
+    return ex, first
+
+
+async def test_a_session_grant_allows_later_calls_within_its_bound_and_deny_still_wins(
+    app: Clearance, recorder: Recorder
+) -> None:
+    ex, first = await granted(app, recorder, "args.amount <= 100.0")
     # 300 approved; 80 within the grant ran unasked; 5000 is denied by the policy.
     assert ex.status == "completed", ex.pending_approvals
     assert [c[2]["amount"] for c in recorder.calls] == [300, 80]
@@ -795,17 +803,7 @@ async def test_a_session_grant_allows_later_calls_within_its_bound_and_deny_stil
 async def test_a_call_outside_the_grants_bound_still_asks(
     app: Clearance, recorder: Recorder
 ) -> None:
-    define(app, recorder, three_refunds, REFUND_RULES)  # type: ignore[arg-type]
-    ex = await app.run("refunds", input="x")
-    [first] = ex.pending_approvals
-    ex = await app.signal(
-        ex.id,
-        "approve",
-        request_id=first.request_id,
-        by="rita",
-        remember="execution",
-        remember_when="args.amount <= 50.0",
-    )
+    ex, _ = await granted(app, recorder, "args.amount <= 50.0")
     [second] = ex.pending_approvals
     assert second.parameters["amount"] == 80 and len(recorder.calls) == 1
 
