@@ -604,6 +604,7 @@ class Clearance:
             modified_params=decision.modified_params,
             by=Identity(decision.by, CLAIMED) if decision.by else None,  # the sender's word
             settle=False,
+            digest=decision.digest,
         )
 
     async def _decision(

@@ -33,7 +33,7 @@ from clearance.ports.broker import Broker, Incoming
 log = logging.getLogger("clearance")
 
 GROUP = "clearance"  # the consumer group every hosting process joins
-FIELDS = frozenset({"requestId", "approved", "reason", "modifiedParams", "by"})
+FIELDS = frozenset({"requestId", "approved", "reason", "modifiedParams", "by", "callDigest"})
 # After a failure to reach the store or the broker: wait, then read again.
 BACKOFF = 1.0
 AT_ONCE = 16  # messages settled at once by one consumer
@@ -46,6 +46,7 @@ class Decision:
     reason: str | None = None
     modified_params: dict[str, Any] | None = None
     by: str | None = None
+    digest: str | None = None  # callDigest: the call the sender decided
 
 
 class BadDecision(ClearanceError):
@@ -70,13 +71,20 @@ def parse(data: bytes) -> Decision:
         raise BadDecision(f"unknown fields {unknown}; a decision has {sorted(FIELDS)}", request_id)
     if not isinstance(body.get("approved"), bool):
         raise BadDecision("approved must be true or false", request_id)
-    for key in ("reason", "by"):
+    for key in ("reason", "by", "callDigest"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise BadDecision(f"{key} must be a string or null", request_id)
     changes = body.get("modifiedParams")
     if changes is not None and not isinstance(changes, dict):
         raise BadDecision("modifiedParams must be an object or null", request_id)
-    return Decision(request_id, body["approved"], body.get("reason"), changes, body.get("by"))
+    return Decision(
+        request_id,
+        body["approved"],
+        body.get("reason"),
+        changes,
+        body.get("by"),
+        body.get("callDigest"),
+    )
 
 
 def stands(request: ApprovalRequest | None, decision: Decision) -> bool:

@@ -485,3 +485,22 @@ def _define_on(app: Clearance, broker: str) -> None:
             approval_broker=ApprovalBroker(broker=broker, event="approval-requested"),
         ),
     )
+
+
+async def test_a_decision_for_another_call_is_answered_stale_and_the_right_one_applies(
+    app: Clearance, hub: Side
+) -> None:
+    recorder = Recorder()
+    ex, request_id = await _paused_and_published(app, hub, recorder)
+    [published] = hub.messages(hub.event)
+    digest = published["callDigest"]
+    assert digest.startswith("sha256:")
+    stale = {"requestId": request_id, "approved": True, "callDigest": "sha256:" + "0" * 64}
+    hub.publish(f"{hub.event}.decisions", stale)
+    [error] = await wait_for(lambda: hub.messages(f"{hub.event}.errors"))
+    assert error["error"]["code"] == "stale_decision", error
+    assert recorder.ran("process-refund") == []
+    right = {"requestId": request_id, "approved": True, "callDigest": digest, "by": "ops"}
+    hub.publish(f"{hub.event}.decisions", right)
+    await _status(app, ex.id, "completed")
+    assert len(recorder.ran("process-refund")) == 1
