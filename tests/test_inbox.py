@@ -26,10 +26,11 @@ from typing import Any, NoReturn
 import attrs
 import httpx
 import pytest
-from conftest import REFUND, REFUND_PARAMS, wait_for
+from conftest import REFUND, REFUND_PARAMS, define_refund_agent, wait_for
 from test_http_api import API_KEY, AUTH, SECRET, Api, hosted
 
-from clearance import Grant, HumanInLoop, Reviewer, Tool, ToolContext
+from clearance import Grant, HumanInLoop, Reviewer, Rule, Tool, ToolContext
+from clearance.core.events import Approved
 from clearance.http_api import build_asgi
 from clearance.inbox import CSP
 from clearance.page_session import csrf_token, header_secret
@@ -279,6 +280,10 @@ async def test_sign_in_then_approve_with_a_changed_amount(inbox: Inbox) -> None:
         "by rita (reviewer), changed amount: 25"
     )
     assert api.recorder.ran("process-refund") == [{**REFUND, "amount": 25}]
+    # The page sent the digest of the call it showed: the decision is bound to it.
+    history = await api.app.get_execution(request.execution_id)
+    [approved] = [e for e in history.events if isinstance(e, Approved)]
+    assert approved.digest == request.digest and request.digest
     [record] = await api.app.audit(request_id=request.request_id)
     assert (record.decision, record.by, record.by_kind, record.modified_params) == (
         "approved",
@@ -762,3 +767,20 @@ def test_the_page_has_no_inline_script_or_style_and_never_parses_html() -> None:
     script = (STATIC / "inbox.js").read_text()
     for unsafe in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
         assert unsafe not in script, unsafe
+
+
+async def test_the_policy_rule_that_asked_is_shown(inbox: Inbox) -> None:
+    api = inbox.api
+    rule = Rule.ask(
+        "process-refund",
+        when="args.amount > 20.0",
+        id="review-refunds",
+        reason="Refunds above 20 need a person.",
+    )
+    define_refund_agent(api.app, api.recorder, hitl=HumanInLoop(enabled=True, policy=[rule]))
+    await inbox.open(await api.app.issue_key("rita"))
+    request = await api.start()
+    detail = await inbox.show(request.request_id)
+    await expect(detail.locator(".policy-rule")).to_have_text(
+        "Asked by policy rule review-refunds: Refunds above 20 need a person."
+    )

@@ -410,6 +410,7 @@
         h("p", { class: "ids mono", text: `${request.requestId} · ${request.executionId} · asked ${when(request.timestamp)} · expires ${when(request.expiresAt)}` }),
         h("h3", { text: "Why it needs approval" }),
         h("p", { class: "reason-text", text: request.reason || "(no reason given)" }),
+        request.policy ? h("p", { class: "policy-rule", text: `Asked by policy rule ${request.policy.ruleId}${request.policy.reason ? `: ${request.policy.reason}` : ""}` }) : null,
         h("h3", { text: "Parameters" }),
         h("table", { class: "params" }, h("tbody", {}, Object.entries(request.parameters || {}).map(([k, v]) => {
           const modified = Object.prototype.hasOwnProperty.call(changed, k) && !same(changed[k], v);
@@ -743,7 +744,9 @@
     const request = state.detail.request;
     const form = state.form;
     clearProblems();
+    // The call this page shows: a decision for any other call is refused (stale_decision).
     const payload = { requestId: request.requestId };
+    if (request.callDigest) payload.callDigest = request.callDigest;
     let signal = "approve";
     if (how === "reject") {
       const reason = $("#reject-reason").value.trim();
