@@ -915,7 +915,7 @@ def _covering_grant(ex: Execution, tool: str, params: Any, verdict: Verdict | No
     except Exception:
         return None
     for index, grant in enumerate(ex.grants):
-        if grant.covers(tool, args):
+        if grant.covers(ex.agent_tag, tool, args):
             return index
     return None
 

@@ -120,7 +120,7 @@ class SessionGrant:
     by_kind: str | None
     when: str | None = None  # a CEL bound on the arguments; None: any
 
-    def covers(self, tool: str, args: dict[str, Any]) -> bool:
+    def covers(self, agent: str, tool: str, args: dict[str, Any]) -> bool:
         """Whether a call of `tool` with `args` is within the grant; a bound that
         cannot be evaluated covers nothing (a person is asked, as without it)."""
         if tool != self.tool:
@@ -129,7 +129,7 @@ class SessionGrant:
             return True
         try:
             value = compile_condition(self.when).eval(
-                data={"args": args, "tool": tool, "agent": ""}
+                data={"args": args, "tool": tool, "agent": agent}
             )
         except Exception:
             return False

@@ -800,6 +800,16 @@ async def test_a_session_grant_allows_later_calls_within_its_bound_and_deny_stil
     await replays(app, ex)
 
 
+async def test_a_grants_bound_sees_the_agent_and_the_tool(
+    app: Clearance, recorder: Recorder
+) -> None:
+    await granted(
+        app, recorder, 'agent == "refunds" && tool == "process-refund" && args.amount < 100.0'
+    )
+    # With the agent seen as "", the bound would not hold and 80 would wait for a person.
+    assert [c[2]["amount"] for c in recorder.calls] == [300, 80]
+
+
 async def test_a_call_outside_the_grants_bound_still_asks(
     app: Clearance, recorder: Recorder
 ) -> None:
