@@ -607,34 +607,14 @@ class Clearance:
             digest=decision.digest,
         )
 
-    async def _decision(
-        self,
-        request_id: str,
-        approved: bool,
-        *,
-        reason: str | None = None,
-        modified_params: dict[str, Any] | None = None,
-        by: str | Identity | None = None,
-        settle: bool = True,
-        remember: str | None = None,
-        remember_when: str | None = None,
-        digest: str | None = None,
-    ) -> Execution:
-        """Approve or reject a request known by its id alone (`decide`, a batch, a broker)."""
+    async def _decision(self, request_id: str, approved: bool, **options: Any) -> Execution:
+        """Approve or reject a request known by its id alone (`decide`, a batch, a
+        broker); `options` are `Engine.signal`'s (reason, modified_params, by, ...)."""
         execution_id = await self.store.execution_of_request(request_id)
         if execution_id is None:
             raise Refusal("unknown_request", f"no approval request '{request_id}'")
         return await self.engine.signal(
-            execution_id,
-            "approve" if approved else "reject",
-            request_id=request_id,
-            modified_params=modified_params,
-            reason=reason,
-            by=by,
-            settle=settle,
-            remember=remember,
-            remember_when=remember_when,
-            digest=digest,
+            execution_id, "approve" if approved else "reject", request_id=request_id, **options
         )
 
     async def _request(self, request_id: str) -> ApprovalRequest | None:

@@ -790,14 +790,15 @@ class Engine:
                         f"Calling '{name}' requires approval ({type(err).__name__} in "
                         "confirmation_message)"
                     )
-                verdict = self._proposal_verdict(agent, ex, name, params)
+                args = _proposed_args(ex, name, params)
+                verdict = self._proposal_verdict(agent, ex, name, args)
                 tickets.append(
                     Ticket(
                         str(block.get("id", "")),
                         self.ids.request_id(),
                         reason,
                         verdict,
-                        _covering_grant(ex, name, params, verdict),
+                        _covering_grant(ex, name, args, verdict),
                     )
                 )
         return ModelReplied(
@@ -811,17 +812,12 @@ class Engine:
 
     @staticmethod
     def _proposal_verdict(
-        agent: HostedAgent, ex: Execution, tool: str, params: Any
+        agent: HostedAgent, ex: Execution, tool: str, args: dict[str, Any] | None
     ) -> Verdict | None:
-        """The execution's policy on a proposed call, its defaults filled in (what would
-        run); None where decide() answers the call before any policy matters."""
+        """The execution's policy on a proposed call (`_proposed_args`); None without a
+        policy, or where decide() answers the call before any policy matters."""
         policy = ex.agent.policy
-        spec = ex.agent.tool(tool)
-        if policy is None or spec is None or not isinstance(params, dict):
-            return None
-        try:
-            args = with_defaults(spec.input_schema, params)
-        except Exception:  # decide() answers the schema's error
+        if policy is None or args is None:
             return None
         try:
             return evaluate(
@@ -900,20 +896,28 @@ def _failure(event: Event, error: str) -> Event:
     return event
 
 
-def _covering_grant(ex: Execution, tool: str, params: Any, verdict: Verdict | None) -> int | None:
+def _proposed_args(ex: Execution, tool: str, params: Any) -> dict[str, Any] | None:
+    """A proposed call's arguments with its tool's defaults filled in (what would run),
+    as policies and grants judge it; None for a call decide() answers before either
+    matters (an unknown tool, no object, a schema that cannot be evaluated)."""
+    spec = ex.agent.tool(tool)
+    if spec is None or not isinstance(params, dict):
+        return None
+    try:
+        return with_defaults(spec.input_schema, params)
+    except Exception:  # decide() answers the schema's error
+        return None
+
+
+def _covering_grant(
+    ex: Execution, tool: str, args: dict[str, Any] | None, verdict: Verdict | None
+) -> int | None:
     """The first of the execution's session grants that covers a proposed call (its
     index), unless the policy denies the call; None where none does."""
-    if not ex.grants or not isinstance(params, dict):
+    if not ex.grants or args is None:
         return None
     if verdict is not None and verdict.applied == DENY:
         return None  # a deny rule wins over a grant
-    spec = ex.agent.tool(tool)
-    if spec is None:
-        return None
-    try:
-        args = with_defaults(spec.input_schema, params)
-    except Exception:
-        return None
     for index, grant in enumerate(ex.grants):
         if grant.covers(ex.agent_tag, tool, args):
             return index

@@ -75,7 +75,7 @@ class RuleSpec:
         return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.tools)
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class PolicySpec:
     rules: tuple[RuleSpec, ...]
     # False: shadow mode, verdicts are recorded as what would have happened, and the
@@ -128,12 +128,9 @@ class SessionGrant:
         if self.when is None:
             return True
         try:
-            value = compile_condition(self.when).eval(
-                data={"args": args, "tool": tool, "agent": agent}
-            )
+            return condition_holds(self.when, args=args, tool=tool, agent=agent)
         except Exception:
             return False
-        return value.type() == _T.BOOL and value.value() is True
 
 
 def version_of(rules: tuple[RuleSpec, ...], enforce: bool) -> str:
@@ -168,6 +165,18 @@ def _cel_message(err: BaseException) -> str:
     return text.replace("ERROR: <input>:", "at ")
 
 
+def condition_holds(source: str, *, args: dict[str, Any], tool: str, agent: str) -> bool:
+    """Whether the CEL condition `source` holds for a call; raises ValueError (what went
+    wrong) for one that cannot be evaluated or is not a boolean."""
+    value = compile_condition(source).eval(data={"args": args, "tool": tool, "agent": agent})
+    if value.type() == _T.ERROR:
+        raise ValueError(_cel_message(Exception(value.value())))
+    result = value.value()
+    if not isinstance(result, bool):
+        raise ValueError(f"the condition gave {type(result).__name__}, not a boolean")
+    return result
+
+
 def _holds(rule: RuleSpec, args: dict[str, Any], tool: str, agent: str, asked: Any) -> bool:
     """Whether `rule`'s condition holds; raises for one that cannot be evaluated."""
     if rule.predicate is not None:
@@ -177,38 +186,21 @@ def _holds(rule: RuleSpec, args: dict[str, Any], tool: str, agent: str, asked: A
         return answer
     if rule.when is None:
         return True
-    value = compile_condition(rule.when).eval(data={"args": args, "tool": tool, "agent": agent})
-    if value.type() == _T.ERROR:
-        raise ValueError(_cel_message(Exception(value.value())))
-    result = value.value()
-    if not isinstance(result, bool):
-        raise ValueError(f"the condition gave {type(result).__name__}, not a boolean")
-    return result
+    return condition_holds(rule.when, args=args, tool=tool, agent=agent)
 
 
-# Which rules cover a tool, in the order they are tried (deny, ask, allow; each in the
-# policy's order), by (policy version, tool): matching every rule's globs on every call
-# cost more than the conditions (67 µs of 134 for 100 rules). The version is the rules'
-# content hash, so one key is one list of rules.
-_COVERING: dict[tuple[str, str], tuple[RuleSpec, ...]] = {}
-_COVERING_MAX = 4096
-
-
+# Cached: matching every rule's globs on every call cost more than the conditions
+# (67 µs of 134 for 100 rules). A PolicySpec caches its hash, so a lookup is cheap.
+@functools.lru_cache(maxsize=4096)
 def _covering(policy: PolicySpec, tool: str) -> tuple[RuleSpec, ...]:
-    key = (policy.version, tool)
-    found = _COVERING.get(key)
-    if found is None or not policy.version:
-        found = tuple(
-            rule
-            for effect in EFFECTS
-            for rule in policy.rules
-            if rule.effect == effect and rule.covers(tool)
-        )
-        if policy.version:
-            if len(_COVERING) >= _COVERING_MAX:
-                _COVERING.clear()
-            _COVERING[key] = found
-    return found
+    """The rules that cover `tool`, in the order they are tried: deny, ask, allow, each
+    in the policy's order."""
+    return tuple(
+        rule
+        for effect in EFFECTS
+        for rule in policy.rules
+        if rule.effect == effect and rule.covers(tool)
+    )
 
 
 def evaluate(
