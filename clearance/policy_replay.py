@@ -66,6 +66,7 @@ class Recorded:
     spec: AgentSpec
     reply: ModelReplied
     block: dict[str, Any]
+    args: dict[str, Any]  # the block's input with the tool's defaults: what would run
     happened: str
     rule: str | None
 
@@ -93,7 +94,8 @@ async def recorded_calls(
                     if tool is None or not isinstance(params, dict):
                         continue
                     try:
-                        if problems(tool.input_schema, with_defaults(tool.input_schema, params)):
+                        args = with_defaults(tool.input_schema, params)
+                        if problems(tool.input_schema, args):
                             continue
                     except Exception:  # a schema that cannot be evaluated: not the policy's
                         continue
@@ -101,7 +103,7 @@ async def recorded_calls(
                     applied = verdict.applied if verdict is not None else NO_MATCH
                     happened = applied if applied != NO_MATCH else _gated(ex.agent, tool.tag)
                     rule = verdict.rule_id if verdict is not None and applied != NO_MATCH else None
-                    yield Recorded(execution_id, ex.agent, event, block, happened, rule)
+                    yield Recorded(execution_id, ex.agent, event, block, args, happened, rule)
 
 
 async def replay_policy(
@@ -122,9 +124,8 @@ async def replay_policy(
         spec = call.spec
         tool = spec.tool(str(call.block["name"]))
         assert tool is not None
-        args = with_defaults(tool.input_schema, call.block["input"])
         try:
-            verdict = evaluate(candidate, agent=spec.tag, tool=tool.tag, args=args)
+            verdict = evaluate(candidate, agent=spec.tag, tool=tool.tag, args=call.args)
             effect = verdict.effect if verdict.effect != NO_MATCH else _gated(spec, tool.tag)
             rule_after = verdict.rule_id
         except HostRequired:
