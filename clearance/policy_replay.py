@@ -85,7 +85,7 @@ async def recorded_calls(
             for event in await store.events(execution_id):
                 if not isinstance(event, ModelReplied) or (since and event.at < since):
                     continue
-                verdicts = {t.tool_use_id: t.verdict for t in event.tickets}
+                tickets = {t.tool_use_id: t for t in event.tickets}
                 for block in event.content:
                     if not isinstance(block, dict) or block.get("type") != "tool_use":
                         continue
@@ -99,10 +99,13 @@ async def recorded_calls(
                             continue
                     except Exception:  # a schema that cannot be evaluated: not the policy's
                         continue
-                    verdict = verdicts.get(str(block.get("id")))
+                    ticket = tickets.get(str(block.get("id")))
+                    verdict = ticket.verdict if ticket is not None else None
                     applied = verdict.applied if verdict is not None else NO_MATCH
                     happened = applied if applied != NO_MATCH else _gated(ex.agent, tool.tag)
                     rule = verdict.rule_id if verdict is not None and applied != NO_MATCH else None
+                    if happened == ASK and ticket is not None and ticket.grant is not None:
+                        happened = ALLOW  # a reviewer's session grant let it run unasked
                     yield Recorded(execution_id, ex.agent, event, block, args, happened, rule)
 
 

@@ -872,3 +872,13 @@ async def test_a_decision_made_for_another_call_is_refused(
     assert [r.request_id for r in await app.pending()] == [request.request_id]
     ex = await app.signal(ex.id, "approve", request_id=request.request_id, digest=request.digest)
     assert ex.status == "completed" and len(recorder.calls) == 1
+
+
+async def test_policy_replay_counts_a_call_a_grant_let_run_as_allowed(
+    app: Clearance, recorder: Recorder
+) -> None:
+    ex, _ = await granted(app, recorder, "args.amount <= 100.0")
+    assert ex.status == "completed"
+    # What happened: 300 asked, 80 ran under the grant, 5000 denied.
+    report = await app.replay_policy(Policy(REFUND_RULES))
+    assert report.before == {"ask": 1, "allow": 1, "deny": 1}
