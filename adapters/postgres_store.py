@@ -38,7 +38,14 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from clearance.adapters.packed_json import compact_json, pack, unpack
-from clearance.adapters.stored_log import KeptStates, Specs, fold, read_events, work_command
+from clearance.adapters.stored_log import (
+    KeptStates,
+    SpecNeeded,
+    Specs,
+    fold,
+    read_events,
+    work_command,
+)
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import AuditRecord, RunTool
 from clearance.core.errors import ClearanceError
@@ -78,7 +85,7 @@ from clearance.ports.store import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Schema 3: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
 # keys. Names and key ids compare by code point ("C"), so reviewers list in the order
 # SQLite lists them, whatever the database's collation. IF NOT EXISTS: tables that
@@ -105,6 +112,10 @@ MIGRATIONS: dict[int, LiteralString] = {
     ' ALTER TABLE clearance_approvals ALTER COLUMN request_id TYPE TEXT COLLATE "C"',
     # Reviewers and their keys: new tables, made exactly as a new database has them.
     2: _REVIEWER_TABLES,
+    # The spec each agent was last defined with: a new table, filled by the next
+    # process to define an agent.
+    3: "CREATE TABLE IF NOT EXISTS clearance_agent_definitions"
+    " (tag TEXT PRIMARY KEY, spec_id TEXT NOT NULL)",
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -115,6 +126,7 @@ SCHEMA = (
     """
 CREATE TABLE clearance_schema (version INTEGER NOT NULL);
 CREATE TABLE clearance_agents (spec_id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE clearance_agent_definitions (tag TEXT PRIMARY KEY, spec_id TEXT NOT NULL);
 CREATE TABLE clearance_events (
     execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body BYTEA NOT NULL, spec_id TEXT,
     decide_version INTEGER, PRIMARY KEY (execution_id, seq)
@@ -420,6 +432,30 @@ class PostgresStore:
 
     # -- agents ---------------------------------------------------------------------------
 
+    @_retried
+    async def define_agent(self, spec: AgentSpec) -> None:
+        spec_id, body = self._specs.row(spec)
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO clearance_agents (spec_id, body) VALUES (%s, %s)"
+                " ON CONFLICT DO NOTHING",
+                (spec_id, body),
+            )
+            await conn.execute(
+                "INSERT INTO clearance_agent_definitions (tag, spec_id) VALUES (%s, %s)"
+                " ON CONFLICT (tag) DO UPDATE SET spec_id = excluded.spec_id",
+                (spec.tag, spec_id),
+            )
+
+    @_retried
+    async def current_agent(self, tag: str) -> AgentSpec | None:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "SELECT spec_id FROM clearance_agent_definitions WHERE tag = %s", (tag,)
+            )
+            row = await cur.fetchone()
+            return None if row is None else await self._spec(conn, row[0])
+
     async def _spec(self, conn: psycopg.AsyncConnection[Any], spec_id: str) -> AgentSpec:
         spec = self._specs.known(spec_id)
         if spec is None:
@@ -553,22 +589,24 @@ class PostgresStore:
             parts.append("g AS (SELECT true AS ok)")
         ok = "(SELECT ok FROM g)"
         spec_id = None
-        if first:
+        snapshot = execution.seq % self.snapshot_every == 0
+        if first or snapshot:
+            # The first event and a snapshot name the spec the state folds with.
             spec_id, spec_body = self._specs.row(execution.agent)
             parts.append(
                 "ag AS (INSERT INTO clearance_agents (spec_id, body)"
-                f" SELECT %(spec_id)s, %(spec_body)s WHERE {ok} ON CONFLICT DO NOTHING)"
+                f" SELECT %(spec_row)s, %(spec_body)s WHERE {ok} ON CONFLICT DO NOTHING)"
             )
-            args["spec_body"] = spec_body
-        args["spec_id"] = spec_id
+            args.update(spec_row=spec_id, spec_body=spec_body)
+        args["spec_id"] = spec_id if first else None
         parts.append(
             "ev AS (INSERT INTO clearance_events"
             " (execution_id, seq, body, spec_id, decide_version)"
             f" SELECT %(eid)s, %(seq)s, %(body)s, %(spec_id)s, %(version)s WHERE {ok})"
         )
-        if execution.seq % self.snapshot_every == 0:
+        if snapshot:
             state = execution_to_data(execution)
-            del state["agent"]
+            state["agent"] = spec_id  # stored once per distinct spec, in clearance_agents
             args["state"] = pack(state)
             parts.append(
                 "sn AS (INSERT INTO clearance_snapshots (execution_id, seq, state)"
@@ -606,6 +644,15 @@ class PostgresStore:
                 " %(ap_body)s::bytea[]) WITH ORDINALITY"
                 " AS r(request_id, status, created_at, body, n)"
                 f" WHERE {ok} ORDER BY n)"
+            )
+        if writes.requests_revised:
+            revised = writes.requests_revised
+            args["rv_id"] = [r.request_id for r in revised]
+            args["rv_body"] = [pack(converter.unstructure(r)) for r in revised]
+            parts.append(
+                "rv AS (UPDATE clearance_approvals x SET body = r.body"
+                " FROM unnest(%(rv_id)s::text[], %(rv_body)s::bytea[]) AS r(request_id, body)"
+                f" WHERE x.request_id = r.request_id AND x.status = 'pending' AND {ok})"
             )
         if writes.deliveries:
             sent = writes.deliveries
@@ -742,7 +789,18 @@ class PostgresStore:
         spec = await self._spec(conn, spec_id)
         snapshot = None if state is None else (since, bytes(state))
         log = await self._log(conn, execution_id, since or 0)
-        return fold(execution_id, spec, version, snapshot, log)
+
+        def known(named: str) -> AgentSpec:
+            found = self._specs.known(named)
+            if found is None:
+                raise SpecNeeded(named)
+            return found
+
+        try:
+            return fold(execution_id, spec, version, snapshot, log, known)
+        except SpecNeeded as need:  # the snapshot's spec (redefined since): read it
+            await self._spec(conn, need.spec_id)
+            return fold(execution_id, spec, version, snapshot, log, known)
 
     @staticmethod
     async def _log(

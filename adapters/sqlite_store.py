@@ -85,6 +85,11 @@ SCHEMA = (
 CREATE TABLE IF NOT EXISTS agents (
     spec_id TEXT PRIMARY KEY, body TEXT NOT NULL
 ) WITHOUT ROWID;
+-- The spec each agent was last defined with (by the last process to define it): a
+-- pending request made under another is judged again when next touched.
+CREATE TABLE IF NOT EXISTS agent_definitions (
+    tag TEXT PRIMARY KEY, spec_id TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     execution_id TEXT NOT NULL, seq INTEGER NOT NULL, body BLOB NOT NULL, spec_id TEXT,
     decide_version INTEGER,
@@ -150,7 +155,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -219,12 +224,23 @@ def _from_5(db: sqlite3.Connection) -> int:
     return 6
 
 
+def _from_6(db: sqlite3.Connection) -> int:
+    """Schema 6 to 7: the spec each agent was last defined with (a new, empty table:
+    the next process to define an agent fills it)."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS agent_definitions"
+        " (tag TEXT PRIMARY KEY, spec_id TEXT NOT NULL) WITHOUT ROWID"
+    )
+    return 7
+
+
 # Each step upgrades a file in place by one schema version, at open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     2: _from_2,
     3: _from_3,
     4: _from_4,
     5: _from_5,
+    6: _from_6,
 }
 
 
@@ -386,6 +402,20 @@ class SQLiteStore:
         )
         return spec_id
 
+    async def define_agent(self, spec: AgentSpec) -> None:
+        with self._write():
+            self._db.execute(
+                "INSERT INTO agent_definitions (tag, spec_id) VALUES (?, ?)"
+                " ON CONFLICT (tag) DO UPDATE SET spec_id = excluded.spec_id",
+                (spec.tag, self._spec_id(spec)),
+            )
+
+    async def current_agent(self, tag: str) -> AgentSpec | None:
+        row = self._db.execute(
+            "SELECT spec_id FROM agent_definitions WHERE tag = ?", (tag,)
+        ).fetchone()
+        return None if row is None else self._spec(row[0])
+
     def _spec(self, spec_id: str) -> AgentSpec:
         spec = self._specs.known(spec_id)
         if spec is None:
@@ -528,7 +558,9 @@ class SQLiteStore:
             )
         if execution.seq % self.snapshot_every == 0:
             state = execution_to_data(execution)
-            del state["agent"]  # stored once per distinct spec, in `agents`
+            # Stored once per distinct spec, in `agents`; the state names its own (a
+            # redefinition may have changed it since the first event).
+            state["agent"] = self._spec_id(execution.agent)
             db.execute(
                 "INSERT OR REPLACE INTO snapshots (execution_id, seq, state) VALUES (?, ?, ?)",
                 (execution.id, execution.seq, pack(state)),
@@ -595,6 +627,11 @@ class SQLiteStore:
                     stamp(request.timestamp),
                     pack(converter.unstructure(request)),
                 ),
+            )
+        for request in writes.requests_revised:
+            db.execute(
+                "UPDATE approvals SET body = ? WHERE request_id = ? AND status = 'pending'",
+                (pack(converter.unstructure(request)), request.request_id),
             )
         for d in writes.deliveries:
             # In the same transaction: a request committed is a request delivered.
@@ -694,7 +731,8 @@ class SQLiteStore:
         # The spec object we hold, not an equal copy: commit() finds its id by identity.
         spec = self._spec(spec_id)
         snapshot = None if state is None else (since, state)
-        return fold(execution_id, spec, version, snapshot, self._log(execution_id, since or 0))
+        log = self._log(execution_id, since or 0)
+        return fold(execution_id, spec, version, snapshot, log, self._spec)
 
     def _log(self, execution_id: str, after: int = 0) -> list[tuple[int, bytes]]:
         return self._db.execute(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from clearance.adapters.packed_json import unpack
 from clearance.core.agent import AgentSpec
@@ -52,9 +52,14 @@ class Specs:
         known = self._rows.get(id(spec))
         if known is None:
             body = canonical(converter.unstructure(spec))
-            known = (spec, hashlib.sha256(body.encode()).hexdigest()[:24], body)
+            spec_id = hashlib.sha256(body.encode()).hexdigest()[:24]
+            if spec_id in self._specs and self._specs[spec_id] is not spec:
+                # An equal copy (a redefinition's event read back makes one per fold):
+                # not held, or every fold would add one.
+                return spec_id, body
+            known = (spec, spec_id, body)
             self._rows[id(spec)] = known
-            self._specs.setdefault(known[1], spec)
+            self._specs[spec_id] = spec
         return known[1], known[2]
 
     def known(self, spec_id: str) -> AgentSpec | None:
@@ -90,22 +95,37 @@ class KeptStates:
         self._states.clear()
 
 
+class SpecNeeded(Exception):
+    """A fold needs a spec its store has not read yet: read it, and fold again."""
+
+    def __init__(self, spec_id: str) -> None:
+        super().__init__(spec_id)
+        self.spec_id = spec_id
+
+
 def fold(
     execution_id: str,
     spec: AgentSpec,
     version: int | None,
     snapshot: tuple[int, bytes] | None,
     log: Iterable[tuple[int, bytes]],
+    spec_of: Callable[[str], AgentSpec] | None = None,
 ) -> Execution:
     """The execution from its stored snapshot (seq, packed state), if any, and the log
     after it, replayed with the decide() version its first event names (None: the
-    oldest). A row that does not read back raises UnreadableExecution naming it."""
+    oldest). `spec` is the first event's; a snapshot names its own (by id, found with
+    `spec_of`), or none if it was written before a redefinition could change it. A row
+    that does not read back raises UnreadableExecution naming it."""
     state = None
     if snapshot is not None:
         since, packed = snapshot
-        with reading(execution_id, f"snapshot at event {since}"):
+        where = f"snapshot at event {since}"
+        with reading(execution_id, where):
             data = unpack(packed)
-            data["agent"] = spec
+        named = data.get("agent")
+        agent = spec_of(named) if isinstance(named, str) and spec_of is not None else spec
+        with reading(execution_id, where):
+            data["agent"] = agent
             state = execution_from_data(data)
     events = read_events(execution_id, log)
     try:

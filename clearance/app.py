@@ -629,6 +629,7 @@ class Clearance:
                 await self.engine.pickup()
                 if self.clock.drives_timers:
                     await self.engine.fire_due_timers()
+                await self.engine.sweep_redefined()
             except Exception:  # keep watching: one bad execution must not stop the rest
                 log.exception("clearance background step failed")
             try:

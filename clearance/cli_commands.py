@@ -64,8 +64,11 @@ from clearance.core.events import (
     ToolFinished,
 )
 from clearance.core.execution import (
+    ALLOWED_BY_POLICY,
     APPROVED,
     CANCELLED,
+    DENIED_BY_POLICY,
+    INVALIDATED,
     REJECTED,
     TIMED_OUT,
     ApprovalRequest,
@@ -209,7 +212,9 @@ _COLOURS = {
     "pending": "33",
     "awaiting_approval": "33",
     "cancelled": "90",
+    "invalidated": "90",
     "stopped": "90",
+    "allowed_by_policy": "32",
 }
 
 
@@ -227,6 +232,12 @@ def _in_colour() -> bool:
 
 def describe_decision(request: ApprovalRequest) -> str:
     by = f" by {request.decided_by}" if request.decided_by else ""
+    if request.outcome in (ALLOWED_BY_POLICY, DENIED_BY_POLICY):
+        # Decided by the agent's new definition, not by a person (a redeploy).
+        why = f": {request.rejection_reason}" if request.rejection_reason else ""
+        return f"{tint(request.outcome)} when the agent was defined again{why}"
+    if request.status == INVALIDATED:
+        return f"{tint(INVALIDATED)}: the agent was defined again and {request.rejection_reason}"
     if request.status == APPROVED:
         if request.modified_params:
             return f"{tint('approved')}{by} with changes {compact(request.modified_params)}"

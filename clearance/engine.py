@@ -49,6 +49,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from clearance.adapters.clock import SystemClock
+from clearance.core.agent import AgentSpec
 from clearance.core.commands import CallModel, RunTool
 from clearance.core.decide import decide
 from clearance.core.errors import ClearanceError, Refusal, RefusalCode
@@ -57,6 +58,8 @@ from clearance.core.events import (
     Event,
     ModelFailed,
     ModelReplied,
+    Reassessment,
+    Redefined,
     Rejected,
     Started,
     StopRequested,
@@ -66,8 +69,10 @@ from clearance.core.events import (
     ToolFinished,
 )
 from clearance.core.execution import (
+    AWAITING,
     EXECUTING,
     PENDING,
+    QUEUED,
     RESTING,
     STOPPED,
     ApprovalRequest,
@@ -187,6 +192,11 @@ class Engine:
         self._starved = False  # work of ours was left queued for want of a free slot
         # Sync handlers run here, no more at once than the concurrency bound.
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="clearance-tool")
+        # The specs this process recorded as its agents' current definitions, by tag.
+        self._defined: dict[str, AgentSpec] = {}
+        # Agents this process redefined: their pending requests are judged again, a
+        # page at a time (the last request id judged; None: from the first).
+        self._sweeps: dict[str, str | None] = {}
 
     @property
     def free(self) -> int:
@@ -196,6 +206,7 @@ class Engine:
     # -- entry points ---------------------------------------------------------------
 
     async def start(self, tag: str, input: str, session_id: str | None) -> Execution:
+        await self.define_agents()
         agent = self.agents.get(tag)
         if agent is None:
             known = ", ".join(sorted(self.agents)) or "none"
@@ -230,6 +241,7 @@ class Engine:
             )
         who = Identity(by, APP) if isinstance(by, str) else by
         name, kind = (who.name, who.kind) if who is not None else (None, None)
+        await self.define_agents()
         ex = await self._load(execution_id)
         if signal == "stop":
             for pending in ex.pending_approvals:
@@ -244,6 +256,10 @@ class Engine:
             if request is not None:
                 _check_granted(who, ex, request)
             ex = await self._expire(ex, request_id)
+            # Decided under the agent as now defined: a request its new policy decides,
+            # or that no longer fits it, is not a person's to decide any more.
+            ex = await self.rejudge(ex)
+            request = ex.request(request_id)
             if signal == "approve":
                 verdict = self._edit_verdict(ex, request, modified_params)
                 grant = _session_grant(request, remember, remember_when)
@@ -290,6 +306,94 @@ class Engine:
                 " the request unchanged",
             ) from None
 
+    async def define_agents(self) -> None:
+        """Record the agents defined here as their current definitions (once per
+        definition). Redefining one starts a sweep that judges its pending requests again."""
+        for tag, hosted in list(self.agents.items()):
+            if self._defined.get(tag) is hosted.spec:
+                continue
+            previous = await self.store.current_agent(tag)
+            await self.store.define_agent(hosted.spec)
+            self._defined[tag] = hosted.spec
+            if previous is not None and previous != hosted.spec:
+                self._sweeps[tag] = None
+
+    async def rejudge(self, ex: Execution) -> Execution:
+        """`ex` with its pending requests judged under its agent's current definition,
+        if the agent was defined again since they were made (a redeploy): kept, decided
+        by the new policy, or invalidated (the `redefined` event). Raises Refusal
+        (host_required) where the new policy needs a Python predicate this process does
+        not have."""
+        if not ex.pending_approvals:
+            return ex
+        # Read each time, never cached: a decision a moment after another process's
+        # redeploy must not be applied under the rules it replaced.
+        current = await self.store.current_agent(ex.agent_tag)
+        if current is None or current is ex.agent or current == ex.agent:
+            return ex
+        event = Redefined(current, self.clock.now(), self._reassess(ex, current))
+        try:
+            # Recorded, not carried out here and now: the work it queues (a tool the new
+            # policy allows, the model told of an invalidated call) runs in tasks, so a
+            # timer sweep or a decision never waits behind it.
+            return await self._feed(ex, event)
+        except Refusal as refusal:
+            if refusal.code == RefusalCode.HOST_REQUIRED:
+                raise
+            return await self._load(ex.id)  # judged by another process in the meantime
+
+    def _reassess(self, ex: Execution, current: AgentSpec) -> tuple[Reassessment, ...]:
+        policy = current.policy
+        if policy is None:
+            return ()
+        hosted = self.agents.get(ex.agent_tag)
+        # A predicate is the hosted agent's: it judges only for the definition it came with.
+        predicates = hosted.predicates if hosted is not None and hosted.spec == current else None
+        judged = []
+        for call in ex.calls:
+            if call.status not in (QUEUED, AWAITING) or current.tool(call.tool) is None:
+                continue
+            try:
+                verdict = evaluate(
+                    policy,
+                    agent=ex.agent_tag,
+                    tool=call.tool,
+                    args=call.parameters,
+                    predicates=predicates,
+                )
+            except HostRequired as err:
+                raise Refusal(
+                    RefusalCode.HOST_REQUIRED,
+                    f"{err}; agent '{ex.agent_tag}' was defined again, and its requests can"
+                    " be judged under the new definition only where it runs",
+                ) from None
+            judged.append(Reassessment(call.tool_use_id, verdict))
+        return tuple(judged)
+
+    async def sweep_redefined(self, limit: int = 50) -> int:
+        """Judge again up to `limit` pending requests of each agent this process
+        redefined; returns how many it looked at. A request is also judged again when
+        it is next decided or times out, wherever that happens, so a sweep cut short
+        loses nothing."""
+        await self.define_agents()
+        looked = 0
+        for tag, after in list(self._sweeps.items()):
+            page = await self.store.pending(agent_tag=tag, limit=limit, after=after)
+            for request in page:
+                looked += 1
+                ex = await self.store.load(request.execution_id)
+                if ex is None:
+                    continue
+                try:
+                    await self.rejudge(ex)
+                except Refusal as refusal:
+                    log.warning("request %s was not judged again: %s", request.request_id, refusal)
+            if len(page) < limit:
+                del self._sweeps[tag]
+            else:
+                self._sweeps[tag] = page[-1].request_id
+        return looked
+
     async def _drive(self, ex: Execution, event: Event) -> Execution:
         """Feed `event`, carry the work it queues for this execution here, in the
         caller's task (unit after unit, as each commit queues the next), and settle:
@@ -333,6 +437,7 @@ class Engine:
     async def fire_due_timers(self, limit: int = 1000) -> list[Execution]:
         """Fire every approval timer due at the clock's now; returns the executions that
         timed a request out, as the firing left them (their work goes on in tasks)."""
+        await self.define_agents()
         fired: list[Execution] = []
         now = self.clock.now()
         while True:
@@ -343,6 +448,8 @@ class Engine:
                     if ex is None:
                         await self.store.drop_timer(timer)
                         continue
+                    with contextlib.suppress(Refusal):  # host_required: it times out as it is
+                        ex = await self.rejudge(ex)
                     at = max(now, timer.due_at)
                     fired.append(await self._feed(ex, TimerFired(timer.request_id, at)))
                 except Refusal as refusal:
@@ -370,6 +477,7 @@ class Engine:
         """Claim what this process can start now: work queued by processes that do not
         host the agent (the CLI, a reviewer's app), work queued while every slot was
         busy, and work whose holder stopped renewing its lease."""
+        await self.define_agents()
         free = self.free
         if free <= 0 or not self.agents:
             return 0

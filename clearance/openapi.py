@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clearance.core.execution import PENDING, REQUEST_STATUSES
+from clearance.core.execution import OUTCOMES, PENDING, REQUEST_STATUSES
 from clearance.core.reviewers import BY_KINDS
 from clearance.engine import SIGNALS
 from clearance.http_bodies import DEFAULT_LIMIT, MAX_BATCH, MAX_BODY, MAX_LIMIT
@@ -47,6 +47,8 @@ def _errors(*statuses: int) -> dict[str, Any]:
 
 
 _TEXT_OR_NULL = {"type": ["string", "null"]}
+# Who or what decided a request (null while pending): one vocabulary with the audit log.
+_OUTCOME = {"enum": [*OUTCOMES, None]}
 # The request's callDigest as the decider saw it: the decision is refused (409
 # stale_decision) if the request asks about another call.
 _CALL_DIGEST = {"type": ["string", "null"], "description": "The request's callDigest."}
@@ -100,6 +102,7 @@ _SCHEMAS: dict[str, Any] = {
                         "type": "object",
                         "properties": {
                             "status": {"type": "string"},
+                            "outcome": _OUTCOME,
                             "by": _TEXT_OR_NULL,
                             "byKind": _BY_KIND,
                             "at": _TEXT_OR_NULL,
@@ -181,6 +184,7 @@ _SCHEMAS: dict[str, Any] = {
             "requestId": {"type": "string"},
             "executionId": {"type": "string"},
             "decision": {"enum": ["approved", "rejected"]},
+            "outcome": _OUTCOME,
             "tool": {"type": "string"},
             "parameters": {
                 "type": "object",
@@ -275,6 +279,7 @@ _SCHEMAS: dict[str, Any] = {
             "status": {"enum": list(REQUEST_STATUSES)},
             "expiresAt": {"type": "string", "format": "date-time"},
             "callbackUrl": {"type": "string"},
+            "outcome": _OUTCOME,
             "decidedBy": _TEXT_OR_NULL,
             "decidedByKind": _BY_KIND,
             "decidedAt": _TEXT_OR_NULL,

@@ -55,6 +55,7 @@ def asking_rule(request: ApprovalRequest) -> dict[str, Any] | None:
 def decision_fields(request: ApprovalRequest) -> dict[str, Any]:
     """Who decided a request, when, and with what changes or reason (null while pending)."""
     return {
+        "outcome": request.outcome,
         "decidedBy": request.decided_by,
         "decidedByKind": request.decided_by_kind,
         "decidedAt": iso(request.decided_at) if request.decided_at else None,
@@ -93,6 +94,7 @@ def decision(request: ApprovalRequest, execution_status: str) -> dict[str, Any]:
         "requestId": request.request_id,
         "executionId": request.execution_id,
         "decision": request.status,
+        "outcome": request.outcome,
         "tool": request.tool,
         "parameters": request.effective_parameters(),
     }
@@ -113,6 +115,7 @@ def decision_summary(request: ApprovalRequest) -> dict[str, Any]:
     """The decision that stands on a request, as a refused second decision names it."""
     return {
         "status": request.status,
+        "outcome": request.outcome,
         "by": request.decided_by,
         "byKind": request.decided_by_kind,
         "at": iso(request.decided_at) if request.decided_at else None,

@@ -62,6 +62,15 @@ class PublishApprovalRequest:
 
 
 @attrs.frozen
+class ReviseApprovalRequest:
+    """A pending request judged again (its agent was redefined): the inbox's copy changes
+    (its call digest, the rule that asks), nothing is sent again."""
+
+    TAG: ClassVar[str] = "revise_approval_request"
+    request: ApprovalRequest
+
+
+@attrs.frozen
 class StartTimer:
     TAG: ClassVar[str] = "start_timer"
     request_id: str
@@ -92,6 +101,7 @@ Command = (
     CallModel
     | RunTool
     | PublishApprovalRequest
+    | ReviseApprovalRequest
     | StartTimer
     | CancelTimer
     | RecordDecision
@@ -101,6 +111,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     CallModel,
     RunTool,
     PublishApprovalRequest,
+    ReviseApprovalRequest,
     StartTimer,
     CancelTimer,
     RecordDecision,

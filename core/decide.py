@@ -25,7 +25,7 @@ from typing import Any, TypedDict
 
 import attrs
 
-from clearance.core.agent import PARALLEL, ToolSpec
+from clearance.core.agent import PARALLEL, AgentSpec, ToolSpec
 from clearance.core.call_digest import call_digest
 from clearance.core.commands import (
     AuditRecord,
@@ -35,6 +35,7 @@ from clearance.core.commands import (
     Finish,
     PublishApprovalRequest,
     RecordDecision,
+    ReviseApprovalRequest,
     RunTool,
     StartTimer,
 )
@@ -44,6 +45,8 @@ from clearance.core.events import (
     Event,
     ModelFailed,
     ModelReplied,
+    Reassessment,
+    Redefined,
     Rejected,
     Started,
     StopRequested,
@@ -53,15 +56,20 @@ from clearance.core.events import (
     ToolFinished,
 )
 from clearance.core.execution import (
+    ALLOWED_BY_GRANT,
+    ALLOWED_BY_POLICY,
     ANSWERED,
     APPROVED,
+    APPROVED_MODIFIED,
     AWAITING,
     AWAITING_APPROVAL,
     CANCELLED,
     COMPLETED,
+    DENIED_BY_POLICY,
     DONE,
     EXECUTING,
     FAILED,
+    INVALIDATED,
     PENDING,
     QUEUED,
     REJECTED,
@@ -100,6 +108,7 @@ class Changes(TypedDict, total=False):
     made about four copies a step at ~3 µs each: `decide()` makes the one copy.
     """
 
+    agent: AgentSpec
     id: str
     input: str
     session_id: str | None
@@ -220,6 +229,7 @@ _SAID = {
     "tool_finished": "a tool result",
     "tool_failed": "a tool failure",
     "stop_requested": "a stop",
+    "redefined": "a redefinition of the agent",
 }
 
 
@@ -471,7 +481,7 @@ def _denied(name: str, verdict: Verdict) -> ToolResult:
 
 # What the audit log calls a policy's verdict on a call it decided (or, in shadow mode,
 # would have decided).
-_POLICY_DECISIONS = {ALLOW: "allowed_by_policy", DENY: "denied_by_policy"}
+_POLICY_DECISIONS = {ALLOW: ALLOWED_BY_POLICY, DENY: DENIED_BY_POLICY}
 _SHADOW_DECISIONS = {ALLOW: "would_allow", ASK: "would_ask", DENY: "would_deny"}
 
 
@@ -504,7 +514,7 @@ def _policy_records(ex: Execution, ev: ModelReplied, calls: list[ToolCall]) -> l
         if grant is not None:
             record(
                 call,
-                "allowed_by_grant",
+                ALLOWED_BY_GRANT,
                 by=grant.by,
                 by_kind=grant.by_kind,
                 reason=f"allowed in this execution by the approval of {grant.request_id}",
@@ -785,6 +795,9 @@ def standing_decision(request: ApprovalRequest) -> str:
     by = f" by {request.decided_by}" if request.decided_by else ""
     when = f" at {iso(request.decided_at)}" if request.decided_at else ""
     what = {TIMED_OUT: "timed out", CANCELLED: "cancelled"}.get(request.status, request.status)
+    if request.outcome in (ALLOWED_BY_POLICY, DENIED_BY_POLICY):
+        # Decided by the policy of the agent's new definition: no person to name.
+        what = request.outcome.replace("_", " ") + " when the agent was defined again"
     return (
         f"approval request {request.request_id} was already {what}{by}{when}; "
         "that decision stands and no other can be made"
@@ -912,6 +925,8 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     grants = ex.grants
     if ev.remember is not None:
         grants = (*grants, _remembered(request, ev, by, by_kind))
+    # An edit that changes nothing is an approval of the call as proposed.
+    outcome = APPROVED if params == request.parameters else APPROVED_MODIFIED
     requests = _decide_request(
         ex.requests,
         request,
@@ -921,6 +936,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
         decided_by_kind=by_kind,
         decided_at=ev.at,
         modified_params=modified,
+        outcome=outcome,
     )
     calls = [
         _move(c, "approve", EXECUTING, parameters=params, approved_by=by)
@@ -930,7 +946,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     ]
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, APPROVED, ev.at, by=by, modified=modified, by_kind=by_kind),
+        _decision_record(ex, request, outcome, ev.at, by=by, modified=modified, by_kind=by_kind),
         RunTool(
             tool_use_id=request.tool_use_id,
             tool=request.tool,
@@ -981,6 +997,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
         decided_by_kind=by_kind,
         decided_at=ev.at,
         rejection_reason=reason,
+        outcome=REJECTED,
     )
     because = f": {reason.rstrip('.')}" if reason else ""
     result = _error(
@@ -1015,7 +1032,9 @@ def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
             f"approval request {request.request_id} is not due until "
             f"{iso(request.timeout)} (timer fired at {iso(ev.at)})",
         )
-    requests = _decide_request(ex.requests, request, "time_out", status=TIMED_OUT, decided_at=ev.at)
+    requests = _decide_request(
+        ex.requests, request, "time_out", status=TIMED_OUT, decided_at=ev.at, outcome=TIMED_OUT
+    )
     message = f"Approval request timed out after {duration(request.timeout_ms)}"
     result = ToolResult(
         json.dumps(
@@ -1052,6 +1071,7 @@ def _stop(ex: Execution, ev: StopRequested) -> Step:
             decided_by_kind=by_kind,
             decided_at=ev.at,
             rejection_reason=reason,
+            outcome=CANCELLED,
         )
         commands += [
             CancelTimer(request.request_id),
@@ -1080,6 +1100,192 @@ def _stop(ex: Execution, ev: StopRequested) -> Step:
     return changes, [*commands, Finish(STOPPED, error=reason)]
 
 
+# -- a redefinition ---------------------------------------------------------------------
+
+
+def _redefined(ex: Execution, ev: Redefined) -> Step:
+    """Judge the turn's open calls again under the agent as now defined: a pending
+    request is kept (the same outcome: a person decides), decided by the new policy
+    (allowed or denied, audited as such), or invalidated when its tool is gone or its
+    parameters no longer fit (the model is told why); a call not yet opened is gated,
+    run or denied by the new definition when its turn comes."""
+    agent = ev.agent
+    if not isinstance(agent, AgentSpec) or agent.tag != ex.agent_tag:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"a redefinition of agent '{ex.agent_tag}' must carry that agent's spec",
+        )
+    if not ex.pending_approvals:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"execution {ex.id} has no pending request to judge again",
+        )
+    new = attrs.evolve(ex, agent=agent)
+    verdicts: dict[str, Any] = {}
+    for item in ev.verdicts:
+        if not isinstance(item, Reassessment) or not isinstance(item.tool_use_id, str):
+            raise Refusal(RefusalCode.INVALID_EVENT, "a redefinition's verdicts are Reassessments")
+        verdicts[item.tool_use_id] = item.verdict
+    requests = ex.requests
+    calls: list[ToolCall] = []
+    commands: list[Command] = []
+    for call in ex.calls:
+        if call.status == QUEUED:
+            call = _rejudge_queued(new, call, verdicts)
+        elif call.status == AWAITING:
+            request = ex.request(call.request_id)
+            assert request is not None and request.status == PENDING
+            call, decided, more = _rejudge_pending(new, ev, call, request, verdicts)
+            requests = tuple(decided if r.request_id == request.request_id else r for r in requests)
+            commands += more
+        calls.append(call)
+    return _advance(new, ev, calls, Changes(agent=agent, requests=requests), commands)
+
+
+def _unfit(agent: AgentSpec, tool_tag: str, params: dict[str, Any]) -> str | None:
+    """Why a call proposed earlier cannot be made of the agent as now defined, if so."""
+    tool = agent.tool(tool_tag)
+    if tool is None:
+        return f"'{tool_tag}' is no longer one of its tools ({agent.tool_names()})"
+    try:
+        found = problems(tool.input_schema, params)
+    except Exception as err:  # the schema, not the parameters
+        return (
+            f"the new parameter schema of '{tool_tag}' cannot be evaluated ({type(err).__name__})"
+        )
+    if found:
+        return f"the parameters no longer fit '{tool_tag}': {'; '.join(found)}"
+    return None
+
+
+def _new_effect(agent: AgentSpec, call: ToolCall, verdict: Verdict | None) -> str:
+    """ask, allow or deny: what the new definition does with the call."""
+    effect = verdict.applied if verdict is not None else NO_MATCH
+    if effect != NO_MATCH:
+        return effect
+    tool = agent.tool(call.tool)
+    assert tool is not None
+    return ASK if tool.gated else ALLOW
+
+
+def _rejudge_queued(new: Execution, call: ToolCall, verdicts: dict[str, Any]) -> ToolCall:
+    unfit = _unfit(new.agent, call.tool, call.parameters)
+    if unfit is not None:
+        return _answer(call, call.parameters, _invalidated(call.tool, unfit))
+    verdict = _verdict(new, verdicts.get(call.tool_use_id), f"tool_use {call.tool_use_id}")
+    effect = _new_effect(new.agent, call, verdict)
+    if effect == DENY:
+        assert verdict is not None
+        denied = attrs.evolve(call, verdict=verdict)
+        return _answer(denied, call.parameters, _denied(call.tool, verdict))
+    # A session grant given in this execution still covers the call.
+    gated = effect == ASK and call.granted is None
+    if gated and not call.request_id:
+        # Proposed ungated, so it has no request id to open a request with: a person
+        # cannot be asked about it now; it does not run.
+        return _answer(
+            call,
+            call.parameters,
+            _invalidated(call.tool, f"'{call.tool}' now needs an approval it was not proposed for"),
+        )
+    return attrs.evolve(call, gated=gated, verdict=verdict)
+
+
+def _rejudge_pending(
+    new: Execution,
+    ev: Redefined,
+    call: ToolCall,
+    request: ApprovalRequest,
+    verdicts: dict[str, Any],
+) -> tuple[ToolCall, ApprovalRequest, list[Command]]:
+    agent = new.agent
+    unfit = _unfit(agent, request.tool, request.parameters)
+    if unfit is not None:
+        decided = _decided(
+            request, "invalidate", INVALIDATED, ev.at, INVALIDATED, rejection_reason=unfit
+        )
+        record = _decision_record(new, request, INVALIDATED, ev.at, reason=unfit)
+        call = _move(call, "invalidate", INVALIDATED, result=_invalidated(request.tool, unfit))
+        return call, decided, [CancelTimer(request.request_id), record]
+    what = f"the re-evaluation of {request.request_id}"
+    verdict = _verdict(new, verdicts.get(call.tool_use_id), what)
+    effect = _new_effect(agent, call, verdict)
+    if effect == DENY:
+        assert verdict is not None
+        decided = _decided(
+            request, "reject", REJECTED, ev.at, DENIED_BY_POLICY, rejection_reason=verdict.reason
+        )
+        record = _policy_decision(new, request, DENIED_BY_POLICY, ev.at, verdict)
+        call = _move(call, "reject", REJECTED, verdict=verdict, result=_denied(call.tool, verdict))
+        return call, decided, [CancelTimer(request.request_id), record]
+    if effect == ALLOW:
+        decided = _decided(request, "approve", APPROVED, ev.at, ALLOWED_BY_POLICY)
+        record = _policy_decision(new, request, ALLOWED_BY_POLICY, ev.at, verdict)
+        call = _move(call, "approve", EXECUTING, verdict=verdict)
+        run = RunTool(
+            tool_use_id=request.tool_use_id,
+            tool=request.tool,
+            parameters=request.parameters,
+            idempotency_key=request.request_id,
+            request_id=request.request_id,
+        )
+        return call, decided, [CancelTimer(request.request_id), record, run]
+    # Still a person's to decide, now about the call as the new definition sees it: a
+    # decision made for the old digest is stale.
+    tool = agent.tool(request.tool)
+    assert tool is not None
+    kept = attrs.evolve(
+        request,
+        policy=verdict if verdict is not None and verdict.applied == ASK else None,
+        digest=call_digest(
+            agent.tag,
+            request.tool,
+            request.parameters,
+            tool.input_schema,
+            agent.policy.version if agent.policy else None,
+        ),
+    )
+    revised: list[Command] = [ReviseApprovalRequest(kept)] if kept != request else []
+    return attrs.evolve(call, verdict=verdict), kept, revised
+
+
+def _decided(
+    request: ApprovalRequest, action: str, status: str, at: datetime, outcome: str, **more: Any
+) -> ApprovalRequest:
+    (decided,) = _decide_request(
+        (request,), request, action, status=status, decided_at=at, outcome=outcome, **more
+    )
+    return decided
+
+
+def _policy_decision(
+    ex: Execution, request: ApprovalRequest, decision: str, at: datetime, verdict: Verdict | None
+) -> RecordDecision:
+    """The audit record of a request the new definition decided: by its rule, if one."""
+    why = "the agent was defined again and "
+    if verdict is not None and verdict.rule_id is not None:
+        why += f"rule '{verdict.rule_id}' decides this call now"
+        if verdict.reason:
+            why += f": {verdict.reason}"
+    else:
+        why += f"'{request.tool}' no longer needs an approval"
+    record = _decision_record(ex, request, decision, at, reason=why)
+    if verdict is None:
+        return record
+    return RecordDecision(
+        attrs.evolve(record.record, rule_id=verdict.rule_id, policy_version=verdict.version)
+    )
+
+
+def _invalidated(tool: str, why: str) -> ToolResult:
+    return _error(
+        "approval_invalidated",
+        f"The call to '{tool}' was withdrawn before anyone decided it: the agent was"
+        f" redefined and {why}. The tool did not run.",
+        tool=tool,
+    )
+
+
 _STEPS: dict[type[Any], Callable[[Execution, Any], Step]] = {
     Started: _started,
     ModelReplied: _model_replied,
@@ -1090,4 +1296,5 @@ _STEPS: dict[type[Any], Callable[[Execution, Any], Step]] = {
     Rejected: _rejected,
     TimerFired: _timer_fired,
     StopRequested: _stop,
+    Redefined: _redefined,
 }

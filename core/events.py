@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 import attrs
 
+from clearance.core.agent import AgentSpec
 from clearance.core.execution import Usage
 from clearance.core.policy import SessionGrant, Verdict
 
@@ -118,6 +119,26 @@ class StopRequested:
     by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
 
 
+@attrs.frozen
+class Reassessment:
+    """The current policy on one call that was proposed under an earlier definition."""
+
+    tool_use_id: str
+    verdict: Verdict | None = None  # None where the new definition has no policy
+
+
+@attrs.frozen
+class Redefined:
+    """The agent was defined again (a redeploy) since the execution's calls were
+    proposed: its pending requests and not yet opened calls are judged again under
+    `agent`, whose policy's verdicts (evaluated outside, like a ticket's) it carries."""
+
+    TAG: ClassVar[str] = "redefined"
+    agent: AgentSpec
+    at: datetime
+    verdicts: tuple[Reassessment, ...] = ()
+
+
 Event = (
     Started
     | ModelReplied
@@ -128,6 +149,7 @@ Event = (
     | Rejected
     | TimerFired
     | StopRequested
+    | Redefined
 )
 EVENT_TYPES: tuple[type[Event], ...] = (
     Started,
@@ -139,4 +161,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Rejected,
     TimerFired,
     StopRequested,
+    Redefined,
 )

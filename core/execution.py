@@ -31,18 +31,41 @@ APPROVED = "approved"
 REJECTED = "rejected"
 TIMED_OUT = "timed_out"
 CANCELLED = "cancelled"
-REQUEST_STATUSES = (PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED)
+# Withdrawn: the agent was defined again (a redeploy) and the call no longer exists as
+# asked (its tool is gone, or its parameters no longer fit the tool's schema).
+INVALIDATED = "invalidated"
+REQUEST_STATUSES = (PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED, INVALIDATED)
+
+# What became of a call, one vocabulary in events, audit, HTTP, bodies and CLI. A
+# request's status says whether its tool runs; its outcome says who or what decided.
+APPROVED_MODIFIED = "approved_modified"  # approved with changed parameters
+ALLOWED_BY_POLICY = "allowed_by_policy"  # no person asked: a rule (or the definition) let it
+DENIED_BY_POLICY = "denied_by_policy"
+ALLOWED_BY_GRANT = "allowed_by_grant"  # a reviewer's session grant let it run unasked
+APPROVALS = frozenset({APPROVED, APPROVED_MODIFIED})  # a person's approval, as audited
+OUTCOMES = (
+    APPROVED,
+    APPROVED_MODIFIED,
+    REJECTED,
+    DENIED_BY_POLICY,
+    ALLOWED_BY_POLICY,
+    ALLOWED_BY_GRANT,
+    TIMED_OUT,
+    INVALIDATED,
+    CANCELLED,
+)
 
 # A tool call's progress within one model turn (its table is CALL_TABLE in machine.py).
-# A call that is decided keeps its outcome: rejected, timed_out or cancelled, like its
-# approval request; `done` is a call that ran (or was answered at once with an error).
+# A call that is decided keeps its outcome: rejected, timed_out, cancelled or
+# invalidated, like its approval request; `done` is a call that ran (or was answered
+# at once with an error).
 QUEUED = "queued"
 AWAITING = "awaiting_approval"
 EXECUTING = "executing"  # "running" before DECIDE_VERSION 2, as an execution's status is
 DONE = "done"
-CALL_STATUSES = (QUEUED, AWAITING, EXECUTING, DONE, REJECTED, TIMED_OUT, CANCELLED)
+CALL_STATUSES = (QUEUED, AWAITING, EXECUTING, DONE, REJECTED, TIMED_OUT, CANCELLED, INVALIDATED)
 # Calls whose tool_result is known: the model gets it with the turn's others.
-ANSWERED = frozenset({DONE, REJECTED, TIMED_OUT})
+ANSWERED = frozenset({DONE, REJECTED, TIMED_OUT, INVALIDATED})
 # Calls that will never change again (a cancelled call has no result: its execution
 # stopped, so no model turn follows).
 SETTLED = ANSWERED | {CANCELLED}
@@ -98,6 +121,8 @@ class ApprovalRequest:
     rejection_reason: str | None = None
     policy: Verdict | None = None  # the ask rule that asked for it, if one did
     digest: str | None = None  # of the exact call (core.call_digest); None: made before
+    # Who or what decided it (OUTCOMES); None while pending.
+    outcome: str | None = None
 
     @property
     def expires_at(self) -> datetime:

@@ -17,7 +17,8 @@ A stopped execution still records the outcome of a tool that was executing
 when it stopped (it stays stopped, and nothing goes to the model).
 
 An approval request is `pending` until exactly one outcome: `approved`,
-`rejected`, `timed_out` or `cancelled` (the execution stopped). A second
+`rejected`, `timed_out`, `cancelled` (the execution stopped) or `invalidated`
+(the agent was defined again and the call no longer fits it). A second
 decision finds no row from its outcome and is refused, naming the one that
 stands.
 
@@ -63,6 +64,7 @@ from clearance.core.execution import (
     EXECUTING,
     EXECUTION_STATUSES,
     FAILED,
+    INVALIDATED,
     PENDING,
     QUEUED,
     REJECTED,
@@ -98,6 +100,10 @@ EXECUTION_TABLE: Table = (
     ("timer_fired", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL, FAILED)),
     ("timer_fired", RUNNING, (RUNNING,)),
     *(("stop_requested", s, (STOPPED,)) for s in (CREATED, RUNNING, AWAITING_APPROVAL)),
+    # The agent was defined again: its pending requests are judged again, and may be
+    # decided (allowed, denied, invalidated) as a decision would be.
+    ("redefined", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL, FAILED)),
+    ("redefined", RUNNING, (RUNNING,)),
 )
 
 REQUEST_TABLE: Table = (
@@ -105,6 +111,7 @@ REQUEST_TABLE: Table = (
     ("reject", PENDING, (REJECTED,)),
     ("time_out", PENDING, (TIMED_OUT,)),
     ("cancel", PENDING, (CANCELLED,)),
+    ("invalidate", PENDING, (INVALIDATED,)),
 )
 
 # (action, source, destinations) for one tool call; the actions are decide()'s, not events:
@@ -119,6 +126,7 @@ CALL_TABLE: Table = (
     ("finish", EXECUTING, (DONE,)),  # tool_finished or tool_failed
     ("cancel", QUEUED, (CANCELLED,)),  # the execution stopped
     ("cancel", AWAITING, (CANCELLED,)),
+    ("invalidate", AWAITING, (INVALIDATED,)),  # a redefinition withdrew its request
 )
 
 

@@ -22,6 +22,7 @@ from clearance.core.commands import (
     Finish,
     PublishApprovalRequest,
     RecordDecision,
+    ReviseApprovalRequest,
     RunTool,
     StartTimer,
 )
@@ -68,6 +69,8 @@ class Writes:
     timers_started: tuple[TimerRow, ...] = ()
     timers_cancelled: tuple[TimerRow, ...] = ()
     requests_opened: tuple[ApprovalRequest, ...] = ()
+    # Pending requests whose inbox copy changes (judged again after a redefinition).
+    requests_revised: tuple[ApprovalRequest, ...] = ()
     # Requests whose inbox row now shows a decision: (request id, status).
     requests_decided: tuple[tuple[str, str], ...] = ()
     audit: tuple[AuditRecord, ...] = ()
@@ -86,6 +89,7 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
     started: list[TimerRow] = []
     cancelled: list[TimerRow] = []
     opened: list[ApprovalRequest] = []
+    revised: list[ApprovalRequest] = []
     decided: list[tuple[str, str]] = []
     audit: list[AuditRecord] = []
     deliveries: list[DeliveryRow] = []
@@ -105,6 +109,8 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
             request = command.request
             opened.append(request)
             deliveries.extend(_deliveries(execution, request))
+        elif isinstance(command, ReviseApprovalRequest):
+            revised.append(command.request)
         elif isinstance(command, RecordDecision):
             audit.append(command.record)
             rid = command.record.request_id
@@ -120,6 +126,7 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
         timers_started=tuple(started),
         timers_cancelled=tuple(cancelled),
         requests_opened=tuple(opened),
+        requests_revised=tuple(revised),
         requests_decided=tuple(decided),
         audit=tuple(audit),
         deliveries=tuple(deliveries),

@@ -26,10 +26,13 @@ from clearance.core.call_digest import call_digest
 from clearance.core.commands import AuditRecord, Command
 from clearance.core.events import Event
 from clearance.core.execution import (
+    APPROVED,
+    APPROVED_MODIFIED,
     AWAITING,
     CANCELLED,
     DONE,
     EXECUTING,
+    PENDING,
     QUEUED,
     REJECTED,
     STOPPED,
@@ -113,6 +116,17 @@ def _with_digests(ex: Execution) -> Execution:
     return attrs.evolve(ex, requests=tuple(requests))
 
 
+def _with_outcome(request: ApprovalRequest) -> ApprovalRequest:
+    """A request decided before decide() recorded outcomes gets the one it would have
+    recorded: until then only people, clocks and stops decided requests."""
+    if request.outcome is not None or request.status == PENDING:
+        return request
+    outcome = request.status
+    if request.status == APPROVED and request.effective_parameters() != request.parameters:
+        outcome = APPROVED_MODIFIED
+    return attrs.evolve(request, outcome=outcome)
+
+
 def _build() -> cattrs.Converter:
     conv = cattrs.Converter()
     conv.register_unstructure_hook(datetime, stamp)
@@ -134,10 +148,13 @@ def _build() -> cattrs.Converter:
         return call
 
     conv.register_structure_hook(ToolCall, structure_call)
+    build_request = conv.get_structure_hook(ApprovalRequest)
+    conv.register_structure_hook(ApprovalRequest, lambda v, t: _with_outcome(build_request(v, t)))
     # Built after the ToolCall hook, so that it structures its calls with it.
     build_execution = conv.get_structure_hook(Execution)
     conv.register_structure_hook(
-        Execution, lambda v, t: _with_digests(_cancel_open_calls(build_execution(v, t)))
+        Execution,
+        lambda v, t: _with_digests(_cancel_open_calls(build_execution(v, t))),
     )
     for union in (Event, Command):
         configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")

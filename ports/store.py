@@ -29,6 +29,7 @@ from typing import Protocol
 
 import attrs
 
+from clearance.core.agent import AgentSpec
 from clearance.core.commands import AuditRecord, CallModel, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
@@ -177,6 +178,14 @@ class ExecutionLog(Protocol):
     ) -> list[str]:
         """Ids of the stored executions (of `agent_tag`'s agent, if given), in id order,
         from the first above `after`: a page of at most `limit` (for `policy replay`)."""
+        ...
+
+    async def define_agent(self, spec: AgentSpec) -> None:
+        """Record `spec` as its agent's current definition (the last one wins)."""
+        ...
+
+    async def current_agent(self, tag: str) -> AgentSpec | None:
+        """The spec agent `tag` was last defined with; None if it never was here."""
         ...
 
 

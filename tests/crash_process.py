@@ -22,7 +22,9 @@ assistant messages so far):
     par-agent: get-order | process-refund + send-email + get-order (parallel) | final text
 
 `process-refund` and `send-email` are gated; `send-email` times out after
-EMAIL_TIMEOUT_MS so timeouts happen too; `get-order` is not gated.
+EMAIL_TIMEOUT_MS so timeouts happen too; `get-order` is not gated. A policy lets a
+refund of ALLOWED_UP_TO run unasked and denies one above DENIED_ABOVE; each order
+asks for one of those or for one in between (a person decides).
 """
 
 from __future__ import annotations
@@ -37,12 +39,19 @@ import sys
 import time
 from typing import Any
 
-from clearance import Clearance, HumanInLoop, ModelRequest, Tool, ToolContext
+from clearance import Clearance, HumanInLoop, ModelRequest, Rule, Tool, ToolContext
 from clearance.testing import ScriptedModel, text, tool_use
 
 EMAIL_TIMEOUT_MS = 1_000
 REFUND_TIMEOUT_MS = 300_000
 GATED = ("process-refund", "send-email")
+# The policy both agents run under: small refunds run unasked, large ones never.
+ALLOWED_UP_TO = 30
+DENIED_ABOVE = 100
+REFUND_RULES = [
+    Rule.deny("process-refund", when=f"args.amount > {DENIED_ABOVE}.0", id="too-large"),
+    Rule.allow("process-refund", when=f"args.amount <= {ALLOWED_UP_TO}.0", id="small"),
+]
 
 
 class Events:
@@ -99,7 +108,7 @@ def define_agents(app: Clearance, events: Events, seed: int) -> None:
         if problems:
             events.write(kind="violation", execution=request.execution_id, problems=problems)
         await asyncio.sleep(pause("model", order, turn, upto=0.03))
-        refund = {"orderId": f"ORD-{order}", "amount": 50, "reason": "Damaged item"}
+        refund = {"orderId": f"ORD-{order}", "amount": amount_of(seed, order), "reason": "Damaged"}
         email = {"to": f"customer-{order}@example.com", "body": "Your refund is on its way."}
         lookup = {"orderId": f"ORD-{order}"}
         parallel = uses_parallel(seed, order)
@@ -182,9 +191,17 @@ def define_agents(app: Clearance, events: Events, seed: int) -> None:
             model=ScriptedModel(script),
             tools=tools,
             human_in_loop=HumanInLoop(
-                enabled=True, approval_timeout=REFUND_TIMEOUT_MS, approval_order=order
+                enabled=True,
+                approval_timeout=REFUND_TIMEOUT_MS,
+                approval_order=order,
+                policy=REFUND_RULES,
             ),
         )
+
+
+def amount_of(seed: int, order: str) -> int:
+    """The refund an order asks for: one the policy allows, one it asks about, one it denies."""
+    return random.Random(f"{seed}:amount:{order}").choice([ALLOWED_UP_TO, 70, DENIED_ABOVE + 10])
 
 
 def open_options() -> dict[str, Any]:

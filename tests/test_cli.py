@@ -352,7 +352,7 @@ async def test_cli_approve_is_picked_up_by_the_hosting_process(host: Host, tmp_p
     code, out, _ = await acli(tmp_path, "show", ex.id, "--db", db, "--json")
     shown = json.loads(out)
     assert shown["status"] == "completed"
-    assert [r["decision"] for r in shown["audit"]] == ["approved"]
+    assert [r["decision"] for r in shown["audit"]] == ["approved_modified"]
     assert shown["audit"][0]["modifiedParams"] == {"amount": 25}
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from crash_process import ALLOWED_UP_TO, DENIED_ABOVE
 from postgres_server import postgres_url
 
 from clearance import ApprovalRequest, Clearance, ClearanceError, Execution
@@ -253,7 +254,10 @@ class Trial:
             else:
                 modified = MODIFIED[request.tool] if action == "modify" else None
                 await app.decide(request.request_id, approved=True, modified_params=modified, by=BY)
-                self.decided[request.request_id] = "approved"
+                changed = modified is not None and {**request.parameters, **modified} != (
+                    request.parameters
+                )
+                self.decided[request.request_id] = "approved_modified" if changed else "approved"
         except ClearanceError as err:
             self.log(f"review: {what} refused: {err}")
         except Exception as err:
@@ -335,6 +339,21 @@ class Trial:
         for run in runs:
             if run["tool"] not in GATED:
                 continue
+            if run["tool"] == "process-refund" and run["params"]["amount"] > DENIED_ABOVE:
+                problems.append(f"DENIED RUN: a refund the policy denies ran: {run}")
+                continue
+            if not run["request"] and run["tool"] == "process-refund":
+                # Allowed by the policy, unasked: audited by its call, with the rule.
+                allowed = [
+                    r
+                    for r in await app.audit(execution_id=run["execution"])
+                    if r.decision == "allowed_by_policy" and r.parameters == run["params"]
+                ]
+                if run["params"]["amount"] > ALLOWED_UP_TO or len(allowed) != 1:
+                    problems.append(
+                        f"UNGATED RUN: {run} ran without a request; policy records {allowed}"
+                    )
+                continue
             if run["key"] != run["request"]:
                 problems.append(
                     f"KEY: gated run of {run['tool']} has idempotency key {run['key']} "
@@ -342,7 +361,7 @@ class Trial:
                 )
             records = await app.audit(request_id=run["request"] or run["key"])
             decisions = [r.decision for r in records]
-            if decisions != ["approved"]:
+            if decisions not in (["approved"], ["approved_modified"]):
                 problems.append(
                     f"UNGATED RUN: {run['tool']} ran for request {run['request']} "
                     f"(launch {run['launch']}) whose audit says {decisions}"
@@ -358,7 +377,7 @@ class Trial:
         for ex in executions.values():
             for request in ex.requests if ex else ():
                 decisions = [r.decision for r in await app.audit(request_id=request.request_id)]
-                expected_decisions = [] if request.status == PENDING else [request.status]
+                expected_decisions = [] if request.status == PENDING else [request.outcome]
                 if decisions != expected_decisions:
                     problems.append(
                         f"AUDIT: request {request.request_id} is {request.status} "

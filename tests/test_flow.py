@@ -516,6 +516,8 @@ async def test_a_pause_and_a_resume_cost_a_fixed_number_of_commits(
     app: Clearance, recorder: Recorder
 ) -> None:
     define_refund_agent(app, recorder)
+    # Once per definition, the process records it as the agent's current one.
+    await app.engine.define_agents()
     commits = Commits(app)
     ex = await app.run("safe-agent", input="Refund order ORD-123")
     assert commits.count == 2  # started, model replied (paused)

@@ -162,6 +162,7 @@ async def test_callback_approve_runs_the_tool_once_and_finishes(api: Api) -> Non
         "requestId": request.request_id,
         "executionId": request.execution_id,
         "decision": "approved",
+        "outcome": "approved",
         "tool": "process-refund",
         "parameters": REFUND,
         "by": "ops-lead",
@@ -417,6 +418,7 @@ async def test_replayed_callback_is_409_naming_the_decision_that_stands(api: Api
         assert "already rejected by alice" in message
         assert response.json()["error"]["decision"] == {
             "status": "rejected",
+            "outcome": "rejected",
             "by": "alice",
             "byKind": "claimed",
             "at": "2024-01-15T10:30:00Z",

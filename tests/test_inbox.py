@@ -286,7 +286,7 @@ async def test_sign_in_then_approve_with_a_changed_amount(inbox: Inbox) -> None:
     assert approved.digest == request.digest and request.digest
     [record] = await api.app.audit(request_id=request.request_id)
     assert (record.decision, record.by, record.by_kind, record.modified_params) == (
-        "approved",
+        "approved_modified",
         "rita",
         "reviewer",
         {"amount": 25},
@@ -784,3 +784,21 @@ async def test_the_policy_rule_that_asked_is_shown(inbox: Inbox) -> None:
     await expect(detail.locator(".policy-rule")).to_have_text(
         "Asked by policy rule review-refunds: Refunds above 20 need a person."
     )
+
+
+async def test_a_request_a_redeploy_decided_says_so_not_a_person(inbox: Inbox) -> None:
+    api = inbox.api
+    await inbox.open(await api.app.issue_key("rita"))
+    request = await api.start()
+    detail = await inbox.show(request.request_id)
+    await expect(detail.locator("#status")).to_have_text("pending")
+    frozen = Rule.deny("process-refund", id="frozen", reason="Refunds are frozen.")
+    define_refund_agent(api.app, api.recorder, hitl=HumanInLoop(enabled=True, policy=[frozen]))
+    await api.app.engine.sweep_redefined()
+    await expect(inbox.row(request.request_id)).to_have_count(0)
+    await expect(detail.locator("#outcome")).to_contain_text(
+        "Denied by the agent's policy when it was defined again"
+    )
+    await expect(detail.locator("#outcome")).to_contain_text("Refunds are frozen.")
+    await expect(detail.locator("#approve")).to_have_count(0)
+    assert api.recorder.calls == []

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from crash_process import ALLOWED_UP_TO, DENIED_ABOVE
 from postgres_server import postgres_url
 
 from clearance import Clearance
@@ -143,19 +144,38 @@ async def _judge(
         if n > 1:
             problems.append(f"{request_id} was decided {n} times")
     audit = await app.audit()
+    # Calls the hosts' policy decided have no request: audited by their call.
+    by_call = [a for a in audit if a.request_id is None]
+    audit = [a for a in audit if a.request_id is not None]
     records = Counter(a.request_id for a in audit)
     problems += [f"{r}: {n} audit records" for r, n in records.items() if n > 1]
     by_request = {a.request_id: a for a in audit}
     for request_id, decision in decided.items():
         record = by_request.get(request_id)
         wanted = "cancelled" if decision["decision"] == "stopped" else decision["decision"]
-        if record is None or record.decision != wanted:
+        # An approval with changed parameters is audited as approved_modified.
+        said = record.decision.replace("approved_modified", "approved") if record else None
+        if record is None or said != wanted:
             problems.append(f"{request_id}: decided {wanted}, audit says {record}")
     for run in runs:
         if run["tool"] not in ("process-refund", "send-email"):
             continue
+        if run["tool"] == "process-refund" and run["params"]["amount"] > DENIED_ABOVE:
+            problems.append(f"a refund the policy denies ran: {run}")
+            continue
+        if not run["request"] and run["tool"] == "process-refund":
+            allowed = [
+                a
+                for a in by_call
+                if a.execution_id == run["execution"]
+                and a.decision == "allowed_by_policy"
+                and a.parameters == run["params"]
+            ]
+            if run["params"]["amount"] > ALLOWED_UP_TO or len(allowed) != 1:
+                problems.append(f"{run} ran without a request; policy records {allowed}")
+            continue
         record = by_request.get(run["key"])
-        if record is None or record.decision != "approved":
+        if record is None or record.decision not in ("approved", "approved_modified"):
             problems.append(f"gated run {run['key']} without an approval: {record}")
             continue
         approved = record.modified_params or record.parameters

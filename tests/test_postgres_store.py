@@ -135,6 +135,7 @@ async def test_tables_of_schema_1_are_upgraded_keeping_their_timers_and_requests
         base, autocommit=True, options=f"-c search_path={schema}"
     ) as conn:
         await conn.execute("ALTER TABLE clearance_timers DROP COLUMN held_until")
+        await conn.execute("DROP TABLE clearance_agent_definitions")
         await conn.execute(
             'ALTER TABLE clearance_approvals ALTER COLUMN request_id TYPE TEXT COLLATE "default"'
         )

@@ -63,7 +63,9 @@ from clearance.core.events import (
     ToolFinished,
 )
 from clearance.core.execution import (
+    APPROVALS,
     APPROVED,
+    APPROVED_MODIFIED,
     CANCELLED,
     PENDING,
     REJECTED,
@@ -1102,7 +1104,12 @@ class ClearanceMachine(RuleBasedStateMachine):
         assert max(per_request.values(), default=1) == 1, per_request
         for record in audit:
             request, decision = requests[record.request_id], self.decided[record.request_id]
-            assert record.decision == decision.status
+            assert record.decision == request.outcome
+            assert request.outcome == (
+                APPROVED_MODIFIED
+                if request.effective_parameters() != request.parameters
+                else decision.status
+            )
             assert record.execution_id == request.execution_id
             assert record.tool == request.tool
             assert record.parameters == request.parameters
@@ -1117,8 +1124,8 @@ class ClearanceMachine(RuleBasedStateMachine):
                 assert record.reason and "timed out" in record.reason
 
     def _check_handler_calls(self, audit: list[AuditRecord]) -> None:
-        approvals = {r.request_id: r for r in audit if r.decision == APPROVED}
-        approved = Counter(r.request_id for r in audit if r.decision == APPROVED)
+        approvals = {r.request_id: r for r in audit if r.decision in APPROVALS}
+        approved = Counter(r.request_id for r in audit if r.decision in APPROVALS)
         keys = Counter(c.ctx.idempotency_key for c in self.calls)
         assert max(keys.values(), default=1) == 1, f"a call ran twice: {keys.most_common(3)}"
         for call in self.calls:

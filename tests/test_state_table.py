@@ -41,6 +41,7 @@ from clearance.core.events import (
     Event,
     ModelFailed,
     ModelReplied,
+    Redefined,
     Rejected,
     Started,
     StopRequested,
@@ -58,6 +59,7 @@ from clearance.core.execution import (
     EXECUTING,
     EXECUTION_STATUSES,
     FAILED,
+    INVALIDATED,
     PENDING,
     QUEUED,
     REJECTED,
@@ -91,6 +93,29 @@ LOOKUP = ToolSpec(
     gated=False,
     approval_timeout_ms=TIMEOUT_MS,
 )
+# The refund tool as a redeploy may change it: refunds below 15 no longer fit it, or it
+# needs no approval any more.
+REFUND_FROM_15 = attrs.evolve(
+    REFUND,
+    input_schema={
+        **REFUND.input_schema,
+        "properties": {
+            **REFUND.input_schema["properties"],
+            "amount": {"type": "number", "minimum": 15},
+        },
+    },
+)
+REFUND_UNGATED = attrs.evolve(REFUND, gated=False)
+
+
+def redefinitions(spec: AgentSpec) -> dict[str, AgentSpec]:
+    """The agent defined again, as a redeploy would: without refunds, with refunds from
+    15, with refunds that need no approval."""
+    return {
+        "no refund": attrs.evolve(spec, tools=(LOOKUP,)),
+        "refund from 15": attrs.evolve(spec, tools=(REFUND_FROM_15, LOOKUP)),
+        "refund ungated": attrs.evolve(spec, tools=(REFUND_UNGATED, LOOKUP)),
+    }
 
 
 def agent(order: str = SEQUENTIAL, max_iterations: int = 20) -> AgentSpec:
@@ -122,6 +147,9 @@ REVIEWED_ACCEPTS = {
         for s in (RUNNING, AWAITING_APPROVAL)
     ),
     *(("stop_requested", s) for s in (CREATED, RUNNING, AWAITING_APPROVAL)),
+    # A redeploy judges pending requests again (in parallel order, while a tool runs).
+    ("redefined", RUNNING),
+    ("redefined", AWAITING_APPROVAL),
     # The outcome of a tool that was executing when the execution stopped.
     ("tool_finished", STOPPED),
     ("tool_failed", STOPPED),
@@ -167,8 +195,16 @@ def test_request_table_is_pending_then_exactly_one_outcome() -> None:
         ("reject", PENDING, REJECTED),
         ("time_out", PENDING, TIMED_OUT),
         ("cancel", PENDING, CANCELLED),
+        ("invalidate", PENDING, INVALIDATED),
     } == REQUEST_MOVES
-    assert set(REQUEST_STATUSES) == {PENDING, APPROVED, REJECTED, TIMED_OUT, CANCELLED}
+    assert set(REQUEST_STATUSES) == {
+        PENDING,
+        APPROVED,
+        REJECTED,
+        TIMED_OUT,
+        CANCELLED,
+        INVALIDATED,
+    }
 
 
 def test_the_sets_decide_looks_up_are_what_the_machines_allow() -> None:
@@ -265,6 +301,9 @@ class Life:
 
     def stop(self) -> Life:
         return self.apply(StopRequested(self.now(), by="ops", reason="enough"))
+
+    def redefine(self, how: str) -> Life:
+        return self.apply(Redefined(redefinitions(self.ex.agent)[how], self.now()))
 
 
 def refund(tool_use_id: str, amount: float = 10) -> dict[str, Any]:
@@ -389,6 +428,10 @@ def representatives(ex: Execution, event_type: type[Event]) -> Iterator[tuple[Ev
         yield TimerFired("apr-unknown", at + timedelta(days=1)), False
     elif event_type is StopRequested:
         yield StopRequested(at, by="ops", reason="enough"), True
+    elif event_type is Redefined:
+        for spec in redefinitions(ex.agent).values():
+            yield Redefined(spec, at), bool(ex.pending_approvals)
+        yield Redefined(attrs.evolve(ex.agent, tag="other"), at), False
     else:  # pragma: no cover - a new event type needs representatives here
         raise AssertionError(f"no representative events for {event_type.__name__}")
 
@@ -429,6 +472,10 @@ def names_the_state(refusal: Refusal, ex: Execution, event: Event) -> bool:
         return event.tool_use_id in msg and f"(it is {state})" in msg
     if code == "invalid_parameters":
         return isinstance(refusal, InvalidParameters) and refusal.tool in msg and refusal.problems
+    if code == "invalid_event" and isinstance(event, Redefined):
+        if event.agent.tag != ex.agent_tag:
+            return f"agent '{ex.agent_tag}'" in msg
+        return f"execution {ex.id} has no pending request" in msg
     if code in ("invalid_reply", "invalid_event"):
         return isinstance(event, ModelReplied) and "tool_use" in msg
     return False
@@ -488,14 +535,16 @@ def check_request_moves(old: Execution, new: Execution, event: Event) -> None:
         TimerFired: "time_out",
         StopRequested: "cancel",
     }.get(type(event))
+    # A redefinition decides a request as the new definition says: any of these.
+    actions = {"invalidate", "approve", "reject"} if isinstance(event, Redefined) else {action}
     before = {r.request_id: r for r in old.requests}
     after = {r.request_id: r for r in new.requests}
     assert set(before) <= set(after)
     for request_id, request in before.items():
         changed = after[request_id]
         if changed.status != request.status:
-            assert action is not None, f"{event.TAG} changed request {request_id}"
-            assert (action, request.status, changed.status) in REQUEST_MOVES
+            assert actions != {None}, f"{event.TAG} changed request {request_id}"
+            assert any((a, request.status, changed.status) in REQUEST_MOVES for a in actions)
     for request_id in set(after) - set(before):
         assert after[request_id].status == PENDING
 
@@ -549,6 +598,11 @@ REQUEST_VARIANTS: dict[str, dict[str, Callable[[], Life]]] = {
         ),
     },
     REJECTED: {"next request open": lambda: two_refunds().reject("apr-1")},
+    INVALIDATED: {
+        # apr-1 asks for 10, apr-2 for 20: only apr-1 no longer fits refunds from 15.
+        "next request open": lambda: two_refunds().redefine("refund from 15"),
+        "parallel": lambda: two_refunds(PARALLEL).redefine("refund from 15"),
+    },
     TIMED_OUT: {"next request open": lambda: two_refunds().time_out("apr-1")},
     CANCELLED: {
         "execution stopped": lambda: two_refunds().stop(),
@@ -700,6 +754,8 @@ def candidate_events(ex: Execution) -> Iterator[Event]:
         yield Approved(request.request_id, at, by="bob")
         yield Rejected(request.request_id, at, by="bob", reason="no")
         yield TimerFired(request.request_id, max(at, request.timeout))
+    for spec in redefinitions(ex.agent).values():
+        yield Redefined(spec, at)
     yield StopRequested(at, by="ops")
 
 
@@ -707,6 +763,7 @@ def signature(ex: Execution) -> tuple[Any, ...]:
     return (
         ex.agent.approval_order,
         ex.agent.max_iterations,
+        tuple((t.tag, t.gated, t is REFUND_FROM_15) for t in ex.agent.tools),
         ex.status,
         ex.awaiting_model,
         ex.model_turn,
@@ -775,6 +832,7 @@ def test_the_tool_call_table_is_the_reviewed_one() -> None:
         REJECTED,
         TIMED_OUT,
         CANCELLED,
+        INVALIDATED,
     }
     # A tool call's status never reads like an execution's ("running" was both).
     assert EXECUTING == "executing"
@@ -789,6 +847,7 @@ def test_the_tool_call_table_is_the_reviewed_one() -> None:
         ("finish", EXECUTING, DONE),
         ("cancel", QUEUED, CANCELLED),
         ("cancel", "awaiting_approval", CANCELLED),
+        ("invalidate", "awaiting_approval", INVALIDATED),
     }
     for action, _, _ in machine.CALL_TABLE:
         for source in CALL_STATUSES:

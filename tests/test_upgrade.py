@@ -432,8 +432,8 @@ async def test_a_schema_5_sqlite_file_is_upgraded_keeping_its_pending_requests(
 
     store = SQLiteStore(str(path))
     try:
-        assert store._db.execute("PRAGMA user_version").fetchone() == (6,)
-        assert sqlite_store.SCHEMA_VERSION == 6
+        assert store._db.execute("PRAGMA user_version").fetchone() == (7,)
+        assert sqlite_store.SCHEMA_VERSION == 7
         assert _reviewer_tables(path) == fresh  # as a new file has them
         await _check_upgraded(store, run)
     finally:
@@ -502,7 +502,7 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
         finally:
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")
-        assert await cur.fetchall() == [(3,)] and postgres_store.SCHEMA_VERSION == 3
+        assert await cur.fetchall() == [(4,)] and postgres_store.SCHEMA_VERSION == 4
         assert await _pg_reviewer_columns(conn, schema) == fresh  # as a new database has them
         store = PostgresStore(url)  # the second open finds it upgraded
         try:

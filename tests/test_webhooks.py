@@ -678,7 +678,7 @@ async def test_receiver_decides_through_the_callback_url(
     assert first["decision"] == ("approved" if decision["approved"] else "rejected")
     assert second_status == 409, second
     assert second["error"]["code"] == "already_decided"
-    assert record.decision == first["decision"]
+    assert record.decision == first["outcome"]
     assert record.modified_params == decision.get("modifiedParams")
     assert ex.status == "completed"
     assert [p["amount"] for p in recorder.ran("process-refund")] == amounts

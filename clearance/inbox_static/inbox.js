@@ -429,7 +429,14 @@
   function outcome(request) {
     const by = request.decidedBy ? `${request.decidedBy} (${request.decidedByKind || "unknown"})` : "nobody named";
     const lines = [];
-    if (request.status === "approved") {
+    if (request.outcome === "allowed_by_policy" || request.outcome === "denied_by_policy") {
+      // Decided by the policy of the agent's new definition (a redeploy), not a person.
+      const verb = request.outcome === "allowed_by_policy" ? "Allowed" : "Denied";
+      lines.push(h("p", { text: `${verb} by the agent's policy when it was defined again, at ${when(request.decidedAt)}; nobody decided it.` }));
+      if (request.rejectionReason) lines.push(h("p", { text: `Reason: ${request.rejectionReason}` }));
+    } else if (request.status === "invalidated") {
+      lines.push(h("p", { text: `Withdrawn at ${when(request.decidedAt)}: the agent was defined again and ${request.rejectionReason}. The agent was told; the tool did not run.` }));
+    } else if (request.status === "approved") {
       lines.push(h("p", { text: `Approved by ${by} at ${when(request.decidedAt)}.` }));
       if (request.modifiedParams) lines.push(h("p", { text: `With changes: ${summary(request.modifiedParams)}` }));
     } else if (request.status === "rejected") {

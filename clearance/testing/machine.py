@@ -87,7 +87,9 @@ from clearance.core.agent import AgentSpec, ToolSpec
 from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError
 from clearance.core.execution import (
+    APPROVALS,
     APPROVED,
+    APPROVED_MODIFIED,
     AWAITING_APPROVAL,
     CANCELLED,
     COMPLETED,
@@ -695,7 +697,7 @@ class AgentMachine(RuleBasedStateMachine):
             assert same_json(call.params, want), (
                 f"{where} ran for {rid} with {call.params}; approved: {want}"
             )
-            approvals = [r for r in self.audit if r.request_id == rid and r.decision == APPROVED]
+            approvals = [r for r in self.audit if r.request_id == rid and r.decision in APPROVALS]
             assert len(approvals) == 1, f"{where} ran for {rid} with {len(approvals)} approvals"
 
     def _effect(self, tool: str, params: Any) -> str:
@@ -895,9 +897,11 @@ class AgentMachine(RuleBasedStateMachine):
             assert record.request_id is not None
             decided = self.decided[record.request_id]
             where = f"the audit record of {record.request_id}"
-            assert record.decision == decided.status, (
-                f"{where} says {record.decision}; it was {decided.status}"
-            )
+            expected = decided.status
+            changed = {**record.parameters, **(decided.modified or {})} != record.parameters
+            if expected == APPROVED and changed:
+                expected = APPROVED_MODIFIED
+            assert record.decision == expected, f"{where} says {record.decision}; it was {expected}"
             if decided.status == TIMED_OUT:
                 assert record.by is None and "timed out" in (record.reason or ""), (
                     f"{where}: a timeout audited as by {record.by!r}, reason {record.reason!r}"

@@ -36,6 +36,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import attrs
 import pytest
 
 from clearance.core.agent import PARALLEL, SEQUENTIAL, AgentSpec, ToolSpec
@@ -46,6 +47,7 @@ from clearance.core.events import (
     Event,
     ModelFailed,
     ModelReplied,
+    Redefined,
     Rejected,
     Started,
     StopRequested,
@@ -399,6 +401,43 @@ class StoreContract(abc.ABC):
             await self._approval_cycle(store, loads_back)
             await self._long_run(store, loads_back)
 
+    async def test_an_agents_current_definition_is_the_last_one_defined(
+        self, tmp_path: Path
+    ) -> None:
+        first = agent()
+        second = attrs.evolve(first, system_prompt="You refund orders, politely.")
+        async with self.opened_twice(tmp_path) as (store, other):
+            assert await store.current_agent(first.tag) is None
+            await store.define_agent(first)
+            assert await store.current_agent(first.tag) == first
+            await other.define_agent(second)
+            assert await store.current_agent(first.tag) == second
+            assert await other.current_agent(first.tag) == second
+            await store.define_agent(agent("other"))
+            assert await store.current_agent(first.tag) == second
+            assert await store.current_agent("unknown") is None
+
+    async def test_a_redefined_execution_loads_back_with_its_new_spec_at_every_step(
+        self, tmp_path: Path
+    ) -> None:
+        """A redefinition changes an execution's spec after its first event: every
+        later state (and any snapshot of one) folds with the new spec."""
+        async with self.opened_twice(tmp_path) as (store, other):
+            run = Run(agent(), "exec-redefined")
+            await run.commit(store, run.started())
+            await run.commit(store, run.asks(1, ("tu-0", "refund", "apr-0")))
+            tools = tuple(attrs.evolve(t, gated=False) for t in run.ex.agent.tools)
+            redefined = attrs.evolve(run.ex.agent, tools=tools, system_prompt="Redefined.")
+            await run.commit(store, Redefined(redefined, at(2)))
+            assert run.request("apr-0").outcome == "allowed_by_policy"
+            await run.commit(store, ToolFinished("tu-0", {"ok": True}, at(3)))
+            for i in range(1, 16):  # past any snapshot interval
+                await run.commit(store, run.asks(2 * i + 2, (f"tu-{i}", "lookup", None)))
+                await run.commit(store, ToolFinished(f"tu-{i}", {"n": i}, at(2 * i + 3)))
+                assert await other.load(run.id) == run.ex
+                assert (await store.load(run.id) or run.ex).agent == redefined
+            assert await other.events(run.id) == run.log
+
     async def test_events_returns_the_log_in_order(self, tmp_path: Path) -> None:
         async with self.opened(tmp_path) as store:
             assert await store.events("exec-1") == []
@@ -521,7 +560,10 @@ class StoreContract(abc.ABC):
             reject = two.step(Rejected("apr-2", at(6), "bob", "too much"))
             await two.commit(store, Rejected("apr-2", at(6), "bob", "too much"))
             (approved,), (rejected,) = approve.audit, reject.audit
-            assert (approved.decision, approved.modified_params) == ("approved", {"amount": 3})
+            assert (approved.decision, approved.modified_params) == (
+                "approved_modified",
+                {"amount": 3},
+            )
             assert await store.audit() == [approved, rejected]
             assert await store.audit(execution_id="exec-1") == [approved]
             assert await store.audit(execution_id="exec-2") == [rejected]
