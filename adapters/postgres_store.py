@@ -42,11 +42,14 @@ from clearance.adapters.stored_log import (
     KeptStates,
     SpecNeeded,
     Specs,
+    chain_row,
     fold,
     read_events,
     work_command,
 )
+from clearance.core import audit_chain
 from clearance.core.agent import AgentSpec
+from clearance.core.audit_chain import ChainRow
 from clearance.core.commands import AuditRecord, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
@@ -85,7 +88,7 @@ from clearance.ports.store import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Schema 3: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
 # keys. Names and key ids compare by code point ("C"), so reviewers list in the order
 # SQLite lists them, whatever the database's collation. IF NOT EXISTS: tables that
@@ -104,6 +107,18 @@ CREATE INDEX IF NOT EXISTS clearance_reviewer_keys_of ON clearance_reviewer_keys
 """
 # Each upgrades the tables in place by one schema version, at open, in the
 # transaction that checked the version.
+# The audit log as a hash chain (core.audit_chain): no two records follow the same one
+# (the chain cannot fork), and a head row (its last hash, its length) that a decision
+# locks to extend it. entry / prev_hash / hash are NULL for records older than the
+# chain, which its genesis hash (the head's first value, written at open) covers.
+_AUDIT_CHAIN: LiteralString = """
+CREATE UNIQUE INDEX IF NOT EXISTS clearance_audit_follows ON clearance_audit (prev_hash)
+    WHERE prev_hash IS NOT NULL;
+CREATE TABLE IF NOT EXISTS clearance_audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), hash TEXT NOT NULL, records BIGINT NOT NULL
+);
+"""
+
 MIGRATIONS: dict[int, LiteralString] = {
     # A timer sweep claims the timers it fires (held_until: NULL = nobody); request
     # ids compare by code point whatever the database's collation, so a prefix is a
@@ -116,6 +131,8 @@ MIGRATIONS: dict[int, LiteralString] = {
     # process to define an agent.
     3: "CREATE TABLE IF NOT EXISTS clearance_agent_definitions"
     " (tag TEXT PRIMARY KEY, spec_id TEXT NOT NULL)",
+    4: "ALTER TABLE clearance_audit ADD COLUMN IF NOT EXISTS entry TEXT,"
+    " ADD COLUMN IF NOT EXISTS prev_hash TEXT, ADD COLUMN IF NOT EXISTS hash TEXT;" + _AUDIT_CHAIN,
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -157,9 +174,12 @@ CREATE INDEX clearance_work_held ON clearance_work (lease_until) WHERE holder IS
 CREATE INDEX clearance_work_of ON clearance_work (execution_id);
 CREATE TABLE clearance_audit (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
-    execution_id TEXT NOT NULL, body TEXT NOT NULL
+    execution_id TEXT NOT NULL, body TEXT NOT NULL, entry TEXT, prev_hash TEXT, hash TEXT
 );
 CREATE INDEX clearance_audit_execution ON clearance_audit (execution_id);
+"""
+    + _AUDIT_CHAIN
+    + """
 CREATE TABLE clearance_deliveries (
     id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, request_id TEXT NOT NULL,
     execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL, url TEXT NOT NULL,
@@ -386,6 +406,7 @@ class PostgresStore:
                 await conn.execute(
                     "INSERT INTO clearance_schema (version) VALUES (%s)", (SCHEMA_VERSION,)
                 )
+                await self._start_chain(conn)
                 return
             cur = await conn.execute("SELECT version FROM clearance_schema")
             row = await cur.fetchone()
@@ -402,6 +423,22 @@ class PostgresStore:
                 await conn.execute(MIGRATIONS[version])
                 version += 1
             await conn.execute("UPDATE clearance_schema SET version = %s", (SCHEMA_VERSION,))
+            await self._start_chain(conn)
+
+    @staticmethod
+    async def _start_chain(conn: psycopg.AsyncConnection[Any]) -> None:
+        """The chain's head, if it has none: the genesis hash over the records older
+        than the chain (none in a new database)."""
+        cur = await conn.execute("SELECT 1 FROM clearance_audit_head")
+        if await cur.fetchone() is not None:
+            return
+        cur = await conn.execute("SELECT body FROM clearance_audit WHERE hash IS NULL ORDER BY id")
+        start = audit_chain.genesis(body for (body,) in await cur.fetchall())
+        await conn.execute(
+            "INSERT INTO clearance_audit_head (id, hash, records) VALUES (1, %s, 0)"
+            " ON CONFLICT DO NOTHING",
+            (start,),
+        )
 
     async def _after_connection_loss(self, attempt: int) -> None:
         """Before trying again: wait, and drop the pool's idle connections that died too
@@ -673,11 +710,32 @@ class PostgresStore:
             args["au_req"] = [r.request_id or "" for r in writes.audit]
             args["au_ex"] = [r.execution_id for r in writes.audit]
             args["au_body"] = [compact_json(converter.unstructure(r)) for r in writes.audit]
+            # The chain is extended here, in this statement: the head row is locked
+            # (FOR UPDATE: a racer waits, then reads the head this step leaves), each
+            # record hashed after the one before it by the database's own sha256.
+            args["au_entry"] = [audit_chain.entry(r) for r in writes.audit]
+            args["au_k"] = len(writes.audit)
             parts.append(
-                "au AS (INSERT INTO clearance_audit (request_id, execution_id, body)"
-                " SELECT request_id, execution_id, body FROM unnest(%(au_req)s::text[],"
-                " %(au_ex)s::text[], %(au_body)s::text[]) WITH ORDINALITY"
-                f" AS a(request_id, execution_id, body, n) WHERE {ok} ORDER BY n)"
+                f"hd AS (SELECT hash FROM clearance_audit_head WHERE id = 1 AND {ok} FOR UPDATE)"
+            )
+            parts.append(
+                "ch(n, prev, hash) AS (SELECT 1, hd.hash, encode(sha256(convert_to(hd.hash"
+                " || (%(au_entry)s::text[])[1], 'UTF8')), 'hex') FROM hd UNION ALL"
+                " SELECT ch.n + 1, ch.hash, encode(sha256(convert_to(ch.hash"
+                " || (%(au_entry)s::text[])[ch.n + 1], 'UTF8')), 'hex') FROM ch"
+                " WHERE ch.n < %(au_k)s)"
+            )
+            parts.append(
+                "au AS (INSERT INTO clearance_audit"
+                " (request_id, execution_id, body, entry, prev_hash, hash)"
+                " SELECT (%(au_req)s::text[])[n], (%(au_ex)s::text[])[n],"
+                " (%(au_body)s::text[])[n], (%(au_entry)s::text[])[n], prev, hash"
+                " FROM ch ORDER BY n)"
+            )
+            parts.append(
+                "hu AS (UPDATE clearance_audit_head x SET records = x.records + %(au_k)s,"
+                " hash = (SELECT hash FROM ch WHERE n = %(au_k)s) WHERE x.id = 1"
+                " AND EXISTS (SELECT 1 FROM hd))"
             )
         if writes.requests_decided:
             args["dc_id"] = [request_id for request_id, _ in writes.requests_decided]
@@ -712,7 +770,9 @@ class PostgresStore:
             args.update(channel=self._channel, token=self._token)
             parts.append(f"nt AS (SELECT pg_notify(%(channel)s, %(token)s) WHERE {ok})")
             notified = "(SELECT count(*) FROM nt)"
-        return f"WITH {', '.join(parts)} SELECT {ok}, {returned}, {notified}", args, holders
+        # RECURSIVE for the audit chain's `ch`; the other parts are plain.
+        query = f"WITH RECURSIVE {', '.join(parts)} SELECT {ok}, {returned}, {notified}"
+        return query, args, holders
 
     async def _notify(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute("SELECT pg_notify(%s, %s)", (self._channel, self._token))
@@ -841,6 +901,23 @@ class PostgresStore:
         return found[:limit]
 
     # -- approvals, timers, audit -----------------------------------------------------------
+
+    @_retried
+    async def audit_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "SELECT id, body, entry, prev_hash, hash FROM clearance_audit WHERE id > %s"
+                " ORDER BY id LIMIT %s",
+                (after, limit),
+            )
+            return [chain_row(*row) for row in await cur.fetchall()]
+
+    @_retried
+    async def audit_head(self) -> tuple[str, int] | None:
+        async with self._conn() as conn:
+            cur = await conn.execute("SELECT hash, records FROM clearance_audit_head WHERE id = 1")
+            row = await cur.fetchone()
+            return None if row is None else (row[0], int(row[1]))
 
     async def _one(self, query: str, args: Sequence[Any]) -> Any:
         async with self._conn() as conn:

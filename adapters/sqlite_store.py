@@ -30,8 +30,17 @@ from typing import Any
 import attrs
 
 from clearance.adapters.packed_json import compact_json, pack, unpack
-from clearance.adapters.stored_log import KeptStates, Specs, fold, read_events, work_command
+from clearance.adapters.stored_log import (
+    KeptStates,
+    Specs,
+    chain_row,
+    fold,
+    read_events,
+    work_command,
+)
+from clearance.core import audit_chain
 from clearance.core.agent import AgentSpec
+from clearance.core.audit_chain import ChainRow
 from clearance.core.commands import AuditRecord, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
@@ -121,11 +130,19 @@ CREATE TABLE IF NOT EXISTS work (
 -- be written twice per unit, and a renewal would move its entry. Lapsed leases are
 -- found by scanning the queue, which holds outstanding work only.
 CREATE INDEX IF NOT EXISTS work_queued ON work (agent_tag, id) WHERE holder IS NULL;
+-- entry, prev_hash, hash: the record's link in the hash chain (core.audit_chain);
+-- NULL for records older than the chain, which its genesis hash covers.
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, execution_id TEXT NOT NULL,
-    body TEXT NOT NULL
+    body TEXT NOT NULL, entry TEXT, prev_hash TEXT, hash TEXT
 );
 CREATE INDEX IF NOT EXISTS audit_execution ON audit (execution_id);
+-- No two records follow the same one: the chain cannot fork.
+CREATE UNIQUE INDEX IF NOT EXISTS audit_follows ON audit (prev_hash) WHERE prev_hash IS NOT NULL;
+-- The chain's head: its last hash and how many records it holds (one row).
+CREATE TABLE IF NOT EXISTS audit_head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), hash TEXT NOT NULL, records INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY, request_id TEXT NOT NULL,
     execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL, url TEXT NOT NULL,
@@ -155,7 +172,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -234,6 +251,16 @@ def _from_6(db: sqlite3.Connection) -> int:
     return 7
 
 
+def _from_7(db: sqlite3.Connection) -> int:
+    """Schema 7 to 8: the audit log becomes a hash chain. Records already there stay as
+    they are: the chain starts from a genesis hash over them (written at open)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    for column in ("entry", "prev_hash", "hash"):
+        if column not in have:
+            db.execute(f"ALTER TABLE audit ADD COLUMN {column} TEXT")
+    return 8
+
+
 # Each step upgrades a file in place by one schema version, at open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     2: _from_2,
@@ -241,6 +268,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     4: _from_4,
     5: _from_5,
     6: _from_6,
+    7: _from_7,
 }
 
 
@@ -378,6 +406,12 @@ class SQLiteStore:
             while tables and version != SCHEMA_VERSION:
                 version = MIGRATIONS[version](self._db)
             _execute_each(self._db, SCHEMA)
+            if self._db.execute("SELECT 1 FROM audit_head").fetchone() is None:
+                older = self._db.execute("SELECT body FROM audit WHERE hash IS NULL ORDER BY id")
+                self._db.execute(
+                    "INSERT INTO audit_head (id, hash, records) VALUES (1, ?, 0)",
+                    (audit_chain.genesis(body for (body,) in older),),
+                )
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -651,14 +685,27 @@ class SQLiteStore:
                     d.channel,
                 ),
             )
-        for record in writes.audit:
+        if writes.audit:
+            # In this step's transaction, which holds SQLite's one write lock: nobody
+            # else extends the chain in between.
+            (head,) = db.execute("SELECT hash FROM audit_head WHERE id = 1").fetchone()
+            links = audit_chain.extend(head, writes.audit)
+            for record, link in zip(writes.audit, links, strict=True):
+                db.execute(
+                    "INSERT INTO audit (request_id, execution_id, body, entry, prev_hash, hash)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.request_id or "",  # a call a policy decided has no request
+                        record.execution_id,
+                        compact_json(converter.unstructure(record)),
+                        link.entry,
+                        link.prev_hash,
+                        link.hash,
+                    ),
+                )
             db.execute(
-                "INSERT INTO audit (request_id, execution_id, body) VALUES (?, ?, ?)",
-                (
-                    record.request_id or "",  # a call a policy decided has no request
-                    record.execution_id,
-                    compact_json(converter.unstructure(record)),
-                ),
+                "UPDATE audit_head SET hash = ?, records = records + ? WHERE id = 1",
+                (links[-1].hash, len(links)),
             )
         for request_id, status in writes.requests_decided:
             # The body is only the inbox's copy of a pending request: once decided,
@@ -852,6 +899,17 @@ class SQLiteStore:
             sql += " WHERE " + " AND ".join(where)
         rows = self._db.execute(sql + " ORDER BY id", args)
         return [audit_from_data(json.loads(body)) for (body,) in rows]
+
+    async def audit_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        rows = self._db.execute(
+            "SELECT id, body, entry, prev_hash, hash FROM audit WHERE id > ? ORDER BY id LIMIT ?",
+            (after, limit),
+        )
+        return [chain_row(*row) for row in rows]
+
+    async def audit_head(self) -> tuple[str, int] | None:
+        row = self._db.execute("SELECT hash, records FROM audit_head WHERE id = 1").fetchone()
+        return None if row is None else (row[0], row[1])
 
     # -- the work queue ----------------------------------------------------------------------
 

@@ -15,18 +15,34 @@ from collections.abc import Callable, Iterable
 
 from clearance.adapters.packed_json import unpack
 from clearance.core.agent import AgentSpec
-from clearance.core.commands import CallModel, RunTool
+from clearance.core.audit_chain import ChainRow, Link
+from clearance.core.commands import AuditRecord, CallModel, RunTool
 from clearance.core.events import Event
 from clearance.core.execution import Execution
 from clearance.core.replay import OLDEST_VERSION, ReplayFailed, UnknownVersion, replay
 from clearance.core.schema import canonical
 from clearance.core.wire import (
+    audit_from_data,
     command_from_data,
     converter,
     event_from_data,
     execution_from_data,
 )
 from clearance.ports.store import UnreadableExecution, reading
+
+
+def chain_row(
+    row_id: int, body: str, entry: str | None, prev_hash: str | None, hash: str | None
+) -> ChainRow:
+    """A stored audit row as the chain's verifier reads it: a body that no longer reads
+    as a record is kept as text (the verifier says it was changed)."""
+    try:
+        record: AuditRecord | None = audit_from_data(json.loads(body))
+    except Exception:
+        record = None
+    if entry is None or prev_hash is None or hash is None:
+        return ChainRow(row_id, record, body, None)
+    return ChainRow(row_id, record, body, Link(entry, prev_hash, hash))
 
 
 def work_command(body: str) -> tuple[CallModel | RunTool, bool]:

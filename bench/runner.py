@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4, 5, 6, 7, 8, 9),
+        choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from bench import (
+        audit,
         brokers,
         concurrent,
         cycle,
@@ -167,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         7: postgres_scale.run,
         8: brokers.run,
         9: policy.run,
+        10: audit.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))

@@ -20,6 +20,8 @@ from clearance.adapters.webhook_sender import WebhookSender, signed_headers
 from clearance.broker_decisions import Decision, consume
 from clearance.callback import callback_url, secret_bytes
 from clearance.core.agent import BrokerTarget
+from clearance.core.audit_chain import ChainRow, ChainWalk
+from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
@@ -520,6 +522,25 @@ class Clearance:
         self, *, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]:
         return await self.store.audit(execution_id, request_id)
+
+    async def verify_audit(self, page: int = 10_000) -> AuditVerdict:
+        """Walk the whole audit chain (a page of rows at a time) and say whether every
+        record is as it was written: the first record changed, removed or inserted is
+        named (`AuditVerdict.problem`), with the number of records that fit before it."""
+        walk = ChainWalk()
+        after = 0
+        while True:
+            rows = await self.store.audit_chain(after, page)
+            if not walk.feed(rows) or len(rows) < page:
+                break
+            after = rows[-1].id
+        head = await self.store.audit_head()
+        return walk.finish(*(head if head is not None else (None, None)))
+
+    async def audit_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        """Audit rows with their place in the hash chain, in order, from id `after`:
+        what `clearance audit export` writes."""
+        return await self.store.audit_chain(after, limit)
 
     def callback_url(self, request: ApprovalRequest) -> str:
         """The spec's callbackUrl for `request`: POST a decision there, no API key needed."""

@@ -63,6 +63,8 @@ EXAMPLES = {
         "clearance audit",
         "clearance audit --execution exec-1a23c8f5e1c2",
         "clearance audit --request apr-1a23 --json",
+        "clearance audit verify       # the hash chain: was any record changed?",
+        "clearance audit export --jsonl > audit.jsonl",
     ],
     "reviewer": [
         "clearance reviewer add rita --agents 'support-*' --tools 'process-refund,*-account'",
@@ -199,6 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run="show")
 
     audit = command("audit", "the decision log: who decided what, when and why")
+    audit.add_argument(
+        "action",
+        nargs="?",
+        choices=("verify", "export"),
+        metavar="verify|export",
+        help="verify: check the log's hash chain, naming the first record changed, removed"
+        " or inserted; export: every record with its hashes (--jsonl)",
+    )
+    audit.add_argument(
+        "--jsonl", action="store_true", help="with export: one JSON object per line (the default)"
+    )
     audit.add_argument("--execution", metavar="ID", help="only this execution")
     audit.add_argument(
         "--request", metavar="ID", help="only this approval request (or a unique start of its id)"

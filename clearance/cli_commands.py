@@ -529,6 +529,17 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 async def cmd_audit(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=True)
+    if args.action is not None:
+        if args.execution or args.request:
+            raise UsageError(
+                f"audit {args.action} covers the whole log: drop --execution/--request"
+            )
+        async with opened(path) as app:
+            if args.action == "verify":
+                return await _audit_verify(app, path, args.json)
+            return await _audit_export(app)
+    if args.jsonl:
+        raise UsageError("--jsonl goes with `clearance audit export`; the listing takes --json")
     async with opened(path) as app:
         if args.request:
             args.request = await _whole_request_id(app, args.request)
@@ -548,6 +559,32 @@ async def cmd_audit(args: argparse.Namespace) -> int:
             " (time, decision, request, tool, parameters, by, reason):",
             *(audit_line(r) for r in records),
         )
+    return 0
+
+
+async def _audit_verify(app: Clearance, path: str, as_json: bool) -> int:
+    verdict = await app.verify_audit()
+    if as_json:
+        say(views.dumps(views.audit_verdict(verdict)))
+    elif verdict.intact:
+        say(
+            f"The audit log of {shown(path)} is intact: {verdict.records} chained record(s),"
+            f" head {verdict.head}."
+        )
+    else:
+        say(
+            f"The audit log of {shown(path)} was tampered with: {verdict.problem}."
+            f" {verdict.records} record(s) before it are intact (last hash {verdict.head})."
+        )
+    return 0 if verdict.intact else 1
+
+
+async def _audit_export(app: Clearance) -> int:
+    after = 0
+    while rows := await app.audit_chain(after):
+        for row in rows:
+            say(views.dumps(views.audit_chain_row(row)))
+        after = rows[-1].id
     return 0
 
 

@@ -381,13 +381,16 @@ class Engine:
             page = await self.store.pending(agent_tag=tag, limit=limit, after=after)
             for request in page:
                 looked += 1
-                ex = await self.store.load(request.execution_id)
-                if ex is None:
-                    continue
                 try:
-                    await self.rejudge(ex)
+                    ex = await self.store.load(request.execution_id)
+                    if ex is not None:
+                        await self.rejudge(ex)
                 except Refusal as refusal:
                     log.warning("request %s was not judged again: %s", request.request_id, refusal)
+                except Exception:
+                    # One execution that cannot be moved must not hold up the sweep; its
+                    # request is judged when it is next decided or times out.
+                    log.exception("request %s could not be judged again", request.request_id)
             if len(page) < limit:
                 del self._sweeps[tag]
             else:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from clearance.core.audit_chain import ChainRow
+from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
 from clearance.core.events import Event
 from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
@@ -308,4 +310,29 @@ def policy_replay(report: ReplayReport) -> dict[str, Any]:
             }
             for c in report.changed
         ],
+    }
+
+
+def audit_verdict(verdict: AuditVerdict) -> dict[str, Any]:
+    """What `clearance audit verify --json` says of the chain."""
+    return {
+        "intact": verdict.intact,
+        "records": verdict.records,
+        "head": verdict.head,
+        "problem": verdict.problem,
+        "row": verdict.row,
+    }
+
+
+def audit_chain_row(row: ChainRow) -> dict[str, Any]:
+    """One audit row as `clearance audit export` writes it: the record, and its link in
+    the chain (`entry` is the text hashed; null links: older than the chain)."""
+    link = row.link
+    return {
+        "id": row.id,
+        "record": audit_record(row.record) if row.record is not None else None,
+        "body": None if row.record is not None else row.body,
+        "entry": link.entry if link else None,
+        "prevHash": link.prev_hash if link else None,
+        "hash": link.hash if link else None,
     }

@@ -947,16 +947,22 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     commands: list[Command] = [
         CancelTimer(request.request_id),
         _decision_record(ex, request, outcome, ev.at, by=by, modified=modified, by_kind=by_kind),
-        RunTool(
-            tool_use_id=request.tool_use_id,
-            tool=request.tool,
-            parameters=params,
-            idempotency_key=request.request_id,
-            request_id=request.request_id,
-            approved_by=by,
-        ),
+        _approved_run(request, params, by),
     ]
     return _advance(ex, ev, calls, Changes(requests=requests, grants=grants), commands)
+
+
+def _approved_run(request: ApprovalRequest, params: dict[str, Any], by: str | None) -> RunTool:
+    """The run an approved request starts: keyed by the request, so any retry of it is
+    known for the same run."""
+    return RunTool(
+        tool_use_id=request.tool_use_id,
+        tool=request.tool,
+        parameters=params,
+        idempotency_key=request.request_id,
+        request_id=request.request_id,
+        approved_by=by,
+    )
 
 
 def _remembered(
@@ -1222,13 +1228,7 @@ def _rejudge_pending(
         decided = _decided(request, "approve", APPROVED, ev.at, ALLOWED_BY_POLICY)
         record = _policy_decision(new, request, ALLOWED_BY_POLICY, ev.at, verdict)
         call = _move(call, "approve", EXECUTING, verdict=verdict)
-        run = RunTool(
-            tool_use_id=request.tool_use_id,
-            tool=request.tool,
-            parameters=request.parameters,
-            idempotency_key=request.request_id,
-            request_id=request.request_id,
-        )
+        run = _approved_run(request, request.parameters, None)
         return call, decided, [CancelTimer(request.request_id), record, run]
     # Still a person's to decide, now about the call as the new definition sees it: a
     # decision made for the old digest is stale.

@@ -30,6 +30,7 @@ from typing import Protocol
 import attrs
 
 from clearance.core.agent import AgentSpec
+from clearance.core.audit_chain import ChainRow
 from clearance.core.commands import AuditRecord, CallModel, RunTool
 from clearance.core.errors import ClearanceError
 from clearance.core.events import Event
@@ -207,6 +208,15 @@ class Inbox(Protocol):
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]: ...
+
+    async def audit_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
+        """Up to `limit` audit rows with ids above `after`, in id order, each with its
+        link in the hash chain (None for records older than the chain)."""
+        ...
+
+    async def audit_head(self) -> tuple[str, int] | None:
+        """The chain's head: its last hash and how many records it holds."""
+        ...
 
 
 def above_prefix(prefix: str) -> str | None:

@@ -55,6 +55,7 @@ def test_quick_bench_prints_a_markdown_report() -> None:
         "## 5. Concurrent executions in one process",
         "## 8. Approval requests over message brokers",
         "## 9. Policy evaluation, and the cycle with a policy",
+        "## 10. `clearance audit verify` over a large audit log",
         "## Targets",
     ):
         assert heading in out
@@ -64,6 +65,8 @@ def test_quick_bench_prints_a_markdown_report() -> None:
     assert "|---|" in out
     _check_brokers(out.split("## 8. Approval requests over message brokers", 1)[1])
     _check_policy(out.split("## 9. Policy evaluation", 1)[1])
+    audit = out.split("## 10. `clearance audit verify`", 1)[1].split("\n## ", 1)[0]
+    assert "| SQLite (WAL, one file) |" in audit and "| PostgreSQL |" in audit
     # Every target has a row saying whether it was met, whatever the answer.
     targets = out.split("## Targets", 1)[1]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "target" not in line]

@@ -391,6 +391,9 @@ class Trial:
                     f"but its audit records are {decisions}"
                 )
 
+        verdict = await app.verify_audit()  # the hash chain survives the kills unbroken
+        if not verdict.intact or verdict.records != len(await app.audit()):
+            problems.append(f"AUDIT CHAIN: {verdict}")
         problems.extend(f"API ERROR: {error}" for error in self.errors)
         for violation in (e for e in events if e["kind"] == "violation"):
             problems.append(

@@ -143,6 +143,10 @@ async def _judge(
     for request_id, n in Counter(d["request"] for d in decisions).items():
         if n > 1:
             problems.append(f"{request_id} was decided {n} times")
+    # Six processes wrote decisions at once: still one unbroken hash chain.
+    verdict = await app.verify_audit()
+    if not verdict.intact:
+        problems.append(f"audit chain: {verdict.problem}")
     audit = await app.audit()
     # Calls the hosts' policy decided have no request: audited by their call.
     by_call = [a for a in audit if a.request_id is None]

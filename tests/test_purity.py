@@ -27,6 +27,7 @@ ALLOWED = {
     "jsonschema",
     "transitions",
     "cel_expr_python",  # policy conditions: CEL, a side-effect-free expression language
+    "rfc8785",  # the audit chain's entries: canonical JSON, a pure function
     "clearance",
 }
 FORBIDDEN_CALLS = {

@@ -354,6 +354,27 @@ async def test_an_unchanged_definition_changes_nothing(app: Clearance, recorder:
     assert loaded is not None and loaded.seq == ex.seq
 
 
+async def test_an_execution_that_cannot_be_read_does_not_hold_up_the_sweep(
+    app: Clearance, recorder: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = await paused(app, recorder)
+    second = await app.run("refunds", input="Refund 300 again")
+    define(app, recorder, then([text("No.")]), [Rule.deny("process-refund", id="frozen")])
+    load = app.store.load
+
+    async def broken(execution_id: str) -> Execution | None:
+        if execution_id == first.id:
+            raise OSError("disk I/O error")
+        return await load(execution_id)
+
+    monkeypatch.setattr(app.store, "load", broken)
+    await app.engine.sweep_redefined()
+    monkeypatch.setattr(app.store, "load", load)
+    second = await rested(app, second)
+    assert [r.outcome for r in second.requests] == ["denied_by_policy"]
+    assert [r.request_id for r in await app.pending()] == [first.pending_approvals[0].request_id]
+
+
 # -- on PostgreSQL ---------------------------------------------------------------------------
 
 

@@ -432,8 +432,8 @@ async def test_a_schema_5_sqlite_file_is_upgraded_keeping_its_pending_requests(
 
     store = SQLiteStore(str(path))
     try:
-        assert store._db.execute("PRAGMA user_version").fetchone() == (7,)
-        assert sqlite_store.SCHEMA_VERSION == 7
+        assert store._db.execute("PRAGMA user_version").fetchone() == (8,)
+        assert sqlite_store.SCHEMA_VERSION == 8
         assert _reviewer_tables(path) == fresh  # as a new file has them
         await _check_upgraded(store, run)
     finally:
@@ -502,7 +502,7 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
         finally:
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")
-        assert await cur.fetchall() == [(4,)] and postgres_store.SCHEMA_VERSION == 4
+        assert await cur.fetchall() == [(5,)] and postgres_store.SCHEMA_VERSION == 5
         assert await _pg_reviewer_columns(conn, schema) == fresh  # as a new database has them
         store = PostgresStore(url)  # the second open finds it upgraded
         try:
@@ -510,3 +510,26 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
             assert await store.pending() == [run.request("apr-1")]
         finally:
             await store.close()
+
+
+async def test_the_audit_chain_starts_after_the_older_releases_records(
+    app: Clearance, corpus_file: Path
+) -> None:
+    """The records written before the chain are covered by its genesis hash: a decision
+    made now is chained after them, and a change to an old record shows too."""
+    older = len(await app.audit())
+    assert older > 0
+    verdict = await app.verify_audit()
+    assert verdict.intact and verdict.records == 0
+    await app.decide(PENDING[0], approved=True, by="upgrade-test")
+    verdict = await app.verify_audit()
+    assert verdict.intact and verdict.records == 1
+    db = sqlite3.connect(corpus_file)
+    try:
+        db.execute("DROP TRIGGER audit_no_update")
+        db.execute("UPDATE audit SET body = replace(body, 'approved', 'rejected') WHERE id = 1")
+        db.commit()
+    finally:
+        db.close()
+    verdict = await app.verify_audit()
+    assert not verdict.intact and "older than the chain was changed" in (verdict.problem or "")

@@ -39,6 +39,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from clearance.core import audit_chain
 from clearance.core.agent import PARALLEL, SEQUENTIAL, AgentSpec, ToolSpec
 from clearance.core.commands import CallModel, RunTool
 from clearance.core.decide import decide
@@ -572,6 +573,41 @@ class StoreContract(abc.ABC):
             assert await store.audit(execution_id="exec-1", request_id="apr-2") == []
             assert await store.audit(request_id="apr-9") == []
             assert await store.audit(execution_id="exec-9") == []
+
+    async def test_audit_records_are_chained_in_order_and_the_head_follows(
+        self, tmp_path: Path
+    ) -> None:
+        """Each record links to the one before it (core.audit_chain), from the genesis
+        hash of an empty log; the head is the last link. Two instances deciding at once
+        still extend one chain."""
+        async with self.opened_twice(tmp_path) as (store, other):
+            assert await store.audit_chain() == []
+            assert await store.audit_head() == (audit_chain.genesis([]), 0)
+            runs = [
+                await self._awaiting(store, agent(), f"exec-{n}", f"apr-{n}", n)
+                for n in (1, 2, 3, 4)
+            ]
+            await asyncio.gather(
+                *(
+                    run.commit(
+                        store if n % 2 else other, Rejected(f"apr-{n}", at(9), "bob", f"no {n}")
+                    )
+                    for n, run in enumerate(runs, 1)
+                )
+            )
+            rows = await other.audit_chain()
+            assert sorted(str(r.record.request_id) for r in rows if r.record) == [
+                "apr-1",
+                "apr-2",
+                "apr-3",
+                "apr-4",
+            ]
+            assert [r.id for r in rows] == sorted(r.id for r in rows)
+            assert await store.audit_chain(rows[1].id, 1) == [rows[2]]
+            head = await store.audit_head()
+            assert head == (rows[-1].link.hash if rows[-1].link else None, 4)
+            verdict = audit_chain.verify(rows, *head)
+            assert verdict.intact, verdict.problem
 
     # -- timers ----------------------------------------------------------------------------
 
