@@ -27,7 +27,14 @@ from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
 from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.policy import PolicySpec
-from clearance.core.reviewers import CLAIMED, REVIEWER, Identity, Reviewer, ReviewerKey
+from clearance.core.reviewers import (
+    CLAIMED,
+    REVIEWER,
+    Delegation,
+    Identity,
+    Reviewer,
+    ReviewerKey,
+)
 from clearance.core.rows import AGENT_SIGNER
 from clearance.definition import (
     BROKER_NAME,
@@ -51,7 +58,7 @@ from clearance.ports.broker import Broker, Signer
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
-from clearance.ports.store import Delivery, Store
+from clearance.ports.store import Delivery, Store, UnknownReviewer
 from clearance.reviewer_keys import key_id_of, key_matches, new_key
 
 if TYPE_CHECKING:
@@ -662,8 +669,35 @@ class Clearance:
     # -- reviewers: who may decide what, and the keys they prove it with -------------------
 
     async def save_reviewer(self, reviewer: Reviewer) -> bool:
-        """Register `reviewer`, or replace its grants and groups; True when it is new."""
+        """Register `reviewer`, or replace its grants and groups (its delegations stay
+        unless it names some: `delegate` changes them); True when it is new."""
+        if not reviewer.delegations:
+            stored = await self.store.reviewer(reviewer.name)
+            if stored is not None and stored.delegations:
+                reviewer = attrs.evolve(reviewer, delegations=stored.delegations)
         return await self.store.save_reviewer(reviewer)
+
+    async def delegate(self, reviewer: str, *, to: str, until: datetime) -> Reviewer:
+        """Let reviewer `to` act with `reviewer`'s grants until `until` (a past time ends
+        a delegation now). Decisions made so are audited as by `to`, on behalf of
+        `reviewer`. Raises UnknownReviewer, or ClearanceError for a delegation to oneself
+        or a naive datetime."""
+        if until.utcoffset() is None:
+            raise ClearanceError(f"until must be a timezone-aware datetime, got {until!r}")
+        if to == reviewer:
+            raise ClearanceError(f"reviewer {reviewer!r} cannot delegate to themselves")
+        giver = await self.store.reviewer(reviewer)
+        taker = await self.store.reviewer(to)
+        for name, found in ((reviewer, giver), (to, taker)):
+            if found is None:
+                raise UnknownReviewer(f"no reviewer {name!r}: register them first")
+        assert giver is not None
+        now = self.clock.now()
+        kept = tuple(d for d in giver.delegations if d.to != to and d.active_at(now))
+        given = (Delegation(to, until, now),) if until > now else ()
+        changed = attrs.evolve(giver, delegations=kept + given)
+        await self.store.save_reviewer(changed)
+        return changed
 
     async def reviewers(self) -> list[Reviewer]:
         return await self.store.reviewers()
@@ -696,9 +730,16 @@ class Clearance:
         return await self.reviewer_identity(stored.reviewer)
 
     async def reviewer_identity(self, name: str) -> Identity | None:
-        """A registered reviewer as an identity (a trusted header names one)."""
+        """A registered reviewer as an identity (a trusted header names one), with the
+        reviewers whose grants are delegated to them now."""
         reviewer = await self.store.reviewer(name)
-        return Identity(reviewer.name, REVIEWER, reviewer) if reviewer else None
+        if reviewer is None:
+            return None
+        now = self.clock.now()
+        delegators = tuple(
+            r for r in await self.store.reviewers() if r.delegates_to(reviewer.name, now)
+        )
+        return Identity(reviewer.name, REVIEWER, reviewer, delegators)
 
     # -- reads for the HTTP API and the CLI ------------------------------------------------
 

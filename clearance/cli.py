@@ -71,6 +71,7 @@ EXAMPLES = {
         "clearance reviewer key rita --expires-in 90d",
         "clearance reviewer list",
         "clearance reviewer revoke k3x9a1b2c3d4",
+        "clearance reviewer delegate alice --to bob --for 7d   # alice is on holiday",
     ],
     "policy": [
         "clearance policy check refunds.policy.toml",
@@ -239,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     reviewer = command("reviewer", "who may decide what: reviewers, their grants and keys")
     actions = reviewer.add_subparsers(
-        dest="action", required=True, metavar="ACTION", help="add, key, list, revoke, remove"
+        dest="action",
+        required=True,
+        metavar="ACTION",
+        help="add, key, list, revoke, remove, delegate",
     )
     add = actions.add_parser("add", help="register a reviewer and print their first key once")
     add.add_argument("name", metavar="NAME")
@@ -263,7 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", metavar="KEY_ID")
     remove = actions.add_parser("remove", help="remove a reviewer and all their keys")
     remove.add_argument("name", metavar="NAME")
-    for p in (add, key, listing, revoke, remove):
+    delegate = actions.add_parser(
+        "delegate", help="let another reviewer act with NAME's grants for a while (audited)"
+    )
+    delegate.add_argument("name", metavar="NAME")
+    delegate.add_argument("--to", required=True, metavar="REVIEWER", help="who acts for NAME")
+    delegate.add_argument(
+        "--until", metavar="TIME", help="until when (ISO-8601, UTC if no zone); a past time ends it"
+    )
+    delegate.add_argument("--for", dest="for_", metavar="DURATION", help="or for how long, e.g. 7d")
+    for p in (add, key, listing, revoke, remove, delegate):
         p.add_argument("--db", metavar="PATH|URL", default=argparse.SUPPRESS, help=db_help)
     reviewer.set_defaults(run="reviewer")
 

@@ -267,6 +267,8 @@ def audit_line(record: AuditRecord) -> str:
         parts.append(f"modified={compact(record.modified_params)}")
     if record.by:
         parts.append(f"by={record.by}")
+    if record.on_behalf_of:
+        parts.append(f"for={record.on_behalf_of}")
     if record.reason:
         parts.append(f"reason={views.dumps(record.reason)}")
     return "  ".join(parts)
@@ -725,7 +727,47 @@ async def _reviewer_list(app: Clearance, args: argparse.Namespace) -> int:
         keys = await app.reviewer_keys(reviewer.name)
         valid = [k.key_id for k in keys if k.valid_at(now)]
         groups = f" groups {','.join(reviewer.groups)}" if reviewer.groups else ""
-        say(f"{reviewer.name}: {grants or 'no grants'}{groups}; keys {', '.join(valid) or 'none'}")
+        handed = "".join(
+            f"; delegates to {d.to} until {iso(d.until)}"
+            for d in reviewer.delegations
+            if d.active_at(now)
+        )
+        say(
+            f"{reviewer.name}: {grants or 'no grants'}{groups}; keys"
+            f" {', '.join(valid) or 'none'}{handed}"
+        )
+    return 0
+
+
+async def _reviewer_delegate(app: Clearance, args: argparse.Namespace) -> int:
+    if (args.until is None) == (args.for_ is None):
+        raise UsageError("give --until TIME or --for DURATION (e.g. --for 7d)")
+    now = app.clock.now()
+    if args.for_ is not None:
+        try:
+            until = now + parse_duration(args.for_, "--for")
+        except BadDuration as err:
+            raise UsageError(str(err)) from None
+    else:
+        try:
+            until = datetime.fromisoformat(args.until.replace("Z", "+00:00"))
+        except ValueError:
+            raise UsageError(
+                f"--until takes an ISO-8601 time such as 2026-12-24T18:00Z, got {args.until!r}"
+            ) from None
+        if until.utcoffset() is None:
+            until = until.replace(tzinfo=UTC)
+    try:
+        await app.delegate(args.name, to=args.to, until=until)
+    except UnknownReviewer as err:
+        raise ClearanceError(f"{err} (clearance reviewer list)") from None
+    if until <= now:
+        say(f"Reviewer {args.name} no longer delegates to {args.to}.")
+    else:
+        say(
+            f"Reviewer {args.to} may act with the grants of {args.name} until {iso(until)};"
+            f" their decisions are audited as on behalf of {args.name}."
+        )
     return 0
 
 
@@ -750,6 +792,7 @@ _REVIEWER_ACTIONS = {
     "list": _reviewer_list,
     "revoke": _reviewer_revoke,
     "remove": _reviewer_remove,
+    "delegate": _reviewer_delegate,
 }
 
 

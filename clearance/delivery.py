@@ -194,6 +194,9 @@ class DeliveryRelay:
             )
             return
         body = views.webhook_body(request, self._callback_url(request))
+        if self.clock.now() >= delivery.expires_at:  # it expired while the request was read
+            await self._record(delivery, None, "the approval request expired", "expired", "expired")
+            return
         sent = await self._send(self.channels[delivery.channel], delivery, body)
         code, error = sent.status_code, sent.error
         if sent.outcome == DELIVERED:

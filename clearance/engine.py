@@ -260,6 +260,12 @@ class Engine:
             # or that no longer fits it, is not a person's to decide any more.
             ex = await self.rejudge(ex)
             request = ex.request(request_id)
+            # A reviewer deciding with grants delegated to them: the audit says for whom.
+            behalf = (
+                who.acting_for(ex.agent_tag, request.tool)
+                if who is not None and request is not None
+                else None
+            )
             if signal == "approve":
                 verdict = self._edit_verdict(ex, request, modified_params)
                 grant = _session_grant(request, remember, remember_when)
@@ -272,11 +278,12 @@ class Engine:
                     verdict,
                     grant,
                     digest,
+                    behalf,
                 )
             elif remember is not None or remember_when is not None:
                 raise Refusal(RefusalCode.INVALID_REMEMBER, "remember= goes with an approval")
             else:
-                event = Rejected(request_id, self.clock.now(), name, reason, kind, digest)
+                event = Rejected(request_id, self.clock.now(), name, reason, kind, digest, behalf)
         if not settle:
             return await self._feed(ex, event)
         return await self._drive(ex, event)

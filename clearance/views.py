@@ -135,6 +135,7 @@ def audit_record(record: AuditRecord) -> dict[str, Any]:
         "at": iso(record.at),
         "by": record.by,
         "byKind": record.by_kind,
+        "onBehalfOf": record.on_behalf_of,  # a delegator whose grants `by` used
         "parameters": record.parameters,
         "modifiedParams": record.modified_params,
         "reason": record.reason,
@@ -167,6 +168,10 @@ def reviewer(who: Reviewer, keys: Sequence[ReviewerKey]) -> dict[str, Any]:
     """A reviewer, its grants and its keys' ids and times (never a secret or digest)."""
     return {
         **reviewer_to_data(who),
+        "delegations": [
+            {"to": d.to, "until": iso(d.until), "at": iso(d.at) if d.at else None}
+            for d in who.delegations
+        ],
         "keys": [
             {
                 "keyId": k.key_id,

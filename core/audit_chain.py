@@ -55,25 +55,26 @@ def _hash_of(value: Any) -> str | None:
 
 def entry(record: AuditRecord) -> str:
     """What the chain holds of one record, as RFC 8785 canonical JSON."""
-    return rfc8785.dumps(
-        {
-            "v": VERSION,
-            "requestId": record.request_id,
-            "executionId": record.execution_id,
-            "agentTag": record.agent_tag,
-            "tool": record.tool,
-            "decision": record.decision,
-            "at": iso(record.at),
-            "by": record.by,
-            "byKind": record.by_kind,
-            "toolUseId": record.tool_use_id,
-            "ruleId": record.rule_id,
-            "policyVersion": record.policy_version,
-            "parametersHash": _hash_of(record.parameters),
-            "modifiedParamsHash": _hash_of(record.modified_params),
-            "reasonHash": _hash_of(record.reason),
-        }
-    ).decode("utf-8")
+    said: dict[str, Any] = {
+        "v": VERSION,
+        "requestId": record.request_id,
+        "executionId": record.execution_id,
+        "agentTag": record.agent_tag,
+        "tool": record.tool,
+        "decision": record.decision,
+        "at": iso(record.at),
+        "by": record.by,
+        "byKind": record.by_kind,
+        "toolUseId": record.tool_use_id,
+        "ruleId": record.rule_id,
+        "policyVersion": record.policy_version,
+        "parametersHash": _hash_of(record.parameters),
+        "modifiedParamsHash": _hash_of(record.modified_params),
+        "reasonHash": _hash_of(record.reason),
+    }
+    if record.on_behalf_of is not None:  # a field added later: only where it is set
+        said["onBehalfOf"] = record.on_behalf_of
+    return rfc8785.dumps(said).decode("utf-8")
 
 
 def link(previous: str, text: str) -> str:

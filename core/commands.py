@@ -36,6 +36,7 @@ class AuditRecord:
     tool_use_id: str | None = None  # the call's, where a policy decided it
     rule_id: str | None = None  # the policy rule that decided (or asked for) it
     policy_version: str | None = None
+    on_behalf_of: str | None = None  # the reviewer whose delegated grants `by` used
 
 
 @attrs.frozen

@@ -814,6 +814,7 @@ def _decision_record(
     modified: dict[str, Any] | None = None,
     reason: str | None = None,
     by_kind: str | None = None,
+    on_behalf_of: str | None = None,
 ) -> RecordDecision:
     return RecordDecision(
         AuditRecord(
@@ -828,8 +829,20 @@ def _decision_record(
             modified_params=modified,
             reason=reason,
             by_kind=by_kind,
+            on_behalf_of=on_behalf_of,
         )
     )
+
+
+def _on_behalf_of(value: Any, by_kind: str | None, what: str) -> str | None:
+    """A delegator's name, where a reviewer decides with grants delegated to them."""
+    name: str | None = _sent_text(value, f"{what}.on_behalf_of")
+    if name is not None and by_kind != REVIEWER:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"{what}.on_behalf_of names a delegator: only a reviewer acts for one",
+        )
+    return name
 
 
 def _decide_request(
@@ -899,6 +912,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     _check_digest(request, ev.digest)
     by = _sent_text(ev.by, "approved.by")
     by_kind = _by_kind(ev.by_kind, by, "approved")
+    behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "approved")
     params, modified = request.parameters, None
     if ev.modified_params is not None:
         modified = _modified_params(ex, request, ev.modified_params)
@@ -946,7 +960,16 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     ]
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, outcome, ev.at, by=by, modified=modified, by_kind=by_kind),
+        _decision_record(
+            ex,
+            request,
+            outcome,
+            ev.at,
+            by=by,
+            modified=modified,
+            by_kind=by_kind,
+            on_behalf_of=behalf,
+        ),
         _approved_run(request, params, by),
     ]
     return _advance(ex, ev, calls, Changes(requests=requests, grants=grants), commands)
@@ -993,6 +1016,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
     _check_digest(request, ev.digest)
     by = _sent_text(ev.by, "rejected.by")
     by_kind = _by_kind(ev.by_kind, by, "rejected")
+    behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "rejected")
     reason = _sent_text(ev.reason, "rejected.reason")
     requests = _decide_request(
         ex.requests,
@@ -1015,7 +1039,16 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
     )
     commands: list[Command] = [
         CancelTimer(request.request_id),
-        _decision_record(ex, request, REJECTED, ev.at, by=by, reason=reason, by_kind=by_kind),
+        _decision_record(
+            ex,
+            request,
+            REJECTED,
+            ev.at,
+            by=by,
+            reason=reason,
+            by_kind=by_kind,
+            on_behalf_of=behalf,
+        ),
     ]
     calls = _settle_call(ex, request.tool_use_id, "reject", REJECTED, result)
     return _advance(ex, ev, calls, Changes(requests=requests), commands)

@@ -90,6 +90,8 @@ class Approved:
     # approval's).
     remember: SessionGrant | None = None
     digest: str | None = None  # the call digest the decision was made for, if it says
+    # The reviewer whose grants `by` used, delegated to them (None: their own).
+    on_behalf_of: str | None = None
 
 
 @attrs.frozen
@@ -101,6 +103,8 @@ class Rejected:
     reason: str | None = None
     by_kind: str | None = None  # how `by` is known: reviewer | app | claimed
     digest: str | None = None  # the call digest the decision was made for, if it says
+    # The reviewer whose grants `by` used, delegated to them (None: their own).
+    on_behalf_of: str | None = None
 
 
 @attrs.frozen

@@ -102,13 +102,35 @@ def _groups(value: Iterable[str]) -> tuple[str, ...]:
 
 
 @attrs.frozen
+class Delegation:
+    """Reviewer `to` may act with the delegating reviewer's grants until `until` (a
+    holiday, an on-call handover); decisions made so say on whose behalf."""
+
+    to: str = attrs.field(converter=valid_name)
+    until: datetime
+    at: datetime | None = None  # when it was given
+
+    def active_at(self, now: datetime) -> bool:
+        return now < self.until
+
+
+def _delegations(value: Iterable[Delegation]) -> tuple[Delegation, ...]:
+    return tuple(value)
+
+
+@attrs.frozen
 class Reviewer:
     name: str = attrs.field(converter=valid_name)
     grants: tuple[Grant, ...] = attrs.field(default=(), converter=_grants)
     groups: tuple[str, ...] = attrs.field(default=(), converter=_groups)
+    # Others who may act with this reviewer's grants for a while.
+    delegations: tuple[Delegation, ...] = attrs.field(default=(), converter=_delegations)
 
     def may(self, agent_tag: str, tool: str, action: str = DECIDE) -> bool:
         return any(grant.allows(agent_tag, tool, action) for grant in self.grants)
+
+    def delegates_to(self, name: str, now: datetime) -> bool:
+        return any(d.to == name and d.active_at(now) for d in self.delegations)
 
 
 @attrs.frozen
@@ -118,13 +140,32 @@ class Identity:
     name: str
     kind: ByKind
     reviewer: Reviewer | None = None  # the reviewer's grants, for a `reviewer` identity
+    # Reviewers whose grants were delegated to this one when it was identified.
+    delegators: tuple[Reviewer, ...] = ()
 
     def may(self, agent_tag: str, tool: str, action: str = DECIDE) -> bool:
         """`app` identities are vouched for by the embedding code and may do anything;
-        a reviewer what is granted; a claimed name nothing a grant guards."""
+        a reviewer what is granted to them or delegated to them; a claimed name nothing
+        a grant guards."""
         if self.kind == APP:
             return True
-        return self.reviewer is not None and self.reviewer.may(agent_tag, tool, action)
+        if self.kind != REVIEWER:
+            return False
+        if self.reviewer is not None and self.reviewer.may(agent_tag, tool, action):
+            return True
+        return self.acting_for(agent_tag, tool, action) is not None
+
+    def acting_for(self, agent_tag: str, tool: str, action: str = DECIDE) -> str | None:
+        """The reviewer on whose behalf this one acts here: None where its own grants
+        cover it (or it is not a reviewer), else the first delegator whose grants do."""
+        if self.kind != REVIEWER or (
+            self.reviewer is not None and self.reviewer.may(agent_tag, tool, action)
+        ):
+            return None
+        for delegator in self.delegators:
+            if delegator.may(agent_tag, tool, action):
+                return delegator.name
+        return None
 
 
 def admin() -> Identity:

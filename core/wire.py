@@ -42,7 +42,7 @@ from clearance.core.execution import (
     ToolCall,
     ToolContent,
 )
-from clearance.core.reviewers import Grant, Reviewer
+from clearance.core.reviewers import Delegation, Grant, Reviewer
 
 
 def stamp(at: datetime) -> str:
@@ -202,7 +202,8 @@ def audit_from_data(data: dict[str, Any]) -> AuditRecord:
 
 
 def reviewer_to_data(reviewer: Reviewer) -> dict[str, Any]:
-    """`{"name", "grants": [{"agents", "tools", "actions"}], "groups"}` (actions sorted)."""
+    """`{"name", "grants": [{"agents", "tools", "actions"}], "groups", "delegations": [{"to",
+    "until", "at"}]}` (actions sorted)."""
     return {
         "name": reviewer.name,
         "grants": [
@@ -210,6 +211,14 @@ def reviewer_to_data(reviewer: Reviewer) -> dict[str, Any]:
             for g in reviewer.grants
         ],
         "groups": list(reviewer.groups),
+        "delegations": [
+            {
+                "to": d.to,
+                "until": stamp(d.until),
+                "at": stamp(d.at) if d.at is not None else None,
+            }
+            for d in reviewer.delegations
+        ],
     }
 
 
@@ -218,4 +227,10 @@ def reviewer_from_data(data: dict[str, Any]) -> Reviewer:
         data["name"],
         tuple(Grant(g["agents"], g["tools"], g["actions"]) for g in data.get("grants", ())),
         tuple(data.get("groups", ())),
+        tuple(
+            Delegation(
+                d["to"], parse_stamp(d["until"]), parse_stamp(d["at"]) if d.get("at") else None
+            )
+            for d in data.get("delegations", ())
+        ),
     )

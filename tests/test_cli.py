@@ -957,3 +957,44 @@ def test_reviewer_commands_add_list_key_revoke_remove(tmp_path: Path) -> None:
     removed = cli(tmp_path, "reviewer", "remove", "rita", "--db", db)
     assert removed.returncode == 0
     assert "No reviewers" in cli(tmp_path, "reviewer", "list", "--db", db).stdout
+
+
+def test_reviewer_delegate_hands_over_grants_for_a_while(tmp_path: Path) -> None:
+    db = str(tmp_path / "r.db")
+    for name in ("rita", "lou"):
+        assert cli(tmp_path, "reviewer", "add", name, "--db", db).returncode == 0
+    given = cli(tmp_path, "reviewer", "delegate", "rita", "--to", "lou", "--for", "7d", "--db", db)
+    assert given.returncode == 0, given.stderr
+    assert "lou may act with the grants of rita until" in given.stdout
+    text = cli(tmp_path, "reviewer", "list", "--db", db).stdout
+    assert "delegates to lou until" in text
+    [rita] = [
+        r
+        for r in map(
+            json.loads, cli(tmp_path, "reviewer", "list", "--json", "--db", db).stdout.splitlines()
+        )
+        if r["name"] == "rita"
+    ]
+    assert [d["to"] for d in rita["delegations"]] == ["lou"] and rita["delegations"][0]["until"]
+    for args, says in (
+        (["--to", "lou"], "--until TIME or --for DURATION"),
+        (["--to", "lou", "--until", "next week"], "ISO-8601"),
+        (["--to", "nobody", "--for", "1d"], "no reviewer 'nobody'"),
+    ):
+        result = cli(tmp_path, "reviewer", "delegate", "rita", *args, "--db", db)
+        assert result.returncode in (1, 2) and says in result.stderr, result
+        assert "Traceback" not in result.stderr
+    past = cli(
+        tmp_path,
+        "reviewer",
+        "delegate",
+        "rita",
+        "--to",
+        "lou",
+        "--until",
+        "2020-01-01T00:00Z",
+        "--db",
+        db,
+    )
+    assert past.returncode == 0 and "no longer delegates" in past.stdout
+    assert "delegates to" not in cli(tmp_path, "reviewer", "list", "--db", db).stdout

@@ -237,3 +237,82 @@ async def test_a_reviewer_identity_passed_in_python_is_held_to_its_grants(api: A
     with pytest.raises(Refusal) as refused:
         await api.app.decide(request.request_id, approved=True, by=who)
     assert refused.value.code == "not_granted"
+
+
+# -- delegation ---------------------------------------------------------------------------
+
+
+async def test_a_delegate_decides_with_the_delegators_grants_until_it_ends(api: Api) -> None:
+    await api.app.save_reviewer(REFUNDS)
+    await api.app.save_reviewer(LOOKUPS)
+    key = await api.app.issue_key("lou")
+    first, second, third = [await api.start() for _ in range(3)]
+    before = await api.snapshot()
+    refused = await approve(api, first.request_id, first.execution_id, bearer(key))
+    assert "'lou'" in error(refused, 403, "not_granted")
+    assert await api.snapshot() == before
+
+    # Rita is on holiday: Lou decides her refunds for a day, audited as on her behalf.
+    await api.app.delegate("rita", to="lou", until=api.clock.now() + timedelta(days=1))
+    ok = await approve(api, first.request_id, first.execution_id, bearer(key))
+    assert ok.status_code == 200, ok.text
+    [record] = await api.app.audit(request_id=first.request_id)
+    assert (record.by, record.by_kind, record.on_behalf_of) == ("lou", REVIEWER, "rita")
+    lou = await api.app.reviewer_identity("lou")
+    assert lou is not None
+    await api.app.decide(second.request_id, approved=False, reason="no", by=lou)
+    [record] = await api.app.audit(request_id=second.request_id)
+    assert (record.decision, record.on_behalf_of) == ("rejected", "rita")
+    # Her own grants are untouched; saving her again keeps the delegation.
+    await api.app.save_reviewer(REFUNDS)
+    assert [d.to for d in (await api.app.store.reviewer("rita")).delegations] == ["lou"]  # type: ignore[union-attr]
+
+    api.clock.advance(minutes=25 * 60)
+    before = await api.snapshot()
+    late = await approve(api, third.request_id, third.execution_id, bearer(key))
+    assert "'lou'" in error(late, 403, "not_granted")
+    assert await api.snapshot() == before
+    verdict = await api.app.verify_audit()
+    assert verdict.intact and verdict.records == 2
+
+
+async def test_delegation_is_between_registered_reviewers_and_can_be_ended(api: Api) -> None:
+    from clearance import ClearanceError
+    from clearance.ports.store import UnknownReviewer
+
+    await api.app.save_reviewer(REFUNDS)
+    soon = api.clock.now() + timedelta(hours=1)
+    with pytest.raises(UnknownReviewer, match="'nobody'"):
+        await api.app.delegate("rita", to="nobody", until=soon)
+    with pytest.raises(ClearanceError, match="themselves"):
+        await api.app.delegate("rita", to="rita", until=soon)
+    await api.app.save_reviewer(LOOKUPS)
+    await api.app.delegate("rita", to="lou", until=soon)
+    lou = await api.app.reviewer_identity("lou")
+    assert lou is not None and lou.acting_for("safe-agent", "process-refund") == "rita"
+    assert lou.acting_for("safe-agent", "get-order") is None  # her own grant covers it
+    await api.app.delegate("rita", to="lou", until=api.clock.now())  # ended now
+    lou = await api.app.reviewer_identity("lou")
+    assert lou is not None and not lou.may("safe-agent", "process-refund")
+
+
+def test_only_a_reviewer_acts_on_someones_behalf() -> None:
+    from test_state_table import two_refunds
+
+    from clearance.core.decide import decide
+    from clearance.core.events import Approved, Rejected
+
+    life = two_refunds()
+    at = life.at + timedelta(seconds=1)
+    for event in (
+        Approved("apr-1", at, "ops", by_kind=APP, on_behalf_of="rita"),
+        Rejected("apr-1", at, "ops", "no", by_kind=CLAIMED, on_behalf_of="rita"),
+    ):
+        with pytest.raises(Refusal) as caught:
+            decide(life.ex, event)
+        assert caught.value.code == "invalid_event" and "only a reviewer" in str(caught.value)
+    _, commands = decide(
+        life.ex, Approved("apr-1", at, "lou", by_kind=REVIEWER, on_behalf_of="rita")
+    )
+    [record] = [c.record for c in commands if hasattr(c, "record")]
+    assert (record.by, record.on_behalf_of) == ("lou", "rita")
