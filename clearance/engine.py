@@ -325,17 +325,25 @@ class Engine:
             if previous is not None and previous != hosted.spec:
                 self._sweeps[tag] = None
 
-    async def rejudge(self, ex: Execution) -> Execution:
+    async def rejudge(
+        self, ex: Execution, currents: dict[str, AgentSpec | None] | None = None
+    ) -> Execution:
         """`ex` with its pending requests judged under its agent's current definition,
         if the agent was defined again since they were made (a redeploy): kept, decided
         by the new policy, or invalidated (the `redefined` event). Raises Refusal
         (host_required) where the new policy needs a Python predicate this process does
-        not have."""
+        not have. `currents`: definitions a sweep already read, by tag (filled here), so
+        one pass over many requests reads each agent's once."""
         if not ex.pending_approvals:
             return ex
-        # Read each time, never cached: a decision a moment after another process's
-        # redeploy must not be applied under the rules it replaced.
-        current = await self.store.current_agent(ex.agent_tag)
+        # Otherwise read each time, never cached: a decision a moment after another
+        # process's redeploy must not be applied under the rules it replaced.
+        if currents is None:
+            current = await self.store.current_agent(ex.agent_tag)
+        elif ex.agent_tag in currents:
+            current = currents[ex.agent_tag]
+        else:
+            current = currents[ex.agent_tag] = await self.store.current_agent(ex.agent_tag)
         if current is None or current is ex.agent or current == ex.agent:
             return ex
         event = Redefined(current, self.clock.now(), self._reassess(ex, current))
@@ -386,12 +394,13 @@ class Engine:
         looked = 0
         for tag, after in list(self._sweeps.items()):
             page = await self.store.pending(agent_tag=tag, limit=limit, after=after)
+            currents: dict[str, AgentSpec | None] = {}
             for request in page:
                 looked += 1
                 try:
                     ex = await self.store.load(request.execution_id)
                     if ex is not None:
-                        await self.rejudge(ex)
+                        await self.rejudge(ex, currents)
                 except Refusal as refusal:
                     log.warning("request %s was not judged again: %s", request.request_id, refusal)
                 except Exception:
@@ -452,6 +461,7 @@ class Engine:
         now = self.clock.now()
         while True:
             due = await self.store.claim_timers(now, now + self.lease, limit)
+            currents: dict[str, AgentSpec | None] = {}  # read once per agent per batch
             for timer in due:
                 try:
                     ex = await self.store.load(timer.execution_id)
@@ -459,7 +469,7 @@ class Engine:
                         await self.store.drop_timer(timer)
                         continue
                     with contextlib.suppress(Refusal):  # host_required: it times out as it is
-                        ex = await self.rejudge(ex)
+                        ex = await self.rejudge(ex, currents)
                     at = max(now, timer.due_at)
                     fired.append(await self._feed(ex, TimerFired(timer.request_id, at)))
                 except Refusal as refusal:

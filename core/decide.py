@@ -815,6 +815,7 @@ def _decision_record(
     reason: str | None = None,
     by_kind: str | None = None,
     on_behalf_of: str | None = None,
+    verdict: Verdict | None = None,  # the policy rule that decided it, if one did
 ) -> RecordDecision:
     return RecordDecision(
         AuditRecord(
@@ -830,6 +831,8 @@ def _decision_record(
             reason=reason,
             by_kind=by_kind,
             on_behalf_of=on_behalf_of,
+            rule_id=verdict.rule_id if verdict is not None else None,
+            policy_version=verdict.version if verdict is not None else None,
         )
     )
 
@@ -1302,12 +1305,7 @@ def _policy_decision(
             why += f": {verdict.reason}"
     else:
         why += f"'{request.tool}' no longer needs an approval"
-    record = _decision_record(ex, request, decision, at, reason=why)
-    if verdict is None:
-        return record
-    return RecordDecision(
-        attrs.evolve(record.record, rule_id=verdict.rule_id, policy_version=verdict.version)
-    )
+    return _decision_record(ex, request, decision, at, reason=why, verdict=verdict)
 
 
 def _invalidated(tool: str, why: str) -> ToolResult:
