@@ -88,7 +88,7 @@ from clearance.ports.store import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Schema 3: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
 # keys. Names and key ids compare by code point ("C"), so reviewers list in the order
 # SQLite lists them, whatever the database's collation. IF NOT EXISTS: tables that
@@ -133,6 +133,10 @@ MIGRATIONS: dict[int, LiteralString] = {
     " (tag TEXT PRIMARY KEY, spec_id TEXT NOT NULL)",
     4: "ALTER TABLE clearance_audit ADD COLUMN IF NOT EXISTS entry TEXT,"
     " ADD COLUMN IF NOT EXISTS prev_hash TEXT, ADD COLUMN IF NOT EXISTS hash TEXT;" + _AUDIT_CHAIN,
+    # Why a delivery is sent (the request, its reminder, an escalation stage): every
+    # delivery already there was the request's.
+    5: "ALTER TABLE clearance_deliveries"
+    " ADD COLUMN IF NOT EXISTS purpose TEXT NOT NULL DEFAULT 'request'",
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -185,7 +189,8 @@ CREATE TABLE clearance_deliveries (
     execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL, url TEXT NOT NULL,
     webhook_id TEXT NOT NULL, signer TEXT NOT NULL, status TEXT NOT NULL,
     next_attempt_at TIMESTAMPTZ NOT NULL, expires_at TIMESTAMPTZ NOT NULL,
-    claimed_by TEXT, lease_until TIMESTAMPTZ, channel TEXT NOT NULL
+    claimed_by TEXT, lease_until TIMESTAMPTZ, channel TEXT NOT NULL,
+    purpose TEXT NOT NULL DEFAULT 'request'
 );
 CREATE INDEX clearance_deliveries_due ON clearance_deliveries (next_attempt_at)
     WHERE status = 'pending';
@@ -218,7 +223,7 @@ ZERO = timedelta(0)
 ATTEMPTS = 8
 _DELIVERY = (
     "id, request_id, execution_id, agent_tag, url, webhook_id, status, next_attempt_at,"
-    " expires_at, channel, signer"
+    " expires_at, channel, signer, purpose"
 )
 
 _RETURNED_DELIVERY = ", ".join("d." + column.strip() for column in _DELIVERY.split(","))
@@ -693,16 +698,19 @@ class PostgresStore:
             )
         if writes.deliveries:
             sent = writes.deliveries
-            args["dl"] = [[d.request_id, d.target, d.message_id, d.signer, d.channel] for d in sent]
+            args["dl"] = [
+                [d.request_id, d.target, d.message_id, d.signer, d.channel, d.purpose] for d in sent
+            ]
             args["dl_not_before"] = [_utc(d.not_before) for d in sent]
             args["dl_expires"] = [_utc(d.expires_at) for d in sent]
             parts.append(
                 "dl AS (INSERT INTO clearance_deliveries (request_id, execution_id, agent_tag,"
-                " url, webhook_id, signer, status, next_attempt_at, expires_at, channel)"
+                " url, webhook_id, signer, status, next_attempt_at, expires_at, channel, purpose)"
                 " SELECT (%(dl)s::text[])[n][1], %(eid)s, %(tag)s, (%(dl)s::text[])[n][2],"
                 " (%(dl)s::text[])[n][3], (%(dl)s::text[])[n][4], 'pending', nb, ex,"
-                " (%(dl)s::text[])[n][5] FROM unnest(%(dl_not_before)s::timestamptz[],"
-                " %(dl_expires)s::timestamptz[]) WITH ORDINALITY AS t(nb, ex, n)"
+                " (%(dl)s::text[])[n][5], (%(dl)s::text[])[n][6]"
+                " FROM unnest(%(dl_not_before)s::timestamptz[], %(dl_expires)s::timestamptz[])"
+                " WITH ORDINALITY AS t(nb, ex, n)"
                 f" WHERE {ok} ORDER BY n)"
             )
         if writes.audit:
@@ -1164,7 +1172,7 @@ class PostgresStore:
         self, conn: psycopg.AsyncConnection[Any], rows: list[Any]
     ) -> list[Delivery]:
         out = []
-        for i, rid, eid, tag, url, wid, status, next_at, expires, channel, signer in rows:
+        for i, rid, eid, tag, url, wid, status, next_at, expires, channel, signer, purpose in rows:
             cur = await conn.execute(
                 "SELECT at, status_code, error, outcome FROM clearance_delivery_attempts"
                 " WHERE delivery_id = %s ORDER BY n",
@@ -1188,6 +1196,7 @@ class PostgresStore:
                     _utc(expires),
                     channel,
                     signer,
+                    purpose,
                 )
             )
         return out

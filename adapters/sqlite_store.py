@@ -148,7 +148,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL, url TEXT NOT NULL,
     webhook_id TEXT NOT NULL, signer TEXT NOT NULL, status TEXT NOT NULL,
     next_attempt_at TEXT NOT NULL, expires_at TEXT NOT NULL,
-    claimed_by TEXT, lease_until TEXT, channel TEXT NOT NULL DEFAULT 'webhook'
+    claimed_by TEXT, lease_until TEXT, channel TEXT NOT NULL DEFAULT 'webhook',
+    purpose TEXT NOT NULL DEFAULT 'request'
 );
 CREATE INDEX IF NOT EXISTS deliveries_due
     ON deliveries (next_attempt_at) WHERE status = 'pending';
@@ -172,7 +173,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -261,6 +262,15 @@ def _from_7(db: sqlite3.Connection) -> int:
     return 8
 
 
+def _from_8(db: sqlite3.Connection) -> int:
+    """Schema 8 to 9: a delivery says why it is sent (the request, its reminder, an
+    escalation stage); every delivery already there was the request's."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(deliveries)")}
+    if "purpose" not in have:
+        db.execute("ALTER TABLE deliveries ADD COLUMN purpose TEXT NOT NULL DEFAULT 'request'")
+    return 9
+
+
 # Each step upgrades a file in place by one schema version, at open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     2: _from_2,
@@ -269,6 +279,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     5: _from_5,
     6: _from_6,
     7: _from_7,
+    8: _from_8,
 }
 
 
@@ -671,8 +682,8 @@ class SQLiteStore:
             # In the same transaction: a request committed is a request delivered.
             db.execute(
                 "INSERT INTO deliveries (request_id, execution_id, agent_tag, url, webhook_id,"
-                " signer, status, next_attempt_at, expires_at, channel)"
-                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+                " signer, status, next_attempt_at, expires_at, channel, purpose)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?)",
                 (
                     d.request_id,
                     execution.id,
@@ -683,6 +694,7 @@ class SQLiteStore:
                     stamp(d.not_before),
                     stamp(d.expires_at),
                     d.channel,
+                    d.purpose,
                 ),
             )
         if writes.audit:
@@ -1029,12 +1041,12 @@ class SQLiteStore:
 
     _DELIVERY = (
         "SELECT id, request_id, execution_id, agent_tag, url, webhook_id, status,"
-        " next_attempt_at, expires_at, channel, signer FROM deliveries"
+        " next_attempt_at, expires_at, channel, signer, purpose FROM deliveries"
     )
 
     def _deliveries(self, rows: list[Any]) -> list[Delivery]:
         out = []
-        for i, rid, eid, tag, url, wid, status, next_at, expires, channel, signer in rows:
+        for i, rid, eid, tag, url, wid, status, next_at, expires, channel, signer, purpose in rows:
             attempts = tuple(
                 DeliveryAttempt(parse_stamp(at), code, error, outcome)
                 for at, code, error, outcome in self._db.execute(
@@ -1057,6 +1069,7 @@ class SQLiteStore:
                     parse_stamp(expires),
                     channel,
                     signer,
+                    purpose,
                 )
             )
         return out

@@ -61,7 +61,9 @@ def define_refund_agent(
     approval_broker: ApprovalBroker | None = None,
     approval_webhook: str | None = None,
     policy: Policy | Sequence[Rule] | None = None,
+    **tool_options: Any,
 ) -> ScriptedModel:
+    """The refund agent; `tool_options` go to its refund Tool (a quorum, say)."""
     model = model or refund_model()
     with warnings.catch_warnings():
         if policy is not None:
@@ -81,6 +83,7 @@ def define_refund_agent(
                     parameters=SCHEMA,
                     requires_confirmation=True,
                     handler=handler,
+                    **tool_options,
                 )
             ],
             human_in_loop=HumanInLoop(

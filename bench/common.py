@@ -45,6 +45,7 @@ class Sizes:
     broker_requests: int  # approval requests per broker, benchmark 8
     policy_calls: int  # evaluate() calls per policy per round, benchmark 9
     policy_rounds: int  # interleaved rounds of benchmark 9's cycles (`cycles` each)
+    quorum_rounds: int  # interleaved rounds of benchmark 11's cycles (`cycles` each)
 
     @classmethod
     def full(cls) -> Sizes:
@@ -66,6 +67,7 @@ class Sizes:
             broker_requests=1_000,
             policy_calls=2_000,
             policy_rounds=20,
+            quorum_rounds=6,
         )
 
     @classmethod
@@ -88,6 +90,7 @@ class Sizes:
             broker_requests=20,
             policy_calls=50,
             policy_rounds=1,
+            quorum_rounds=1,
         )
 
 

@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--only",
         type=int,
         action="append",
-        choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10),
+        choices=(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11),
         help="run only this benchmark (repeatable)",
     )
     parser.add_argument("--out", type=Path, help="also write the report to this file")
@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy,
         postgres,
         postgres_scale,
+        quorum,
         scale,
         step,
     )
@@ -169,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         8: brokers.run,
         9: policy.run,
         10: audit.run,
+        11: quorum.run,
     }
     sizes = Sizes.quick_sizes() if args.quick else Sizes.full()
     chosen = sorted(set(args.only or benchmarks))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
         Model,
         Policy,
         Rule,
+        Stage,
         Tool,
     )
     from clearance.ports.model import ModelReply, ModelRequest
@@ -42,6 +43,7 @@ _WHERE = {
     "Refusal": "clearance.core.errors",
     "Reviewer": "clearance.core.reviewers",
     "Rule": "clearance.definition",
+    "Stage": "clearance.definition",
     "Tool": "clearance.definition",
     "ToolContext": "clearance.ports.tools",
 }
@@ -82,6 +84,7 @@ __all__ = [
     "Refusal",
     "Reviewer",
     "Rule",
+    "Stage",
     "Tool",
     "ToolContext",
 ]

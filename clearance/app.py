@@ -400,9 +400,18 @@ class Clearance:
 
     # -- running and deciding -------------------------------------------------------------
 
-    async def run(self, tag: str, *, input: str, session_id: str | None = None) -> Execution:
-        """Start an execution; returns when it rests (awaiting_approval or finished)."""
-        return await self._shielded(self.engine.start(tag, input, session_id))
+    async def run(
+        self,
+        tag: str,
+        *,
+        input: str,
+        session_id: str | None = None,
+        requested_by: str | None = None,
+    ) -> Execution:
+        """Start an execution; returns when it rests (awaiting_approval or finished).
+        `requested_by`: the person asking for the run, who may then not approve its
+        requests (four eyes)."""
+        return await self._shielded(self.engine.start(tag, input, session_id, requested_by))
 
     async def signal(
         self,
@@ -416,8 +425,16 @@ class Clearance:
         remember: str | None = None,
         remember_when: str | None = None,
         digest: str | None = None,
+        until: datetime | str | None = None,
     ) -> Execution:
-        """`approve` (optionally with `modified_params`), `reject` (with `reason`) or `stop`.
+        """`approve` (optionally with `modified_params`), `reject` (with `reason`), `stop`,
+        or `extend` (a pending request's deadline to `until`, within the longest its tool
+        allows: `Tool(max_approval_timeout=...)`; a reviewer needs the 'extend' grant).
+
+        Where a request needs a quorum (`approvals_required`, `groups`), an approval is a
+        vote: the request stays pending, showing its `votes`, until enough distinct
+        people (never the run's `requested_by`) approved the same call; an approval with
+        changed parameters starts the count again. Any one rejection rejects it.
 
         `digest`: the request's `digest` as the decider saw it; the decision is refused
         (`stale_decision`) if the request asks about another call.
@@ -443,6 +460,7 @@ class Clearance:
                 remember=remember,
                 remember_when=remember_when,
                 digest=digest,
+                until=until,
             )
         )
 

@@ -25,6 +25,7 @@ from clearance.cli_args import (
     DB_ENV,
     DEFAULT_DB,
     DEFAULT_REJECTION,
+    REVIEWER_KEY_ENV,
     SECRET_ENV,
     parse_assignment,
     port_number,
@@ -50,10 +51,14 @@ EXAMPLES = {
         "clearance approve apr-1a23c8f5 --set amount=25 --by ops-lead",
         "clearance --db /srv/approvals.db approve apr-1a23c8f5 --json",
         "clearance approve apr-1a23 apr-9f04 apr-77c1   # each decided on its own",
+        f"{REVIEWER_KEY_ENV}=clr_... clearance approve apr-1a23   # as that reviewer: a vote",
     ],
     "reject": [
         "clearance reject apr-1a23c8f5 --reason 'Amount exceeds policy limit'",
         "clearance reject --all --agent safe-agent --tool process-refund --reason 'Fraud wave'",
+    ],
+    "extend": [
+        f"{REVIEWER_KEY_ENV}=clr_... clearance extend apr-1a23c8f5 --until 2026-12-05T18:00Z",
     ],
     "show": [
         "clearance show exec-1a23c8f5e1c2 --json",
@@ -169,7 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a modified parameter; VALUE is JSON when it parses, else text; JSON that "
         "JSON cannot carry (1e999, NaN) is refused (repeatable)",
     )
-    approve.add_argument("--by", metavar="NAME", help="who approves (default: your login name)")
+    approve.add_argument(
+        "--by",
+        metavar="NAME",
+        help=f"who approves (default: your login name; with ${REVIEWER_KEY_ENV}, the key's"
+        " reviewer). A name is not checked: a request that needs several approvals counts"
+        " only reviewers",
+    )
     approve.add_argument("--json", action="store_true", help="the decision as JSON")
     approve.set_defaults(run="approve")
 
@@ -186,9 +197,34 @@ def build_parser() -> argparse.ArgumentParser:
     reject.add_argument("--agent", metavar="TAG", help="with --all: only this agent's requests")
     reject.add_argument("--tool", metavar="TOOL", help="with --all: only requests for this tool")
     reject.add_argument("--reason", required=True, help="why; the agent is told")
-    reject.add_argument("--by", metavar="NAME", help="who rejects (default: your login name)")
+    reject.add_argument(
+        "--by",
+        metavar="NAME",
+        help=f"who rejects (default: your login name; with ${REVIEWER_KEY_ENV}, the key's"
+        " reviewer)",
+    )
     reject.add_argument("--json", action="store_true", help="the decision as JSON")
     reject.set_defaults(run="reject", set=None)
+
+    extend = command(
+        "extend",
+        f"give a pending request more time, as the reviewer whose key is ${REVIEWER_KEY_ENV}"
+        " (granted 'extend'), up to the tool's max_approval_timeout",
+    )
+    extend.add_argument(
+        "request_id", metavar="REQUEST_ID", help="the 'apr-…' id, or a unique start of it"
+    )
+    extend.add_argument(
+        "--until",
+        required=True,
+        metavar="TIME",
+        help="the new deadline, ISO-8601 (UTC if no zone), e.g. 2026-12-05T18:00Z",
+    )
+    extend.add_argument(
+        "--by", metavar="NAME", help=f"who extends: the reviewer of ${REVIEWER_KEY_ENV}'s key"
+    )
+    extend.add_argument("--json", action="store_true", help="the request as JSON")
+    extend.set_defaults(run="extend")
 
     show = command("show", "an execution's status, output, approvals, events and audit")
     show.add_argument(

@@ -13,6 +13,9 @@ from clearance.core import json_value
 DB_ENV = "CLEARANCE_DB"
 SECRET_ENV = "CLEARANCE_WEBHOOK_SECRET"  # secrets come from the environment, never argv
 API_KEY_ENV = "CLEARANCE_API_KEY"
+# A reviewer's key: approve, reject and extend as that reviewer (checked), not as a
+# --by name (claimed), which a quorum does not count and an extension does not take.
+REVIEWER_KEY_ENV = "CLEARANCE_REVIEWER_KEY"
 DEFAULT_DB = "clearance.db"
 DEFAULT_REJECTION = "The amount exceeds the refund limit"  # the demo's --auto reject
 

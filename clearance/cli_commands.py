@@ -42,6 +42,7 @@ from clearance.cli_args import (
     API_KEY_ENV,
     DB_ENV,
     DEFAULT_DB,
+    REVIEWER_KEY_ENV,
     SECRET_ENV,
     UsageError,
     modified_params,
@@ -49,10 +50,11 @@ from clearance.cli_args import (
 from clearance.core.commands import AuditRecord
 from clearance.core.decide import duration
 from clearance.core.durations import BadDuration, parse_duration
-from clearance.core.errors import ClearanceError, DefinitionError
+from clearance.core.errors import ClearanceError, DefinitionError, Refusal, RefusalCode
 from clearance.core.events import (
     Approved,
     Event,
+    Extended,
     ModelFailed,
     ModelReplied,
     Rejected,
@@ -66,9 +68,11 @@ from clearance.core.events import (
 from clearance.core.execution import (
     ALLOWED_BY_POLICY,
     APPROVED,
+    APPROVED_BY_TIMEOUT,
     CANCELLED,
     DENIED_BY_POLICY,
     INVALIDATED,
+    PENDING,
     REJECTED,
     TIMED_OUT,
     ApprovalRequest,
@@ -77,6 +81,7 @@ from clearance.core.execution import (
 from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import CLAIMED, BadReviewer, Grant, Identity, Reviewer
 from clearance.definition import Policy
+from clearance.http_bodies import parse_time
 from clearance.ports.store import UnknownReviewer
 from clearance.reviewer_keys import key_id_of
 
@@ -215,6 +220,7 @@ _COLOURS = {
     "invalidated": "90",
     "stopped": "90",
     "allowed_by_policy": "32",
+    "approved_by_timeout": "32",
 }
 
 
@@ -230,8 +236,43 @@ def _in_colour() -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
+def _people(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def quorum_text(request: ApprovalRequest) -> str:
+    """Where a request needs several approvals (or names groups): who approved so far and,
+    while it is pending, who is still needed: '1 of 2 approvals (alice); still needed: 1
+    from risk'. Empty for a request one approval decides."""
+    if not request.needs_quorum:
+        return ""
+    required = request.approvals_required
+    names = [v.by for v in request.votes]
+    text = f"{len(names)} of {required} approval{'s' if required != 1 else ''}"
+    if names:
+        text += f" ({', '.join(names)})"
+    if request.status != PENDING:
+        return text
+    count, groups = request.still_needed()
+    if not groups:
+        return f"{text}; still needed: {count}"
+    if count == len(groups) == 1:
+        return f"{text}; still needed: 1 from {groups[0]}"
+    if count == len(groups):
+        return f"{text}; still needed: {count}, one from each of {_people(groups)}"
+    each = f"one from {groups[0]}" if len(groups) == 1 else f"one from each of {_people(groups)}"
+    return f"{text}; still needed: {count}, {each}"
+
+
 def describe_decision(request: ApprovalRequest) -> str:
     by = f" by {request.decided_by}" if request.decided_by else ""
+    if request.outcome == APPROVED_BY_TIMEOUT:
+        return (
+            f"{tint(APPROVED)} when nobody decided within {duration(request.timeout_ms)}"
+            " (timeout_action 'approve')"
+        )
+    if request.status == PENDING and request.needs_quorum:
+        return f"{tint(PENDING)}: {quorum_text(request)}"
     if request.outcome in (ALLOWED_BY_POLICY, DENIED_BY_POLICY):
         # Decided by the agent's new definition, not by a person (a redeploy).
         why = f": {request.rejection_reason}" if request.rejection_reason else ""
@@ -292,15 +333,22 @@ async def cmd_pending(args: argparse.Namespace) -> int:
         say(f"No pending approval requests{which} in {shown(path)}.")
         return 0
 
+    # Columns only some listings need: who must still approve, who may not.
+    quorum = any(r.needs_quorum for r in requests)
+    requester = any(r.requested_by for r in requests)
+
     def table(expiry: Callable[[datetime], str], execution: bool, ids: bool) -> list[list[str]]:
-        header = ["REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS", "EXPIRES"]
+        header = ["REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS"]
+        header += ["APPROVALS"] * quorum + ["REQUESTER"] * requester + ["EXPIRES"]
         rows = [header] + [
             [
                 r.request_id if ids else short[r.request_id],
                 r.execution_id,
                 r.agent_tag,
                 r.tool,
-                compact(r.parameters, 60),
+                compact(r.effective_parameters(), 60),
+                *([quorum_text(r) or "1 of 1"] if quorum else []),
+                *([r.requested_by or "-"] if requester else []),
                 expiry(r.timeout),
             ]
             for r in requests
@@ -357,6 +405,36 @@ async def _whole_request_id(app: Clearance, given: str) -> str:
     return matches[0] if matches else given  # none: the caller says there is no such request
 
 
+async def _decider(app: Clearance, by: str | None) -> Identity:
+    """Who decides from this terminal: the reviewer whose key is in $CLEARANCE_REVIEWER_KEY
+    (checked: their grants apply, and their approval counts towards a quorum), else the
+    --by name or the login name, as claimed (nothing checks it)."""
+    key = os.environ.get(REVIEWER_KEY_ENV, "").strip()
+    if not key:
+        return Identity(by or default_user(), CLAIMED)
+    who = await app.identify(key) if key_id_of(key) else None
+    if who is None:
+        raise ClearanceError(
+            f"${REVIEWER_KEY_ENV} is not a valid reviewer key here (unknown, revoked or"
+            " expired; clearance reviewer list)"
+        )
+    if by is not None and by != who.name:
+        raise UsageError(
+            f"--by is {by!r}, but ${REVIEWER_KEY_ENV} is {who.name!r}'s key: leave --by out"
+        )
+    return who
+
+
+def _with_key_hint(refusal: Refusal, who: Identity) -> ClearanceError:
+    """A refusal of a name typed at the terminal where only a checked person counts (a
+    quorum): said with how to decide as a reviewer from here."""
+    if refusal.code != RefusalCode.NOT_GRANTED or who.kind != CLAIMED:
+        return refusal
+    return ClearanceError(
+        f"{refusal}; from this terminal: set ${REVIEWER_KEY_ENV} to your reviewer key"
+    )
+
+
 async def _decide(args: argparse.Namespace, approved: bool) -> int:
     every = getattr(args, "all", False)
     if every and args.request_ids:
@@ -370,23 +448,32 @@ async def _decide(args: argparse.Namespace, approved: bool) -> int:
     args.request_id = args.request_ids[0]
     changes = modified_params(args.set)
     path = db_path(args, must_exist=True)
-    by = args.by or default_user()
     async with opened(path) as app:
         args.request_id = await _whole_request_id(app, args.request_id)
-        ex = await app.decide(
-            args.request_id,
-            approved=approved,
-            modified_params=changes,
-            reason=None if approved else args.reason,
-            by=Identity(by, CLAIMED),  # a name typed at the terminal: nothing checks it
-        )
+        who = await _decider(app, args.by)
+        try:
+            ex = await app.decide(
+                args.request_id,
+                approved=approved,
+                modified_params=changes,
+                reason=None if approved else args.reason,
+                by=who,
+            )
+        except Refusal as refusal:
+            raise _with_key_hint(refusal, who) from None
     request = ex.request(args.request_id)
     assert request is not None  # decide() found it
     if args.json:  # the HTTP API's answer to the same decision
         say(views.dumps(views.decision(request, ex.status)))
         return 0
+    if request.status == PENDING:  # a vote towards a quorum that is not met yet
+        say(
+            f"{args.request_id}: your approval is counted; it is still pending:"
+            f" {quorum_text(request)}."
+        )
+        return 0
     say(sentence(f"{args.request_id}: {describe_decision(request)}"))
-    if approved:
+    if request.status == APPROVED:
         say(f"'{request.tool}' will run with {compact(request.effective_parameters())}.")
     # This process cannot know whether a host runs: say what happens either way.
     say(
@@ -403,8 +490,8 @@ async def _decide_many(args: argparse.Namespace, approved: bool) -> int:
     if args.set:
         raise UsageError("--set modifies one request's parameters: give one REQUEST_ID")
     path = db_path(args, must_exist=True)
-    by = args.by or default_user()
     async with opened(path) as app:
+        who = await _decider(app, args.by)
         if getattr(args, "all", False):
             pending = await app.pending(args.agent)
             ids = [r.request_id for r in pending if args.tool is None or r.tool == args.tool]
@@ -417,22 +504,24 @@ async def _decide_many(args: argparse.Namespace, approved: bool) -> int:
             ids,
             approved=approved,
             reason=None if approved else args.reason,
-            by=Identity(by, CLAIMED),  # a name typed at the terminal: nothing checks it
+            by=who,
         )
-    refused = 0
+    refused = voted = 0
     for outcome in outcomes:
         if args.json:
             say(views.dumps(views.batch_outcome(outcome)))
         elif outcome.refusal is not None:
-            say(f"{outcome.request_id}: refused: {outcome.refusal}")
+            say(f"{outcome.request_id}: refused: {_with_key_hint(outcome.refusal, who)}")
         else:
             assert outcome.execution is not None
             decided = outcome.execution.request(outcome.request_id)
             assert decided is not None
             say(sentence(f"{outcome.request_id}: {describe_decision(decided)}"))
+            voted += decided.status == PENDING  # one vote of several: still pending
         refused += outcome.refusal is not None
     if not args.json:
-        say(f"{len(outcomes) - refused} decided, {refused} refused.")
+        votes = f", {voted} counted as a vote (still pending)" if voted else ""
+        say(f"{len(outcomes) - refused - voted} decided{votes}, {refused} refused.")
     return 1 if refused else 0
 
 
@@ -442,6 +531,39 @@ async def cmd_approve(args: argparse.Namespace) -> int:
 
 async def cmd_reject(args: argparse.Namespace) -> int:
     return await _decide(args, approved=False)
+
+
+async def cmd_extend(args: argparse.Namespace) -> int:
+    try:
+        until = parse_time(args.until, assume_utc=True)
+    except ValueError:
+        raise UsageError(
+            f"--until takes an ISO-8601 time such as 2026-12-05T18:00Z, got {args.until!r}"
+        ) from None
+    if not os.environ.get(REVIEWER_KEY_ENV, "").strip():
+        raise ClearanceError(
+            f"a deadline is extended by a reviewer granted 'extend': set ${REVIEWER_KEY_ENV}"
+            " to their key (clearance reviewer add NAME --actions decide,extend); a --by"
+            " name alone is not checked, so it cannot"
+        )
+    path = db_path(args, must_exist=True)
+    async with opened(path) as app:
+        who = await _decider(app, args.by)
+        request_id = await _whole_request_id(app, args.request_id)
+        execution_id = await app.execution_of_request(request_id)
+        if execution_id is None:
+            raise ClearanceError(f"no approval request '{args.request_id}' in {shown(path)}")
+        ex = await app.signal(execution_id, "extend", request_id=request_id, until=until, by=who)
+    request = ex.request(request_id)
+    assert request is not None  # signal() found it
+    if args.json:
+        say(views.dumps({"signal": "extend", **views.decision(request, ex.status)}))
+        return 0
+    say(
+        f"{request_id}: extended by {who.name}; it now expires at {iso(request.timeout)}"
+        f" ({_relative(request.timeout)})."
+    )
+    return 0
 
 
 def _authorised(ticket: Ticket | None) -> str:
@@ -485,6 +607,9 @@ def _event_summary(event: Event) -> str:
         return f"{event.request_id}{by}: {event.reason or '(no reason)'}"
     if isinstance(event, TimerFired):
         return event.request_id
+    if isinstance(event, Extended):
+        by = f" by {event.by}" if event.by else ""
+        return f"{event.request_id} until {iso(event.until)}{by}"
     if isinstance(event, StopRequested):
         by = f" by {event.by}" if event.by else ""
         return f"{by.strip()} {event.reason or ''}".strip()
@@ -511,6 +636,8 @@ async def cmd_show(args: argparse.Namespace) -> int:
         return 0
     say(f"Execution {ex.id}  agent {ex.agent_tag}  status {tint(ex.status)}")
     say(f"Input:  {ex.input}")
+    if ex.requested_by is not None:
+        say(f"Requested by: {ex.requested_by} (who may not approve its requests)")
     if ex.output is not None:
         say(f"Output: {ex.output}")
     if ex.error is not None:
@@ -518,7 +645,12 @@ async def cmd_show(args: argparse.Namespace) -> int:
     if ex.requests:
         say("", "Approval requests:")
         for r in ex.requests:
-            say(f"  {r.request_id}  {r.tool}  {compact(r.parameters)}  {describe_decision(r)}")
+            line = f"  {r.request_id}  {r.tool}  {compact(r.parameters)}  {describe_decision(r)}"
+            if r.status == PENDING:
+                line += f"; expires {iso(r.timeout)} ({_relative(r.timeout)})"
+            elif r.needs_quorum:
+                line += f"; {quorum_text(r)}"
+            say(line)
     say("", "Events:")
     for event in history.events:
         say(f"  {iso(event.at)}  {event.TAG:<15} {_event_summary(event)}")

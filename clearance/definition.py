@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,16 @@ import attrs
 
 from clearance.core.agent import (
     APPROVAL_ORDERS,
+    APPROVE,
     DEFAULT_TIMEOUT_MS,
     SEQUENTIAL,
+    TIMEOUT_ACTIONS,
     AgentSpec,
     BrokerTarget,
     ToolSpec,
 )
+from clearance.core.agent import Stage as StageSpec
+from clearance.core.durations import BadDuration, parse_duration
 from clearance.core.errors import DefinitionError
 from clearance.core.policy import (
     ASK,
@@ -34,6 +39,7 @@ from clearance.core.policy import (
     compile_condition,
     version_of,
 )
+from clearance.core.quorum import MAX_APPROVALS, MAX_GROUPS
 from clearance.core.schema import to_json_schema
 from clearance.ports.model import ModelPort
 from clearance.ports.tools import Handler
@@ -95,8 +101,9 @@ class Rule:
     condition on `args`, `tool` and `agent`, e.g. 'args.amount <= 20.0'), or
     `predicate` (a pure Python function of the arguments, for what CEL cannot say);
     always, with neither. `reason` is what the model (deny), the reviewer (ask) and the
-    audit log are told. Build them with `Rule.allow(...)`, `Rule.ask(...)`,
-    `Rule.deny(...)`."""
+    audit log are told. An ask rule may ask for a quorum: `approvals_required` distinct
+    people, one from each of `groups`. Build them with `Rule.allow(...)`,
+    `Rule.ask(...)`, `Rule.deny(...)`."""
 
     effect: str
     tools: str | Sequence[str] = "*"
@@ -104,6 +111,8 @@ class Rule:
     predicate: Predicate | None = attrs.field(default=None, eq=False)
     id: str | None = None  # default: "<effect>-<position>"
     reason: str = ""
+    approvals_required: int | None = None  # None: the tool's
+    groups: Sequence[str] = ()
 
     @classmethod
     def allow(
@@ -126,8 +135,10 @@ class Rule:
         predicate: Predicate | None = None,
         id: str | None = None,
         reason: str = "",
+        approvals_required: int | None = None,
+        groups: Sequence[str] = (),
     ) -> Rule:
-        return cls("ask", tools, when, predicate, id, reason)
+        return cls("ask", tools, when, predicate, id, reason, approvals_required, groups)
 
     @classmethod
     def deny(
@@ -182,6 +193,33 @@ class Tool:
     approval_timeout: int | None = None  # milliseconds; overrides HumanInLoop's
     # Rules for this tool alone (their `tools` is this tool), after the agent's rules.
     policy: Sequence[Rule] = ()
+    # A quorum: this many distinct people approve each call (an ask rule may ask for
+    # more), one of them from each of `groups`; never the one who started the run.
+    approvals_required: int = 1
+    groups: Sequence[str] = ()
+    # "reject" (the spec's): an unanswered request times out and the model is told.
+    # "approve": it runs, audited as approved_by_timeout (one approval only).
+    timeout_action: str = "reject"
+    # The longest a request may stay open with the extensions reviewers grant
+    # (signal(..., "extend", until=...)): ms, a timedelta or "2h". None: no extensions.
+    max_approval_timeout: int | timedelta | str | None = None
+    # A reminder on the request's channels this long before it expires ("5m"); and
+    # escalation stages. None / (): HumanInLoop's.
+    remind_before: int | timedelta | str | None = None
+    escalation: Sequence[Stage] = ()
+
+
+@attrs.frozen
+class Stage:
+    """An escalation stage: when `after` ("10m") has passed since a request opened and
+    nobody decided it, it is delivered again on `channel` (a webhook URL, or an
+    ApprovalBroker) and opened to `reviewers` (names) and members of `groups`, besides
+    everyone granted. Stages come in the order of their `after`."""
+
+    after: int | timedelta | str
+    channel: str | ApprovalBroker | dict[str, Any] | None = None
+    reviewers: Sequence[str] = ()
+    groups: Sequence[str] = ()
 
 
 # An event is a Redis stream key, a NATS subject and a RabbitMQ routing key at once:
@@ -216,6 +254,9 @@ class HumanInLoop:
     webhook_secret: str | None = attrs.field(default=None, repr=False)
     approval_order: str = SEQUENTIAL
     policy: Policy | Sequence[Rule] | None = None
+    # Defaults for every gated tool that does not set its own (see Tool).
+    remind_before: int | timedelta | str | None = None
+    escalation: Sequence[Stage] = ()
 
 
 @attrs.frozen
@@ -260,6 +301,41 @@ def _positive_ms(what: str, value: Any) -> int:
             f"{MAX_TIMEOUT_MS} (366 days), e.g. 300000 for 5 minutes; got {value!r}"
         )
     return value
+
+
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}$")
+
+
+def _quorum(what: str, approvals: Any, groups: Any) -> tuple[int, tuple[str, ...]]:
+    """A quorum as given, checked: 1-10 approvals, up to 10 distinct group names, and no
+    more groups than approvals (one person stands for one group)."""
+    if (
+        isinstance(approvals, bool)
+        or not isinstance(approvals, int)
+        or not 1 <= approvals <= MAX_APPROVALS
+    ):
+        raise DefinitionError(
+            f"{what}: approvals_required is a whole number from 1 to {MAX_APPROVALS}, got"
+            f" {approvals!r}"
+        )
+    if isinstance(groups, str) or not isinstance(groups, Sequence):
+        raise DefinitionError(
+            f"{what}: groups is a list of reviewer group names, e.g. ['finance', 'risk'],"
+            f" got {groups!r}"
+        )
+    names = tuple(groups)
+    bad = [g for g in names if not isinstance(g, str) or not GROUP_NAME.match(g)]
+    if bad or len(set(names)) != len(names) or len(names) > MAX_GROUPS:
+        raise DefinitionError(
+            f"{what}: groups are up to {MAX_GROUPS} distinct names of 1-64 letters, digits,"
+            f" '.', '_', '@', ':' or '-'; got {list(names)!r}"
+        )
+    if len(names) > approvals:
+        raise DefinitionError(
+            f"{what}: {len(names)} groups need at least {len(names)} approvals (one person"
+            f" stands for one group); approvals_required is {approvals}"
+        )
+    return approvals, names
 
 
 def _broker_target(given: ApprovalBroker | dict[str, Any] | None) -> BrokerTarget | None:
@@ -339,6 +415,20 @@ def _rule(rule: Any, rule_id: str, tools: tuple[str, ...] | None) -> RuleSpec:
     if not isinstance(rule.reason, str):
         raise DefinitionError(f"policy rule '{rule_id}': reason must be a string")
     predicate = rule.predicate
+    approvals, groups = rule.approvals_required, tuple(rule.groups)
+    if approvals is not None or groups:
+        if rule.effect != ASK:
+            raise DefinitionError(
+                f"policy rule '{rule_id}': approvals_required and groups belong to an ask"
+                f" rule (a {rule.effect} rule asks nobody)"
+            )
+        approvals, groups = _quorum(
+            f"policy rule '{rule_id}'",
+            approvals if approvals is not None else len(groups) or 1,
+            groups,
+        )
+        if rule.approvals_required is None:
+            approvals = None  # the tool's count, these groups
     return RuleSpec(
         id=rule_id,
         effect=rule.effect,
@@ -350,6 +440,8 @@ def _rule(rule: Any, rule_id: str, tools: tuple[str, ...] | None) -> RuleSpec:
             else None
         ),
         reason=rule.reason,
+        approvals_required=approvals,
+        groups=groups,
     )
 
 
@@ -396,6 +488,109 @@ def compile_policy(
         raise DefinitionError(f"Policy.enforce must be True or False, got {policy.enforce!r}")
     rules = tuple(specs)
     return PolicySpec(rules, policy.enforce, version_of(rules, policy.enforce)), predicates
+
+
+def _ms(what: str, value: int | timedelta | str) -> int:
+    try:
+        length = parse_duration(value, what)
+    except BadDuration as err:
+        raise DefinitionError(str(err)) from None
+    return _positive_ms(what, int(length.total_seconds() * 1000))
+
+
+def _stages(what: str, given: Any, longest_ms: int) -> tuple[StageSpec, ...]:
+    if isinstance(given, str) or not isinstance(given, Sequence):
+        raise DefinitionError(f"{what}: escalation is a list of Stage(after=..., ...)")
+    stages: list[StageSpec] = []
+    for n, stage in enumerate(given, 1):
+        where = f"{what} escalation stage {n}"
+        if not isinstance(stage, Stage):
+            raise DefinitionError(f"{where}: use Stage(after='10m', channel=..., reviewers=...)")
+        after = _ms(f"{where} after", stage.after)
+        if stages and after <= stages[-1].after_ms:
+            raise DefinitionError(f"{where}: stages come in order: its after must be later")
+        if after >= longest_ms:
+            raise DefinitionError(
+                f"{where}: after ({after} ms) is not before the request can expire"
+                f" ({longest_ms} ms), so it would never fire"
+            )
+        webhook, broker = None, None
+        if isinstance(stage.channel, str):
+            if not stage.channel.startswith(("http://", "https://")):
+                raise DefinitionError(
+                    f"{where}: channel is a webhook URL (http(s)://...) or an ApprovalBroker,"
+                    f" got {stage.channel!r}"
+                )
+            webhook = stage.channel
+        elif stage.channel is not None:
+            broker = _broker_target(stage.channel)
+        reviewers = tuple(stage.reviewers)
+        if isinstance(stage.reviewers, str) or not all(isinstance(r, str) for r in reviewers):
+            raise DefinitionError(f"{where}: reviewers is a list of reviewer names")
+        _, groups = _quorum(where, max(1, len(tuple(stage.groups))), stage.groups)
+        if not (webhook or broker or reviewers or groups):
+            raise DefinitionError(
+                f"{where}: give it a channel to deliver on, or reviewers or groups to open"
+                " the request to"
+            )
+        stages.append(StageSpec(after, webhook, broker, reviewers, groups))
+    return tuple(stages)
+
+
+def _approval_rules(tool: Tool, timeout_ms: int, hitl: HumanInLoop) -> dict[str, Any]:
+    """A tool's quorum, timeout action, longest deadline, reminder and escalation,
+    checked (defaults left out)."""
+    enabled = hitl.enabled
+    what = f"tool '{tool.tag}'"
+    approvals, groups = _quorum(what, tool.approvals_required, tool.groups)
+    rules: dict[str, Any] = {}
+    if (approvals, groups) != (1, ()):
+        if not enabled:
+            raise DefinitionError(
+                f"{what} asks for {approvals} approvals but human_in_loop is not enabled, so"
+                " nobody would be asked; pass HumanInLoop(enabled=True, ...)"
+            )
+        rules.update(approvals_required=approvals, groups=groups)
+    if tool.timeout_action not in TIMEOUT_ACTIONS:
+        raise DefinitionError(
+            f"{what}: timeout_action is 'reject' (the default) or 'approve', got"
+            f" {tool.timeout_action!r}"
+        )
+    if tool.timeout_action == APPROVE:
+        if (approvals, groups) != (1, ()):
+            raise DefinitionError(
+                f"{what}: timeout_action='approve' with a quorum of {approvals}: approval by"
+                " timeout never stands for more than one person; drop one or the other"
+            )
+        rules["timeout_action"] = APPROVE
+    if tool.max_approval_timeout is not None:
+        try:
+            longest = parse_duration(tool.max_approval_timeout, f"{what} max_approval_timeout")
+        except BadDuration as err:
+            raise DefinitionError(str(err)) from None
+        longest_ms = _positive_ms(
+            f"{what} max_approval_timeout", int(longest.total_seconds() * 1000)
+        )
+        if longest_ms < timeout_ms:
+            raise DefinitionError(
+                f"{what}: max_approval_timeout ({longest_ms} ms) is shorter than its"
+                f" approval_timeout ({timeout_ms} ms); it is the longest a request may stay"
+                " open, extensions included"
+            )
+        rules["max_timeout_ms"] = longest_ms
+    longest_ms = rules.get("max_timeout_ms", timeout_ms)
+    remind = tool.remind_before if tool.remind_before is not None else hitl.remind_before
+    if remind is not None:
+        rules["remind_before_ms"] = _ms(f"{what} remind_before", remind)
+        if rules["remind_before_ms"] >= timeout_ms:
+            raise DefinitionError(
+                f"{what}: remind_before ({rules['remind_before_ms']} ms) must be shorter than"
+                f" its approval_timeout ({timeout_ms} ms), or the reminder would come first"
+            )
+    stages = _stages(what, tool.escalation or hitl.escalation, longest_ms)
+    if stages:
+        rules["escalation"] = stages
+    return rules
 
 
 def compile_agent(
@@ -481,6 +676,7 @@ def compile_agent(
                 input_schema=to_json_schema(tool.tag, tool.parameters),
                 gated=gated,
                 approval_timeout_ms=timeout,
+                **_approval_rules(tool, timeout, hitl),
             )
         )
     unknown = [t for t in hitl.always_require_approval if t not in seen]

@@ -29,7 +29,8 @@ from typing import Any
 
 from clearance import views
 from clearance.callback import callback_url
-from clearance.core.execution import PENDING, ApprovalRequest
+from clearance.core.escalation import REMINDER
+from clearance.core.execution import PENDING, ApprovalRequest, Execution
 from clearance.definition import HostedAgent
 from clearance.ports.channel import DELIVERED, DISABLED, FAILED, RETRY, ApprovalChannel, Sent
 from clearance.ports.clock import Clock
@@ -177,9 +178,6 @@ class DeliveryRelay:
                 delivery, None, "endpoint disabled after an earlier 410", "disabled", "disabled"
             )
             return
-        if now >= delivery.expires_at:
-            await self._record(delivery, None, "the approval request expired", "expired", "expired")
-            return
         ex = await self.store.load(delivery.execution_id)
         request = ex.request(delivery.request_id) if ex else None
         if request is None:
@@ -193,8 +191,17 @@ class DeliveryRelay:
                 delivery, None, f"the request was already {request.status}", "skipped", "skipped"
             )
             return
-        body = views.webhook_body(request, self._callback_url(request))
-        if self.clock.now() >= delivery.expires_at:  # it expired while the request was read
+        # Its deadline as it is now (a reviewer may have extended it since this was queued).
+        if now >= request.timeout:
+            await self._record(delivery, None, "the approval request expired", "expired", "expired")
+            return
+        body = views.webhook_body(
+            request,
+            self._callback_url(request),
+            reminder=delivery.purpose == REMINDER,
+            stage=_stage(ex, request, delivery.purpose),
+        )
+        if self.clock.now() >= request.timeout:  # it expired while the request was read
             await self._record(delivery, None, "the approval request expired", "expired", "expired")
             return
         sent = await self._send(self.channels[delivery.channel], delivery, body)
@@ -213,7 +220,7 @@ class DeliveryRelay:
             next_at = self.clock.now() + timedelta(seconds=random.uniform(0, backoff))
             if attempts >= self.max_attempts:
                 await self._record(delivery, code, error, "failed", "failed")
-            elif next_at >= delivery.expires_at:
+            elif next_at >= request.timeout:
                 await self._record(delivery, code, error, "expired", "expired")
             else:
                 await self._record(delivery, code, error, "retry", "pending", next_at)
@@ -264,3 +271,14 @@ class DeliveryRelay:
                 await channel.aclose()
             except Exception:
                 log.exception("closing the %s channel failed", channel.name)
+
+
+def _stage(ex: Execution | None, request: ApprovalRequest, purpose: str) -> tuple[int, int] | None:
+    """(number, after in ms) of the escalation stage a delivery is for, if it is."""
+    if ex is None or not purpose.startswith("stage:"):
+        return None
+    number = int(purpose.removeprefix("stage:"))
+    tool = ex.agent.tool(request.tool)
+    if tool is None or not 0 < number <= len(tool.escalation):
+        return None
+    return number, tool.escalation[number - 1].after_ms

@@ -53,9 +53,11 @@ from clearance.core.agent import AgentSpec
 from clearance.core.commands import CallModel, RunTool
 from clearance.core.decide import decide
 from clearance.core.errors import ClearanceError, Refusal, RefusalCode
+from clearance.core.escalation import schedule
 from clearance.core.events import (
     Approved,
     Event,
+    Extended,
     ModelFailed,
     ModelReplied,
     Reassessment,
@@ -90,7 +92,7 @@ from clearance.core.policy import (
     compile_condition,
     evaluate,
 )
-from clearance.core.reviewers import APP, REVIEWER, Identity
+from clearance.core.reviewers import APP, DECIDE, EXTEND, REVIEWER, Identity
 from clearance.core.rows import writes
 from clearance.core.schema import with_defaults
 from clearance.definition import HostedAgent
@@ -102,7 +104,7 @@ from clearance.ports.tools import ToolContext
 
 log = logging.getLogger("clearance")
 
-SIGNALS = ("approve", "reject", "stop")
+SIGNALS = ("approve", "reject", "stop", "extend")
 DEFAULT_MAX_CONCURRENCY = 32
 DEFAULT_LEASE = 30.0  # seconds a claim lasts unless renewed
 DEFAULT_RENEW_EVERY = 10.0  # seconds between renewals while working
@@ -205,7 +207,9 @@ class Engine:
 
     # -- entry points ---------------------------------------------------------------
 
-    async def start(self, tag: str, input: str, session_id: str | None) -> Execution:
+    async def start(
+        self, tag: str, input: str, session_id: str | None, requested_by: str | None = None
+    ) -> Execution:
         await self.define_agents()
         agent = self.agents.get(tag)
         if agent is None:
@@ -213,7 +217,12 @@ class Engine:
             raise ClearanceError(f"no agent '{tag}' is defined here (defined: {known})")
         if not isinstance(input, str):
             raise ClearanceError(f"input must be a string, got {type(input).__name__}")
-        event = Started(self.ids.execution_id(), input, self.clock.now(), session_id)
+        if requested_by is not None and not isinstance(requested_by, str):
+            raise ClearanceError(
+                "requested_by must be a person's name (a string), got"
+                f" {type(requested_by).__name__}"
+            )
+        event = Started(self.ids.execution_id(), input, self.clock.now(), session_id, requested_by)
         return await self._drive(Execution(agent=agent.spec), event)
 
     async def signal(
@@ -229,6 +238,7 @@ class Engine:
         remember: str | None = None,
         remember_when: str | None = None,
         digest: str | None = None,
+        until: datetime | str | None = None,
     ) -> Execution:
         """`by`: who decides; a plain name is the embedding code's word for it (`app`),
         an `Identity` says how it is known, and a `reviewer` must be granted the
@@ -253,8 +263,9 @@ class Engine:
                     "missing_request_id", f"signal '{signal}' needs request_id (the 'apr-…' id)"
                 )
             request = ex.request(request_id)
+            action = EXTEND if signal == "extend" else DECIDE
             if request is not None:
-                _check_granted(who, ex, request)
+                _check_granted(who, ex, request, action)
             ex = await self._expire(ex, request_id)
             # Decided under the agent as now defined: a request its new policy decides,
             # or that no longer fits it, is not a person's to decide any more.
@@ -262,11 +273,15 @@ class Engine:
             request = ex.request(request_id)
             # A reviewer deciding with grants delegated to them: the audit says for whom.
             behalf = (
-                who.acting_for(ex.agent_tag, request.tool)
+                who.acting_for(ex.agent_tag, request.tool, action)
                 if who is not None and request is not None
                 else None
             )
-            if signal == "approve":
+            if signal == "extend":
+                event = Extended(request_id, _deadline(until), self.clock.now(), name, kind, behalf)
+            elif until is not None:
+                raise Refusal(RefusalCode.INVALID_EVENT, "until= goes with the 'extend' signal")
+            elif signal == "approve":
                 verdict = self._edit_verdict(ex, request, modified_params)
                 grant = _session_grant(request, remember, remember_when)
                 event = Approved(
@@ -279,6 +294,7 @@ class Engine:
                     grant,
                     digest,
                     behalf,
+                    await self._groups(who, behalf),
                 )
             elif remember is not None or remember_when is not None:
                 raise Refusal(RefusalCode.INVALID_REMEMBER, "remember= goes with an approval")
@@ -303,7 +319,7 @@ class Engine:
                 policy,
                 agent=ex.agent_tag,
                 tool=request.tool,
-                args={**request.parameters, **modified},
+                args={**request.effective_parameters(), **modified},
                 predicates=hosted.predicates if hosted is not None else None,
             )
         except HostRequired as err:
@@ -357,6 +373,19 @@ class Engine:
                 raise
             return await self._load(ex.id)  # judged by another process in the meantime
 
+    async def _groups(self, who: Identity | None, behalf: str | None) -> tuple[str, ...]:
+        """The groups a voter stands for: a reviewer's own (and, acting for a delegator,
+        the delegator's); the app's by= name, those of the registered reviewer of that
+        name, if there is one. What a quorum's groups count."""
+        if who is None or who.kind not in (REVIEWER, APP):
+            return ()
+        reviewer = who.reviewer if who.kind == REVIEWER else await self.store.reviewer(who.name)
+        groups = list(reviewer.groups) if reviewer is not None else []
+        for delegator in who.delegators:
+            if delegator.name == behalf:
+                groups += [g for g in delegator.groups if g not in groups]
+        return tuple(groups)
+
     def _reassess(self, ex: Execution, current: AgentSpec) -> tuple[Reassessment, ...]:
         policy = current.policy
         if policy is None:
@@ -368,12 +397,14 @@ class Engine:
         for call in ex.calls:
             if call.status not in (QUEUED, AWAITING) or current.tool(call.tool) is None:
                 continue
+            # A request's call as it stands: a vote towards a quorum may have changed it.
+            request = ex.request(call.request_id) if call.status == AWAITING else None
             try:
                 verdict = evaluate(
                     policy,
                     agent=ex.agent_tag,
                     tool=call.tool,
-                    args=call.parameters,
+                    args=request.effective_parameters() if request else call.parameters,
                     predicates=predicates,
                 )
             except HostRequired as err:
@@ -475,7 +506,11 @@ class Engine:
                 except Refusal as refusal:
                     request = ex.request(timer.request_id) if ex is not None else None
                     if refusal.code == "not_due" and request is not None:
-                        await self.store.postpone_timer(timer, request.timeout)
+                        # Early (another clock, a redefinition moved things): to the next
+                        # thing due, a reminder or stage, else the deadline.
+                        later = schedule(request, ex.agent.tool(request.tool))  # type: ignore[union-attr]
+                        coming = [t for t in later if t > now] + [request.timeout]
+                        await self.store.postpone_timer(timer, min(coming))
                     else:  # decided or cancelled in the meantime: that decision stands
                         await self.store.drop_timer(timer)
                 except Exception:
@@ -1074,11 +1109,45 @@ def _session_grant(
     return SessionGrant(request.tool, request.request_id, request.timestamp, None, None, when)
 
 
-def _check_granted(who: Identity | None, ex: Execution, request: ApprovalRequest) -> None:
-    """A reviewer decides only what a grant covers; refused before anything changes."""
-    if who is not None and who.kind == REVIEWER and not who.may(ex.agent_tag, request.tool):
+def _check_granted(
+    who: Identity | None, ex: Execution, request: ApprovalRequest, action: str = DECIDE
+) -> None:
+    """A reviewer decides (or extends) only what a grant covers; refused before anything
+    changes."""
+    if (
+        who is not None
+        and who.kind == REVIEWER
+        and not who.may(ex.agent_tag, request.tool, action)
+        and not (action == DECIDE and _escalated_to(who, ex, request))
+    ):
+        granted = "granted" if action == DECIDE else f"granted '{action}' on"
         raise Refusal(
             RefusalCode.NOT_GRANTED,
-            f"reviewer {who.name!r} is not granted '{request.tool}' of agent"
+            f"reviewer {who.name!r} is not {granted} '{request.tool}' of agent"
             f" '{ex.agent_tag}' (request {request.request_id})",
         )
+
+
+def _escalated_to(who: Identity, ex: Execution, request: ApprovalRequest) -> bool:
+    """Whether an escalation stage that has fired opened the request to `who`."""
+    tool = ex.agent.tool(request.tool)
+    if tool is None or request.status != "pending":
+        return False
+    groups = who.reviewer.groups if who.reviewer is not None else ()
+    return any(s.opens_to(who.name, groups) for s in tool.escalation[: request.stages_fired])
+
+
+def _deadline(until: Any) -> datetime:
+    """An extension's new deadline, as an aware datetime."""
+    if isinstance(until, str):
+        try:
+            until = datetime.fromisoformat(until.replace("Z", "+00:00"))
+        except ValueError:
+            until = None
+    if not isinstance(until, datetime) or until.tzinfo is None:
+        raise Refusal(
+            RefusalCode.INVALID_DEADLINE,
+            "the 'extend' signal needs until=, the new deadline: an aware datetime or ISO-8601"
+            " text with its offset ('2026-12-05T18:00:00Z')",
+        )
+    return until

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 import attrs
@@ -38,6 +39,7 @@ PAYLOAD_FIELDS = (
     "remember",
     "rememberWhen",
     "callDigest",
+    "until",
 )
 LISTING_QUERY = ("status", "agentTag", "limit", "after")
 
@@ -215,6 +217,38 @@ class SignalCall:
     remember: str | None = None  # "execution": a session grant (see Clearance.signal)
     remember_when: str | None = None
     digest: str | None = None  # callDigest: the call the decider saw
+    until: datetime | None = None  # extend: the request's new deadline
+
+
+def parse_time(text: str, *, assume_utc: bool = False) -> datetime:
+    """ISO-8601 text ('2026-12-05T18:00:00Z', '2026-12-05 19:00+01:00') as an aware UTC
+    datetime. A time without its offset is refused (ValueError) unless `assume_utc`:
+    read in someone's local time, it would be hours off."""
+    cleaned = text.strip()
+    if cleaned[-1:] in ("z", "Z"):
+        cleaned = cleaned[:-1] + "+00:00"
+    at = datetime.fromisoformat(cleaned)  # ValueError: not ISO-8601
+    if at.utcoffset() is None:
+        if not assume_utc:
+            raise ValueError(f"{text!r} has no offset (add Z for UTC, or +01:00)")
+        at = at.replace(tzinfo=UTC)
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{text!r} is out of range") from None
+
+
+def deadline(text: str, where: str) -> datetime:
+    """An extension's new deadline, or 422 naming the field."""
+    try:
+        return parse_time(text)
+    except ValueError:
+        fail(
+            422,
+            "invalid_body",
+            f"{where}until must be an ISO-8601 time with its offset, e.g."
+            f" '2026-12-05T18:00:00Z'; got {text!r}",
+        )
 
 
 def signal_call(value: Any) -> SignalCall:
@@ -234,6 +268,10 @@ def signal_call(value: Any) -> SignalCall:
     if name != "approve":
         not_with(payload, "remember", "remember goes with signal approve")
         not_with(payload, "rememberWhen", "rememberWhen goes with signal approve")
+    until_text = optional_text(payload, "until", "payload.")
+    until = None
+    if name != "extend":
+        not_with(payload, "until", "until goes with signal extend (the new deadline)")
     if name == "stop":
         not_with(payload, "requestId", "stop ends the whole execution: send no requestId")
         not_with(payload, "modifiedParams", "modifiedParams goes with signal approve")
@@ -245,12 +283,23 @@ def signal_call(value: Any) -> SignalCall:
         )
     elif name == "approve":
         not_with(payload, "reason", "reason goes with signal reject or stop")
+    elif name == "extend":
+        not_with(payload, "reason", "reason goes with signal reject or stop")
+        not_with(payload, "modifiedParams", "modifiedParams goes with signal approve")
+        if until_text is None:
+            fail(
+                422,
+                "invalid_body",
+                "signal extend needs payload.until, the new deadline (ISO-8601 with its"
+                " offset, e.g. '2026-12-05T18:00:00Z')",
+            )
+        until = deadline(until_text, "payload.")
     else:
         not_with(payload, "modifiedParams", "modifiedParams goes with signal approve")
     digest = optional_text(payload, "callDigest", "payload.")
-    if name == "stop":
+    if name in ("stop", "extend"):
         not_with(payload, "callDigest", "callDigest goes with signal approve or reject")
-    return SignalCall(name, request_id, reason, changes, by, remember, remember_when, digest)
+    return SignalCall(name, request_id, reason, changes, by, remember, remember_when, digest, until)
 
 
 BATCH_FIELDS = ("requestIds", "approved", "reason")

@@ -25,6 +25,9 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     # an edit that lands where a policy rule denies: the request stays pending
     RefusalCode.DENIED_BY_POLICY: 422,
     RefusalCode.INVALID_REMEMBER: 422,
+    # a deadline later than the tool lets a request stay open
+    RefusalCode.EXTENSION_TOO_LONG: 422,
+    RefusalCode.INVALID_DEADLINE: 422,
     # it does not fit the execution's state now
     RefusalCode.ALREADY_DECIDED: 409,
     RefusalCode.WRONG_STATE: 409,
@@ -37,8 +40,12 @@ REFUSAL_STATUS: dict[RefusalCode, int] = {
     RefusalCode.STALE_DECISION: 409,
     # an edit a rule's Python predicate must judge, sent where the agent is not hosted
     RefusalCode.HOST_REQUIRED: 409,
+    # a second approval of the same call by one person
+    RefusalCode.ALREADY_VOTED: 409,
     # a reviewer whose grants do not cover the request's agent and tool
     RefusalCode.NOT_GRANTED: 403,
+    # the person who started the execution approving its request
+    RefusalCode.SELF_APPROVAL: 403,
 }
 
 

@@ -20,7 +20,7 @@ from clearance import page_session, views
 from clearance.callback import TokenError, check_token
 from clearance.core.decide import standing_decision
 from clearance.core.errors import ClearanceError, InvalidParameters, Refusal, RefusalCode
-from clearance.core.execution import TIMED_OUT, ApprovalRequest
+from clearance.core.execution import PENDING, TIMED_OUT, ApprovalRequest
 from clearance.core.reviewers import CLAIMED, Identity, admin
 from clearance.http_bodies import (
     batch_decision,
@@ -103,7 +103,7 @@ def _not_configured() -> NoReturn:
     )
 
 
-def require_token(app: Clearance, request: Request, request_id: str) -> None:
+async def require_token(app: Clearance, request: Request, request_id: str) -> None:
     if not app.webhook_secret:
         fail(
             503,
@@ -112,9 +112,17 @@ def require_token(app: Clearance, request: Request, request_id: str) -> None:
             "or $CLEARANCE_WEBHOOK_SECRET for `clearance serve`",
         )
     token = request.query_params.get("token")
+    now = app.clock.now()
     try:
-        check_token(app.webhook_secret, request_id, token, app.clock.now())
+        check_token(app.webhook_secret, request_id, token, now)
     except TokenError as err:
+        # A token of ours for this request (its MAC checked), past the deadline it was
+        # made with: a reviewer may have extended the request since, which extends the
+        # URLs already handed out for it.
+        if err.status == 410:
+            current = await app.request(request_id)
+            if current is not None and current.status == PENDING and now < current.timeout:
+                return
         fail(err.status, err.code, str(err))
 
 
@@ -146,7 +154,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
 
     async def respond(request: Request) -> Response:
         request_id = request.path_params["requestId"]
-        require_token(app, request, request_id)
+        await require_token(app, request, request_id)
         call = callback_decision(await read_json(request, max_body))
         try:
             ex = await app.decide(
@@ -190,6 +198,7 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 remember=call.remember,
                 remember_when=call.remember_when,
                 digest=call.digest,
+                until=call.until,
             )
         except Refusal as refusal:
             await refused(app, refusal, call.request_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from clearance.core.agent import TIMEOUT_ACTIONS
 from clearance.core.execution import OUTCOMES, PENDING, REQUEST_STATUSES
 from clearance.core.reviewers import BY_KINDS
 from clearance.engine import SIGNALS
@@ -30,15 +31,20 @@ def _errors(*statuses: int) -> dict[str, Any]:
     described = {
         400: "The body is not valid UTF-8 JSON.",
         401: "The credential is missing.",
-        403: "The credential is not valid.",
+        403: "The credential is not valid; or (error.code) not_granted: the reviewer's"
+        " grants do not cover the request, or a claimed name (a callback body) approves"
+        " or rejects a request that needs a quorum; self_approval: the person who started"
+        " the execution (requestedBy) approves its request.",
         404: "No such approval request, execution or route.",
         409: "Already decided (error.decision names the decision that stands), "
-        "or the execution is in a state that takes no such signal.",
+        "or the execution is in a state that takes no such signal; already_voted: this "
+        "person already approved the request, which still needs others.",
         410: "The approval request expired or timed out; it can no longer be decided.",
         413: f"The body is larger than the limit ({MAX_BODY // 1024} KiB by default).",
         415: "The body is not Content-Type: application/json.",
         422: "The body or query is not valid; error.problems names each invalid "
-        "modified parameter and why.",
+        "modified parameter and why; extension_too_long: an extend's until is later than "
+        "the tool lets a request stay open (max_approval_timeout).",
         500: "The execution's stored log no longer reads back (error.code "
         "unreadable_execution names the row; trying again cannot help).",
         503: "The route's secret (webhook_secret or api_key) is not configured.",
@@ -68,6 +74,65 @@ _BY_KIND = {
         " or broker body, the CLI's --by)."
     ),
 }
+
+
+_TIME = {"type": "string", "format": "date-time"}
+_VOTE = {
+    "type": "object",
+    "required": ["by", "byKind", "at", "groups", "onBehalfOf"],
+    "description": "One person's approval counted towards the request's quorum.",
+    "properties": {
+        "by": {"type": "string"},
+        "byKind": {"enum": list(BY_KINDS)},
+        "at": _TIME,
+        "groups": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "The voter's groups when they voted.",
+        },
+        "onBehalfOf": {
+            **_TEXT_OR_NULL,
+            "description": "The reviewer whose delegated grants the voter used.",
+        },
+    },
+}
+# A request's quorum and requester: present only where the request needs more than one
+# approval or names groups (the first five), names who started the run (requestedBy), or
+# is approved when nobody answers (timeoutAction).
+_QUORUM: dict[str, Any] = {
+    "approvalsRequired": {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Distinct people who must approve the same call.",
+    },
+    "groups": {
+        "type": "array",
+        "items": {"type": "string"},
+        "description": "Reviewer groups of which one approver each must be.",
+    },
+    "votes": {"type": "array", "items": _VOTE, "description": "Approvals so far."},
+    "stillNeeded": {
+        "type": "object",
+        "required": ["approvals", "groups"],
+        "description": "While pending: approvals still needed, and the groups nobody who"
+        " voted stands for yet.",
+        "properties": {
+            "approvals": {"type": "integer", "minimum": 0},
+            "groups": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "requestedBy": {
+        "type": "string",
+        "description": "Who started the execution: they may not approve it.",
+    },
+    "timeoutAction": {
+        "enum": list(TIMEOUT_ACTIONS),
+        "description": "approve: an unanswered request is approved at its deadline.",
+    },
+}
+# What a decision answer says of its request: decided, or still pending (a vote short of
+# its quorum, or an extended deadline).
+_DECISION = {"enum": ["approved", "rejected", PENDING]}
 
 
 def _signal_variant(signal: str, fields: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -141,7 +206,9 @@ _SCHEMAS: dict[str, Any] = {
         ],
     },
     "SignalBody": {
-        "description": "The spec's signal: approve or reject one request, or stop the execution.",
+        "description": "The spec's signal: approve or reject one request, or stop the "
+        "execution; or extend a pending request's deadline. An approval of a request that "
+        "needs a quorum is a vote: the answer shows it still pending, with its votes.",
         "oneOf": [
             _signal_variant(
                 "approve",
@@ -168,6 +235,20 @@ _SCHEMAS: dict[str, Any] = {
                 ["requestId"],
             ),
             _signal_variant("stop", {"reason": _TEXT_OR_NULL, "by": _BY}, []),
+            _signal_variant(
+                "extend",
+                {
+                    "requestId": {"type": "string"},
+                    "until": {
+                        **_TIME,
+                        "description": "The new deadline, ISO-8601 with its offset; at"
+                        " most the tool's max_approval_timeout after the request was made"
+                        " (else 422 extension_too_long). Needs the 'extend' grant.",
+                    },
+                    "by": _BY,
+                },
+                ["requestId", "until"],
+            ),
         ],
     },
     "Decision": {
@@ -183,7 +264,7 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "requestId": {"type": "string"},
             "executionId": {"type": "string"},
-            "decision": {"enum": ["approved", "rejected"]},
+            "decision": _DECISION,
             "outcome": _OUTCOME,
             "tool": {"type": "string"},
             "parameters": {
@@ -195,6 +276,12 @@ _SCHEMAS: dict[str, Any] = {
             "by": {"type": "string"},
             "byKind": _BY_KIND,
             "decidedAt": {"type": "string", "format": "date-time"},
+            "expiresAt": {**_TIME, "description": "While still pending: its deadline."},
+            "callDigest": {
+                **_TEXT_OR_NULL,
+                "description": "While still pending: the call it now asks about.",
+            },
+            **_QUORUM,
             "executionStatus": {"type": "string"},
         },
     },
@@ -226,7 +313,7 @@ _SCHEMAS: dict[str, Any] = {
                     "properties": {
                         "requestId": {"type": "string"},
                         "ok": {"type": "boolean"},
-                        "decision": {"enum": ["approved", "rejected"]},
+                        "decision": _DECISION,
                         "by": {"type": "string"},
                         "byKind": _BY_KIND,
                         "executionStatus": {"type": "string"},
@@ -250,7 +337,9 @@ _SCHEMAS: dict[str, Any] = {
             "executionId": {"type": "string"},
             "executionStatus": {"type": "string"},
             "requestId": {"type": "string"},
-            "decision": {"enum": ["approved", "rejected"]},
+            "decision": _DECISION,
+            "expiresAt": _TIME,
+            **_QUORUM,
         },
     },
     "ApprovalRequest": {
@@ -296,6 +385,7 @@ _SCHEMAS: dict[str, Any] = {
                     "version": {"type": "string"},
                 },
             },
+            **_QUORUM,
         },
     },
     "Execution": {
@@ -307,6 +397,10 @@ _SCHEMAS: dict[str, Any] = {
             "status": {"type": "string"},
             "input": {"type": "string"},
             "sessionId": _TEXT_OR_NULL,
+            "requestedBy": {
+                **_TEXT_OR_NULL,
+                "description": "Who started it (Clearance.run(requested_by=...)).",
+            },
             "output": _TEXT_OR_NULL,
             "error": _TEXT_OR_NULL,
             "createdAt": _TEXT_OR_NULL,
@@ -351,7 +445,10 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
                     "operationId": "respond",
                     "summary": "Decide one approval request (the webhook's callbackUrl).",
                     "description": "The token from the callbackUrl is the credential; no API "
-                    "key. Exactly one decision per request ever wins.",
+                    "key. Exactly one decision per request ever wins. A request that needs "
+                    "a quorum (approvalsRequired over 1, or groups) is not decided here: "
+                    "the body's `by` is unchecked, so it cannot count (403 not_granted); "
+                    "use the signal route with a reviewer's key, or the inbox.",
                     "parameters": [
                         _path_param("requestId"),
                         {
@@ -375,7 +472,7 @@ def openapi_document(root_path: str = "") -> dict[str, Any]:
             "/executions/{executionId}/signal": {
                 "post": {
                     "operationId": "signal",
-                    "summary": "Approve or reject a request of an execution, or stop it.",
+                    "summary": "Approve, reject or extend a request of an execution, or stop it.",
                     "security": _BEARER,
                     "parameters": [_path_param("executionId")],
                     "requestBody": {

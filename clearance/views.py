@@ -17,13 +17,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from clearance.core.agent import REJECT
 from clearance.core.audit_chain import ChainRow
 from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
+from clearance.core.decide import duration
 from clearance.core.events import Event
 from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
 from clearance.core.json_text import dumps as dumps  # the views' encoder, re-exported
 from clearance.core.json_text import encode as encode
+from clearance.core.quorum import Vote
 from clearance.core.reviewers import Reviewer, ReviewerKey
 from clearance.core.wire import event_to_data, reviewer_to_data
 
@@ -43,6 +46,42 @@ def approval_request(request: ApprovalRequest) -> dict[str, Any]:
     data = request.to_dict()
     if request.policy is not None:
         data["policy"] = asking_rule(request)
+    data.update(quorum(request))
+    return data
+
+
+def vote(v: Vote) -> dict[str, Any]:
+    """One approval counted towards a quorum: who, how known, when, for which groups."""
+    return {
+        "by": v.by,
+        "byKind": v.by_kind,
+        "at": iso(v.at),
+        "groups": list(v.groups),
+        "onBehalfOf": v.on_behalf_of,
+    }
+
+
+def quorum(request: ApprovalRequest) -> dict[str, Any]:
+    """Who must still approve `request`, and who may not: `approvalsRequired`, `groups`,
+    `votes` (and, while pending, `stillNeeded` and any changes voted so far) where it
+    needs more than one approval or names groups; `requestedBy` where the run names who
+    asked for it; `timeoutAction` where an unanswered request is approved. Empty for a
+    plain request, so its views are what they always were."""
+    data: dict[str, Any] = {}
+    if request.needs_quorum:
+        data["approvalsRequired"] = request.approvals_required
+        data["groups"] = list(request.groups)
+        data["votes"] = [vote(v) for v in request.votes]
+        if request.status == PENDING:
+            count, open_groups = request.still_needed()
+            data["stillNeeded"] = {"approvals": count, "groups": list(open_groups)}
+            if request.modified_params is not None:
+                # A voter approved it with changes: the others are asked about that call.
+                data["modifiedParams"] = request.modified_params
+    if request.requested_by is not None:
+        data["requestedBy"] = request.requested_by
+    if request.timeout_action != REJECT:
+        data["timeoutAction"] = request.timeout_action
     return data
 
 
@@ -109,6 +148,11 @@ def decision(request: ApprovalRequest, execution_status: str) -> dict[str, Any]:
         data["byKind"] = request.decided_by_kind
     if request.decided_at is not None:
         data["decidedAt"] = iso(request.decided_at)
+    if request.status == PENDING:
+        # A vote short of its quorum, or an extended deadline: still open, until when.
+        data["expiresAt"] = iso(request.expires_at)
+        data["callDigest"] = request.digest
+    data.update({k: v for k, v in quorum(request).items() if k != "modifiedParams"})
     data["executionStatus"] = execution_status
     return data
 
@@ -230,6 +274,7 @@ def execution(
         "status": ex.status,
         "input": ex.input,
         "sessionId": ex.session_id,
+        "requestedBy": ex.requested_by,
         "output": ex.output,
         "error": ex.error,
         "createdAt": iso(ex.created_at) if ex.created_at else None,
@@ -253,6 +298,7 @@ def execution_report(
         "agentTag": ex.agent_tag,
         "status": ex.status,
         "input": ex.input,
+        "requestedBy": ex.requested_by,
         "output": ex.output,
         "error": ex.error,
         "approvals": [approval_with_decision(r) for r in ex.requests],
@@ -264,13 +310,26 @@ def execution_report(
 # -- the webhook -------------------------------------------------------------------------
 
 
-def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str, Any]:
+def webhook_body(
+    request: ApprovalRequest,
+    callback_url: str | None,
+    *,
+    reminder: bool = False,
+    stage: tuple[int, int] | None = None,
+) -> dict[str, Any]:
     """The one body every channel sends for an approval request: the spec's webhook
     body, plus `reason` (the tool's confirmation message) and, when a policy rule asked
     for it, `policy` ({ruleId, reason, version}). `callbackUrl` is null when this
-    instance has no public URL and secret to build one."""
+    instance has no public URL and secret to build one, and for a request that needs
+    a quorum (a callback URL's decision is a claimed name's, which never counts).
+
+    `reminder`: the request's reminder (`type: "approval_reminder"`); `stage`: (number,
+    after in ms) of the escalation stage that delivers it again (`escalation: {stage,
+    after}`)."""
+    if request.needs_quorum:
+        callback_url = None
     body = {
-        "type": "approval_request",
+        "type": "approval_reminder" if reminder else "approval_request",
         "requestId": request.request_id,
         "executionId": request.execution_id,
         "agentTag": request.agent_tag,
@@ -286,6 +345,11 @@ def webhook_body(request: ApprovalRequest, callback_url: str | None) -> dict[str
     }
     if request.policy is not None:
         body["policy"] = asking_rule(request)
+    # Only where there is more to say (a quorum, a requester): a plain request's body is
+    # what it always was.
+    body.update(quorum(request))
+    if stage is not None:
+        body["escalation"] = {"stage": stage[0], "after": duration(stage[1])}
     return body
 
 

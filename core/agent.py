@@ -16,6 +16,10 @@ from clearance.core.policy import PolicySpec
 # The spec's default approval timeout, in milliseconds: 5 minutes.
 DEFAULT_TIMEOUT_MS = 300_000
 
+REJECT = "reject"
+APPROVE = "approve"
+TIMEOUT_ACTIONS = (REJECT, APPROVE)
+
 SEQUENTIAL = "sequential"
 PARALLEL = "parallel"
 APPROVAL_ORDERS = (SEQUENTIAL, PARALLEL)
@@ -28,6 +32,20 @@ class ToolSpec:
     input_schema: dict[str, Any]
     gated: bool
     approval_timeout_ms: int
+    # Distinct people who must approve a call (an ask rule may ask for more), and the
+    # groups of which one approver each must be.
+    approvals_required: int = 1
+    groups: tuple[str, ...] = ()
+    # What a request that nobody answers in time becomes: rejected (the spec's default),
+    # or approved, only where the definition says so and one approval suffices.
+    timeout_action: str = REJECT
+    # How long a request may stay open at most, counting extensions a reviewer grants
+    # ("extend"); None: its approval timeout, so it cannot be extended.
+    max_timeout_ms: int | None = None
+    # A reminder on the request's channels this long before it expires (None: none).
+    remind_before_ms: int | None = None
+    # Escalation stages, in the order their times come.
+    escalation: tuple[Stage, ...] = ()
 
 
 @attrs.frozen
@@ -47,6 +65,22 @@ class BrokerTarget:
     @property
     def errors(self) -> str:
         return f"{self.event}.errors"
+
+
+@attrs.frozen
+class Stage:
+    """An escalation stage: when `after_ms` have passed since a request opened with no
+    decision, it is delivered again on this stage's channels (a webhook URL, a broker
+    event) and opened to its reviewers (by name or group), besides everyone granted."""
+
+    after_ms: int
+    webhook: str | None = None
+    broker: BrokerTarget | None = None
+    reviewers: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+    def opens_to(self, name: str, groups: tuple[str, ...]) -> bool:
+        return name in self.reviewers or any(g in self.groups for g in groups)
 
 
 @attrs.frozen

@@ -72,6 +72,16 @@ class ReviseApprovalRequest:
 
 
 @attrs.frozen
+class DeliverAgain:
+    """A pending request sent out again: its reminder (`purpose` "reminder", on the
+    agent's channels) or an escalation stage ("stage:N", on that stage's channels)."""
+
+    TAG: ClassVar[str] = "deliver_again"
+    request: ApprovalRequest
+    purpose: str
+
+
+@attrs.frozen
 class StartTimer:
     TAG: ClassVar[str] = "start_timer"
     request_id: str
@@ -82,6 +92,9 @@ class StartTimer:
 class CancelTimer:
     TAG: ClassVar[str] = "cancel_timer"
     request_id: str
+    # When the timer was due; None: every timer of the request (its deadline, and its
+    # reminder and escalation stages still to come, as the state after the step has them).
+    due_at: datetime | None = None
 
 
 @attrs.frozen
@@ -103,6 +116,7 @@ Command = (
     | RunTool
     | PublishApprovalRequest
     | ReviseApprovalRequest
+    | DeliverAgain
     | StartTimer
     | CancelTimer
     | RecordDecision
@@ -113,6 +127,7 @@ COMMAND_TYPES: tuple[type[Command], ...] = (
     RunTool,
     PublishApprovalRequest,
     ReviseApprovalRequest,
+    DeliverAgain,
     StartTimer,
     CancelTimer,
     RecordDecision,

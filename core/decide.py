@@ -25,13 +25,14 @@ from typing import Any, TypedDict
 
 import attrs
 
-from clearance.core.agent import PARALLEL, AgentSpec, ToolSpec
+from clearance.core.agent import APPROVE, PARALLEL, TIMEOUT_ACTIONS, AgentSpec, ToolSpec
 from clearance.core.call_digest import call_digest
 from clearance.core.commands import (
     AuditRecord,
     CallModel,
     CancelTimer,
     Command,
+    DeliverAgain,
     Finish,
     PublishApprovalRequest,
     RecordDecision,
@@ -40,9 +41,11 @@ from clearance.core.commands import (
     StartTimer,
 )
 from clearance.core.errors import InvalidParameters, Refusal, RefusalCode
+from clearance.core.escalation import REMINDER, due, schedule, stage_purpose
 from clearance.core.events import (
     Approved,
     Event,
+    Extended,
     ModelFailed,
     ModelReplied,
     Reassessment,
@@ -60,6 +63,7 @@ from clearance.core.execution import (
     ALLOWED_BY_POLICY,
     ANSWERED,
     APPROVED,
+    APPROVED_BY_TIMEOUT,
     APPROVED_MODIFIED,
     AWAITING,
     AWAITING_APPROVAL,
@@ -68,6 +72,7 @@ from clearance.core.execution import (
     DENIED_BY_POLICY,
     DONE,
     EXECUTING,
+    EXTENDED,
     FAILED,
     INVALIDATED,
     PENDING,
@@ -77,6 +82,7 @@ from clearance.core.execution import (
     STOPPED,
     TERMINAL,
     TIMED_OUT,
+    VOTE,
     ApprovalRequest,
     Execution,
     ToolCall,
@@ -87,6 +93,7 @@ from clearance.core.execution import (
 from clearance.core.json_value import NotJSON, check_text, strict
 from clearance.core.machine import CALL_MOVES, EXECUTION_ACCEPTS, EXECUTION_MOVES, REQUEST_MOVES
 from clearance.core.policy import ALLOW, ASK, DENY, EFFECTS, NO_MATCH, SessionGrant, Verdict
+from clearance.core.quorum import MAX_APPROVALS, MAX_GROUPS, Vote, met
 from clearance.core.reviewers import APP, BY_KINDS, REVIEWER
 from clearance.core.schema import check, declared_parameters, problems, with_defaults
 
@@ -112,6 +119,7 @@ class Changes(TypedDict, total=False):
     id: str
     input: str
     session_id: str | None
+    requested_by: str | None
     created_at: datetime | None
     status: str
     messages: tuple[dict[str, Any], ...]
@@ -147,7 +155,7 @@ def decide(execution: Execution, event: Event) -> tuple[Execution, tuple[Command
         )
     _check_at(event)
     source = execution.status
-    if isinstance(event, Approved | Rejected | TimerFired):
+    if isinstance(event, Approved | Rejected | TimerFired | Extended):
         _check_request_open(execution, event.request_id)
     if (event.TAG, source) not in EXECUTION_ACCEPTS:
         raise Refusal(RefusalCode.WRONG_STATE, _wrong_state(execution, event))
@@ -226,6 +234,7 @@ _SAID = {
     "approved": "an approval",
     "rejected": "a rejection",
     "timer_fired": "an approval timeout",
+    "extended": "a deadline extension",
     "tool_finished": "a tool result",
     "tool_failed": "a tool failure",
     "stop_requested": "a stop",
@@ -254,10 +263,12 @@ def _started(ex: Execution, ev: Started) -> Step:
     execution_id = _sent_text(ev.execution_id, "started.execution_id", optional=False)
     text = _sent_text(ev.input, "started.input", optional=False)
     session_id = _sent_text(ev.session_id, "started.session_id")
+    requested_by = _sent_text(ev.requested_by, "started.requested_by")
     changes = Changes(
         id=execution_id,
         input=text,
         session_id=session_id,
+        requested_by=requested_by,
         created_at=ev.at,
         status=RUNNING,
         messages=({"role": "user", "content": text},),
@@ -406,7 +417,8 @@ def _new_call(
         call = attrs.evolve(call, verdict=verdict)
         return _answer(call, params, _denied(name, verdict))
     gated = effect == ASK or (effect == NO_MATCH and tool.gated)
-    granted = _grant(ex, ticket, name) if gated else None
+    # A session grant stands for one person's approval: never for a quorum of more.
+    granted = _grant(ex, ticket, name) if gated and _quorum(tool, verdict) == (1, ()) else None
     if granted is not None:
         gated = False
         call = attrs.evolve(call, granted=granted)
@@ -632,12 +644,18 @@ def _advance(
                         tool.input_schema,
                         ex.agent.policy.version if ex.agent.policy else None,
                     ),
+                    requested_by=ex.requested_by,
+                    timeout_action=tool.timeout_action,
                 )
+                needed, groups = _quorum(tool, call.verdict)
+                if (needed, groups) != (1, ()):
+                    request = attrs.evolve(request, approvals_required=needed, groups=groups)
                 requests.append(request)
                 calls[i] = _move(call, "gate", AWAITING)
                 commands += [
                     PublishApprovalRequest(request),
                     StartTimer(request.request_id, request.timeout),
+                    *(StartTimer(request.request_id, t) for t in schedule(request, tool)),
                 ]
             else:
                 calls[i] = _move(call, "run", EXECUTING)
@@ -909,6 +927,66 @@ def _check_digest(request: ApprovalRequest, digest: Any) -> None:
         )
 
 
+def _quorum(tool: ToolSpec, verdict: Verdict | None) -> tuple[int, tuple[str, ...]]:
+    """(approvals required, groups) for a call of `tool` the policy judged `verdict`:
+    an ask rule's quorum where it names one, else the tool's; a call the policy allows
+    needs no quorum (it needs no one)."""
+    needed, groups = tool.approvals_required, tool.groups
+    if verdict is not None and verdict.applied == ALLOW:
+        return 1, ()
+    if verdict is not None and verdict.applied == ASK:
+        if verdict.approvals_required is not None:
+            needed = verdict.approvals_required
+        if verdict.groups:
+            groups = verdict.groups
+    if (
+        isinstance(needed, bool)
+        or not isinstance(needed, int)
+        or not 1 <= needed <= MAX_APPROVALS
+        or not isinstance(groups, tuple)
+        or len(groups) > MAX_GROUPS
+        or not all(isinstance(g, str) and g for g in groups)
+    ):
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"a quorum is 1-{MAX_APPROVALS} approvals and up to {MAX_GROUPS} group names;"
+            f" got {needed!r} approvals and groups {groups!r}",
+        )
+    return needed, groups
+
+
+def _check_voter(
+    ex: Execution, request: ApprovalRequest, by: str | None, by_kind: str | None, behalf: str | None
+) -> None:
+    """Whether `by` may approve `request` at all: never the person who asked for the
+    run (nor someone acting with their grants); towards a quorum of more than one, or
+    one that names groups, only a known person (a reviewer or the app's by=)."""
+    requester = ex.requested_by
+    if requester is not None and requester in (by, behalf):
+        who = requester if by == requester else f"{by}, acting for {requester},"
+        raise Refusal(
+            RefusalCode.SELF_APPROVAL,
+            f"{requester} asked for execution {ex.id} (requested_by={requester!r}), so {who}"
+            " may not"
+            f" approve its request {request.request_id}; another person must",
+        )
+    if request.needs_quorum and (by is None or by_kind not in (REVIEWER, APP)):
+        groups = f" from {', '.join(request.groups)}" if request.groups else ""
+        raise Refusal(
+            RefusalCode.NOT_GRANTED,
+            f"approval request {request.request_id} needs {request.approvals_required}"
+            f" approval(s){groups} by known people: a claimed or anonymous name (a callback"
+            " URL, a broker message, the CLI's --by) cannot count towards it; approve with a"
+            " reviewer key, the inbox, or signal(by=...)",
+        )
+
+
+def _voter_groups(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, tuple) or not all(isinstance(g, str) for g in value):
+        raise Refusal(RefusalCode.INVALID_EVENT, "approved.groups must be a tuple of group names")
+    return value
+
+
 def _approved(ex: Execution, ev: Approved) -> Step:
     request = _check_request_open(ex, ev.request_id)
     _check_not_expired(request, ev)
@@ -916,12 +994,19 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     by = _sent_text(ev.by, "approved.by")
     by_kind = _by_kind(ev.by_kind, by, "approved")
     behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "approved")
-    params, modified = request.parameters, None
+    groups = _voter_groups(ev.groups)
+    _check_voter(ex, request, by, by_kind, behalf)
+    asked = request
+    tool = _tool(ex, request.tool)
+    # The call as it stands (an earlier vote may have changed it), and as this one has it.
+    current = request.effective_parameters()
+    params, changes = current, None
+    verdict = None
     if ev.modified_params is not None:
-        modified = _modified_params(ex, request, ev.modified_params)
-        params = {**request.parameters, **modified}
+        changes = _modified_params(ex, request, ev.modified_params)
+        params = {**current, **changes}
         try:
-            check(request.tool, _tool(ex, request.tool).input_schema, params)
+            check(request.tool, tool.input_schema, params)
         except InvalidParameters:
             raise
         except Exception as err:  # the schema, not the parameters
@@ -939,11 +1024,60 @@ def _approved(ex: Execution, ev: Approved) -> Step:
                 f" '{verdict.rule_id}': {verdict.reason or 'no reason given'}; the request"
                 " is still pending: approve it as it is, with other changes, or reject it",
             )
+    vote = Vote(by or "", ev.at, by_kind or "", groups, behalf)
+    if changes is not None:
+        # Kept as sent, also where it changes nothing: the decision says what was sent.
+        request = attrs.evolve(
+            request, modified_params={**(request.modified_params or {}), **changes}
+        )
+    if params != current:
+        # A new call: everyone approves the same one, so the count starts again with
+        # this vote, under the quorum the policy asks for the edited call.
+        needed, need_groups = _quorum(tool, verdict if ex.agent.policy else None)
+        request = attrs.evolve(
+            request,
+            votes=(vote,),
+            approvals_required=needed,
+            groups=need_groups,
+            digest=call_digest(
+                ex.agent_tag,
+                request.tool,
+                params,
+                tool.input_schema,
+                ex.agent.policy.version if ex.agent.policy else None,
+            ),
+        )
+    else:
+        # One person, one vote: also through a delegation (acting for someone who voted,
+        # or voting for oneself after a delegate did).
+        people = {by, behalf} - {None}
+        voted = next((v for v in request.votes if people & {v.by, v.on_behalf_of}), None)
+        if voted is not None:
+            for_whom = f" on behalf of {voted.on_behalf_of}" if voted.on_behalf_of else ""
+            raise Refusal(
+                RefusalCode.ALREADY_VOTED,
+                f"{voted.by}{for_whom} already approved {request.request_id}; it needs"
+                f" {_needed_text(request)} from someone else",
+            )
+        request = attrs.evolve(request, votes=(*request.votes, vote))
+    if ev.remember is not None and request.needs_quorum:
+        raise Refusal(
+            RefusalCode.INVALID_REMEMBER,
+            f"remember= cannot be given where {request.approvals_required} approval(s) are"
+            " needed: a session grant would let one person stand for a quorum",
+        )
+    if not met(request.votes, request.approvals_required, request.groups):
+        return _voted(ex, ev, request)
+    # Decided, it keeps the digest of the call it asked about when the deciding vote came.
+    request = attrs.evolve(request, digest=asked.digest)
+    if not request.needs_quorum:
+        request = attrs.evolve(request, votes=())  # one approval: its decision says it all
     grants = ex.grants
     if ev.remember is not None:
         grants = (*grants, _remembered(request, ev, by, by_kind))
     # An edit that changes nothing is an approval of the call as proposed.
     outcome = APPROVED if params == request.parameters else APPROVED_MODIFIED
+    modified = request.modified_params
     requests = _decide_request(
         ex.requests,
         request,
@@ -976,6 +1110,43 @@ def _approved(ex: Execution, ev: Approved) -> Step:
         _approved_run(request, params, by),
     ]
     return _advance(ex, ev, calls, Changes(requests=requests, grants=grants), commands)
+
+
+def _needed_text(request: ApprovalRequest) -> str:
+    count, groups = request.still_needed()
+    text = f"{count} more approval{'s' if count != 1 else ''}"
+    return text + (f" (from {', '.join(groups)})" if groups else "")
+
+
+def _voted(ex: Execution, ev: Approved, request: ApprovalRequest) -> Step:
+    """A vote towards a quorum not met yet: recorded (audited as a vote), the request
+    stays pending and its inbox copy shows the votes so far."""
+    previous = ex.request(request.request_id)
+    assert previous is not None
+    requests = _decide_request(ex.requests, previous, "vote", **_request_fields(request))
+    vote = request.votes[-1]
+    record = _decision_record(
+        ex,
+        request,
+        VOTE,
+        ev.at,
+        by=vote.by,
+        modified=request.modified_params if len(request.votes) == 1 else None,
+        by_kind=vote.by_kind,
+        on_behalf_of=vote.on_behalf_of,
+        reason=f"{len(request.votes)} of {request.approvals_required}; {_needed_text(request)}",
+    )
+    return Changes(requests=requests), [record, ReviseApprovalRequest(request)]
+
+
+def _request_fields(request: ApprovalRequest) -> dict[str, Any]:
+    return {
+        "modified_params": request.modified_params,
+        "votes": request.votes,
+        "approvals_required": request.approvals_required,
+        "groups": request.groups,
+        "digest": request.digest,
+    }
 
 
 def _approved_run(request: ApprovalRequest, params: dict[str, Any], by: str | None) -> RunTool:
@@ -1021,6 +1192,14 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
     by_kind = _by_kind(ev.by_kind, by, "rejected")
     behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "rejected")
     reason = _sent_text(ev.reason, "rejected.reason")
+    if request.needs_quorum and by_kind not in (REVIEWER, APP):
+        # Any one person's rejection rejects a quorum's request at once: so it must be a
+        # person Clearance knows, or a forged callback could veto what others approve.
+        raise Refusal(
+            RefusalCode.NOT_GRANTED,
+            f"approval request {request.request_id} needs a quorum; only a reviewer or the"
+            " app's by= may reject it, not a claimed or anonymous name",
+        )
     requests = _decide_request(
         ex.requests,
         request,
@@ -1068,12 +1247,22 @@ def duration(ms: int) -> str:
 
 def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
     request = _check_request_open(ex, ev.request_id)
+    if ev.at < request.timeout and (found := due(request, ex.agent.tool(request.tool), ev.at)):
+        return _remind_or_escalate(ex, ev, request, found.reminder, found.stages)
     if ev.at < request.timeout:
         raise Refusal(
             RefusalCode.NOT_DUE,
             f"approval request {request.request_id} is not due until "
             f"{iso(request.timeout)} (timer fired at {iso(ev.at)})",
         )
+    if request.timeout_action not in TIMEOUT_ACTIONS:
+        raise Refusal(
+            RefusalCode.INVALID_EVENT,
+            f"request {request.request_id} has timeout_action {request.timeout_action!r};"
+            f" known: {', '.join(TIMEOUT_ACTIONS)}",
+        )
+    if request.timeout_action == APPROVE and not request.needs_quorum:
+        return _approved_by_timeout(ex, ev, request)
     requests = _decide_request(
         ex.requests, request, "time_out", status=TIMED_OUT, decided_at=ev.at, outcome=TIMED_OUT
     )
@@ -1095,6 +1284,131 @@ def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
     ]
     calls = _settle_call(ex, request.tool_use_id, "time_out", TIMED_OUT, result)
     return _advance(ex, ev, calls, Changes(requests=requests), commands)
+
+
+def _remind_or_escalate(
+    ex: Execution, ev: TimerFired, request: ApprovalRequest, remind: bool, stages: tuple[int, ...]
+) -> Step:
+    """Before the deadline: the reminder goes out, and escalation stages whose time has
+    come deliver the request again on their channels and open it to their reviewers.
+    Each fires once (the request remembers), never after a decision."""
+    tool = _tool(ex, request.tool)
+    before = set(schedule(request, tool))
+    requests = _decide_request(
+        ex.requests,
+        request,
+        "escalate",
+        reminded=request.reminded or remind,
+        stages_fired=max(stages, default=request.stages_fired),
+    )
+    fired = next(r for r in requests if r.request_id == request.request_id)
+    commands: list[Command] = [
+        CancelTimer(request.request_id, t) for t in sorted(before - set(schedule(fired, tool)))
+    ]
+    if remind:
+        commands.append(DeliverAgain(fired, REMINDER))
+    commands += [DeliverAgain(fired, stage_purpose(n)) for n in stages]
+    commands.append(ReviseApprovalRequest(fired))
+    return Changes(requests=requests), commands
+
+
+def _approved_by_timeout(ex: Execution, ev: TimerFired, request: ApprovalRequest) -> Step:
+    """Nobody answered, and the definition says an unanswered call runs: approved by
+    the clock, never recorded as a person's approval (approval by timeout never
+    completes a quorum of more than one: such a request times out)."""
+    params = request.effective_parameters()
+    requests = _decide_request(
+        ex.requests,
+        request,
+        "approve_by_timeout",
+        status=APPROVED,
+        decided_at=ev.at,
+        outcome=APPROVED_BY_TIMEOUT,
+    )
+    calls = [
+        _move(c, "approve", EXECUTING, parameters=params)
+        if c.tool_use_id == request.tool_use_id
+        else c
+        for c in ex.calls
+    ]
+    why = (
+        f"nobody decided within {duration(request.timeout_ms)}, and '{request.tool}' is"
+        " defined with timeout_action='approve'"
+    )
+    commands: list[Command] = [
+        CancelTimer(request.request_id),
+        _decision_record(
+            ex, request, APPROVED_BY_TIMEOUT, ev.at, modified=request.modified_params, reason=why
+        ),
+        _approved_run(request, params, None),
+    ]
+    return _advance(ex, ev, calls, Changes(requests=requests), commands)
+
+
+def _extended(ex: Execution, ev: Extended) -> Step:
+    """A reviewer gives a pending request more time: up to its tool's longest deadline,
+    counted from when the request opened; audited, and its timer moves with it."""
+    request = _check_request_open(ex, ev.request_id)
+    if ev.at >= request.timeout:
+        raise Refusal(
+            RefusalCode.EXPIRED,
+            f"approval request {request.request_id} expired at {iso(request.timeout)}; a"
+            " deadline that has passed cannot be extended",
+        )
+    by = _sent_text(ev.by, "extended.by")
+    by_kind = _by_kind(ev.by_kind, by, "extended")
+    behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "extended")
+    if by is None or by_kind not in (REVIEWER, APP):
+        raise Refusal(
+            RefusalCode.NOT_GRANTED,
+            f"the deadline of {request.request_id} is extended by a known person (a reviewer"
+            " with the 'extend' grant, or the app's by=), never by a claimed or anonymous name",
+        )
+    until = ev.until
+    if not isinstance(until, datetime) or until.tzinfo is None:
+        raise Refusal(
+            RefusalCode.INVALID_DEADLINE,
+            f"the new deadline of {request.request_id} must be an aware datetime, got {until!r}",
+        )
+    tool = _tool(ex, request.tool)
+    longest_ms = tool.max_timeout_ms or request.timeout_ms
+    latest = _deadline(request.timestamp, longest_ms)
+    if latest is None or until > latest:
+        raise Refusal(
+            RefusalCode.EXTENSION_TOO_LONG,
+            f"'{request.tool}' requests may stay open {duration(longest_ms)} at most"
+            f" (until {iso(latest) if latest else 'never'} for {request.request_id});"
+            f" {iso(until)} is later"
+            + ("" if tool.max_timeout_ms else ": define the tool with max_approval_timeout"),
+        )
+    if until <= request.timeout:
+        raise Refusal(
+            RefusalCode.INVALID_DEADLINE,
+            f"{iso(until)} is not later than {request.request_id}'s deadline"
+            f" {iso(request.timeout)}; an extension moves it later",
+        )
+    requests = _decide_request(ex.requests, request, "extend", timeout=until)
+    moved = attrs.evolve(request, timeout=until)
+    # The reminder moves with the deadline; a stage the old deadline cut off may come.
+    old, new = set(schedule(request, tool)), set(schedule(moved, tool))
+    record = _decision_record(
+        ex,
+        request,
+        EXTENDED,
+        ev.at,
+        by=by,
+        by_kind=by_kind,
+        on_behalf_of=behalf,
+        reason=f"deadline moved from {iso(request.timeout)} to {iso(until)}",
+    )
+    return Changes(requests=requests), [
+        CancelTimer(request.request_id, request.timeout),
+        *(CancelTimer(request.request_id, t) for t in sorted(old - new)),
+        StartTimer(request.request_id, until),
+        *(StartTimer(request.request_id, t) for t in sorted(new - old)),
+        record,
+        ReviseApprovalRequest(moved),
+    ]
 
 
 def _stop(ex: Execution, ev: StopRequested) -> Step:
@@ -1177,7 +1491,9 @@ def _redefined(ex: Execution, ev: Redefined) -> Step:
         elif call.status == AWAITING:
             request = ex.request(call.request_id)
             assert request is not None and request.status == PENDING
-            call, decided, more = _rejudge_pending(new, ev, call, request, verdicts)
+            call, decided, more = _rejudge_pending(
+                new, ev, call, request, verdicts, ex.agent.tool(request.tool)
+            )
             requests = tuple(decided if r.request_id == request.request_id else r for r in requests)
             commands += more
         calls.append(call)
@@ -1239,16 +1555,24 @@ def _rejudge_pending(
     call: ToolCall,
     request: ApprovalRequest,
     verdicts: dict[str, Any],
+    old_tool: ToolSpec | None,
 ) -> tuple[ToolCall, ApprovalRequest, list[Command]]:
     agent = new.agent
-    unfit = _unfit(agent, request.tool, request.parameters)
+    # The call as it stands: a vote towards a quorum may have changed it.
+    params = request.effective_parameters()
+    # Decided now, its timers are the ones the old definition set (the new one may not
+    # even have its tool): each by its time.
+    stopped = [
+        CancelTimer(request.request_id, t) for t in (request.timeout, *schedule(request, old_tool))
+    ]
+    unfit = _unfit(agent, request.tool, params)
     if unfit is not None:
         decided = _decided(
             request, "invalidate", INVALIDATED, ev.at, INVALIDATED, rejection_reason=unfit
         )
         record = _decision_record(new, request, INVALIDATED, ev.at, reason=unfit)
         call = _move(call, "invalidate", INVALIDATED, result=_invalidated(request.tool, unfit))
-        return call, decided, [CancelTimer(request.request_id), record]
+        return call, decided, [*stopped, record]
     what = f"the re-evaluation of {request.request_id}"
     verdict = _verdict(new, verdicts.get(call.tool_use_id), what)
     effect = _new_effect(agent, call, verdict)
@@ -1259,29 +1583,69 @@ def _rejudge_pending(
         )
         record = _policy_decision(new, request, DENIED_BY_POLICY, ev.at, verdict)
         call = _move(call, "reject", REJECTED, verdict=verdict, result=_denied(call.tool, verdict))
-        return call, decided, [CancelTimer(request.request_id), record]
+        return call, decided, [*stopped, record]
     if effect == ALLOW:
         decided = _decided(request, "approve", APPROVED, ev.at, ALLOWED_BY_POLICY)
         record = _policy_decision(new, request, ALLOWED_BY_POLICY, ev.at, verdict)
-        call = _move(call, "approve", EXECUTING, verdict=verdict)
-        run = _approved_run(request, request.parameters, None)
-        return call, decided, [CancelTimer(request.request_id), record, run]
+        call = _move(call, "approve", EXECUTING, verdict=verdict, parameters=params)
+        run = _approved_run(request, params, None)
+        return call, decided, [*stopped, record, run]
     # Still a person's to decide, now about the call as the new definition sees it: a
     # decision made for the old digest is stale.
     tool = agent.tool(request.tool)
     assert tool is not None
+    digest = call_digest(
+        agent.tag,
+        request.tool,
+        params,
+        tool.input_schema,
+        agent.policy.version if agent.policy else None,
+    )
+    needed, groups = _quorum(tool, verdict)
     kept = attrs.evolve(
         request,
         policy=verdict if verdict is not None and verdict.applied == ASK else None,
-        digest=call_digest(
-            agent.tag,
-            request.tool,
-            request.parameters,
-            tool.input_schema,
-            agent.policy.version if agent.policy else None,
-        ),
+        digest=digest,
+        approvals_required=needed,
+        groups=groups,
+        # Votes were for the call under the old definition: they count no more.
+        votes=request.votes if digest == request.digest else (),
+        timeout_action=tool.timeout_action,
     )
+    if kept.votes and met(kept.votes, needed, groups):
+        # The new definition asks for fewer people than have approved already.
+        last = kept.votes[-1]
+        decided = _decided(
+            kept,
+            "approve",
+            APPROVED,
+            ev.at,
+            APPROVED if params == request.parameters else APPROVED_MODIFIED,
+            decided_by=last.by,
+            decided_by_kind=last.by_kind,
+        )
+        record = _decision_record(
+            new,
+            kept,
+            decided.outcome or APPROVED,
+            ev.at,
+            by=last.by,
+            modified=kept.modified_params,
+            by_kind=last.by_kind,
+            on_behalf_of=last.on_behalf_of,
+            reason=f"the agent was defined again and {len(kept.votes)} approval(s) now suffice",
+        )
+        call = _move(
+            call, "approve", EXECUTING, verdict=verdict, parameters=params, approved_by=last.by
+        )
+        run = _approved_run(kept, params, last.by)
+        return call, decided, [*stopped, record, run]
     revised: list[Command] = [ReviseApprovalRequest(kept)] if kept != request else []
+    # Its reminder and stages are the new definition's from now on.
+    old = set(schedule(request, old_tool))
+    later = set(schedule(kept, tool))
+    revised += [CancelTimer(request.request_id, t) for t in sorted(old - later)]
+    revised += [StartTimer(request.request_id, t) for t in sorted(later - old)]
     return attrs.evolve(call, verdict=verdict), kept, revised
 
 
@@ -1326,6 +1690,7 @@ _STEPS: dict[type[Any], Callable[[Execution, Any], Step]] = {
     Approved: _approved,
     Rejected: _rejected,
     TimerFired: _timer_fired,
+    Extended: _extended,
     StopRequested: _stop,
     Redefined: _redefined,
 }

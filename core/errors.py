@@ -30,6 +30,10 @@ class RefusalCode(StrEnum):
     DENIED_BY_POLICY = "denied_by_policy"  # modified parameters a deny rule covers
     INVALID_REMEMBER = "invalid_remember"  # a session grant that cannot be given as asked
     STALE_DECISION = "stale_decision"  # made for another call digest than the request's
+    SELF_APPROVAL = "self_approval"  # the person who started the execution approving it
+    ALREADY_VOTED = "already_voted"  # a second approval of one call by the same person
+    EXTENSION_TOO_LONG = "extension_too_long"  # a deadline past the tool's longest one
+    INVALID_DEADLINE = "invalid_deadline"  # an extension to no time, or not a later one
     # From the runtime, before decide() sees anything.
     UNKNOWN_EXECUTION = "unknown_execution"
     UNKNOWN_SIGNAL = "unknown_signal"

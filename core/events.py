@@ -24,6 +24,7 @@ class Started:
     input: str
     at: datetime
     session_id: str | None = None
+    requested_by: str | None = None  # who asked for the run: may not approve its calls
 
 
 @attrs.frozen
@@ -92,6 +93,9 @@ class Approved:
     digest: str | None = None  # the call digest the decision was made for, if it says
     # The reviewer whose grants `by` used, delegated to them (None: their own).
     on_behalf_of: str | None = None
+    # The groups `by` belongs to (and, acting for a delegator, theirs), as the registry
+    # of reviewers said when the decision was made: what a quorum's groups count.
+    groups: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -112,6 +116,21 @@ class TimerFired:
     TAG: ClassVar[str] = "timer_fired"
     request_id: str
     at: datetime
+
+
+@attrs.frozen
+class Extended:
+    """A reviewer moved a pending request's deadline to `until` (within the longest its
+    tool allows), before it passed."""
+
+    TAG: ClassVar[str] = "extended"
+    request_id: str
+    until: datetime
+    at: datetime
+    by: str | None = None
+    by_kind: str | None = None  # how `by` is known: reviewer | app (never claimed)
+    # The reviewer whose grants `by` used, delegated to them (None: their own).
+    on_behalf_of: str | None = None
 
 
 @attrs.frozen
@@ -152,6 +171,7 @@ Event = (
     | Approved
     | Rejected
     | TimerFired
+    | Extended
     | StopRequested
     | Redefined
 )
@@ -164,6 +184,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     Approved,
     Rejected,
     TimerFired,
+    Extended,
     StopRequested,
     Redefined,
 )

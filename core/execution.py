@@ -13,6 +13,7 @@ import attrs
 
 from clearance.core.agent import AgentSpec
 from clearance.core.policy import SessionGrant, Verdict
+from clearance.core.quorum import Vote, still_needed
 
 # Execution statuses.
 CREATED = "created"
@@ -42,6 +43,8 @@ APPROVED_MODIFIED = "approved_modified"  # approved with changed parameters
 ALLOWED_BY_POLICY = "allowed_by_policy"  # no person asked: a rule (or the definition) let it
 DENIED_BY_POLICY = "denied_by_policy"
 ALLOWED_BY_GRANT = "allowed_by_grant"  # a reviewer's session grant let it run unasked
+# Nobody answered in time and the definition says an unanswered request is approved.
+APPROVED_BY_TIMEOUT = "approved_by_timeout"
 APPROVALS = frozenset({APPROVED, APPROVED_MODIFIED})  # a person's approval, as audited
 OUTCOMES = (
     APPROVED,
@@ -51,9 +54,15 @@ OUTCOMES = (
     ALLOWED_BY_POLICY,
     ALLOWED_BY_GRANT,
     TIMED_OUT,
+    APPROVED_BY_TIMEOUT,
     INVALIDATED,
     CANCELLED,
 )
+
+# Audit records that are not a request's outcome: one approver's vote towards a quorum
+# that is not met yet, and a reviewer's extension of a deadline.
+VOTE = "vote"
+EXTENDED = "extended"
 
 # A tool call's progress within one model turn (its table is CALL_TABLE in machine.py).
 # A call that is decided keeps its outcome: rejected, timed_out, cancelled or
@@ -123,6 +132,27 @@ class ApprovalRequest:
     digest: str | None = None  # of the exact call (core.call_digest); None: made before
     # Who or what decided it (OUTCOMES); None while pending.
     outcome: str | None = None
+    # Its quorum (core.quorum): how many distinct people must approve the call it asks
+    # about now, from which groups, and who has so far (an edit starts again).
+    approvals_required: int = 1
+    groups: tuple[str, ...] = ()
+    votes: tuple[Vote, ...] = ()
+    requested_by: str | None = None  # who started the execution: never its approver
+    timeout_action: str = "reject"  # or "approve", where the definition says so
+    # Its reminder went out; how many of its tool's escalation stages have fired.
+    reminded: bool = False
+    stages_fired: int = 0
+
+    @property
+    def needs_quorum(self) -> bool:
+        """Whether more than one person's approval, or one from named groups, decides it."""
+        return self.approvals_required != 1 or bool(self.groups)
+
+    def still_needed(self) -> tuple[int, tuple[str, ...]]:
+        """(approvals still needed, groups still open) while it is pending."""
+        if self.status != PENDING:
+            return 0, ()
+        return still_needed(self.votes, self.approvals_required, self.groups)
 
     @property
     def expires_at(self) -> datetime:
@@ -172,6 +202,7 @@ class Execution:
     seq: int = 0  # events applied; the store's optimistic version
     input: str = ""
     session_id: str | None = None
+    requested_by: str | None = None  # who started it, as the embedding code says
     created_at: datetime | None = None
     updated_at: datetime | None = None
     messages: tuple[dict[str, Any], ...] = ()

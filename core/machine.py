@@ -93,12 +93,16 @@ EXECUTION_TABLE: Table = (
     # An approval runs its tool, so the execution is running after it. A decision lands
     # on a running execution only with parallel approvals, while another call executes,
     # which keeps it running.
-    ("approved", AWAITING_APPROVAL, (RUNNING,)),
+    # ... or, a vote towards a quorum not met yet, leaves it waiting.
+    ("approved", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL)),
     ("approved", RUNNING, (RUNNING,)),
     ("rejected", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL, FAILED)),
     ("rejected", RUNNING, (RUNNING,)),
     ("timer_fired", AWAITING_APPROVAL, (RUNNING, AWAITING_APPROVAL, FAILED)),
     ("timer_fired", RUNNING, (RUNNING,)),
+    # A reviewer gave a request more time: nothing else changes.
+    ("extended", AWAITING_APPROVAL, (AWAITING_APPROVAL,)),
+    ("extended", RUNNING, (RUNNING,)),
     *(("stop_requested", s, (STOPPED,)) for s in (CREATED, RUNNING, AWAITING_APPROVAL)),
     # The agent was defined again: its pending requests are judged again, and may be
     # decided (allowed, denied, invalidated) as a decision would be.
@@ -108,6 +112,14 @@ EXECUTION_TABLE: Table = (
 
 REQUEST_TABLE: Table = (
     ("approve", PENDING, (APPROVED,)),
+    # A vote towards a quorum not met yet (an edit also changes the call it asks about),
+    # and a later deadline: still pending.
+    ("vote", PENDING, (PENDING,)),
+    ("extend", PENDING, (PENDING,)),
+    # Its reminder went out, or an escalation stage delivered it again: still pending.
+    ("escalate", PENDING, (PENDING,)),
+    # Nobody answered, and the definition says an unanswered call runs.
+    ("approve_by_timeout", PENDING, (APPROVED,)),
     ("reject", PENDING, (REJECTED,)),
     ("time_out", PENDING, (TIMED_OUT,)),
     ("cancel", PENDING, (CANCELLED,)),

@@ -70,6 +70,9 @@ class RuleSpec:
     # A Python predicate hosted with the agent (found by the rule's id), named for people.
     predicate: str | None = None
     reason: str = ""
+    # An ask rule's quorum: None leaves the tool's.
+    approvals_required: int | None = None
+    groups: tuple[str, ...] = ()
 
     def covers(self, tool: str) -> bool:
         return any(fnmatch.fnmatchcase(tool, pattern) for pattern in self.tools)
@@ -97,6 +100,9 @@ class Verdict:
     failed: str | None = None
     # The Python predicates' answers, by rule id, in the order they were asked.
     answers: tuple[tuple[str, bool], ...] = ()
+    # The quorum the ask rule asks for (None: the tool's).
+    approvals_required: int | None = None
+    groups: tuple[str, ...] = ()
 
     @property
     def applied(self) -> str:
@@ -135,8 +141,17 @@ class SessionGrant:
 
 def version_of(rules: tuple[RuleSpec, ...], enforce: bool) -> str:
     """The policy's content hash: the same rules, in the same order, the same version."""
-    body = {"enforce": enforce, "rules": [attrs.asdict(r) for r in rules]}
+    # A quorum left at its default is not written, so a policy's version stayed what it
+    # was before rules could ask for one.
+    body = {
+        "enforce": enforce,
+        "rules": [attrs.asdict(r, filter=_not_default_quorum) for r in rules],
+    }
     return "sha256:" + hashlib.sha256(dumps(body, compact=True).encode()).hexdigest()[:32]
+
+
+def _not_default_quorum(field: attrs.Attribute[Any], value: Any) -> bool:
+    return field.name not in ("approvals_required", "groups") or value != field.default
 
 
 @functools.lru_cache(maxsize=4096)
@@ -243,6 +258,10 @@ def evaluate(
     for rule in _covering(policy, tool):
         try:
             if _holds(rule, args, tool, agent, asked):
+                if rule.effect == ASK:
+                    return verdict(
+                        ASK, rule, approvals_required=rule.approvals_required, groups=rule.groups
+                    )
                 return verdict(rule.effect, rule)
         except HostRequired:
             raise

@@ -19,6 +19,7 @@ from clearance.core.commands import (
     CallModel,
     CancelTimer,
     Command,
+    DeliverAgain,
     Finish,
     PublishApprovalRequest,
     RecordDecision,
@@ -26,11 +27,12 @@ from clearance.core.commands import (
     RunTool,
     StartTimer,
 )
+from clearance.core.escalation import schedule
 from clearance.core.events import Event
-from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.execution import PENDING, ApprovalRequest, Execution
 
 # Channels an approval request can be delivered on. A delivery is keyed by
-# (request, channel): one row each, retried on its own.
+# (request, channel, purpose): one row each, retried on its own.
 WEBHOOK = "webhook"
 # A broker's channel is named after the broker: "broker:<name>" (see `broker_channel`).
 BROKER = "broker"
@@ -38,6 +40,7 @@ BROKER = "broker"
 # or the instance's (any process opened with it may deliver).
 AGENT_SIGNER = "agent"
 INSTANCE_SIGNER = "instance"
+REQUEST = "request"  # a delivery's purpose: the request itself
 
 
 @attrs.frozen
@@ -57,6 +60,9 @@ class DeliveryRow:
     signer: str
     not_before: datetime
     expires_at: datetime
+    # Why it is sent: the request ("request"), its reminder ("reminder"), or escalation
+    # stage N ("stage:N").
+    purpose: str = REQUEST
 
 
 @attrs.frozen
@@ -103,19 +109,29 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
             # A request's timer is due at its timeout (decide() starts it so), which
             # keys the row: the sweep then needs no second index.
             timed = execution.request(command.request_id)
-            if timed is not None:
-                cancelled.append(TimerRow(command.request_id, timed.timeout))
+            if command.due_at is not None:
+                cancelled.append(TimerRow(command.request_id, command.due_at))
+            elif timed is not None:
+                # Every timer of a decided request: its deadline and what was still to
+                # come (a decision leaves the request's schedule as it was).
+                tool = execution.agent.tool(timed.tool)
+                for due_at in (timed.timeout, *schedule(timed, tool)):
+                    cancelled.append(TimerRow(command.request_id, due_at))
         elif isinstance(command, PublishApprovalRequest):
             request = command.request
             opened.append(request)
             deliveries.extend(_deliveries(execution, request))
         elif isinstance(command, ReviseApprovalRequest):
             revised.append(command.request)
+        elif isinstance(command, DeliverAgain):
+            deliveries.extend(_deliveries(execution, command.request, command.purpose))
         elif isinstance(command, RecordDecision):
             audit.append(command.record)
             rid = command.record.request_id
             now = execution.request(rid) if rid is not None else None
-            if now is not None:
+            # A vote short of a quorum and an extension are audited, but the request
+            # stays pending.
+            if now is not None and now.status != PENDING:
                 decided.append((now.request_id, now.status))
         elif isinstance(command, Finish):
             finished = True
@@ -139,33 +155,50 @@ def broker_channel(broker: str) -> str:
     return f"{BROKER}:{broker}"
 
 
-def _deliveries(execution: Execution, request: ApprovalRequest) -> list[DeliveryRow]:
+def _deliveries(
+    execution: Execution, request: ApprovalRequest, purpose: str = REQUEST
+) -> list[DeliveryRow]:
+    """One row per channel the request goes out on for `purpose`: the agent's webhook
+    and broker for the request and its reminder, the stage's for an escalation stage."""
     agent = execution.agent
     signer = AGENT_SIGNER if agent.own_webhook_secret else INSTANCE_SIGNER
+    webhook, broker = agent.approval_webhook, agent.approval_broker
+    if purpose.startswith("stage:"):
+        tool = agent.tool(request.tool)
+        number = int(purpose.removeprefix("stage:"))
+        stage = tool.escalation[number - 1] if tool is not None else None
+        webhook = stage.webhook if stage is not None else None
+        broker = stage.broker if stage is not None else None
+    # The request's first delivery keeps the ids it always had; a reminder or a stage
+    # is another message, with its own id (receivers dedupe on these).
+    suffix = "" if purpose == REQUEST else "." + purpose.replace(":", "")
+    at = execution.updated_at or request.timestamp
     rows = []
-    if agent.approval_webhook:
+    if webhook:
         rows.append(
             DeliveryRow(
                 request_id=request.request_id,
                 channel=WEBHOOK,
-                target=agent.approval_webhook,
-                message_id=f"msg_{request.request_id}",
+                target=webhook,
+                message_id=f"msg_{request.request_id}{suffix}",
                 signer=signer,
-                not_before=request.timestamp,
+                not_before=request.timestamp if purpose == REQUEST else at,
                 expires_at=request.timeout,
+                purpose=purpose,
             )
         )
-    if agent.approval_broker is not None:
+    if broker is not None:
         # The request id is the message id: what broker consumers dedupe on.
         rows.append(
             DeliveryRow(
                 request_id=request.request_id,
-                channel=broker_channel(agent.approval_broker.broker),
-                target=agent.approval_broker.event,
-                message_id=request.request_id,
+                channel=broker_channel(broker.broker),
+                target=broker.event,
+                message_id=f"{request.request_id}{suffix}",
                 signer=signer,
-                not_before=request.timestamp,
+                not_before=request.timestamp if purpose == REQUEST else at,
                 expires_at=request.timeout,
+                purpose=purpose,
             )
         )
     return rows

@@ -147,6 +147,9 @@ class Delivery:
     expires_at: datetime
     channel: str = "webhook"
     signer: str = "instance"
+    # Why it is sent (core.rows.DeliveryRow.purpose): the request ("request"), its
+    # reminder ("reminder"), or escalation stage N ("stage:N").
+    purpose: str = "request"
 
 
 class ExecutionLog(Protocol):

@@ -56,6 +56,7 @@ def test_quick_bench_prints_a_markdown_report() -> None:
         "## 8. Approval requests over message brokers",
         "## 9. Policy evaluation, and the cycle with a policy",
         "## 10. `clearance audit verify` over a large audit log",
+        "## 11. The cycle with a quorum of approvals",
         "## Targets",
     ):
         assert heading in out
@@ -67,6 +68,7 @@ def test_quick_bench_prints_a_markdown_report() -> None:
     _check_policy(out.split("## 9. Policy evaluation", 1)[1])
     audit = out.split("## 10. `clearance audit verify`", 1)[1].split("\n## ", 1)[0]
     assert "| SQLite (WAL, one file) |" in audit and "| PostgreSQL |" in audit
+    _check_quorum(out.split("## 11. The cycle with a quorum", 1)[1])
     # Every target has a row saying whether it was met, whatever the answer.
     targets = out.split("## Targets", 1)[1]
     rows = [line for line in targets.splitlines() if line.startswith("| ") and "target" not in line]
@@ -132,3 +134,28 @@ def _check_policy(section: str) -> None:
         if line.startswith(("| FULL |", "| NORMAL |"))
     ]
     assert len(agents) == 6 and len(set(agents)) == 3, agents
+
+
+def _check_quorum(section: str) -> None:
+    """Benchmark 11's table: the single-approval cycle, 2 of 2 and 2 of 3 with groups,
+    under FULL and NORMAL; the quorum cycles cast two votes, and the first is timed."""
+    section = section.split("\n## ", 1)[0]
+    assert "| synchronous | approval | votes/cycle | cycles/s | ms/cycle p50 / p95 |" in section
+    rows = [
+        [c.strip() for c in line.strip("|").split(" | ")]
+        for line in section.splitlines()
+        if line.startswith(("| FULL |", "| NORMAL |"))
+    ]
+    variants = (
+        ("single approval", "1"),
+        ("2 of 2", "2"),
+        ("2 of 3, one from finance and one from risk", "2"),
+    )
+    assert [tuple(r[:3]) for r in rows] == [
+        (sync, name, votes) for sync in ("FULL", "NORMAL") for name, votes in variants
+    ], rows
+    for row in rows:
+        assert float(row[3].split(" ")[0].replace(",", "")) > 0, row
+        single = row[2] == "1"
+        assert (row[6] == "-") == single, row  # ms per pending vote: quorum cycles only
+        assert (row[8] == "-") == single, row  # vs single approval

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -998,3 +999,99 @@ def test_reviewer_delegate_hands_over_grants_for_a_while(tmp_path: Path) -> None
     )
     assert past.returncode == 0 and "no longer delegates" in past.stdout
     assert "delegates to" not in cli(tmp_path, "reviewer", "list", "--db", db).stdout
+
+
+# -- quorums and extensions -----------------------------------------------------------------
+
+
+async def _acli_as(cwd: Path, key: str | None, *args: str) -> tuple[int, str, str]:
+    """`acli`, as the reviewer whose key is `key` ($CLEARANCE_REVIEWER_KEY)."""
+    proc = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "clearance", *args),
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env() | ({"CLEARANCE_REVIEWER_KEY": key} if key else {}),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_pending_show_and_extend_for_a_request_that_needs_two_approvals(
+    tmp_path: Path,
+) -> None:
+    from conftest import Recorder
+    from conftest import define_refund_agent as define_quorum_agent
+
+    from clearance import Grant, Reviewer
+
+    db = tmp_path / "quorum.db"
+    async with Clearance.open(f"sqlite:///{db}", poll_interval=0.02) as app:
+        define_quorum_agent(
+            app,
+            Recorder(),
+            hitl=HumanInLoop(enabled=True),
+            approvals_required=2,
+            groups=["finance", "risk"],
+            max_approval_timeout="2h",
+            timeout_action="reject",
+        )
+        every = [Grant(("*",), ("*",), {"decide", "extend"})]
+        await app.save_reviewer(Reviewer("alice", every, groups=["finance"]))
+        await app.save_reviewer(Reviewer("bob", every, groups=["risk"]))
+        alice, bob = await app.issue_key("alice"), await app.issue_key("bob")
+        ex = await app.run("safe-agent", input="Refund order ORD-123", requested_by="carol")
+        [request] = ex.pending_approvals
+        rid, where = request.request_id, ("--db", str(db))
+
+        claimed = await acli(tmp_path, "approve", rid, "--by", "alice", *where)
+        assert claimed[0] == 1 and "CLEARANCE_REVIEWER_KEY" in claimed[2], claimed
+        assert len(claimed[2].strip().splitlines()) == 1
+        no_traceback(claimed)
+        code, out, err = await _acli_as(tmp_path, alice, "approve", rid, *where)
+        assert code == 0, err
+        progress = "1 of 2 approvals (alice); still needed: 1 from risk"
+        assert progress in out and "still pending" in out
+        code, out, err = await acli(tmp_path, "pending", *where)
+        header, line = out.splitlines()
+        assert header.split() == [
+            *("REQUEST", "EXECUTION", "AGENT", "TOOL", "PARAMETERS"),
+            *("APPROVALS", "REQUESTER", "EXPIRES"),
+        ]
+        assert progress in line and "  carol  " in line
+        code, out, err = await acli(tmp_path, "pending", "--json", *where)
+        listed = json.loads(out)
+        assert ([v["by"] for v in listed["votes"]], listed["requestedBy"]) == (["alice"], "carol")
+        assert listed["stillNeeded"] == {"approvals": 1, "groups": ["risk"]}
+
+        until = (request.timestamp + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        code, out, err = await _acli_as(tmp_path, bob, "extend", rid[:8], "--until", until, *where)
+        assert code == 0, err
+        assert f"{rid}: extended by bob; it now expires at {until}" in out
+        extended = await app.request(rid)
+        assert extended is not None and extended.timeout.strftime("%Y-%m-%dT%H:%M:%SZ") == until
+        for key, args, exit_code, says in (
+            (bob, ["--until", "tomorrow"], 2, "--until takes an ISO-8601 time"),
+            (None, ["--until", until], 1, "CLEARANCE_REVIEWER_KEY"),
+            (bob, ["--until", "2000-01-01T00:00Z", "--by", "alice"], 2, "bob"),
+            ("clr_nope", ["--until", until], 1, "not a valid reviewer key"),
+            (bob, ["--until", "2999-01-01T00:00Z"], 1, "2 hours at most"),
+        ):
+            result = await _acli_as(tmp_path, key, "extend", rid, *args, *where)
+            assert result[0] == exit_code and says in result[2], result
+            assert len(result[2].strip().splitlines()) == 1
+            no_traceback(result)
+
+        code, out, err = await acli(tmp_path, "show", rid, *where)
+        assert code == 0, err
+        assert "Requested by: carol" in out and f"pending: {progress}" in out
+        assert "extended" in out and "vote" in out
+        code, out, err = await _acli_as(tmp_path, bob, "approve", rid, "--json", *where)
+        assert code == 0, err
+        decided = json.loads(out)
+        assert (decided["decision"], [v["by"] for v in decided["votes"]]) == (
+            "approved",
+            ["alice", "bob"],
+        )

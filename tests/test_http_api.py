@@ -1344,3 +1344,218 @@ async def test_a_callback_made_for_another_call_is_409_and_changes_nothing(api: 
     assert await api.snapshot() == before
     response = await api.respond(request, {"approved": True, "callDigest": request.digest})
     assert response.status_code == 200, response.text
+
+
+# -- quorums, requesters and extensions -------------------------------------------------------
+
+
+@asynccontextmanager
+async def quorum_hosted(tmp_path: Path) -> AsyncIterator[tuple[Api, dict[str, dict[str, str]]]]:
+    """The refund agent with a 2-approval, finance quorum (open up to 2h), and bearer
+    headers of reviewers alice, bob (finance, decide and extend), carol (decide only)."""
+    from clearance import Grant, HumanInLoop, Reviewer
+
+    async with hosted(tmp_path, webhook_secret=SECRET, api_key=API_KEY) as api:
+        define_refund_agent(
+            api.app,
+            api.recorder,
+            hitl=HumanInLoop(enabled=True),
+            approvals_required=2,
+            groups=["finance"],
+            max_approval_timeout="2h",
+            timeout_action="reject",
+        )
+        headers = {}
+        for name, actions in (("alice", {"decide", "extend"}), ("bob", {"decide", "extend"})):
+            await api.app.save_reviewer(
+                Reviewer(name, [Grant(("*",), ("*",), actions)], groups=["finance"])
+            )
+        await api.app.save_reviewer(Reviewer("carol", [Grant(("*",), ("*",), {"decide"})]))
+        for name in ("alice", "bob", "carol"):
+            headers[name] = {"Authorization": f"Bearer {await api.app.issue_key(name)}"}
+        yield api, headers
+
+
+async def _quorum_request(api: Api, requested_by: str | None = "carol") -> ApprovalRequest:
+    ex = await api.app.run("safe-agent", input="Refund order ORD-123", requested_by=requested_by)
+    api.executions.append(ex.id)
+    [request] = ex.pending_approvals
+    return request
+
+
+async def _signal(
+    api: Api, request: ApprovalRequest, headers: dict[str, str], signal: str, **payload: Any
+) -> httpx.Response:
+    return await api.client.post(
+        f"/executions/{request.execution_id}/signal",
+        json={"signal": signal, "payload": {"requestId": request.request_id, **payload}},
+        headers=headers,
+    )
+
+
+async def test_a_two_approval_request_over_http_is_voted_then_decided(tmp_path: Path) -> None:
+    async with quorum_hosted(tmp_path) as (api, keys):
+        request = await _quorum_request(api)
+        listed = (await api.client.get("/approvals", headers=AUTH)).json()["approvals"]
+        [shown] = [conforms(a, "ApprovalRequest") for a in listed]
+        assert shown["approvalsRequired"] == 2 and shown["groups"] == ["finance"]
+        assert shown["votes"] == [] and shown["requestedBy"] == "carol"
+        assert shown["stillNeeded"] == {"approvals": 2, "groups": ["finance"]}
+
+        # The person who started the run may not approve it: nothing changes.
+        before = await api.snapshot()
+        self_approval = await _signal(api, request, keys["carol"], "approve")
+        assert "carol" in error(self_approval, 403, "self_approval")
+        # A callback body's name is claimed: it cannot count towards a quorum.
+        claimed = await api.respond(request, {"approved": True, "by": "alice"})
+        error(claimed, 403, "not_granted")
+        assert await api.snapshot() == before
+
+        first = await _signal(api, request, keys["alice"], "approve")
+        assert first.status_code == 200, first.text
+        body = conforms(first.json(), "SignalResult")
+        conforms({k: v for k, v in body.items() if k != "signal"}, "Decision")
+        assert (body["decision"], body["outcome"], body["executionStatus"]) == (
+            "pending",
+            None,
+            "awaiting_approval",
+        )
+        [vote] = body["votes"]
+        assert (vote["by"], vote["byKind"], vote["groups"]) == ("alice", "reviewer", ["finance"])
+        assert body["stillNeeded"] == {"approvals": 1, "groups": []}
+        assert body["expiresAt"] == "2024-01-15T10:35:00Z"
+        assert api.recorder.ran("process-refund") == []
+        listed = (await api.client.get("/approvals", headers=AUTH)).json()["approvals"]
+        assert [v["by"] for v in listed[0]["votes"]] == ["alice"]
+
+        before = await api.snapshot()
+        again = await _signal(api, request, keys["alice"], "approve")
+        assert "alice already approved" in error(again, 409, "already_voted")
+        assert await api.snapshot() == before
+
+        second = await _signal(api, request, keys["bob"], "approve")
+        assert second.status_code == 200, second.text
+        body = conforms(second.json(), "SignalResult")
+        assert (body["decision"], body["by"], body["executionStatus"]) == (
+            "approved",
+            "bob",
+            "completed",
+        )
+        assert [v["by"] for v in body["votes"]] == ["alice", "bob"]
+        assert "stillNeeded" not in body
+        assert api.recorder.ran("process-refund") == [REFUND]
+        decisions = [(r.decision, r.by) for r in await api.app.audit()]
+        assert decisions == [("vote", "alice"), ("approved", "bob")]
+        execution = await api.client.get(f"/executions/{request.execution_id}", headers=AUTH)
+        data = conforms(execution.json(), "Execution")
+        assert data["requestedBy"] == "carol"
+        assert [v["by"] for v in data["approvals"][0]["votes"]] == ["alice", "bob"]
+
+
+async def test_a_deadline_is_extended_over_http_within_the_tools_longest(tmp_path: Path) -> None:
+    async with quorum_hosted(tmp_path) as (api, keys):
+        request = await _quorum_request(api, requested_by=None)
+        body = {"signal": "extend", "payload": {"requestId": request.request_id, "until": "x"}}
+        conforms(
+            {**body, "payload": {**body["payload"], "until": "2024-01-15T11:30:00Z"}}, "SignalBody"
+        )
+        before = await api.snapshot()
+        for payload, status, code in (
+            ({"until": "tomorrow"}, 422, "invalid_body"),
+            ({"until": "2024-01-15T11:30:00"}, 422, "invalid_body"),  # no offset
+            ({}, 422, "invalid_body"),
+            ({"until": "2024-01-15T11:30:00Z", "reason": "x"}, 422, "invalid_body"),
+            ({"until": "2024-01-15T13:00:00Z"}, 422, "extension_too_long"),  # past 2h
+        ):
+            answer = await _signal(api, request, keys["alice"], "extend", **payload)
+            error(answer, status, code)
+        approve_until = await _signal(
+            api, request, keys["alice"], "approve", until="2024-01-15T11:30:00Z"
+        )
+        assert "extend" in error(approve_until, 422, "invalid_body")
+        error(
+            await _signal(api, request, keys["carol"], "extend", until="2024-01-15T11:30:00Z"),
+            403,
+            "not_granted",
+        )
+        assert await api.snapshot() == before
+
+        moved = await _signal(
+            api, request, keys["alice"], "extend", until="2024-01-15T12:00:00+01:00"
+        )
+        assert moved.status_code == 200, moved.text
+        answer = conforms(moved.json(), "SignalResult")
+        assert (answer["signal"], answer["decision"], answer["expiresAt"]) == (
+            "extend",
+            "pending",
+            "2024-01-15T11:00:00Z",
+        )
+        listed = (await api.client.get("/approvals", headers=AUTH)).json()["approvals"]
+        assert listed[0]["expiresAt"] == "2024-01-15T11:00:00Z"
+        [record] = await api.app.audit()
+        assert (record.decision, record.by) == ("extended", "alice")
+        # Past the first deadline, the request is still open until the new one.
+        api.clock.advance(minutes=10)
+        assert await api.app.fire_due_timers() == 0
+        vote = await _signal(api, request, keys["alice"], "approve")
+        assert vote.status_code == 200 and vote.json()["decision"] == "pending", vote.text
+        too_long = await _signal(api, request, keys["bob"], "extend", until="2024-01-15T12:30:01Z")
+        assert "2 hours at most" in error(too_long, 422, "extension_too_long")
+
+
+def test_quorum_views_show_votes_and_who_is_still_needed() -> None:
+    from clearance import views
+    from clearance.core.quorum import Vote
+
+    now = FakeClock().now()
+    plain = ApprovalRequest(
+        "apr-1", "exec-1", "safe-agent", "process-refund", "toolu_1", REFUND, "r", now, now, 0
+    )
+    vote = Vote("alice", now, "reviewer", ("finance",))
+    request = attrs.evolve(
+        plain, approvals_required=2, groups=("finance", "risk"), votes=(vote,), requested_by="carol"
+    )
+    extra = {
+        "approvalsRequired": 2,
+        "groups": ["finance", "risk"],
+        "votes": [
+            {
+                "by": "alice",
+                "byKind": "reviewer",
+                "at": "2024-01-15T10:30:00Z",
+                "groups": ["finance"],
+                "onBehalfOf": None,
+            }
+        ],
+        "stillNeeded": {"approvals": 1, "groups": ["risk"]},
+        "requestedBy": "carol",
+    }
+    assert views.webhook_body(request, None) == {**views.webhook_body(plain, None), **extra}
+    assert views.approval_request(request) == {**plain.to_dict(), **extra}
+    assert views.decision(request, "awaiting_approval")["stillNeeded"] == extra["stillNeeded"]
+    assert conforms(views.approval(request), "ApprovalRequest")["votes"] == extra["votes"]
+    # Decided: the votes stay, nobody is needed any more.
+    done = attrs.evolve(request, status="approved", outcome="approved", decided_by="bob")
+    assert "stillNeeded" not in views.approval(done) and views.approval(done)["votes"]
+    assert "stillNeeded" not in views.webhook_body(done, None)
+
+
+async def test_a_callback_url_lives_as_long_as_its_extended_request(api: Api) -> None:
+    from clearance import HumanInLoop
+
+    define_refund_agent(
+        api.app, api.recorder, hitl=HumanInLoop(enabled=True), max_approval_timeout="1h"
+    )
+    request = await api.start()
+    url = api.url(request)  # its token made with the first deadline, 10:35
+    moved = await _signal(api, request, AUTH, "extend", until="2024-01-15T11:00:00Z")
+    assert moved.status_code == 200 and moved.json()["expiresAt"] == "2024-01-15T11:00:00Z"
+    api.clock.advance(minutes=10)
+    response = await api.client.post(url, json={"approved": True, "by": "ops"})
+    assert response.status_code == 200, response.text
+    assert response.json()["decision"] == "approved"
+    assert api.recorder.ran("process-refund") == [REFUND]
+    # Past the new deadline, the same URL is expired like any other.
+    late = await api.start()
+    api.clock.advance(minutes=6)
+    error(await api.respond(late, {"approved": True}), 410, "expired")

@@ -802,3 +802,47 @@ async def test_a_request_a_redeploy_decided_says_so_not_a_person(inbox: Inbox) -
     await expect(detail.locator("#outcome")).to_contain_text("Refunds are frozen.")
     await expect(detail.locator("#approve")).to_have_count(0)
     assert api.recorder.calls == []
+
+
+async def test_a_two_approval_request_stays_pending_with_the_vote(inbox: Inbox) -> None:
+    api, page = inbox.api, inbox.page
+    define_refund_agent(
+        api.app,
+        api.recorder,
+        hitl=HumanInLoop(enabled=True),
+        approvals_required=2,
+        groups=["finance", "risk"],
+        max_approval_timeout="2h",
+    )
+    every = [Grant(("*",), ("*",), {"decide", "extend"})]
+    await api.app.save_reviewer(Reviewer("alice", every, groups=["finance"]))
+    await api.app.save_reviewer(Reviewer("bob", every, groups=["risk"]))
+    ex = await api.app.run("safe-agent", input="Refund order ORD-123", requested_by="carol")
+    [request] = ex.pending_approvals
+    await inbox.open(await api.app.issue_key("alice"))
+    detail = await inbox.show(request.request_id)
+    await expect(detail.locator("#quorum")).to_have_text(
+        "0 of 2 approvals; still needed: 2, one from each of finance and risk"
+    )
+    await expect(detail.locator("#requester")).to_contain_text("Requested by carol")
+    await expect(detail).not_to_contain_text("null")  # parts a request lacks are left out
+    await page.click("#approve")
+    progress = "1 of 2 approvals — alice; still needed: 1 from risk"
+    await expect(detail.locator("#quorum")).to_have_text(progress)
+    await expect(detail.locator("#notice")).to_contain_text(progress)
+    await expect(detail.locator("#status")).to_have_text("pending")
+    await expect(detail.locator("#outcome")).to_have_count(0)
+    await expect(inbox.row(request.request_id)).to_contain_text(progress)
+    await expect(page.locator("#approve")).to_be_disabled()  # alice voted already
+    await expect(detail.locator('#history li[data-type="approved"]')).to_contain_text("vote")
+    assert api.recorder.calls == []
+    # The second, from risk, decides it: the page shows it approved by both.
+    await api.app.signal(
+        request.execution_id,
+        "approve",
+        request_id=request.request_id,
+        by=await api.app.reviewer_identity("bob"),
+    )
+    await expect(detail.locator("#outcome")).to_contain_text("Approved by bob (reviewer)")
+    await expect(detail.locator("#outcome")).to_contain_text("2 of 2 approvals — alice, bob")
+    assert api.recorder.ran("process-refund") == [REFUND]

@@ -10,7 +10,7 @@ claim) is carried on exactly once. The corpus is never regenerated with newer
 code: it stands for files already out there.
 
 Later schemas are checked from the version before them, made as the stores' own
-upgrade tests make one: the tests at the end (SQLite 5, PostgreSQL 2).
+upgrade tests make one: the tests at the end (SQLite 5 and 8, PostgreSQL 2 and 5).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from corpus.v2_agents import (
@@ -174,6 +175,16 @@ def test_the_corpus_is_still_the_schema_2_file() -> None:
     assert EXPECTED["snapshots"], "the corpus should hold a run long enough for a snapshot"
 
 
+TOOL_DEFAULTS = {
+    "approvals_required": 1,
+    "groups": [],
+    "timeout_action": "reject",
+    "max_timeout_ms": None,
+    "remind_before_ms": None,
+    "escalation": [],
+}
+
+
 async def test_every_execution_loads_to_the_state_it_was_written_with(app: Clearance) -> None:
     for ex_id, expected in EXECUTIONS.items():
         history = await app.get_execution(ex_id)
@@ -183,6 +194,10 @@ async def test_every_execution_loads_to_the_state_it_was_written_with(app: Clear
         # Fields an agent gained since (approval_broker) read as their defaults: unset.
         added = {key: spec.pop(key) for key in set(spec) - set(written)}
         assert added == dict.fromkeys(added), (ex_id, added)
+        # ... and so do a tool's (a quorum, a timeout action, a longest deadline).
+        for tool, was in zip(spec["tools"], written["tools"], strict=True):
+            gained = {key: tool.pop(key) for key in set(tool) - set(was)}
+            assert gained == {k: TOOL_DEFAULTS[k] for k in gained}, (ex_id, gained)
         assert spec == written, ex_id
         assert data == expected_state(ex_id), ex_id
 
@@ -236,7 +251,20 @@ def assert_as_stored(now: Any, then: Any) -> None:
             assert_as_stored(a, b)
         return
     assert {k: now.get(k) for k in then} == then
-    assert {k: v for k, v in now.items() if k not in then and v is not None} == {}, now
+    added = {k: v for k, v in now.items() if k not in then and v is not None}
+    # A request's quorum came later: one approval, no groups, no votes, rejected on timeout.
+    assert {k: v for k, v in added.items() if REQUEST_DEFAULTS.get(k, ...) != v} == {}, now
+
+
+REQUEST_DEFAULTS = {
+    "approvals_required": 1,
+    "groups": [],
+    "votes": [],
+    "timeout_action": "reject",
+    # No reminder sent, no escalation stage fired: schema 2 had neither.
+    "reminded": False,
+    "stages_fired": 0,
+}
 
 
 async def test_the_webhook_delivery_reads_back(app: Clearance) -> None:
@@ -247,6 +275,8 @@ async def test_the_webhook_delivery_reads_back(app: Clearance) -> None:
         for now, then in zip(found, deliveries, strict=True):
             # Every field schema 2 had reads back the same; later ones may add fields.
             assert {k: now.get(k) for k in then} == then, rid
+            # Schema 2 had only the request's own delivery (no reminder, no stage).
+            assert now["purpose"] == "request", rid
 
 
 async def test_decided_requests_stay_decided(app: Clearance, handlers: Handlers) -> None:
@@ -426,14 +456,15 @@ async def test_a_schema_5_sqlite_file_is_upgraded_keeping_its_pending_requests(
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("DROP TABLE reviewer_keys")
     db.execute("DROP TABLE reviewers")
+    db.execute("ALTER TABLE deliveries DROP COLUMN purpose")  # came with schema 9
     db.execute("PRAGMA user_version = 5")
     db.close()
     assert _reviewer_tables(path) == []
 
     store = SQLiteStore(str(path))
     try:
-        assert store._db.execute("PRAGMA user_version").fetchone() == (8,)
-        assert sqlite_store.SCHEMA_VERSION == 8
+        assert store._db.execute("PRAGMA user_version").fetchone() == (9,)
+        assert sqlite_store.SCHEMA_VERSION == 9
         assert _reviewer_tables(path) == fresh  # as a new file has them
         await _check_upgraded(store, run)
     finally:
@@ -493,6 +524,7 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
         assert len(fresh) == 2 + 6 + 3  # two tables' columns, their keys and the index
         await conn.execute("DROP TABLE clearance_reviewer_keys")
         await conn.execute("DROP TABLE clearance_reviewers")
+        await conn.execute("ALTER TABLE clearance_deliveries DROP COLUMN purpose")  # schema 6
         await conn.execute("UPDATE clearance_schema SET version = 2")
         assert await _pg_reviewer_columns(conn, schema) == []
 
@@ -502,12 +534,104 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
         finally:
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")
-        assert await cur.fetchall() == [(5,)] and postgres_store.SCHEMA_VERSION == 5
+        assert await cur.fetchall() == [(6,)] and postgres_store.SCHEMA_VERSION == 6
         assert await _pg_reviewer_columns(conn, schema) == fresh  # as a new database has them
         store = PostgresStore(url)  # the second open finds it upgraded
         try:
             assert await store.reviewer(OPS.name) == OPS
             assert await store.pending() == [run.request("apr-1")]
+        finally:
+            await store.close()
+
+
+# -- schema 8 (SQLite) and 5 (PostgreSQL): before a delivery said why it is sent -----------
+# Made as above: written by the current code, then without the `purpose` column (every
+# delivery then was the request's own) and at the old version.
+
+HOOK = "https://hooks.example/approvals"
+
+
+async def _delivering_run(store: Store) -> Run:
+    run = Run(agent(webhook=HOOK), "exec-1")
+    await run.commit(store, run.started())
+    await run.commit(store, run.asks(1, ("tu-1", "refund", "apr-1")))
+    return run
+
+
+async def _check_purposes(store: Store, run: Run) -> None:
+    """The old delivery reads back as the request's own; deliveries committed now keep
+    their purpose (a request and its reminder)."""
+    (old,) = await store.deliveries("apr-1")
+    assert (old.webhook_id, old.purpose, old.status) == ("msg_apr-1", "request", "pending")
+    again = Run(agent(webhook=HOOK), "exec-2")
+    await again.commit(store, again.started())
+    step = again.step(again.asks(1, ("tu-2", "refund", "apr-2")))
+    (first,) = step.deliveries
+    reminder = attrs.evolve(first, message_id="msg_apr-2.reminder", purpose="reminder")
+    step = attrs.evolve(step, deliveries=(first, reminder))
+    await store.commit(step, expected_seq=again.ex.seq)
+    assert [(d.webhook_id, d.purpose) for d in await store.deliveries("apr-2")] == [
+        ("msg_apr-2", "request"),
+        ("msg_apr-2.reminder", "reminder"),
+    ]
+    assert await store.deliveries("apr-1") == [old]
+    assert await store.load(run.id) == run.ex
+
+
+async def test_a_schema_8_sqlite_file_is_upgraded_reading_its_deliveries_as_requests(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v8.db"
+    store = SQLiteStore(str(path))
+    run = await _delivering_run(store)
+    await store.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("ALTER TABLE deliveries DROP COLUMN purpose")
+    db.execute("PRAGMA user_version = 8")
+    db.close()
+
+    for _ in range(2):  # the second open finds it upgraded
+        store = SQLiteStore(str(path))
+        try:
+            assert store._db.execute("PRAGMA user_version").fetchone() == (9,)
+            columns = {row[1] for row in store._db.execute("PRAGMA table_info(deliveries)")}
+            assert "purpose" in columns
+            (old,) = await store.deliveries("apr-1")
+            assert old.purpose == "request"
+        finally:
+            await store.close()
+    store = SQLiteStore(str(path))
+    try:
+        await _check_purposes(store, run)
+    finally:
+        await store.close()
+
+
+async def test_a_schema_5_postgresql_database_is_upgraded_reading_its_deliveries_as_requests(
+    pg_schemas: tuple[str, str],
+) -> None:
+    url, _ = pg_schemas
+    store = PostgresStore(url)
+    run = await _delivering_run(store)
+    await store.close()
+    base, schema = url.split("?schema=")
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        await conn.execute("ALTER TABLE clearance_deliveries DROP COLUMN purpose")
+        await conn.execute("UPDATE clearance_schema SET version = 5")
+        for _ in range(2):  # the second open finds it upgraded
+            store = PostgresStore(url)
+            try:
+                (old,) = await store.deliveries("apr-1")
+                assert old.purpose == "request"
+            finally:
+                await store.close()
+            cur = await conn.execute("SELECT version FROM clearance_schema")
+            assert await cur.fetchall() == [(6,)]
+        store = PostgresStore(url)
+        try:
+            await _check_purposes(store, run)
         finally:
             await store.close()
 

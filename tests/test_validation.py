@@ -468,6 +468,10 @@ CODES = {
     "invalid_remember",
     "stale_decision",
     "host_required",
+    "self_approval",
+    "already_voted",
+    "extension_too_long",
+    "invalid_deadline",
 }
 
 

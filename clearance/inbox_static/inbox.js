@@ -28,6 +28,7 @@
     form: null, // the modification form of the request shown
     schemas: new Map(), // executionId/tool -> schema answer, or null (none to be had)
     busy: false,
+    notice: null, // {requestId, text}: what the page says after a vote of several
     polls: 0,
     timer: null,
     generation: 0, // bumped on sign-out: answers for an older session are dropped
@@ -246,7 +247,7 @@
     const count = state.visible.length;
     $("#count").textContent = count === state.pending.length ? `${count} waiting` : `${count} of ${state.pending.length} waiting`;
     $("#empty").hidden = count > 0;
-    const key = canonical([state.visible.map((r) => r.requestId), [...state.picked].sort(), state.selectedId]);
+    const key = canonical([state.visible.map((r) => [r.requestId, (r.votes || []).length, r.callDigest]), [...state.picked].sort(), state.selectedId]);
     if (key !== state.listKey) {
       state.listKey = key;
       $("#list").replaceChildren(...state.visible.map(row));
@@ -261,6 +262,44 @@
 
   function summary(params) {
     return Object.entries(params || {}).map(([k, v]) => `${k}: ${shown(v)}`).join(" · ");
+  }
+
+  // -- quorums: who approved so far, who is still needed, who may not --------------------------
+
+  const needsQuorum = (request) => typeof request.approvalsRequired === "number";
+
+  function listOf(names) {
+    return names.length < 2 ? names.join("") : `${names.slice(0, -1).join(", ")} and ${names[names.length - 1]}`;
+  }
+
+  // "1 of 2 approvals — alice; still needed: 1 from risk" ("" for a request one approval decides).
+  function quorumText(request) {
+    if (!needsQuorum(request)) return "";
+    const required = request.approvalsRequired;
+    const names = (request.votes || []).map((v) => v.by);
+    let text = `${names.length} of ${required} approval${required === 1 ? "" : "s"}`;
+    if (names.length) text += ` — ${names.join(", ")}`;
+    const needed = request.stillNeeded;
+    if (request.status !== "pending" || !needed) return text;
+    const groups = needed.groups || [];
+    if (!groups.length) return `${text}; still needed: ${needed.approvals}`;
+    if (needed.approvals === 1 && groups.length === 1) return `${text}; still needed: 1 from ${groups[0]}`;
+    const each = groups.length === 1 ? `one from ${groups[0]}` : `one from each of ${listOf(groups)}`;
+    return `${text}; still needed: ${needed.approvals}, ${each}`;
+  }
+
+  // Why the signed-in reviewer may not approve this request, if they may not ("" if they may).
+  function cannotApprove(request) {
+    const me = state.session ? state.session.name : null;
+    if (!me || request.status !== "pending") return "";
+    if (request.requestedBy && request.requestedBy === me) return "You started this run: another person must approve it.";
+    if ((request.votes || []).some((v) => v.by === me)) return "You approved it already: it waits for the others still needed.";
+    return "";
+  }
+
+  // The call a pending request asks about now: a voter's changes included.
+  function currentParameters(request) {
+    return { ...(request.parameters || {}), ...(request.modifiedParams || {}) };
   }
 
   function row(request) {
@@ -281,7 +320,8 @@
       h("div", { class: "what" },
         h("span", { class: "tool", text: request.tool }),
         h("span", { class: "agent", text: request.agentTag }),
-        h("div", { class: "params", text: summary(request.parameters) })),
+        h("div", { class: "params", text: summary(currentParameters(request)) }),
+        needsQuorum(request) ? h("div", { class: "quorum", text: quorumText(request) }) : null),
       h("span", { class: "countdown", dataset: { expires: request.expiresAt } }),
     );
   }
@@ -341,6 +381,7 @@
     const listed = state.pending.find((r) => r.requestId === id);
     if (!state.detail || state.detail.request.requestId !== id) {
       state.detail = null;
+      state.notice = null;
       state.detailKey = "";
       state.form = null;
       const detail = $("#detail");
@@ -395,13 +436,16 @@
   function renderDetail() {
     const { request, execution, schema } = state.detail;
     const detail = $("#detail");
-    const key = `${request.requestId}/${request.status}`;
+    // Rebuilt when the request changes: decided, a vote counted, a deadline moved.
+    const key = canonical([request.requestId, request.status, request.votes || [], request.callDigest, request.expiresAt]);
     if (key !== state.detailKey) {
       state.detailKey = key;
       const pending = request.status === "pending";
       if (!pending) state.form = null;
       const changed = request.modifiedParams || {};
-      detail.replaceChildren(
+      // Through h(), which leaves out the parts a request does not have (replaceChildren
+      // would show a null as the text "null").
+      detail.replaceChildren(...h("div", {},
         h("div", { class: "detail-head" },
           h("h2", { text: request.tool }),
           h("span", { class: "agent", text: `agent ${request.agentTag}` }),
@@ -411,6 +455,10 @@
         h("h3", { text: "Why it needs approval" }),
         h("p", { class: "reason-text", text: request.reason || "(no reason given)" }),
         request.policy ? h("p", { class: "policy-rule", text: `Asked by policy rule ${request.policy.ruleId}${request.policy.reason ? `: ${request.policy.reason}` : ""}` }) : null,
+        needsQuorum(request) ? h("p", { id: "quorum", class: "quorum", text: quorumText(request) }) : null,
+        request.requestedBy ? h("p", { id: "requester", class: "requester", text: `Requested by ${request.requestedBy}, who may not approve it.` }) : null,
+        request.timeoutAction === "approve" && pending ? h("p", { class: "timeout-action", text: "If nobody decides before it expires, it is approved." }) : null,
+        pending && state.notice && state.notice.requestId === request.requestId ? h("p", { id: "notice", class: "notice", role: "status", text: state.notice.text }) : null,
         h("h3", { text: "Parameters" }),
         h("table", { class: "params" }, h("tbody", {}, Object.entries(request.parameters || {}).map(([k, v]) => {
           const modified = Object.prototype.hasOwnProperty.call(changed, k) && !same(changed[k], v);
@@ -420,7 +468,7 @@
         h("p", { id: "detail-error", class: "error", role: "alert" }),
         h("h3", { text: "History" }),
         h("ol", { id: "history" }),
-      );
+      ).childNodes);
     }
     renderHistory(execution);
     tick();
@@ -436,8 +484,11 @@
       if (request.rejectionReason) lines.push(h("p", { text: `Reason: ${request.rejectionReason}` }));
     } else if (request.status === "invalidated") {
       lines.push(h("p", { text: `Withdrawn at ${when(request.decidedAt)}: the agent was defined again and ${request.rejectionReason}. The agent was told; the tool did not run.` }));
+    } else if (request.outcome === "approved_by_timeout") {
+      lines.push(h("p", { text: `Approved at ${when(request.decidedAt)}: nobody decided in time, and the tool is defined to be approved then.` }));
     } else if (request.status === "approved") {
       lines.push(h("p", { text: `Approved by ${by} at ${when(request.decidedAt)}.` }));
+      if (needsQuorum(request)) lines.push(h("p", { class: "quorum", text: quorumText(request) }));
       if (request.modifiedParams) lines.push(h("p", { text: `With changes: ${summary(request.modifiedParams)}` }));
     } else if (request.status === "rejected") {
       lines.push(h("p", { text: `Rejected by ${by} at ${when(request.decidedAt)}.` }));
@@ -464,6 +515,7 @@
       case "approved": return ["approved", `${e.requestId}${who}${e.modifiedParams ? `, changed ${summary(e.modifiedParams)}` : ""}`];
       case "rejected": return ["rejected", `${e.requestId}${who}${e.reason ? `: ${e.reason}` : ""}`];
       case "timer_fired": return ["timed out", `${e.requestId || ""} expired without a decision`];
+      case "extended": return ["extended", `${e.requestId} until ${when(e.until)}${who}`];
       case "stop_requested": return ["stop", `${who.trim()}${e.reason ? `: ${e.reason}` : ""}`];
       case "tool_finished": return ["tool ran", shown(e.output)];
       case "tool_failed": return ["tool failed", shown(e.error)];
@@ -472,9 +524,17 @@
   }
 
   function renderHistory(execution) {
-    const decisions = new Set(["approved", "rejected", "timer_fired", "stop_requested"]);
+    const decisions = new Set(["approved", "rejected", "timer_fired", "stop_requested", "extended"]);
+    // An approval that was one vote towards a quorum, not the one that decided it.
+    const votes = new Set();
+    for (const r of execution.approvals || []) {
+      for (const v of r.votes || []) {
+        if (!(r.status === "approved" && r.decidedBy === v.by && r.decidedAt === v.at)) votes.add(`${r.requestId}/${v.by}/${v.at}`);
+      }
+    }
     $("#history").replaceChildren(...execution.events.map((e) => {
-      const [kind, text] = eventLine(e);
+      let [kind, text] = eventLine(e);
+      if (e.type === "approved" && votes.has(`${e.requestId}/${e.by}/${e.at}`)) kind = "vote";
       return h("li", { class: decisions.has(e.type) ? "decision" : null, dataset: { type: e.type } },
         h("span", { class: "at", text: when(e.at) }),
         h("span", {}, h("span", { class: "kind", text: kind }), " ", text));
@@ -502,6 +562,7 @@
       h("h3", { text: "Parameters to approve" }),
       form.element,
       h("p", { id: "expired-note", class: "expired-note", hidden: true, text: "This request has expired: its timeout is being recorded, and it can no longer be decided." }),
+      cannotApprove(request) ? h("p", { id: "cannot-approve", class: "expired-note", text: cannotApprove(request) }) : null,
       h("div", { class: "actions" },
         h("button", { id: "approve", type: "button", class: "approve", onclick: () => decide("approve") }, "Approve"),
         h("button", { id: "approve-changes", type: "button", class: "approve outline", onclick: () => decide("approve-changes") }, "Approve with changes"),
@@ -517,8 +578,9 @@
     const approve = $("#approve");
     if (!approve) return;
     const gone = state.detail && remaining(state.detail.request.expiresAt) <= 0;
-    approve.disabled = state.busy || changed || gone;
-    $("#approve-changes").disabled = state.busy || !changed || gone;
+    const barred = state.detail && cannotApprove(state.detail.request) !== "";
+    approve.disabled = state.busy || changed || gone || barred;
+    $("#approve-changes").disabled = state.busy || !changed || gone || barred;
     $("#reject").disabled = state.busy || gone;
     approve.title = changed ? "You changed parameters: approve with changes, or reset them" : "";
   }
@@ -642,7 +704,7 @@
   // schema, or, when there is no schema to be had (or one the form cannot show), the
   // parameters as one JSON text.
   function modificationForm(request, schemaAnswer) {
-    const params = request.parameters || {};
+    const params = currentParameters(request);
     const schema = schemaAnswer ? schemaAnswer.inputSchema : null;
     const general = h("div", { class: "field-error", dataset: { errorFor: "" } });
     const onInput = () => {
@@ -751,6 +813,10 @@
     const request = state.detail.request;
     const form = state.form;
     clearProblems();
+    if (how !== "reject" && cannotApprove(request)) {
+      $("#detail-error").textContent = cannotApprove(request);
+      return;
+    }
     // The call this page shows: a decision for any other call is refused (stale_decision).
     const payload = { requestId: request.requestId };
     if (request.callDigest) payload.callDigest = request.callDigest;
@@ -792,6 +858,10 @@
       if (answer.status === 409 || answer.status === 410) await refresh(generation);
       return;
     }
+    if (answer.data && answer.data.decision === "pending" && signal === "approve") {
+      // One vote of several: the request stays open for the others still needed.
+      state.notice = { requestId: request.requestId, text: `Your approval is counted; still pending: ${quorumText({ ...answer.data, status: "pending" })}.` };
+    }
     await refresh(generation);
   }
 
@@ -819,7 +889,10 @@
         break;
       }
       for (const result of answer.data.results) {
-        if (result.ok) {
+        if (result.ok && result.decision === "pending") {
+          state.picked.delete(result.requestId);
+          lines.push(h("li", { class: "ok", dataset: { id: result.requestId }, text: `${result.requestId} (${result.tool}): your approval is counted; still pending: ${quorumText({ ...result, status: "pending" })}` }));
+        } else if (result.ok) {
           state.picked.delete(result.requestId);
           lines.push(h("li", { class: "ok", dataset: { id: result.requestId }, text: `${result.requestId} (${result.tool}): ${result.decision} by ${result.by}` }));
         } else {

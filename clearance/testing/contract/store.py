@@ -58,7 +58,7 @@ from clearance.core.events import (
 )
 from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.reviewers import DECIDE, EXTEND, BadReviewer, Grant, Reviewer, ReviewerKey
-from clearance.core.rows import AGENT_SIGNER, INSTANCE_SIGNER, WEBHOOK, Writes, writes
+from clearance.core.rows import AGENT_SIGNER, INSTANCE_SIGNER, REQUEST, WEBHOOK, Writes, writes
 from clearance.ports.store import (
     Claim,
     ClaimRequest,
@@ -1014,6 +1014,7 @@ class StoreContract(abc.ABC):
                 expires_at=request.timeout,
                 channel=WEBHOOK,
                 signer=INSTANCE_SIGNER,
+                purpose=REQUEST,
             )
             assert await store.deliveries("apr-9") == []
             assert await self._claim(store, [], "d1", request.timestamp - LEASE) == []
@@ -1036,6 +1037,54 @@ class StoreContract(abc.ABC):
                 again,
             )
             assert await self._claim(store, [run.tag], "d3", FAR) == []
+
+    async def test_each_delivery_of_a_request_keeps_its_purpose_and_message_id(
+        self, tmp_path: Path
+    ) -> None:
+        # A request goes out more than once on a channel over its life (the request, its
+        # reminder, each escalation stage): one row each, with its own message id.
+        stage_hook = "https://hooks.example/stage-1"
+        async with self.opened(tmp_path) as store:
+            run = Run(agent(webhook=HOOK), "exec-1")
+            await run.commit(store, run.started())
+            step = run.step(run.asks(1, ("tu-apr-1", "refund", "apr-1")))
+            (first,) = step.deliveries
+            assert (first.message_id, first.purpose) == ("msg_apr-1", REQUEST)
+            reminder = attrs.evolve(
+                first,
+                message_id="msg_apr-1.reminder",
+                purpose="reminder",
+                not_before=first.not_before + timedelta(seconds=5),
+            )
+            stage = attrs.evolve(
+                first,
+                target=stage_hook,
+                message_id="msg_apr-1.stage1",
+                purpose="stage:1",
+                not_before=first.not_before + timedelta(seconds=10),
+            )
+            step = attrs.evolve(step, deliveries=(first, reminder, stage))
+            await store.commit(step, expected_seq=run.ex.seq)
+            run.ex = step.execution
+            read = await store.deliveries("apr-1")
+            assert [(d.url, d.webhook_id, d.purpose, d.next_attempt_at) for d in read] == [
+                (HOOK, "msg_apr-1", REQUEST, first.not_before),
+                (HOOK, "msg_apr-1.reminder", "reminder", reminder.not_before),
+                (stage_hook, "msg_apr-1.stage1", "stage:1", stage.not_before),
+            ]
+            assert len({d.id for d in read}) == 3
+            assert {(d.request_id, d.status, d.channel) for d in read} == {
+                ("apr-1", "pending", WEBHOOK)
+            }
+            # Claimed as they fall due, each with its purpose.
+            (due,) = await self._claim(store, [], "d1", first.not_before)
+            assert due == read[0]
+            later = await self._claim(store, [], "d1", stage.not_before)
+            assert later == read[1:]
+            assert [(d.webhook_id, d.purpose) for d in later] == [
+                ("msg_apr-1.reminder", "reminder"),
+                ("msg_apr-1.stage1", "stage:1"),
+            ]
 
     async def test_a_claimed_delivery_is_taken_over_after_its_lease_or_once_released(
         self, tmp_path: Path
