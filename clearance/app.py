@@ -169,7 +169,7 @@ class Clearance:
         ids: IdSource | None = None,
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         public_url: str | None = None,
-        webhook_secret: str | None = None,
+        webhook_secret: str | Sequence[str] | None = None,
         api_key: str | None = None,
         trust_header: str | None = None,
         webhook_timeout: float = 10.0,
@@ -179,11 +179,14 @@ class Clearance:
         renew_every: float = DEFAULT_RENEW_EVERY,
         brokers: Mapping[str, str] | None = None,
     ) -> None:
-        if webhook_secret is not None:
-            secret_bytes(webhook_secret)  # a malformed secret fails here, not at first delivery
+        # Several: rotation. The first signs webhooks and callback tokens, any is accepted.
+        secrets = (webhook_secret,) if isinstance(webhook_secret, str) else webhook_secret
+        self.webhook_secrets: tuple[str, ...] = tuple(secrets or ())
+        for secret in self.webhook_secrets:
+            secret_bytes(secret)  # a malformed secret fails here, not at first delivery
         self.store = store
         self.public_url = public_url.rstrip("/") if public_url else None
-        self.webhook_secret = webhook_secret
+        self.webhook_secret = self.webhook_secrets[0] if self.webhook_secrets else None
         self.api_key = api_key  # bearer token for the HTTP API's signal/read routes
         # A header an SSO proxy in front of this API sets to the signed-in reviewer's
         # name (off unless named: anyone can send any header).
@@ -248,7 +251,7 @@ class Clearance:
         poll_interval: float = DEFAULT_POLL_INTERVAL,
         synchronous: str = "FULL",
         public_url: str | None = None,
-        webhook_secret: str | None = None,
+        webhook_secret: str | Sequence[str] | None = None,
         api_key: str | None = None,
         trust_header: str | None = None,
         webhook_timeout: float = 10.0,
@@ -259,7 +262,9 @@ class Clearance:
         brokers: Mapping[str, str] | None = None,
     ) -> Clearance:
         """`public_url` is where this instance's HTTP API is reachable (callbackUrl is
-        built on it); `webhook_secret` ('whsec_…') signs webhooks and callback tokens;
+        built on it); `webhook_secret` ('whsec_…') signs webhooks and callback tokens
+        (a list: the first signs, every one is accepted, to rotate without breaking the
+        callback URLs already sent);
         `api_key` protects the HTTP API's signal and read routes (it stands for reviewer
         `admin`, granted everything; reviewers' own keys work beside it);
         `trust_header` names a header (e.g. "X-Forwarded-User") a proxy in front of the
@@ -567,14 +572,14 @@ class Clearance:
         what `clearance audit export` writes."""
         return await self.store.audit_chain(after, limit)
 
-    def callback_url(self, request: ApprovalRequest) -> str:
+    def callback_url(self, request: ApprovalRequest, purpose: str = "request") -> str:
         """The spec's callbackUrl for `request`: POST a decision there, no API key needed."""
         if not self.public_url or not self.webhook_secret:
             raise ClearanceError(
                 "callback URLs need Clearance.open(..., public_url='https://…', "
                 "webhook_secret='whsec_…')"
             )
-        return callback_url(self.public_url, self.webhook_secret, request)
+        return callback_url(self.public_url, self.webhook_secret, request, purpose)
 
     def asgi(self) -> Any:
         """The HTTP API as an ASGI app (Starlette), to serve or mount in your own app."""

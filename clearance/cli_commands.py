@@ -757,7 +757,8 @@ class _Server(uvicorn.Server):
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     path = db_path(args, must_exist=False)
-    secret = os.environ.get(SECRET_ENV) or None
+    # Several, separated by spaces or commas, while rotating: the first signs.
+    secret = (os.environ.get(SECRET_ENV) or "").replace(",", " ").split() or None
     api_key = os.environ.get(API_KEY_ENV) or None
     async with Clearance.open(
         store_url(path),

@@ -197,7 +197,7 @@ class DeliveryRelay:
             return
         body = views.webhook_body(
             request,
-            self._callback_url(request),
+            self._callback_url(request, delivery.purpose),
             reminder=delivery.purpose == REMINDER,
             stage=_stage(ex, request, delivery.purpose),
         )
@@ -238,9 +238,11 @@ class DeliveryRelay:
             log.exception("%s channel failed on delivery %s", channel.name, delivery.webhook_id)
             return Sent(RETRY, None, f"{type(err).__name__}: {err}")
 
-    def _callback_url(self, request: ApprovalRequest) -> str | None:
+    def _callback_url(self, request: ApprovalRequest, purpose: str) -> str | None:
         public_url, secret = self._public_url(), self._secret()
-        return callback_url(public_url, secret, request) if public_url and secret else None
+        if not public_url or not secret:
+            return None
+        return callback_url(public_url, secret, request, purpose)
 
     async def _record(
         self,

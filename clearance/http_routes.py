@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from clearance import page_session, views
-from clearance.callback import TokenError, check_token
+from clearance.callback import Admitted, TokenError, check_token
 from clearance.core.decide import standing_decision
 from clearance.core.errors import ClearanceError, InvalidParameters, Refusal, RefusalCode
 from clearance.core.execution import PENDING, TIMED_OUT, ApprovalRequest
@@ -103,7 +103,9 @@ def _not_configured() -> NoReturn:
     )
 
 
-async def require_token(app: Clearance, request: Request, request_id: str) -> None:
+async def require_token(app: Clearance, request: Request, request_id: str) -> Admitted:
+    """What the callback URL's token admits (the call digest it was sent for), or the
+    HTTP error that says why it admits nothing."""
     if not app.webhook_secret:
         fail(
             503,
@@ -114,15 +116,23 @@ async def require_token(app: Clearance, request: Request, request_id: str) -> No
     token = request.query_params.get("token")
     now = app.clock.now()
     try:
-        check_token(app.webhook_secret, request_id, token, now)
+        admitted = check_token(app.webhook_secrets, request_id, token, now)
+        if admitted.digest is not None:
+            # Bound to the call, not a time: the deadline is the request's, as it is now.
+            current = await app.request(request_id)
+            if current is not None and current.status == PENDING and now >= current.timeout:
+                raise TokenError(
+                    410, "this approval request has expired; it can no longer be decided"
+                )
+        return admitted
     except TokenError as err:
-        # A token of ours for this request (its MAC checked), past the deadline it was
-        # made with: a reviewer may have extended the request since, which extends the
+        # A token of the first form (bound to the deadline it was made with, its MAC
+        # checked): a reviewer may have extended the request since, which extends the
         # URLs already handed out for it.
         if err.status == 410:
             current = await app.request(request_id)
             if current is not None and current.status == PENDING and now < current.timeout:
-                return
+                return Admitted()
         fail(err.status, err.code, str(err))
 
 
@@ -154,8 +164,16 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
 
     async def respond(request: Request) -> Response:
         request_id = request.path_params["requestId"]
-        await require_token(app, request, request_id)
+        admitted = await require_token(app, request, request_id)
         call = callback_decision(await read_json(request, max_body))
+        digest = call.digest or admitted.digest
+        if admitted.digest is not None and digest != admitted.digest:
+            fail(
+                409,
+                RefusalCode.STALE_DECISION,
+                f"callDigest {call.digest!r} is not the call this callback URL was sent for"
+                f" ({admitted.digest!r}): look at the request again and decide what it asks",
+            )
         try:
             ex = await app.decide(
                 request_id,
@@ -164,7 +182,9 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
                 modified_params=call.modified_params,
                 # The token proves the URL was ours to hand out, not who holds it.
                 by=Identity(call.by, CLAIMED) if call.by else None,
-                digest=call.digest,
+                # Bound to the call the URL was sent for: a decision through a URL of an
+                # earlier call (the agent was redefined since) is refused as stale.
+                digest=digest,
             )
         except Refusal as refusal:
             await refused(app, refusal, request_id)

@@ -74,7 +74,8 @@ class ReviseApprovalRequest:
 @attrs.frozen
 class DeliverAgain:
     """A pending request sent out again: its reminder (`purpose` "reminder", on the
-    agent's channels) or an escalation stage ("stage:N", on that stage's channels)."""
+    agent's channels), an escalation stage ("stage:N", on that stage's channels), or the
+    call it asks about as a redefinition changed it ("revised:<digest prefix>")."""
 
     TAG: ClassVar[str] = "deliver_again"
     request: ApprovalRequest

@@ -1033,7 +1033,7 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     if params != current:
         # A new call: everyone approves the same one, so the count starts again with
         # this vote, under the quorum the policy asks for the edited call.
-        needed, need_groups = _quorum(tool, verdict if ex.agent.policy else None)
+        needed, need_groups = _quorum(tool, verdict)
         request = attrs.evolve(
             request,
             votes=(vote,),
@@ -1245,6 +1245,11 @@ def duration(ms: int) -> str:
     return f"{ms} milliseconds"
 
 
+def _open_ms(request: ApprovalRequest) -> int:
+    """How long a request was open by its deadline: its timeout, and any extension."""
+    return (request.timeout - request.timestamp) // timedelta(milliseconds=1)
+
+
 def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
     request = _check_request_open(ex, ev.request_id)
     if ev.at < request.timeout and (found := due(request, ex.agent.tool(request.tool), ev.at)):
@@ -1266,7 +1271,7 @@ def _timer_fired(ex: Execution, ev: TimerFired) -> Step:
     requests = _decide_request(
         ex.requests, request, "time_out", status=TIMED_OUT, decided_at=ev.at, outcome=TIMED_OUT
     )
-    message = f"Approval request timed out after {duration(request.timeout_ms)}"
+    message = f"Approval request timed out after {duration(_open_ms(request))}"
     result = ToolResult(
         json.dumps(
             {
@@ -1332,7 +1337,7 @@ def _approved_by_timeout(ex: Execution, ev: TimerFired, request: ApprovalRequest
         for c in ex.calls
     ]
     why = (
-        f"nobody decided within {duration(request.timeout_ms)}, and '{request.tool}' is"
+        f"nobody decided within {duration(_open_ms(request))}, and '{request.tool}' is"
         " defined with timeout_action='approve'"
     )
     commands: list[Command] = [
@@ -1641,6 +1646,10 @@ def _rejudge_pending(
         run = _approved_run(kept, params, last.by)
         return call, decided, [*stopped, record, run]
     revised: list[Command] = [ReviseApprovalRequest(kept)] if kept != request else []
+    if kept.digest != request.digest and kept.digest:
+        # A new call to decide: sent again (callback URLs of the old one are stale now),
+        # as its own message.
+        revised.append(DeliverAgain(kept, f"revised:{kept.digest.removeprefix('sha256:')[:8]}"))
     # Its reminder and stages are the new definition's from now on.
     old = set(schedule(request, old_tool))
     later = set(schedule(kept, tool))

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from conftest import Recorder, refund_script, wait_for
 from servers import serving
@@ -337,3 +338,41 @@ async def test_an_escalation_stage_published_on_redis(
     finally:
         await client.delete(event, f"{event}.decisions", f"{event}.errors")
         await client.aclose()
+
+
+async def test_a_redeploy_that_changes_the_call_sends_it_again_with_a_fresh_url(
+    tmp_path: Path, clock: FakeClock, recorder: Recorder, receivers: Any
+) -> None:
+    """The callback URL already sent is bound to the call as it was; a redefinition
+    that changes the call (here: a policy now asks for it) sends the request again, as
+    its own message, with a URL that decides it."""
+    import httpx
+
+    from clearance import Rule
+    from clearance.http_api import build_asgi
+
+    team, team_url, _, _ = receivers
+    app = open_app(tmp_path / "h.db", clock)
+    async with app:
+        hitl = HumanInLoop(enabled=True, approval_webhook=team_url)
+        define(app, recorder, hitl)
+        ex = await app.run("safe-agent", input="Refund order ORD-123")
+        [request] = ex.pending_approvals
+        await delivered(app, request.request_id, 1)
+        policy = [Rule.ask("process-refund", id="refunds", reason="Refunds need a person.")]
+        define(app, recorder, attrs.evolve(hitl, policy=policy))
+        await app.engine.sweep_redefined()
+        deliveries = await delivered(app, request.request_id, 2)
+        purposes = [d.purpose for d in deliveries]
+        assert purposes[0] == "request" and purposes[1].startswith("revised:")
+        first, again = (hit.payload for hit in team.hits)
+        assert first["callDigest"] != again["callDigest"]
+        assert again["policy"]["ruleId"] == "refunds"
+        transport = httpx.ASGITransport(app=build_asgi(app))
+        async with httpx.AsyncClient(transport=transport, base_url=PUBLIC) as client:
+            stale = await client.post(first["callbackUrl"], json={"approved": True})
+            assert stale.status_code == 409, stale.text
+            assert stale.json()["error"]["code"] == "stale_decision"
+            fresh = await client.post(again["callbackUrl"], json={"approved": True})
+            assert fresh.status_code == 200, fresh.text
+        assert len(recorder.calls) == 1

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from schemathesis.checks import (
 from schemathesis.generation import GenerationMode
 
 from clearance import ApprovalRequest, Clearance
+from clearance.app import open_store
 from clearance.callback import token_for
 from clearance.core.execution import iso
 from clearance.http_api import MAX_BODY, build_asgi, openapi_document
@@ -219,9 +221,19 @@ async def test_empty_modified_params_is_a_plain_approval(api: Api) -> None:
 # -- errors: each one changes nothing ----------------------------------------------------------
 
 
-def _token_parts(api: Api, request: ApprovalRequest) -> tuple[int, str]:
-    expires, _, mac = token_for(SECRET, request).partition(".")
-    return int(expires), mac
+def _token_parts(api: Api, request: ApprovalRequest) -> tuple[str, str, str]:
+    """(purpose, digest, mac) of the request's callback token."""
+    version, purpose, digest, mac = token_for(SECRET, request).split(".")
+    assert version == "v2"
+    return purpose, digest, mac
+
+
+def first_form_token(request: ApprovalRequest) -> str:
+    """A token as callback URLs of earlier releases carry: `{expiry}.{mac}`."""
+    from clearance.callback import _mac
+
+    expires = int(request.timeout.timestamp())
+    return f"{expires}.{_mac(SECRET, request.request_id, expires)}"
 
 
 async def _post_token(api: Api, request_id: str, token: str | None) -> httpx.Response:
@@ -256,14 +268,30 @@ def _unknown_request(api: Api, request: ApprovalRequest) -> Awaitable[httpx.Resp
     return _post_token(api, "apr-ghost", token_for(SECRET, ghost))
 
 
-def _altered_expiry(api: Api, request: ApprovalRequest) -> Awaitable[httpx.Response]:
-    expires, mac = _token_parts(api, request)
-    return _post_token(api, request.request_id, f"{expires + 3600}.{mac}")
+def _altered_digest(api: Api, request: ApprovalRequest) -> Awaitable[httpx.Response]:
+    purpose, digest, mac = _token_parts(api, request)
+    other = ("0" if digest[0] != "0" else "1") + digest[1:]
+    return _post_token(api, request.request_id, f"v2.{purpose}.{other}.{mac}")
+
+
+def _altered_purpose(api: Api, request: ApprovalRequest) -> Awaitable[httpx.Response]:
+    _, digest, mac = _token_parts(api, request)
+    return _post_token(api, request.request_id, f"v2.reminder.{digest}.{mac}")
 
 
 def _forged(api: Api, request: ApprovalRequest) -> Awaitable[httpx.Response]:
-    expires, _ = _token_parts(api, request)
-    return _post_token(api, request.request_id, f"{expires}.{'A' * 43}")
+    purpose, digest, _ = _token_parts(api, request)
+    return _post_token(api, request.request_id, f"v2.{purpose}.{digest}.{'A' * 43}")
+
+
+def _altered_expiry(api: Api, request: ApprovalRequest) -> Awaitable[httpx.Response]:
+    expires, _, mac = first_form_token(request).partition(".")
+    return _post_token(api, request.request_id, f"{int(expires) + 3600}.{mac}")
+
+
+async def _first_form_expired(api: Api, request: ApprovalRequest) -> httpx.Response:
+    api.clock.advance(minutes=5)
+    return await _post_token(api, request.request_id, first_form_token(request))
 
 
 def _raw(content: bytes, content_type: str = "application/json") -> Case:
@@ -290,7 +318,11 @@ ERRORS: dict[str, tuple[int, str, Case]] = {
         lambda a, r: _post_token(a, r.request_id, "\u00b2.abc"),
     ),
     "another request's token": (403, "invalid_token", _other_requests_token),
-    "altered expiry": (403, "invalid_token", _altered_expiry),
+    "altered digest": (403, "invalid_token", _altered_digest),
+    "altered purpose": (403, "invalid_token", _altered_purpose),
+    "malformed v2 token": (403, "invalid_token", lambda a, r: _post_token(a, r.request_id, "v2.x")),
+    "first form, altered expiry": (403, "invalid_token", _altered_expiry),
+    "first form, expired": (410, "expired", _first_form_expired),
     "valid token, unknown request": (404, "unknown_request", _unknown_request),
     "forged token, unknown request": (
         403,
@@ -1559,3 +1591,61 @@ async def test_a_callback_url_lives_as_long_as_its_extended_request(api: Api) ->
     late = await api.start()
     api.clock.advance(minutes=6)
     error(await api.respond(late, {"approved": True}), 410, "expired")
+
+
+async def test_a_callback_url_of_an_earlier_release_still_decides(api: Api) -> None:
+    """URLs sent before callback tokens were bound to the call carry `{expiry}.{mac}`:
+    they are accepted until their expiry, like before."""
+    request = await api.start()
+    response = await _post_token(api, request.request_id, first_form_token(request))
+    assert response.status_code == 200, response.text
+    assert api.recorder.ran("process-refund") == [REFUND]
+
+
+async def test_a_callback_url_for_a_call_a_redeploy_changed_is_stale(api: Api) -> None:
+    """The URL is bound to the call it was sent for: after the agent is defined again
+    with a policy (the request is kept, about the call as the new policy sees it), a
+    decision through the old URL is refused, and the new URL decides."""
+    from clearance import HumanInLoop, Rule
+
+    request = await api.start()
+    old_url = api.url(request)
+    define_refund_agent(
+        api.app,
+        api.recorder,
+        hitl=HumanInLoop(enabled=True, policy=[Rule.ask("process-refund", id="refunds")]),
+    )
+    error(await api.client.post(old_url, json={"approved": True}), 409, "stale_decision")
+    [kept] = await api.app.pending()
+    assert kept.request_id == request.request_id and kept.digest != request.digest
+    assert api.recorder.ran("process-refund") == []
+    response = await api.client.post(api.url(kept), json={"approved": True})
+    assert response.status_code == 200, response.text
+    assert api.recorder.ran("process-refund") == [REFUND]
+
+
+def test_webhook_secrets_rotate_the_first_signs_any_is_accepted() -> None:
+    from clearance.callback import check_token
+
+    new = "whsec_" + base64.b64encode(b"the-next-secret-0123456789abcdef").decode()
+    request = ApprovalRequest(
+        request_id="apr-1",
+        execution_id="exec-1",
+        agent_tag="a",
+        tool="t",
+        tool_use_id="tu1",
+        parameters={},
+        reason="",
+        timestamp=datetime(2024, 1, 15, tzinfo=UTC),
+        timeout=datetime(2024, 1, 16, tzinfo=UTC),
+        timeout_ms=86_400_000,
+        digest="sha256:" + "ab" * 32,
+    )
+    now = datetime(2024, 1, 15, 12, tzinfo=UTC)
+    for token in (token_for(SECRET, request), token_for(new, request)):
+        admitted = check_token([new, SECRET], "apr-1", token, now)
+        assert admitted.digest == request.digest
+    with pytest.raises(Exception, match="not valid"):
+        check_token([new], "apr-1", token_for(SECRET, request), now)
+    app = Clearance(open_store("memory://"), webhook_secret=[new, SECRET])
+    assert app.webhook_secret == new and app.webhook_secrets == (new, SECRET)

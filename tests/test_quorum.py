@@ -26,7 +26,7 @@ from hypothesis.stateful import (
     rule,
 )
 from postgres_server import postgres_url
-from test_policy import REFUND_SCHEMA, refund
+from test_policy import REFUND_SCHEMA, refund, results
 from test_postgres_store import url
 from test_redeploy import first_spec
 
@@ -457,7 +457,7 @@ def test_timeout_approve_with_a_quorum_is_refused_at_define(
 async def test_a_reviewer_with_the_grant_extends_a_deadline_within_the_maximum(
     app: Clearance, recorder: Recorder, clock: FakeClock
 ) -> None:
-    define(
+    model = define(
         app,
         recorder,
         [[tool_use("process-refund", refund(30))], [text("Done.")]],
@@ -498,6 +498,11 @@ async def test_a_reviewer_with_the_grant_extends_a_deadline_within_the_maximum(
     assert await app.fire_due_timers() == 1
     decided = (await app.store.load(ex.id)).request(request.request_id)  # type: ignore[union-attr]
     assert decided is not None and decided.outcome == "timed_out"
+    await app.engine.drain()
+    await app.engine.settle(await app.store.load(ex.id))  # type: ignore[arg-type]
+    # The model is told how long it was open: the extension included.
+    [result] = results(model)
+    assert "Approval request timed out after 30 minutes" in result["content"]
     await replays(app, ex)
 
 
