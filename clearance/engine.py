@@ -294,7 +294,11 @@ class Engine:
                     grant,
                     digest,
                     behalf,
-                    await self._groups(who, behalf),
+                    # A voter's groups count only towards a quorum: the request's, or
+                    # one an edit may ask for (an app name's costs a registry read).
+                    await self._groups(who, behalf)
+                    if request is not None and (request.needs_quorum or modified_params)
+                    else (),
                 )
             elif remember is not None or remember_when is not None:
                 raise Refusal(RefusalCode.INVALID_REMEMBER, "remember= goes with an approval")

@@ -417,8 +417,9 @@ def _new_call(
         call = attrs.evolve(call, verdict=verdict)
         return _answer(call, params, _denied(name, verdict))
     gated = effect == ASK or (effect == NO_MATCH and tool.gated)
-    # A session grant stands for one person's approval: never for a quorum of more.
-    granted = _grant(ex, ticket, name) if gated and _quorum(tool, verdict) == (1, ()) else None
+    granted = _grant(ex, ticket, name) if gated else None
+    if granted is not None and _quorum(tool, verdict) != (1, ()):
+        granted = None  # a session grant stands for one person: never for a quorum
     if granted is not None:
         gated = False
         call = attrs.evolve(call, granted=granted)
@@ -934,6 +935,13 @@ def _quorum(tool: ToolSpec, verdict: Verdict | None) -> tuple[int, tuple[str, ..
     needed, groups = tool.approvals_required, tool.groups
     if verdict is not None and verdict.applied == ALLOW:
         return 1, ()
+    asks_more = (
+        verdict is not None
+        and verdict.applied == ASK
+        and (verdict.approvals_required is not None or bool(verdict.groups))
+    )
+    if (needed, groups) == (1, ()) and not asks_more:
+        return 1, ()  # the common case, first
     if verdict is not None and verdict.applied == ASK:
         if verdict.approvals_required is not None:
             needed = verdict.approvals_required
@@ -996,7 +1004,6 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "approved")
     groups = _voter_groups(ev.groups)
     _check_voter(ex, request, by, by_kind, behalf)
-    asked = request
     tool = _tool(ex, request.tool)
     # The call as it stands (an earlier vote may have changed it), and as this one has it.
     current = request.effective_parameters()
@@ -1024,60 +1031,47 @@ def _approved(ex: Execution, ev: Approved) -> Step:
                 f" '{verdict.rule_id}': {verdict.reason or 'no reason given'}; the request"
                 " is still pending: approve it as it is, with other changes, or reject it",
             )
-    vote = Vote(by or "", ev.at, by_kind or "", groups, behalf)
+    modified = request.modified_params
     if changes is not None:
         # Kept as sent, also where it changes nothing: the decision says what was sent.
-        request = attrs.evolve(
-            request, modified_params={**(request.modified_params or {}), **changes}
-        )
-    if params != current:
-        # A new call: everyone approves the same one, so the count starts again with
-        # this vote, under the quorum the policy asks for the edited call.
-        needed, need_groups = _quorum(tool, verdict)
-        request = attrs.evolve(
-            request,
-            votes=(vote,),
-            approvals_required=needed,
-            groups=need_groups,
-            digest=call_digest(
-                ex.agent_tag,
-                request.tool,
-                params,
-                tool.input_schema,
-                ex.agent.policy.version if ex.agent.policy else None,
-            ),
-        )
-    else:
-        # One person, one vote: also through a delegation (acting for someone who voted,
-        # or voting for oneself after a delegate did).
-        people = {by, behalf} - {None}
-        voted = next((v for v in request.votes if people & {v.by, v.on_behalf_of}), None)
-        if voted is not None:
-            for_whom = f" on behalf of {voted.on_behalf_of}" if voted.on_behalf_of else ""
+        modified = {**(modified or {}), **changes}
+    edited = params != current
+    # An edit is a new call: the policy's verdict on it says how many must approve it.
+    quorum = _quorum(tool, verdict) if edited else (request.approvals_required, request.groups)
+    votes: tuple[Vote, ...] = ()  # one approval: its decision says it all
+    if quorum != (1, ()):
+        if ev.remember is not None:
             raise Refusal(
-                RefusalCode.ALREADY_VOTED,
-                f"{voted.by}{for_whom} already approved {request.request_id}; it needs"
-                f" {_needed_text(request)} from someone else",
+                RefusalCode.INVALID_REMEMBER,
+                f"remember= cannot be given where {quorum[0]} approval(s) are needed: a"
+                " session grant would let one person stand for a quorum",
             )
-        request = attrs.evolve(request, votes=(*request.votes, vote))
-    if ev.remember is not None and request.needs_quorum:
-        raise Refusal(
-            RefusalCode.INVALID_REMEMBER,
-            f"remember= cannot be given where {request.approvals_required} approval(s) are"
-            " needed: a session grant would let one person stand for a quorum",
-        )
-    if not met(request.votes, request.approvals_required, request.groups):
-        return _voted(ex, ev, request)
-    # Decided, it keeps the digest of the call it asked about when the deciding vote came.
-    request = attrs.evolve(request, digest=asked.digest)
-    if not request.needs_quorum:
-        request = attrs.evolve(request, votes=())  # one approval: its decision says it all
+        vote = Vote(by or "", ev.at, by_kind or "", groups, behalf)
+        if edited:
+            # Everyone approves the same call, so the count starts again with this vote.
+            votes = (vote,)
+        else:
+            _check_one_vote(request, by, behalf)
+            votes = (*request.votes, vote)
+        if not met(votes, *quorum):
+            digest = (
+                call_digest(
+                    ex.agent_tag,
+                    request.tool,
+                    params,
+                    tool.input_schema,
+                    ex.agent.policy.version if ex.agent.policy else None,
+                )
+                if edited
+                else request.digest
+            )
+            return _voted(ex, ev, request, modified, votes, quorum, digest)
     grants = ex.grants
     if ev.remember is not None:
         grants = (*grants, _remembered(request, ev, by, by_kind))
-    # An edit that changes nothing is an approval of the call as proposed.
+    # An edit that changes nothing is an approval of the call as proposed. Decided, the
+    # request keeps the digest of the call it asked about when the deciding vote came.
     outcome = APPROVED if params == request.parameters else APPROVED_MODIFIED
-    modified = request.modified_params
     requests = _decide_request(
         ex.requests,
         request,
@@ -1088,6 +1082,9 @@ def _approved(ex: Execution, ev: Approved) -> Step:
         decided_at=ev.at,
         modified_params=modified,
         outcome=outcome,
+        votes=votes,
+        approvals_required=quorum[0],
+        groups=quorum[1],
     )
     calls = [
         _move(c, "approve", EXECUTING, parameters=params, approved_by=by)
@@ -1112,41 +1109,62 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     return _advance(ex, ev, calls, Changes(requests=requests, grants=grants), commands)
 
 
+def _check_one_vote(request: ApprovalRequest, by: str | None, behalf: str | None) -> None:
+    """One person, one vote: also through a delegation (acting for someone who voted, or
+    voting for oneself after a delegate did)."""
+    people = {by, behalf} - {None}
+    voted = next((v for v in request.votes if people & {v.by, v.on_behalf_of}), None)
+    if voted is not None:
+        for_whom = f" on behalf of {voted.on_behalf_of}" if voted.on_behalf_of else ""
+        raise Refusal(
+            RefusalCode.ALREADY_VOTED,
+            f"{voted.by}{for_whom} already approved {request.request_id}; it needs"
+            f" {_needed_text(request)} from someone else",
+        )
+
+
 def _needed_text(request: ApprovalRequest) -> str:
     count, groups = request.still_needed()
     text = f"{count} more approval{'s' if count != 1 else ''}"
     return text + (f" (from {', '.join(groups)})" if groups else "")
 
 
-def _voted(ex: Execution, ev: Approved, request: ApprovalRequest) -> Step:
+def _voted(
+    ex: Execution,
+    ev: Approved,
+    request: ApprovalRequest,
+    modified: dict[str, Any] | None,
+    votes: tuple[Vote, ...],
+    quorum: tuple[int, tuple[str, ...]],
+    digest: str | None,
+) -> Step:
     """A vote towards a quorum not met yet: recorded (audited as a vote), the request
-    stays pending and its inbox copy shows the votes so far."""
-    previous = ex.request(request.request_id)
-    assert previous is not None
-    requests = _decide_request(ex.requests, previous, "vote", **_request_fields(request))
-    vote = request.votes[-1]
+    stays pending, about the call as this vote left it, and its inbox copy shows the
+    votes so far."""
+    requests = _decide_request(
+        ex.requests,
+        request,
+        "vote",
+        modified_params=modified,
+        votes=votes,
+        approvals_required=quorum[0],
+        groups=quorum[1],
+        digest=digest,
+    )
+    counted = next(r for r in requests if r.request_id == request.request_id)
+    vote = votes[-1]
     record = _decision_record(
         ex,
-        request,
+        counted,
         VOTE,
         ev.at,
         by=vote.by,
-        modified=request.modified_params if len(request.votes) == 1 else None,
+        modified=modified if len(votes) == 1 else None,
         by_kind=vote.by_kind,
         on_behalf_of=vote.on_behalf_of,
-        reason=f"{len(request.votes)} of {request.approvals_required}; {_needed_text(request)}",
+        reason=f"{len(votes)} of {quorum[0]}; {_needed_text(counted)}",
     )
-    return Changes(requests=requests), [record, ReviseApprovalRequest(request)]
-
-
-def _request_fields(request: ApprovalRequest) -> dict[str, Any]:
-    return {
-        "modified_params": request.modified_params,
-        "votes": request.votes,
-        "approvals_required": request.approvals_required,
-        "groups": request.groups,
-        "digest": request.digest,
-    }
+    return Changes(requests=requests), [record, ReviseApprovalRequest(counted)]
 
 
 def _approved_run(request: ApprovalRequest, params: dict[str, Any], by: str | None) -> RunTool:

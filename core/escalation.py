@@ -43,7 +43,7 @@ class Due:
 def schedule(request: ApprovalRequest, tool: ToolSpec | None) -> list[datetime]:
     """The times the request's reminder and stages that have not fired are due (before
     its deadline), earliest first."""
-    if tool is None:
+    if tool is None or not (tool.remind_before_ms or tool.escalation):
         return []
     times = []
     if tool.remind_before_ms and not request.reminded:
