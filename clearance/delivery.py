@@ -29,7 +29,7 @@ from typing import Any
 
 from clearance import views
 from clearance.callback import callback_url
-from clearance.core.escalation import REMINDER
+from clearance.core.escalation import REMINDER, stage_for
 from clearance.core.execution import PENDING, ApprovalRequest, Execution
 from clearance.definition import HostedAgent
 from clearance.ports.channel import DELIVERED, DISABLED, FAILED, RETRY, ApprovalChannel, Sent
@@ -277,10 +277,5 @@ class DeliveryRelay:
 
 def _stage(ex: Execution | None, request: ApprovalRequest, purpose: str) -> tuple[int, int] | None:
     """(number, after in ms) of the escalation stage a delivery is for, if it is."""
-    if ex is None or not purpose.startswith("stage:"):
-        return None
-    number = int(purpose.removeprefix("stage:"))
-    tool = ex.agent.tool(request.tool)
-    if tool is None or not 0 < number <= len(tool.escalation):
-        return None
-    return number, tool.escalation[number - 1].after_ms
+    found = stage_for(ex.agent.tool(request.tool), purpose) if ex is not None else None
+    return (found[0], found[1].after_ms) if found is not None else None

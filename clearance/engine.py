@@ -1135,7 +1135,7 @@ def _check_granted(
 def _escalated_to(who: Identity, ex: Execution, request: ApprovalRequest) -> bool:
     """Whether an escalation stage that has fired opened the request to `who`."""
     tool = ex.agent.tool(request.tool)
-    if tool is None or request.status != "pending":
+    if tool is None or request.status != PENDING:
         return False
     groups = who.reviewer.groups if who.reviewer is not None else ()
     return any(s.opens_to(who.name, groups) for s in tool.escalation[: request.stages_fired])

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 
 import attrs
 
-from clearance.core.agent import ToolSpec
+from clearance.core.agent import Stage, ToolSpec
 from clearance.core.execution import ApprovalRequest
 
 REMINDER = "reminder"
@@ -26,6 +26,17 @@ REMINDER = "reminder"
 def stage_purpose(number: int) -> str:
     """A delivery's purpose for escalation stage `number` (1-based)."""
     return f"stage:{number}"
+
+
+def stage_for(tool: ToolSpec | None, purpose: str) -> tuple[int, Stage] | None:
+    """(number, stage) of the escalation stage a delivery's `purpose` names, if it names
+    one of `tool`'s."""
+    if tool is None or not purpose.startswith("stage:"):
+        return None
+    number = int(purpose.removeprefix("stage:"))
+    if not 0 < number <= len(tool.escalation):
+        return None
+    return number, tool.escalation[number - 1]
 
 
 @attrs.frozen

@@ -27,7 +27,7 @@ from clearance.core.commands import (
     RunTool,
     StartTimer,
 )
-from clearance.core.escalation import schedule
+from clearance.core.escalation import schedule, stage_for
 from clearance.core.events import Event
 from clearance.core.execution import PENDING, ApprovalRequest, Execution
 
@@ -164,11 +164,9 @@ def _deliveries(
     signer = AGENT_SIGNER if agent.own_webhook_secret else INSTANCE_SIGNER
     webhook, broker = agent.approval_webhook, agent.approval_broker
     if purpose.startswith("stage:"):
-        tool = agent.tool(request.tool)
-        number = int(purpose.removeprefix("stage:"))
-        stage = tool.escalation[number - 1] if tool is not None else None
-        webhook = stage.webhook if stage is not None else None
-        broker = stage.broker if stage is not None else None
+        found = stage_for(agent.tool(request.tool), purpose)
+        webhook = found[1].webhook if found is not None else None
+        broker = found[1].broker if found is not None else None
     # The request's first delivery keeps the ids it always had; a reminder or a stage
     # is another message, with its own id (receivers dedupe on these).
     suffix = "" if purpose == REQUEST else "." + purpose.replace(":", "")
