@@ -229,7 +229,13 @@ async def _down_then_back(app: Clearance, hub: Memory) -> None:
     hub.hub.down = False
     # The relay's backoff starts at 1 s (webhook_retry_base): it comes within a few.
     await wait_for(lambda: hub.messages(hub.event), seconds=20)
-    delivered = (await app.deliveries(request_id))[0]
+
+    async def recorded() -> Any:
+        # The relay records the attempt after the broker took the message: wait for both.
+        [delivery] = await app.deliveries(request_id)
+        return delivery if delivery.status != "pending" else None
+
+    delivered = await wait_for(recorded)
     assert delivered.status == "delivered"
     assert hub.message_ids(hub.event) == [request_id]
 
