@@ -44,6 +44,7 @@ from clearance.adapters.stored_log import (
     Specs,
     chain_row,
     fold,
+    pruned_body,
     read_events,
     work_command,
 )
@@ -76,6 +77,7 @@ from clearance.ports.store import (
     Delivery,
     DeliveryAttempt,
     DueTimer,
+    Forgotten,
     LeaseLost,
     UnknownRequest,
     UnknownReviewer,
@@ -88,7 +90,7 @@ from clearance.ports.store import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Schema 3: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
 # keys. Names and key ids compare by code point ("C"), so reviewers list in the order
 # SQLite lists them, whatever the database's collation. IF NOT EXISTS: tables that
@@ -119,6 +121,22 @@ CREATE TABLE IF NOT EXISTS clearance_audit_head (
 );
 """
 
+# Schema 7: the one update the audit log takes is `clearance prune` dropping a chained
+# record's payload (its body gains "pruned"); its link and where it belongs stay.
+_AUDIT_APPEND_ONLY: LiteralString = """
+CREATE OR REPLACE FUNCTION clearance_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.entry IS NOT NULL AND jsonb_typeof(NEW.body::jsonb -> 'pruned') = 'object'
+            AND NEW.id = OLD.id AND NEW.request_id = OLD.request_id
+            AND NEW.execution_id = OLD.execution_id AND NEW.entry = OLD.entry
+            AND NEW.prev_hash IS NOT DISTINCT FROM OLD.prev_hash AND NEW.hash = OLD.hash THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'the audit log is append-only';
+END $$"""
+
 MIGRATIONS: dict[int, LiteralString] = {
     # A timer sweep claims the timers it fires (held_until: NULL = nobody); request
     # ids compare by code point whatever the database's collation, so a prefix is a
@@ -137,6 +155,7 @@ MIGRATIONS: dict[int, LiteralString] = {
     # delivery already there was the request's.
     5: "ALTER TABLE clearance_deliveries"
     " ADD COLUMN IF NOT EXISTS purpose TEXT NOT NULL DEFAULT 'request'",
+    6: _AUDIT_APPEND_ONLY,
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -203,8 +222,9 @@ CREATE INDEX clearance_delivery_attempts_of ON clearance_delivery_attempts (deli
 CREATE TABLE clearance_disabled_endpoints (
     url TEXT PRIMARY KEY, at TIMESTAMPTZ NOT NULL, reason TEXT NOT NULL
 );
-CREATE FUNCTION clearance_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$;
+"""
+    + _AUDIT_APPEND_ONLY
+    + """;
 CREATE TRIGGER clearance_audit_no_change BEFORE UPDATE OR DELETE ON clearance_audit
     FOR EACH ROW EXECUTE FUNCTION clearance_audit_append_only();
 CREATE TRIGGER clearance_audit_no_truncate BEFORE TRUNCATE ON clearance_audit
@@ -919,6 +939,63 @@ class PostgresStore:
                 (after, limit),
             )
             return [chain_row(*row) for row in await cur.fetchall()]
+
+    # -- retention ---------------------------------------------------------------------------
+
+    @_retried
+    async def forget(self, executions: Sequence[Execution], at: datetime) -> Forgotten:
+        gone: list[str] = []
+        pruned = kept = 0
+        async with self._write() as conn:
+            for ex in executions:
+                # Work first: a worker's last commit removes its work and appends its
+                # event at once, so with no work left the seq read next is final.
+                cur = await conn.execute(
+                    "SELECT 1 FROM clearance_work WHERE execution_id = %s LIMIT 1", (ex.id,)
+                )
+                if await cur.fetchone() is not None:
+                    continue
+                cur = await conn.execute(
+                    "SELECT max(seq) FROM clearance_events WHERE execution_id = %s", (ex.id,)
+                )
+                row = await cur.fetchone()
+                if row is None or row[0] != ex.seq:
+                    continue
+                requests = [r.request_id for r in ex.requests]
+                await conn.execute("DELETE FROM clearance_events WHERE execution_id = %s", (ex.id,))
+                await conn.execute(
+                    "DELETE FROM clearance_snapshots WHERE execution_id = %s", (ex.id,)
+                )
+                if requests:
+                    await conn.execute(
+                        "DELETE FROM clearance_delivery_attempts WHERE delivery_id IN"
+                        " (SELECT id FROM clearance_deliveries WHERE request_id = ANY(%s))",
+                        (requests,),
+                    )
+                    await conn.execute(
+                        "DELETE FROM clearance_deliveries WHERE request_id = ANY(%s)", (requests,)
+                    )
+                    await conn.execute(
+                        "DELETE FROM clearance_approvals WHERE request_id = ANY(%s)", (requests,)
+                    )
+                cur = await conn.execute(
+                    "SELECT id, body, entry FROM clearance_audit WHERE execution_id = %s",
+                    (ex.id,),
+                )
+                for row_id, body, entry in await cur.fetchall():
+                    if entry is None:  # older than the chain: its genesis hash covers the body
+                        kept += 1
+                        continue
+                    new_body = pruned_body(body, at)
+                    if new_body is not None:
+                        await conn.execute(
+                            "UPDATE clearance_audit SET body = %s WHERE id = %s", (new_body, row_id)
+                        )
+                        pruned += 1
+                gone.append(ex.id)
+        for execution_id in gone:
+            self._states.drop(execution_id)
+        return Forgotten(tuple(gone), pruned, kept)
 
     @_retried
     async def audit_head(self) -> tuple[str, int] | None:

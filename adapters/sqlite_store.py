@@ -35,6 +35,7 @@ from clearance.adapters.stored_log import (
     Specs,
     chain_row,
     fold,
+    pruned_body,
     read_events,
     work_command,
 )
@@ -69,6 +70,7 @@ from clearance.ports.store import (
     Delivery,
     DeliveryAttempt,
     DueTimer,
+    Forgotten,
     LeaseLost,
     UnknownRequest,
     UnknownReviewer,
@@ -88,6 +90,16 @@ CREATE TABLE IF NOT EXISTS reviewer_keys (
 );
 CREATE INDEX IF NOT EXISTS reviewer_keys_of ON reviewer_keys (reviewer);
 """
+
+# Schema 10: the one update the audit log takes is `clearance prune` dropping a chained
+# record's payload (its body gains "pruned"); its link and where it belongs stay.
+_AUDIT_NO_UPDATE = """
+CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
+    WHEN NOT (OLD.entry IS NOT NULL AND json_type(NEW.body, '$.pruned') IS 'object'
+        AND NEW.id = OLD.id AND NEW.request_id IS OLD.request_id
+        AND NEW.execution_id IS OLD.execution_id AND NEW.entry IS OLD.entry
+        AND NEW.prev_hash IS OLD.prev_hash AND NEW.hash IS OLD.hash)
+    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"""
 
 SCHEMA = (
     """
@@ -162,8 +174,9 @@ CREATE INDEX IF NOT EXISTS delivery_attempts_of ON delivery_attempts (delivery_i
 CREATE TABLE IF NOT EXISTS disabled_endpoints (
     url TEXT PRIMARY KEY, at TEXT NOT NULL, reason TEXT NOT NULL
 ) WITHOUT ROWID;
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-    BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"""
+    + _AUDIT_NO_UPDATE
+    + """;
 CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
     BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 """
@@ -173,7 +186,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -271,6 +284,13 @@ def _from_8(db: sqlite3.Connection) -> int:
     return 9
 
 
+def _from_9(db: sqlite3.Connection) -> int:
+    """Schema 9 to 10: the audit log takes the update that prunes a record's payload."""
+    db.execute("DROP TRIGGER IF EXISTS audit_no_update")
+    db.execute(_AUDIT_NO_UPDATE)
+    return 10
+
+
 # Each step upgrades a file in place by one schema version, at open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     2: _from_2,
@@ -280,6 +300,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     6: _from_6,
     7: _from_7,
     8: _from_8,
+    9: _from_9,
 }
 
 
@@ -922,6 +943,46 @@ class SQLiteStore:
     async def audit_head(self) -> tuple[str, int] | None:
         row = self._db.execute("SELECT hash, records FROM audit_head WHERE id = 1").fetchone()
         return None if row is None else (row[0], row[1])
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def forget(self, executions: Sequence[Execution], at: datetime) -> Forgotten:
+        gone: list[str] = []
+        pruned = kept = 0
+        db = self._db
+        with self._write():
+            for ex in executions:
+                (last,) = db.execute(
+                    "SELECT max(seq) FROM events WHERE execution_id = ?", (ex.id,)
+                ).fetchone()
+                # The queue holds outstanding work only: a scan of it is short.
+                busy = db.execute("SELECT 1 FROM work WHERE execution_id = ?", (ex.id,))
+                if last != ex.seq or busy.fetchone() is not None:
+                    continue
+                db.execute("DELETE FROM events WHERE execution_id = ?", (ex.id,))
+                db.execute("DELETE FROM snapshots WHERE execution_id = ?", (ex.id,))
+                for request in ex.requests:
+                    db.execute(
+                        "DELETE FROM delivery_attempts WHERE delivery_id IN"
+                        " (SELECT id FROM deliveries WHERE request_id = ?)",
+                        (request.request_id,),
+                    )
+                    db.execute("DELETE FROM deliveries WHERE request_id = ?", (request.request_id,))
+                    db.execute("DELETE FROM approvals WHERE request_id = ?", (request.request_id,))
+                rows = db.execute(
+                    "SELECT id, body, entry FROM audit WHERE execution_id = ?", (ex.id,)
+                ).fetchall()
+                for row_id, body, entry in rows:
+                    if entry is None:  # older than the chain: its genesis hash covers the body
+                        kept += 1
+                        continue
+                    new_body = pruned_body(body, at)
+                    if new_body is not None:
+                        db.execute("UPDATE audit SET body = ? WHERE id = ?", (new_body, row_id))
+                        pruned += 1
+                self._states.drop(ex.id)
+                gone.append(ex.id)
+        return Forgotten(tuple(gone), pruned, kept)
 
     # -- the work queue ----------------------------------------------------------------------
 

@@ -12,8 +12,10 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from datetime import datetime
 
-from clearance.adapters.packed_json import unpack
+from clearance.adapters.packed_json import compact_json, unpack
+from clearance.core import audit_chain
 from clearance.core.agent import AgentSpec
 from clearance.core.audit_chain import ChainRow, Link
 from clearance.core.commands import AuditRecord, CallModel, RunTool
@@ -43,6 +45,15 @@ def chain_row(
     if entry is None or prev_hash is None or hash is None:
         return ChainRow(row_id, record, body, None)
     return ChainRow(row_id, record, body, Link(entry, prev_hash, hash))
+
+
+def pruned_body(body: str, at: datetime) -> str | None:
+    """A chained audit record's stored body with its payload dropped at `at` (its link
+    stays valid); None if it already was."""
+    record = audit_from_data(json.loads(body))
+    if record.pruned is not None:
+        return None
+    return compact_json(converter.unstructure(audit_chain.without_payload(record, at)))
 
 
 def work_command(body: str) -> tuple[CallModel | RunTool, bool]:
@@ -106,6 +117,9 @@ class KeptStates:
         self._states.move_to_end(execution.id)
         if len(self._states) > self.size:
             self._states.popitem(last=False)
+
+    def drop(self, execution_id: str) -> None:
+        self._states.pop(execution_id, None)
 
     def clear(self) -> None:
         self._states.clear()

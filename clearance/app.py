@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from importlib.metadata import entry_points
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -23,9 +23,11 @@ from clearance.core.agent import BrokerTarget
 from clearance.core.audit_chain import ChainRow, ChainWalk
 from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
+from clearance.core.deadlines import parse_deadline
+from clearance.core.durations import parse_duration
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
-from clearance.core.execution import ApprovalRequest, Execution
+from clearance.core.execution import TERMINAL, ApprovalRequest, Execution
 from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import (
     CLAIMED,
@@ -58,7 +60,7 @@ from clearance.ports.broker import Broker, Signer
 from clearance.ports.clock import Clock
 from clearance.ports.ids import IdSource
 from clearance.ports.model import ModelPort
-from clearance.ports.store import Delivery, Store, UnknownReviewer
+from clearance.ports.store import Delivery, Store, UnknownReviewer, UnreadableExecution
 from clearance.reviewer_keys import key_id_of, key_matches, new_key
 
 if TYPE_CHECKING:
@@ -151,6 +153,23 @@ def open_brokers(brokers: Mapping[str, str], sign: Signer) -> dict[str, Broker]:
         except ValueError as err:
             raise ClearanceError(f"broker {name!r}: {err}") from None
     return opened
+
+
+@attrs.define
+class Pruning:
+    """What `Clearance.prune` did (or, with `dry_run`, would do)."""
+
+    dry_run: bool = False
+    executions: int = 0  # forgotten
+    audit_pruned: int = 0  # their audit records, payload dropped (dry run: all of them)
+    audit_kept: int = 0  # their records older than the audit chain, left whole
+    busy: int = 0  # finished, but a worker was still recording a tool's outcome: next time
+    unreadable: int = 0  # executions that could not be read, left as they are
+
+
+def _finished_before(ex: Execution, cutoff: datetime) -> bool:
+    last = ex.updated_at or ex.created_at
+    return ex.status in TERMINAL and last is not None and last < cutoff
 
 
 class Clearance:
@@ -567,6 +586,43 @@ class Clearance:
         head = await self.store.audit_head()
         return walk.finish(*(head if head is not None else (None, None)))
 
+    async def prune(
+        self, older_than: int | timedelta | str, *, dry_run: bool = False, page: int = 200
+    ) -> Pruning:
+        """Forget executions that finished (completed, failed or stopped) more than
+        `older_than` ago ("90d", a timedelta, or milliseconds): their event logs, inbox
+        rows and deliveries are deleted, and their audit records keep who decided what
+        and when, but drop the parameters, modified parameters and reason (their hashes
+        stay, so `verify_audit` still holds). Executions still running or awaiting
+        approval are never touched, however old. `dry_run`: count, change nothing."""
+        now = self.clock.now()
+        cutoff = now - parse_duration(older_than, "older_than")
+        report = Pruning(dry_run=dry_run)
+        after: str | None = None
+        while True:
+            ids = await self.store.execution_ids(after=after, limit=page)
+            due: list[Execution] = []
+            for execution_id in ids:
+                try:
+                    ex = await self.store.load(execution_id)
+                except UnreadableExecution:
+                    report.unreadable += 1
+                    continue
+                if ex is not None and _finished_before(ex, cutoff):
+                    due.append(ex)
+            if due and dry_run:
+                report.executions += len(due)
+                report.audit_pruned += sum([len(await self.store.audit(ex.id)) for ex in due])
+            elif due:
+                gone = await self.store.forget(due, now)
+                report.executions += len(gone.executions)
+                report.audit_pruned += gone.audit_pruned
+                report.audit_kept += gone.audit_kept
+                report.busy += len(due) - len(gone.executions)
+            if len(ids) < page:
+                return report
+            after = ids[-1]
+
     async def audit_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
         """Audit rows with their place in the hash chain, in order, from id `after`:
         what `clearance audit export` writes."""
@@ -700,13 +756,13 @@ class Clearance:
                 reviewer = attrs.evolve(reviewer, delegations=stored.delegations)
         return await self.store.save_reviewer(reviewer)
 
-    async def delegate(self, reviewer: str, *, to: str, until: datetime) -> Reviewer:
-        """Let reviewer `to` act with `reviewer`'s grants until `until` (a past time ends
-        a delegation now). Decisions made so are audited as by `to`, on behalf of
-        `reviewer`. Raises UnknownReviewer, or ClearanceError for a delegation to oneself
-        or a naive datetime."""
-        if until.utcoffset() is None:
-            raise ClearanceError(f"until must be a timezone-aware datetime, got {until!r}")
+    async def delegate(self, reviewer: str, *, to: str, until: datetime | str) -> Reviewer:
+        """Let reviewer `to` act with `reviewer`'s grants until `until` (an aware
+        datetime, or ISO-8601 text with its offset; a past time ends a delegation now).
+        Decisions made so are audited as by `to`, on behalf of `reviewer`. Raises
+        UnknownReviewer, or ClearanceError for a delegation to oneself or a time that
+        is not a point in time (naive, a date alone)."""
+        until = parse_deadline(until, "until=")
         if to == reviewer:
             raise ClearanceError(f"reviewer {reviewer!r} cannot delegate to themselves")
         giver = await self.store.reviewer(reviewer)

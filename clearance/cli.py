@@ -71,6 +71,10 @@ EXAMPLES = {
         "clearance audit verify       # the hash chain: was any record changed?",
         "clearance audit export --jsonl > audit.jsonl",
     ],
+    "prune": [
+        "clearance prune --older-than 90d --dry-run   # what would go",
+        "clearance prune --older-than 90d",
+    ],
     "reviewer": [
         "clearance reviewer add rita --agents 'support-*' --tools 'process-refund,*-account'",
         "clearance reviewer key rita --expires-in 90d",
@@ -218,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--until",
         required=True,
         metavar="TIME",
-        help="the new deadline, ISO-8601 (UTC if no zone), e.g. 2026-12-05T18:00Z",
+        help="the new deadline, ISO-8601 with Z or an offset, e.g. 2026-12-05T18:00Z",
     )
     extend.add_argument(
         "--by", metavar="NAME", help=f"who extends: the reviewer of ${REVIEWER_KEY_ENV}'s key"
@@ -255,6 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--json", action="store_true", help="one JSON record per line")
     audit.set_defaults(run="audit")
+
+    prune = command(
+        "prune",
+        "forget executions that finished long ago; their audit records stay, without"
+        " parameters or reasons (their hashes stay: `audit verify` still holds)",
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        metavar="DURATION",
+        help="finished (completed, failed or stopped) more than this long ago, e.g. 90d",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count only; change nothing")
+    prune.add_argument("--json", action="store_true", help="what was done, as JSON")
+    prune.set_defaults(run="prune")
 
     serve = command(
         "serve",
@@ -309,7 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     delegate.add_argument("name", metavar="NAME")
     delegate.add_argument("--to", required=True, metavar="REVIEWER", help="who acts for NAME")
     delegate.add_argument(
-        "--until", metavar="TIME", help="until when (ISO-8601, UTC if no zone); a past time ends it"
+        "--until",
+        metavar="TIME",
+        help="until when (ISO-8601 with Z or an offset, e.g. 2026-12-24T18:00Z); a past time"
+        " ends it",
     )
     delegate.add_argument("--for", dest="for_", metavar="DURATION", help="or for how long, e.g. 7d")
     for p in (add, key, listing, revoke, remove, delegate):

@@ -48,6 +48,7 @@ from clearance.cli_args import (
     modified_params,
 )
 from clearance.core.commands import AuditRecord
+from clearance.core.deadlines import BadDeadline, parse_deadline
 from clearance.core.decide import duration
 from clearance.core.durations import BadDuration, parse_duration
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal, RefusalCode
@@ -81,7 +82,6 @@ from clearance.core.execution import (
 from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import CLAIMED, BadReviewer, Grant, Identity, Reviewer
 from clearance.definition import Policy
-from clearance.http_bodies import parse_time
 from clearance.ports.store import UnknownReviewer
 from clearance.reviewer_keys import key_id_of
 
@@ -300,7 +300,7 @@ def audit_line(record: AuditRecord) -> str:
         # A call a policy decided has no request: its tool_use id says which call.
         record.request_id or f"call {record.tool_use_id}",
         record.tool,
-        f"params={compact(record.parameters)}",
+        "params=(pruned)" if record.pruned else f"params={compact(record.parameters)}",
     ]
     if record.rule_id is not None:
         parts.append(f"rule={record.rule_id}")
@@ -534,12 +534,7 @@ async def cmd_reject(args: argparse.Namespace) -> int:
 
 
 async def cmd_extend(args: argparse.Namespace) -> int:
-    try:
-        until = parse_time(args.until, assume_utc=True)
-    except ValueError:
-        raise UsageError(
-            f"--until takes an ISO-8601 time such as 2026-12-05T18:00Z, got {args.until!r}"
-        ) from None
+    until = _until(args.until)
     if not os.environ.get(REVIEWER_KEY_ENV, "").strip():
         raise ClearanceError(
             f"a deadline is extended by a reviewer granted 'extend': set ${REVIEWER_KEY_ENV}"
@@ -564,6 +559,14 @@ async def cmd_extend(args: argparse.Namespace) -> int:
         f" ({_relative(request.timeout)})."
     )
     return 0
+
+
+def _until(text: str) -> datetime:
+    """An --until (extend, reviewer delegate), read as the HTTP API and Python read theirs."""
+    try:
+        return parse_deadline(text, "--until")
+    except BadDeadline as err:
+        raise UsageError(str(err)) from None
 
 
 def _authorised(ticket: Ticket | None) -> str:
@@ -711,6 +714,38 @@ async def _audit_verify(app: Clearance, path: str, as_json: bool) -> int:
             f" {verdict.records} record(s) before it are intact (last hash {verdict.head})."
         )
     return 0 if verdict.intact else 1
+
+
+async def cmd_prune(args: argparse.Namespace) -> int:
+    path = db_path(args, must_exist=True)
+    try:
+        age = parse_duration(args.older_than, "--older-than")
+    except BadDuration as err:
+        raise UsageError(str(err)) from None
+    async with opened(path) as app:
+        done = await app.prune(age, dry_run=args.dry_run)
+    if args.json:
+        say(views.dumps(views.pruning(done)))
+        return 0
+    verb = "would forget" if done.dry_run else "forgot"
+    what = "would lose" if done.dry_run else "lost"
+    lines = [
+        f"{shown(path)}: {verb} {done.executions} execution(s) finished more than"
+        f" {args.older_than} ago; {done.audit_pruned} audit record(s) of theirs {what}"
+        " their parameters and reasons (who decided what, and when, stays)."
+    ]
+    if done.audit_kept:
+        lines.append(
+            f"{done.audit_kept} older record(s), from before the audit chain, were left whole."
+        )
+    if done.busy:
+        lines.append(
+            f"{done.busy} stopped execution(s) still have a tool's outcome to record: next time."
+        )
+    if done.unreadable:
+        lines.append(f"{done.unreadable} execution(s) could not be read and were left as they are.")
+    say(*lines)
+    return 0
 
 
 async def _audit_export(app: Clearance) -> int:
@@ -882,14 +917,7 @@ async def _reviewer_delegate(app: Clearance, args: argparse.Namespace) -> int:
         except BadDuration as err:
             raise UsageError(str(err)) from None
     else:
-        try:
-            until = datetime.fromisoformat(args.until.replace("Z", "+00:00"))
-        except ValueError:
-            raise UsageError(
-                f"--until takes an ISO-8601 time such as 2026-12-24T18:00Z, got {args.until!r}"
-            ) from None
-        if until.utcoffset() is None:
-            until = until.replace(tzinfo=UTC)
+        until = _until(args.until)
     try:
         await app.delegate(args.name, to=args.to, until=until)
     except UnknownReviewer as err:

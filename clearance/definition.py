@@ -190,7 +190,8 @@ class Tool:
     handler: Handler | None = None
     requires_confirmation: bool = False
     confirmation_message: ConfirmationMessage | None = None
-    approval_timeout: int | None = None  # milliseconds; overrides HumanInLoop's
+    # Milliseconds (as in the spec), a timedelta or "10m"; overrides HumanInLoop's.
+    approval_timeout: int | timedelta | str | None = None
     # Rules for this tool alone (their `tools` is this tool), after the agent's rules.
     policy: Sequence[Rule] = ()
     # A quorum: this many distinct people approve each call (an ask rule may ask for
@@ -242,11 +243,12 @@ class ApprovalBroker:
 
 @attrs.frozen
 class HumanInLoop:
-    """The spec's `humanInLoop` block. `approval_timeout` is in milliseconds, as in the spec."""
+    """The spec's `humanInLoop` block. `approval_timeout` is in milliseconds, as in the
+    spec, or any duration: a timedelta, "10m", "2h"."""
 
     enabled: bool = False
     always_require_approval: Sequence[str] = ()
-    approval_timeout: int = DEFAULT_TIMEOUT_MS
+    approval_timeout: int | timedelta | str = DEFAULT_TIMEOUT_MS
     approval_webhook: str | None = None
     approval_broker: ApprovalBroker | dict[str, Any] | None = None
     # Signs this agent's webhooks instead of the instance's secret ('whsec_…'). Callback
@@ -298,7 +300,7 @@ def _positive_ms(what: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_TIMEOUT_MS:
         raise DefinitionError(
             f"{what} must be a positive whole number of milliseconds, at most "
-            f"{MAX_TIMEOUT_MS} (366 days), e.g. 300000 for 5 minutes; got {value!r}"
+            f"{MAX_TIMEOUT_MS} (366 days), e.g. 300000 or '5m' for 5 minutes; got {value!r}"
         )
     return value
 
@@ -491,6 +493,8 @@ def compile_policy(
 
 
 def _ms(what: str, value: int | timedelta | str) -> int:
+    if isinstance(value, int):  # already milliseconds, as the spec gives them
+        return _positive_ms(what, value)
     try:
         length = parse_duration(value, what)
     except BadDuration as err:
@@ -628,7 +632,7 @@ def compile_agent(
             f"approval_webhook must be an http(s) URL, e.g. 'https://your-app.com/api/approvals', "
             f"got {webhook!r}"
         )
-    default_timeout = _positive_ms("HumanInLoop.approval_timeout", hitl.approval_timeout)
+    default_timeout = _ms("HumanInLoop.approval_timeout", hitl.approval_timeout)
     if isinstance(hitl.always_require_approval, str):
         raise DefinitionError("always_require_approval must be a list of tool tags, not a string")
     if hitl.always_require_approval and not hitl.enabled:
@@ -664,7 +668,7 @@ def compile_agent(
         timeout = (
             default_timeout
             if tool.approval_timeout is None
-            else _positive_ms(f"tool '{tool.tag}' approval_timeout", tool.approval_timeout)
+            else _ms(f"tool '{tool.tag}' approval_timeout", tool.approval_timeout)
         )
         gated = hitl.enabled and (
             tool.requires_confirmation or tool.tag in hitl.always_require_approval

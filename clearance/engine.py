@@ -51,6 +51,7 @@ from typing import Any
 from clearance.adapters.clock import SystemClock
 from clearance.core.agent import AgentSpec
 from clearance.core.commands import CallModel, RunTool
+from clearance.core.deadlines import BadDeadline, parse_deadline
 from clearance.core.decide import decide
 from clearance.core.errors import ClearanceError, Refusal, RefusalCode
 from clearance.core.escalation import schedule
@@ -249,6 +250,9 @@ class Engine:
             raise Refusal(
                 "unknown_signal", f"unknown signal {signal!r}; accepted: {', '.join(SIGNALS)}"
             )
+        # Read before anything is loaded, as the HTTP API reads the body: a bad deadline
+        # is refused the same wherever it comes from, whatever the request.
+        deadline = _deadline(until) if signal == "extend" else None
         who = Identity(by, APP) if isinstance(by, str) else by
         name, kind = (who.name, who.kind) if who is not None else (None, None)
         await self.define_agents()
@@ -277,8 +281,8 @@ class Engine:
                 if who is not None and request is not None
                 else None
             )
-            if signal == "extend":
-                event = Extended(request_id, _deadline(until), self.clock.now(), name, kind, behalf)
+            if deadline is not None:
+                event = Extended(request_id, deadline, self.clock.now(), name, kind, behalf)
             elif until is not None:
                 raise Refusal(RefusalCode.INVALID_EVENT, "until= goes with the 'extend' signal")
             elif signal == "approve":
@@ -1141,17 +1145,9 @@ def _escalated_to(who: Identity, ex: Execution, request: ApprovalRequest) -> boo
     return any(s.opens_to(who.name, groups) for s in tool.escalation[: request.stages_fired])
 
 
-def _deadline(until: Any) -> datetime:
-    """An extension's new deadline, as an aware datetime."""
-    if isinstance(until, str):
-        try:
-            until = datetime.fromisoformat(until.replace("Z", "+00:00"))
-        except ValueError:
-            until = None
-    if not isinstance(until, datetime) or until.tzinfo is None:
-        raise Refusal(
-            RefusalCode.INVALID_DEADLINE,
-            "the 'extend' signal needs until=, the new deadline: an aware datetime or ISO-8601"
-            " text with its offset ('2026-12-05T18:00:00Z')",
-        )
-    return until
+def _deadline(until: object) -> datetime:
+    """An extension's new deadline, read as the CLI and the HTTP API read theirs."""
+    try:
+        return parse_deadline(until, "until=")
+    except BadDeadline as err:
+        raise Refusal(RefusalCode.INVALID_DEADLINE, str(err)) from None

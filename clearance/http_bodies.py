@@ -13,13 +13,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NoReturn
 
 import attrs
 from starlette.requests import ClientDisconnect, Request
 
 from clearance.core import json_value
+from clearance.core.deadlines import ACCEPTED, BadDeadline, parse_deadline
+from clearance.core.errors import RefusalCode
 from clearance.core.execution import PENDING, REQUEST_STATUSES
 from clearance.engine import SIGNALS
 from clearance.http_errors import fail
@@ -220,35 +222,13 @@ class SignalCall:
     until: datetime | None = None  # extend: the request's new deadline
 
 
-def parse_time(text: str, *, assume_utc: bool = False) -> datetime:
-    """ISO-8601 text ('2026-12-05T18:00:00Z', '2026-12-05 19:00+01:00') as an aware UTC
-    datetime. A time without its offset is refused (ValueError) unless `assume_utc`:
-    read in someone's local time, it would be hours off."""
-    cleaned = text.strip()
-    if cleaned[-1:] in ("z", "Z"):
-        cleaned = cleaned[:-1] + "+00:00"
-    at = datetime.fromisoformat(cleaned)  # ValueError: not ISO-8601
-    if at.utcoffset() is None:
-        if not assume_utc:
-            raise ValueError(f"{text!r} has no offset (add Z for UTC, or +01:00)")
-        at = at.replace(tzinfo=UTC)
-    try:
-        return at.astimezone(UTC)
-    except OverflowError:
-        raise ValueError(f"{text!r} is out of range") from None
-
-
 def deadline(text: str, where: str) -> datetime:
-    """An extension's new deadline, or 422 naming the field."""
+    """An extension's new deadline (`core.deadlines`: the CLI and Python read theirs the
+    same), or 422 invalid_deadline, as the engine refuses one."""
     try:
-        return parse_time(text)
-    except ValueError:
-        fail(
-            422,
-            "invalid_body",
-            f"{where}until must be an ISO-8601 time with its offset, e.g."
-            f" '2026-12-05T18:00:00Z'; got {text!r}",
-        )
+        return parse_deadline(text, f"{where}until")
+    except BadDeadline as err:
+        fail(422, RefusalCode.INVALID_DEADLINE, str(err))
 
 
 def signal_call(value: Any) -> SignalCall:
@@ -290,8 +270,7 @@ def signal_call(value: Any) -> SignalCall:
             fail(
                 422,
                 "invalid_body",
-                "signal extend needs payload.until, the new deadline (ISO-8601 with its"
-                " offset, e.g. '2026-12-05T18:00:00Z')",
+                f"signal extend needs payload.until, the new deadline: {ACCEPTED}",
             )
         until = deadline(until_text, "payload.")
     else:

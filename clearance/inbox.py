@@ -12,8 +12,10 @@ package (`clearance/inbox_static/`).
 Everything else the page does goes through the HTTP API's own routes, with the
 session cookie in place of a bearer key: `GET /approvals`, `GET /executions/{id}`,
 `POST /executions/{id}/signal`, `POST /approvals/batch`; so a page decision is held
-to the same grants, validation and guarantees as any other. Sessions and CSRF are
-`page_session`'s.
+to the same grants, validation and guarantees as any other. So is an extension: the
+page offers one (signal `extend`) only where the execution's view gives a pending
+request an `extendableUntil`, and shows the server's refusal or the new deadline.
+Sessions and CSRF are `page_session`'s.
 
 The tool schema is read from the execution's own agent spec (what the server checks
 modified parameters against), not from the agents this process hosts: `clearance

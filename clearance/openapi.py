@@ -44,7 +44,9 @@ def _errors(*statuses: int) -> dict[str, Any]:
         415: "The body is not Content-Type: application/json.",
         422: "The body or query is not valid; error.problems names each invalid "
         "modified parameter and why; extension_too_long: an extend's until is later than "
-        "the tool lets a request stay open (max_approval_timeout).",
+        "the tool lets a request stay open (max_approval_timeout); invalid_deadline: an "
+        "extend's until is not a date and time with its offset, or not later than the "
+        "request's deadline.",
         500: "The execution's stored log no longer reads back (error.code "
         "unreadable_execution names the row; trying again cannot help).",
         503: "The route's secret (webhook_secret or api_key) is not configured.",
@@ -241,9 +243,13 @@ _SCHEMAS: dict[str, Any] = {
                     "requestId": {"type": "string"},
                     "until": {
                         **_TIME,
-                        "description": "The new deadline, ISO-8601 with its offset; at"
-                        " most the tool's max_approval_timeout after the request was made"
-                        " (else 422 extension_too_long). Needs the 'extend' grant.",
+                        "description": "The new deadline: a date, a time and its offset"
+                        " (2026-12-05T18:00Z, 2026-12-05T19:00:00+01:00; seconds optional),"
+                        " read as the CLI's --until and Python's until=; a time without an"
+                        " offset or a date alone is 422 invalid_deadline. At most the"
+                        " tool's max_approval_timeout after the request was made (else 422"
+                        " extension_too_long; see the request's extendableUntil). Needs the"
+                        " 'extend' grant.",
                     },
                     "by": _BY,
                 },
@@ -375,6 +381,12 @@ _SCHEMAS: dict[str, Any] = {
             "modifiedParams": _OBJECT_OR_NULL,
             "rejectionReason": _TEXT_OR_NULL,
             "callDigest": _TEXT_OR_NULL,
+            "extendableUntil": {
+                **_TIME,
+                "description": "In GET /executions/{executionId}, while pending and where"
+                " its tool allows extensions (max_approval_timeout): the latest deadline an"
+                " extend signal may give it. Absent where it cannot be extended (further).",
+            },
             "policy": {
                 "type": "object",
                 "description": "The policy rule that asked for this request (absent otherwise).",

@@ -15,12 +15,14 @@ listing can never be broken by one odd parameter a model proposed.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from clearance.core.agent import REJECT
 from clearance.core.audit_chain import ChainRow
 from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
+from clearance.core.deadlines import extendable_until
 from clearance.core.decide import duration
 from clearance.core.events import Event
 from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
@@ -31,7 +33,7 @@ from clearance.core.reviewers import Reviewer, ReviewerKey
 from clearance.core.wire import event_to_data, reviewer_to_data
 
 if TYPE_CHECKING:
-    from clearance.app import BatchOutcome
+    from clearance.app import BatchOutcome, Pruning
     from clearance.policy_replay import ReplayReport
 
 CallbackUrl = Callable[[ApprovalRequest], str | None]
@@ -105,10 +107,15 @@ def decision_fields(request: ApprovalRequest) -> dict[str, Any]:
     }
 
 
-def approval(request: ApprovalRequest, callback_url: CallbackUrl | None = None) -> dict[str, Any]:
+def approval(
+    request: ApprovalRequest,
+    callback_url: CallbackUrl | None = None,
+    extendable_until: datetime | None = None,
+) -> dict[str, Any]:
     """An approval request as the HTTP API lists it: the spec's fields, its status and
     expiry, then who decided it, or, while pending, where to decide it (`callback_url`
-    gives it, when this instance can build one)."""
+    gives it, when this instance can build one) and, where it may be extended, the
+    latest deadline an extension may give it (`core.deadlines.extendable_until`)."""
     data = approval_request(request)
     data["status"] = request.status
     data["expiresAt"] = iso(request.expires_at)
@@ -117,6 +124,9 @@ def approval(request: ApprovalRequest, callback_url: CallbackUrl | None = None) 
         data.update(decision_fields(request))
     elif callback_url is not None and (url := callback_url(request)) is not None:
         data["callbackUrl"] = url
+    # Only where an extension is possible: every other request's view is as it was.
+    if extendable_until is not None:
+        data["extendableUntil"] = iso(extendable_until)
     return data
 
 
@@ -169,8 +179,9 @@ def decision_summary(request: ApprovalRequest) -> dict[str, Any]:
 
 
 def audit_record(record: AuditRecord) -> dict[str, Any]:
-    """One decision of the audit log: who decided what, when, and why."""
-    return {
+    """One decision of the audit log: who decided what, when, and why. A pruned record
+    (`clearance prune`) says what it no longer holds (parameters null) and its hashes."""
+    said = {
         "requestId": record.request_id,
         "executionId": record.execution_id,
         "agentTag": record.agent_tag,
@@ -190,6 +201,16 @@ def audit_record(record: AuditRecord) -> dict[str, Any]:
             else None
         ),
     }
+    if record.pruned is not None:  # only here: every other record reads as it always did
+        kept = record.pruned
+        said["parameters"] = None
+        said["pruned"] = {
+            "at": iso(kept.at),
+            "parametersHash": kept.parameters_hash,
+            "modifiedParamsHash": kept.modified_params_hash,
+            "reasonHash": kept.reason_hash,
+        }
+    return said
 
 
 def batch_outcome(outcome: BatchOutcome) -> dict[str, Any]:
@@ -267,7 +288,13 @@ def execution(
     ex: Execution, events: Sequence[Event], callback_url: CallbackUrl | None = None
 ) -> dict[str, Any]:
     """An execution as `GET /executions/{id}` answers: state, usage, approvals, events.
-    `callback_url` gives a pending request's callbackUrl, when there is one."""
+    `callback_url` gives a pending request's callbackUrl, when there is one; the
+    execution's agent says how far each pending request may be extended."""
+
+    def shown(request: ApprovalRequest) -> dict[str, Any]:
+        latest = extendable_until(request, ex.agent.tool(request.tool))
+        return approval(request, callback_url, latest)
+
     return {
         "executionId": ex.id,
         "agentTag": ex.agent_tag,
@@ -283,8 +310,8 @@ def execution(
             "inputTokens": ex.usage.input_tokens,
             "outputTokens": ex.usage.output_tokens,
         },
-        "pendingApprovals": [approval(r, callback_url) for r in ex.pending_approvals],
-        "approvals": [approval(r, callback_url) for r in ex.requests],
+        "pendingApprovals": [shown(r) for r in ex.pending_approvals],
+        "approvals": [shown(r) for r in ex.requests],
         "events": [event(e) for e in events],
     }
 
@@ -390,6 +417,18 @@ def audit_verdict(verdict: AuditVerdict) -> dict[str, Any]:
         "head": verdict.head,
         "problem": verdict.problem,
         "row": verdict.row,
+    }
+
+
+def pruning(done: Pruning) -> dict[str, Any]:
+    """What `clearance prune --json` says it did (or would do, with --dry-run)."""
+    return {
+        "dryRun": done.dry_run,
+        "executions": done.executions,
+        "auditPruned": done.audit_pruned,
+        "auditKept": done.audit_kept,
+        "busy": done.busy,
+        "unreadable": done.unreadable,
     }
 
 

@@ -17,6 +17,18 @@ from clearance.core.execution import ApprovalRequest
 
 
 @attrs.frozen
+class Pruned:
+    """Where a record's payload was dropped (`clearance prune`): when, and the hashes
+    of the parameters, modified parameters and reason it held, which its link in the
+    audit chain covers (None where the value was None)."""
+
+    at: datetime
+    parameters_hash: str | None
+    modified_params_hash: str | None
+    reason_hash: str | None
+
+
+@attrs.frozen
 class AuditRecord:
     """One decision on one approval request: who, when, what, and why."""
 
@@ -37,6 +49,9 @@ class AuditRecord:
     rule_id: str | None = None  # the policy rule that decided (or asked for) it
     policy_version: str | None = None
     on_behalf_of: str | None = None  # the reviewer whose delegated grants `by` used
+    # Set where the payload (parameters, modified parameters, reason) was dropped: those
+    # then read {} / None / None, and only their hashes are left.
+    pruned: Pruned | None = None
 
 
 @attrs.frozen

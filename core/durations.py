@@ -11,6 +11,9 @@ from clearance.core.errors import ClearanceError
 UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 TEXT = re.compile(r"\s*(\d+)\s*(ms|s|m|h|d)\s*")
 ACCEPTED = "milliseconds (an int), a timedelta, or text such as '30s', '10m', '2h', '1d'"
+# Longer than anything a deadline or a retention period needs, and far inside what
+# `datetime` arithmetic can hold (a clock plus a longer one overflows).
+LONGEST = timedelta(days=36_525)
 
 
 class BadDuration(ClearanceError, ValueError):
@@ -22,11 +25,27 @@ def parse_duration(value: int | timedelta | str, what: str = "a duration") -> ti
     if isinstance(value, timedelta):
         length = value
     elif isinstance(value, int) and not isinstance(value, bool):
+        _check_within(what, value, value / 1000)
         length = timedelta(milliseconds=value)
     elif isinstance(value, str) and (match := TEXT.fullmatch(value)):
-        length = timedelta(seconds=int(match.group(1)) * UNITS[match.group(2)])
+        seconds = int(match.group(1)) * UNITS[match.group(2)]
+        _check_within(what, value, seconds)
+        length = timedelta(seconds=seconds)
     else:
         raise BadDuration(f"{what} is {ACCEPTED}; got {value!r}")
+    if length > LONGEST:
+        raise _too_long(what, value)
     if length <= timedelta(0):
         raise BadDuration(f"{what} must be above zero; got {value!r}")
     return length
+
+
+def _check_within(what: str, value: int | str, seconds: float) -> None:
+    if seconds > LONGEST.total_seconds():  # before timedelta() would overflow
+        raise _too_long(what, value)
+
+
+def _too_long(what: str, value: object) -> BadDuration:
+    return BadDuration(
+        f"{what} is too long: at most {LONGEST.days} days (100 years); got {value!r}"
+    )

@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 import cattrs
+from cattrs.gen import make_dict_unstructure_fn, override
 from cattrs.strategies import configure_tagged_union
 
 from clearance.core.agent import AgentSpec
@@ -155,6 +156,11 @@ def _build() -> cattrs.Converter:
     conv.register_structure_hook(
         Execution,
         lambda v, t: _with_digests(_cancel_open_calls(build_execution(v, t))),
+    )
+    # A record keeps the form it always had unless its payload was pruned.
+    conv.register_unstructure_hook(
+        AuditRecord,
+        make_dict_unstructure_fn(AuditRecord, conv, pruned=override(omit_if_default=True)),
     )
     for union in (Event, Command):
         configure_tagged_union(union, conv, tag_generator=_tag, tag_name="type")

@@ -368,7 +368,31 @@ class Reviewers(Protocol):
         ...
 
 
-class Store(ExecutionLog, Inbox, Timers, WorkQueue, DeliveryQueue, Reviewers, Protocol):
+@attrs.frozen
+class Forgotten:
+    """What one `forget` did: the executions deleted, their chained audit records whose
+    payload was dropped, and their records older than the chain, left as they are
+    (the chain's genesis hash covers their bodies)."""
+
+    executions: tuple[str, ...] = ()
+    audit_pruned: int = 0
+    audit_kept: int = 0
+
+
+class Retention(Protocol):
+    async def forget(self, executions: Sequence[Execution], at: datetime) -> Forgotten:
+        """In one transaction, for each finished execution given (as loaded): delete
+        everything kept about it (events, snapshot, its requests' inbox rows,
+        deliveries and their attempts; a finished execution has no timers left, and
+        a sweep drops a stray one whose execution is gone) and drop the payload of its chained audit
+        records (`core.audit_chain.without_payload(record, at)`: their links stay
+        valid). One whose log moved past the seq it was loaded at, or that has work
+        queued or held, is left as it is: a worker may still be finishing a tool run
+        that a stop overtook."""
+        ...
+
+
+class Store(ExecutionLog, Inbox, Timers, WorkQueue, DeliveryQueue, Reviewers, Retention, Protocol):
     """Every job a store does; the composition root opens one and hands it around."""
 
     async def close(self) -> None: ...

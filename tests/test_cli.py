@@ -979,7 +979,7 @@ def test_reviewer_delegate_hands_over_grants_for_a_while(tmp_path: Path) -> None
     assert [d["to"] for d in rita["delegations"]] == ["lou"] and rita["delegations"][0]["until"]
     for args, says in (
         (["--to", "lou"], "--until TIME or --for DURATION"),
-        (["--to", "lou", "--until", "next week"], "ISO-8601"),
+        (["--to", "lou", "--until", "next week"], "--until 'next week' is not an ISO-8601"),
         (["--to", "nobody", "--for", "1d"], "no reviewer 'nobody'"),
     ):
         result = cli(tmp_path, "reviewer", "delegate", "rita", *args, "--db", db)
@@ -1073,7 +1073,7 @@ async def test_pending_show_and_extend_for_a_request_that_needs_two_approvals(
         extended = await app.request(rid)
         assert extended is not None and extended.timeout.strftime("%Y-%m-%dT%H:%M:%SZ") == until
         for key, args, exit_code, says in (
-            (bob, ["--until", "tomorrow"], 2, "--until takes an ISO-8601 time"),
+            (bob, ["--until", "tomorrow"], 2, "--until 'tomorrow' is not an ISO-8601 date"),
             (None, ["--until", until], 1, "CLEARANCE_REVIEWER_KEY"),
             (bob, ["--until", "2000-01-01T00:00Z", "--by", "alice"], 2, "bob"),
             ("clr_nope", ["--until", until], 1, "not a valid reviewer key"),

@@ -1493,8 +1493,9 @@ async def test_a_deadline_is_extended_over_http_within_the_tools_longest(tmp_pat
         )
         before = await api.snapshot()
         for payload, status, code in (
-            ({"until": "tomorrow"}, 422, "invalid_body"),
-            ({"until": "2024-01-15T11:30:00"}, 422, "invalid_body"),  # no offset
+            ({"until": "tomorrow"}, 422, "invalid_deadline"),
+            ({"until": "2024-01-15T11:30:00"}, 422, "invalid_deadline"),  # no offset
+            ({"until": 1705318200}, 422, "invalid_body"),  # not a string
             ({}, 422, "invalid_body"),
             ({"until": "2024-01-15T11:30:00Z", "reason": "x"}, 422, "invalid_body"),
             ({"until": "2024-01-15T13:00:00Z"}, 422, "extension_too_long"),  # past 2h
@@ -1570,6 +1571,39 @@ def test_quorum_views_show_votes_and_who_is_still_needed() -> None:
     done = attrs.evolve(request, status="approved", outcome="approved", decided_by="bob")
     assert "stillNeeded" not in views.approval(done) and views.approval(done)["votes"]
     assert "stillNeeded" not in views.webhook_body(done, None)
+
+
+async def test_an_execution_says_how_far_its_pending_request_may_be_extended(api: Api) -> None:
+    from clearance import HumanInLoop
+
+    async def shown(request: ApprovalRequest) -> tuple[dict[str, Any], dict[str, Any]]:
+        answer = await api.client.get(f"/executions/{request.execution_id}", headers=AUTH)
+        data = conforms(answer.json(), "Execution")
+        [listed] = [a for a in data["approvals"] if a["requestId"] == request.request_id]
+        pending = [a for a in data["pendingApprovals"] if a["requestId"] == request.request_id]
+        assert pending in ([], [listed])
+        return listed, answer.json()
+
+    plain = await api.start()  # its tool sets no max_approval_timeout: no field at all
+    listed, body = await shown(plain)
+    assert "extendableUntil" not in listed and "extendableUntil" not in json.dumps(body)
+    define_refund_agent(
+        api.app, api.recorder, hitl=HumanInLoop(enabled=True), max_approval_timeout="1h"
+    )
+    request = await api.start()  # asked at 10:30, open until 10:35, up to 11:30
+    listed, _ = await shown(request)
+    assert (listed["expiresAt"], listed["extendableUntil"]) == (
+        "2024-01-15T10:35:00Z",
+        "2024-01-15T11:30:00Z",
+    )
+    moved = await _signal(api, request, AUTH, "extend", until=listed["extendableUntil"])
+    assert moved.status_code == 200, moved.text
+    listed, _ = await shown(request)  # at its longest: nothing more to give
+    assert listed["expiresAt"] == "2024-01-15T11:30:00Z" and "extendableUntil" not in listed
+    decided = await api.start()
+    await api.app.decide(decided.request_id, approved=False, reason="no", by="ops")
+    listed, _ = await shown(decided)
+    assert listed["status"] == "rejected" and "extendableUntil" not in listed
 
 
 async def test_a_callback_url_lives_as_long_as_its_extended_request(api: Api) -> None:

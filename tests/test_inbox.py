@@ -846,3 +846,64 @@ async def test_a_two_approval_request_stays_pending_with_the_vote(inbox: Inbox) 
     await expect(detail.locator("#outcome")).to_contain_text("Approved by bob (reviewer)")
     await expect(detail.locator("#outcome")).to_contain_text("2 of 2 approvals — alice, bob")
     assert api.recorder.ran("process-refund") == [REFUND]
+
+
+async def test_a_deadline_is_extended_from_the_page_up_to_the_tools_longest(
+    inbox: Inbox,
+) -> None:
+    api, page = inbox.api, inbox.page
+    await api.app.save_reviewer(Reviewer("ed", [Grant(("*",), ("*",), {"decide", "extend"})]))
+    plain = await api.start()  # its tool sets no max_approval_timeout
+    await inbox.open(await api.app.issue_key("ed"))
+    await inbox.show(plain.request_id)
+    await expect(page.locator("#approve")).to_be_visible()
+    await expect(page.locator("#extend")).to_have_count(0)  # no control that cannot work
+
+    define_refund_agent(
+        api.app, api.recorder, hitl=HumanInLoop(enabled=True), max_approval_timeout="1h"
+    )
+    request = await api.start()  # asked at 10:30, expires 10:35, may be extended to 11:30
+    detail = await inbox.show(request.request_id)
+    until = page.locator("#extend-until")
+    await expect(until).to_have_value("2024-01-15T11:30")  # the most it may have
+    await expect(detail.locator("#extend .hint")).to_have_text("at most 2024-01-15 11:30:00 UTC")
+
+    # The server's refusals, as it words them; nothing changes.
+    before = await api.snapshot()
+    error = page.locator("#detail-error")
+    for typed, code, says in (
+        ("2024-01-15T11:30:01", "extension_too_long", "1 hour at most"),
+        ("2024-01-15T10:34", "invalid_deadline", "is not later than"),
+    ):
+        await until.fill(typed)
+        await page.click("#extend-button")
+        await expect(error).to_contain_text(f"(422 {code})")
+        await expect(error).to_contain_text(says)
+        await expect(error).to_contain_text("Not extended: ")
+    assert await api.snapshot() == before
+
+    await until.fill("2024-01-15T11:00")
+    await until.press("Enter")
+    await expect(detail.locator("#notice")).to_have_text(
+        "Extended: it now expires at 2024-01-15 11:00:00 UTC."
+    )
+    await expect(error).to_be_empty()
+    await expect(detail.locator(".ids")).to_contain_text("expires 2024-01-15 11:00:00 UTC")
+    await expect(detail.locator('#history li[data-type="extended"]')).to_contain_text(
+        "until 2024-01-15 11:00:00 UTC by ed (reviewer)"
+    )
+    moved = await api.app.request(request.request_id)
+    assert moved is not None and moved.timeout == datetime(2024, 1, 15, 11, tzinfo=UTC)
+    [record] = await api.app.audit(request_id=request.request_id)
+    assert (record.decision, record.by, record.by_kind) == ("extended", "ed", "reviewer")
+
+    # Once more, to the most it may have: then there is nothing more to give.
+    await expect(until).to_have_value("2024-01-15T11:30")
+    await page.click("#extend-button")
+    await expect(detail.locator("#notice")).to_contain_text("expires at 2024-01-15 11:30:00 UTC")
+    await expect(page.locator("#extend")).to_have_count(0)
+    await expect(inbox.row(request.request_id).locator(".countdown")).to_have_text(
+        re.compile(r"^(1h 00m|59:\d\d) left$")  # the list's countdown moved too
+    )
+    await expect(page.locator("#approve")).to_be_enabled()  # still to be decided
+    assert api.recorder.calls == []

@@ -286,8 +286,12 @@ async def test_delegation_is_between_registered_reviewers_and_can_be_ended(api: 
         await api.app.delegate("rita", to="nobody", until=soon)
     with pytest.raises(ClearanceError, match="themselves"):
         await api.app.delegate("rita", to="rita", until=soon)
+    # The one reading of a point in time, as for `extend`: a naive time is refused.
+    for naive in (soon.replace(tzinfo=None), soon.isoformat()[:19]):
+        with pytest.raises(ClearanceError, match=r"^until= .*(no offset|offset)"):
+            await api.app.delegate("rita", to="lou", until=naive)
     await api.app.save_reviewer(LOOKUPS)
-    await api.app.delegate("rita", to="lou", until=soon)
+    await api.app.delegate("rita", to="lou", until=soon.isoformat())  # text with its offset
     lou = await api.app.reviewer_identity("lou")
     assert lou is not None and lou.acting_for("safe-agent", "process-refund") == "rita"
     assert lou.acting_for("safe-agent", "get-order") is None  # her own grant covers it

@@ -29,6 +29,7 @@ from typing import Any
 import attrs
 import psycopg
 import pytest
+from conftest import Recorder, define_refund_agent
 from corpus.v2_agents import (
     BATCH_A,
     BATCH_B,
@@ -463,8 +464,8 @@ async def test_a_schema_5_sqlite_file_is_upgraded_keeping_its_pending_requests(
 
     store = SQLiteStore(str(path))
     try:
-        assert store._db.execute("PRAGMA user_version").fetchone() == (9,)
-        assert sqlite_store.SCHEMA_VERSION == 9
+        assert store._db.execute("PRAGMA user_version").fetchone() == (10,)
+        assert sqlite_store.SCHEMA_VERSION == 10
         assert _reviewer_tables(path) == fresh  # as a new file has them
         await _check_upgraded(store, run)
     finally:
@@ -534,7 +535,7 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
         finally:
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")
-        assert await cur.fetchall() == [(6,)] and postgres_store.SCHEMA_VERSION == 6
+        assert await cur.fetchall() == [(7,)] and postgres_store.SCHEMA_VERSION == 7
         assert await _pg_reviewer_columns(conn, schema) == fresh  # as a new database has them
         store = PostgresStore(url)  # the second open finds it upgraded
         try:
@@ -593,7 +594,7 @@ async def test_a_schema_8_sqlite_file_is_upgraded_reading_its_deliveries_as_requ
     for _ in range(2):  # the second open finds it upgraded
         store = SQLiteStore(str(path))
         try:
-            assert store._db.execute("PRAGMA user_version").fetchone() == (9,)
+            assert store._db.execute("PRAGMA user_version").fetchone() == (10,)
             columns = {row[1] for row in store._db.execute("PRAGMA table_info(deliveries)")}
             assert "purpose" in columns
             (old,) = await store.deliveries("apr-1")
@@ -628,7 +629,7 @@ async def test_a_schema_5_postgresql_database_is_upgraded_reading_its_deliveries
             finally:
                 await store.close()
             cur = await conn.execute("SELECT version FROM clearance_schema")
-            assert await cur.fetchall() == [(6,)]
+            assert await cur.fetchall() == [(7,)]
         store = PostgresStore(url)
         try:
             await _check_purposes(store, run)
@@ -657,3 +658,92 @@ async def test_the_audit_chain_starts_after_the_older_releases_records(
         db.close()
     verdict = await app.verify_audit()
     assert not verdict.intact and "older than the chain was changed" in (verdict.problem or "")
+
+
+# -- schema 9 (SQLite) and 6 (PostgreSQL): before `clearance prune` -------------------------
+# Their audit triggers refused every update; the upgrade lets through the one a pruning
+# makes. Made as above: the current schema, with the old trigger put back.
+
+_OLD_SQLITE_TRIGGER = (
+    "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END"
+)
+_OLD_PG_FUNCTION = (
+    "CREATE OR REPLACE FUNCTION clearance_audit_append_only() RETURNS trigger"
+    " LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'the audit log is append-only'; END $$"
+)
+
+
+async def _decided_long_ago(url: str) -> str:
+    """One approved and finished execution, 100 days before the returned clock."""
+    clock = FakeClock()
+    async with Clearance.open(url, clock=clock) as app:
+        define_refund_agent(app, Recorder())
+        ex = await app.run("safe-agent", input="Refund order ORD-1")
+        ex = await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        assert ex.status == "completed"
+        return ex.id
+
+
+async def _prunes_after_upgrade(url: str, execution_id: str) -> None:
+    later = FakeClock(datetime(2024, 6, 1, tzinfo=UTC))
+    async with Clearance.open(url, clock=later) as app:
+        done = await app.prune("90d")
+        assert (done.executions, done.audit_pruned) == (1, 1)
+        assert await app.execution(execution_id) is None
+        verdict = await app.verify_audit()
+        assert verdict.intact and verdict.records == 1, verdict.problem
+
+
+async def test_a_schema_9_sqlite_file_is_upgraded_so_that_prune_can_drop_payloads(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v9.db"
+    execution_id = await _decided_long_ago(f"sqlite:///{path}")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute(_OLD_SQLITE_TRIGGER)
+    db.execute("PRAGMA user_version = 9")
+    db.close()
+    await _prunes_after_upgrade(f"sqlite:///{path}", execution_id)
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (10,)
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("UPDATE audit SET body = '{}'")
+    finally:
+        db.close()
+
+
+async def test_a_schema_6_postgresql_database_is_upgraded_so_that_prune_can_drop_payloads(
+    pg_schemas: tuple[str, str],
+) -> None:
+    url, _ = pg_schemas
+    execution_id = await _decided_long_ago(url)
+    base, schema = url.split("?schema=")
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        await conn.execute(_OLD_PG_FUNCTION)
+        await conn.execute("UPDATE clearance_schema SET version = 6")
+        await _prunes_after_upgrade(url, execution_id)
+        cur = await conn.execute("SELECT version FROM clearance_schema")
+        assert await cur.fetchall() == [(7,)]
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            await conn.execute("UPDATE clearance_audit SET body = '{}'")
+
+
+async def test_prune_leaves_the_older_releases_records_whole(app: Clearance) -> None:
+    """Records written before the audit chain are covered by its genesis hash over their
+    bodies: pruning forgets their executions but leaves those records as they are."""
+    before = await app.audit()
+    assert [r.request_id for r in await app.pending()] == PENDING
+    assert isinstance(app.clock, FakeClock)
+    app.clock.advance(minutes=400 * 24 * 60)
+    done = await app.prune("90d")
+    assert done.executions > 0 and done.audit_kept > 0 and done.audit_pruned == 0
+    assert await app.audit() == before
+    verdict = await app.verify_audit()
+    assert verdict.intact and verdict.records == 0, verdict.problem
+    # Awaiting approval (no timer was fired here): live, however old, so left alone.
+    assert [r.request_id for r in await app.pending()] == PENDING

@@ -355,6 +355,21 @@ def test_define_refuses_approval_timeouts_beyond_366_days() -> None:
     assert hosted.spec.tools[0].approval_timeout_ms == MAX_MS
 
 
+def test_approval_timeouts_take_any_duration_the_one_parser_reads() -> None:
+    """Milliseconds as in the spec, or a timedelta or "10m", like every other duration."""
+    gated = Tool(tag="t", handler=handler, requires_confirmation=True)
+    for given_as, ms in (("10m", 600_000), (timedelta(hours=2), 7_200_000), (300_000, 300_000)):
+        hosted = compile_with([gated], HumanInLoop(enabled=True, approval_timeout=given_as))
+        assert hosted.spec.tools[0].approval_timeout_ms == ms
+        hosted = compile_with(
+            [attrs.evolve(gated, approval_timeout=given_as)], HumanInLoop(enabled=True)
+        )
+        assert hosted.spec.tools[0].approval_timeout_ms == ms
+    for bad, says in (("367d", "at most 31622400000"), ("0s", "above zero"), (1.5, "an int")):
+        with pytest.raises(DefinitionError, match=says):
+            compile_with([gated], HumanInLoop(enabled=True, approval_timeout=bad))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("ms", [10**15, 10**20])
 def test_a_deadline_that_cannot_be_computed_is_an_error_result(ms: int) -> None:
     life = Life(spec_with(tool("refund", REFUND.input_schema, ms=ms), LOOKUP)).start()
@@ -575,3 +590,13 @@ def test_decide_raises_nothing_but_refusal_whatever_the_event_holds(state: str, 
     else:
         assert ex == before
         encodable(new)
+
+
+@pytest.mark.parametrize("huge", ["99999999999d", 10**20, "9" * 30 + "ms"])
+def test_a_duration_too_long_for_any_clock_is_refused_saying_so(huge: int | str) -> None:
+    """Not an OverflowError from deep inside datetime: the one duration parser says what
+    was wrong, so the API refuses it as for any other bad duration."""
+    from clearance.core.durations import BadDuration, parse_duration
+
+    with pytest.raises(BadDuration, match=r"too long.*at most"):
+        parse_duration(huge, "older_than")

@@ -247,7 +247,7 @@
     const count = state.visible.length;
     $("#count").textContent = count === state.pending.length ? `${count} waiting` : `${count} of ${state.pending.length} waiting`;
     $("#empty").hidden = count > 0;
-    const key = canonical([state.visible.map((r) => [r.requestId, (r.votes || []).length, r.callDigest]), [...state.picked].sort(), state.selectedId]);
+    const key = canonical([state.visible.map((r) => [r.requestId, (r.votes || []).length, r.callDigest, r.expiresAt]), [...state.picked].sort(), state.selectedId]);
     if (key !== state.listKey) {
       state.listKey = key;
       $("#list").replaceChildren(...state.visible.map(row));
@@ -569,7 +569,64 @@
         h("button", { id: "reset", type: "button", class: "quiet", onclick: () => { form.reset(); updateButtons(); } }, "reset"),
         h("span", { class: "reject-group" },
           reason,
-          h("button", { id: "reject", type: "button", class: "reject", onclick: () => decide("reject") }, "Reject"))));
+          h("button", { id: "reject", type: "button", class: "reject", onclick: () => decide("reject") }, "Reject"))),
+      request.extendableUntil ? extendArea(request) : null);
+  }
+
+  // More time for the request: only where the server says it may be extended
+  // (extendableUntil: its tool's max_approval_timeout from when it was asked). The time
+  // is UTC, like every time on this page; the server reads the text with the same rule
+  // as the CLI's --until, and its refusal (too late, not later) is shown as it says it.
+  function extendArea(request) {
+    const input = h("input", {
+      id: "extend-until",
+      type: "datetime-local",
+      step: 1,
+      "aria-label": "New deadline, UTC",
+      onkeydown: (event) => {
+        if (event.key === "Enter") {
+          event.preventDefault();
+          extend();
+        }
+      },
+    });
+    input.value = request.extendableUntil.replace(/(\.\d+)?Z$/, ""); // the most it may have
+    return h("div", { id: "extend", class: "extend" },
+      h("label", { for: "extend-until", text: "New deadline (UTC)" }),
+      input,
+      h("button", { id: "extend-button", type: "button", onclick: extend }, "Extend"),
+      h("span", { class: "hint", text: `at most ${when(request.extendableUntil)}` }));
+  }
+
+  async function extend() {
+    if (!state.detail || state.detail.request.status !== "pending" || state.busy) return;
+    const request = state.detail.request;
+    const input = $("#extend-until");
+    clearProblems();
+    if (!input || !input.value) {
+      $("#detail-error").textContent = "Choose the new deadline first.";
+      if (input) input.focus();
+      return;
+    }
+    state.busy = true;
+    updateButtons();
+    const generation = state.generation;
+    const payload = { requestId: request.requestId, until: `${input.value}Z` };
+    const answer = await call("POST", api(`executions/${encodeURIComponent(request.executionId)}/signal`), { signal: "extend", payload });
+    state.busy = false;
+    if (generation !== state.generation) return;
+    if (!answer.ok) {
+      const error = $("#detail-error");
+      if (error) error.textContent = `Not extended: ${answer.message}`;
+      updateButtons();
+      if (answer.status === 401 || (answer.status === 403 && answer.error && answer.error.code === "forbidden")) {
+        return showSignIn(answer.message);
+      }
+      if (answer.status === 409 || answer.status === 410) await refresh(generation);
+      return;
+    }
+    state.notice = { requestId: request.requestId, text: `Extended: it now expires at ${when(answer.data.expiresAt)}.` };
+    await refresh(generation);
   }
 
   function updateButtons() {
@@ -582,6 +639,8 @@
     approve.disabled = state.busy || changed || gone || barred;
     $("#approve-changes").disabled = state.busy || !changed || gone || barred;
     $("#reject").disabled = state.busy || gone;
+    const more = $("#extend-button");
+    if (more) more.disabled = state.busy || gone;
     approve.title = changed ? "You changed parameters: approve with changes, or reset them" : "";
   }
 

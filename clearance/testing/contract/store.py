@@ -609,6 +609,52 @@ class StoreContract(abc.ABC):
             verdict = audit_chain.verify(rows, *head)
             assert verdict.intact, verdict.problem
 
+    # -- retention -------------------------------------------------------------------------
+
+    async def test_forget_deletes_a_finished_execution_and_prunes_its_audit_payloads(
+        self, tmp_path: Path
+    ) -> None:
+        """Everything kept about the execution goes but its audit records, which lose
+        their parameters and reason and keep their links; an execution whose log moved
+        on since it was loaded, or that still has work, stays as it is."""
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            done = await self._awaiting(store, agent(webhook=HOOK), "exec-1", "apr-1", 1)
+            (call,) = await done.commit(
+                store,
+                Rejected("apr-1", at(2), "bob", "too much"),
+                claim=ClaimRequest("w", now + LEASE, 1),
+            )
+            await done.commit(store, done.answers(3), done=call.claim)
+            assert done.ex.status == "completed" and await store.deliveries("apr-1")
+            moved = await self._awaiting(store, agent(), "exec-2", "apr-2", 1)
+            loaded = moved.ex
+            await moved.commit(store, Approved("apr-2", at(2), "ops"))
+            busy = await self._awaiting(store, agent(), "exec-3", "apr-3", 1)
+            await busy.commit(store, Rejected("apr-3", at(2), "ops", "no"))  # queues a call
+            before = {run.id: await store.audit(execution_id=run.id) for run in (moved, busy)}
+
+            gone = await store.forget([done.ex, loaded, busy.ex], at(100))
+            assert (gone.executions, gone.audit_pruned, gone.audit_kept) == (("exec-1",), 1, 0)
+            assert await store.events("exec-1") == []
+            assert await store.load("exec-1") is None
+            assert await store.execution_of_request("apr-1") is None
+            assert await store.deliveries("apr-1") == []
+            assert "exec-1" not in await store.execution_ids()
+            (record,) = await store.audit(execution_id="exec-1")
+            assert record.pruned is not None and record.pruned.at == at(100)
+            assert (record.parameters, record.reason, record.by) == ({}, None, "bob")
+            for run in (moved, busy):
+                assert await store.load(run.id) == run.ex
+                assert await store.audit(execution_id=run.id) == before[run.id]
+            rows = await store.audit_chain()
+            head = await store.audit_head()
+            assert head is not None
+            verdict = audit_chain.verify(rows, *head)
+            assert verdict.intact and verdict.records == 3, verdict.problem
+            again = await store.forget([done.ex], at(200))  # nothing left to forget
+            assert again.executions == () and (await store.audit(execution_id="exec-1")) == [record]
+
     # -- timers ----------------------------------------------------------------------------
 
     async def _three_timers(self, store: Store) -> tuple[list[Run], list[DueTimer]]:

@@ -1,0 +1,371 @@
+"""`clearance prune --older-than 90d`: executions that finished long ago are forgotten,
+their audit records keep who decided what and when but drop the payload, and the
+audit chain still verifies. Nothing live is touched; the database refuses any other
+change to the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import Recorder, define_refund_agent, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from postgres_server import postgres_url
+from test_cli import acli
+from test_postgres_store import url
+
+from clearance import Clearance, ClearanceError, HumanInLoop
+from clearance.core import audit_chain
+from clearance.core.commands import AuditRecord
+from clearance.core.execution import COMPLETED, STOPPED
+from clearance.ports.tools import ToolContext
+from clearance.testing import FakeClock
+
+__all__ = ["postgres_url", "url"]  # the fixtures, for pytest
+
+DAY = 24 * 60  # minutes
+
+
+async def _history(app: Clearance, recorder: Recorder) -> dict[str, Any]:
+    """An approved run, a rejected one and a stopped one, then 91 days later a run still
+    awaiting approval from the start and a fresh approved one."""
+    define_refund_agent(app, recorder, hitl=HumanInLoop(enabled=True, approval_timeout="200d"))
+    runs: dict[str, Any] = {}
+    ex = await app.run("safe-agent", input="Refund order ORD-1")
+    runs["approved"] = await app.decide(
+        ex.pending_approvals[0].request_id, approved=True, by="rita", reason="receipt seen"
+    )
+    ex = await app.run("safe-agent", input="Refund order ORD-2")
+    runs["rejected"] = await app.decide(
+        ex.pending_approvals[0].request_id, approved=False, by="rita", reason="no receipt"
+    )
+    ex = await app.run("safe-agent", input="Refund order ORD-3")
+    runs["stopped"] = await app.signal(ex.id, "stop", by="rita")
+    runs["waiting"] = await app.run("safe-agent", input="Refund order ORD-4")
+    assert isinstance(app.clock, FakeClock)
+    app.clock.advance(minutes=91 * DAY)
+    ex = await app.run("safe-agent", input="Refund order ORD-5")
+    runs["recent"] = await app.decide(
+        ex.pending_approvals[0].request_id, approved=True, by="rita", reason="fine"
+    )
+    assert [runs[k].status for k in ("approved", "rejected", "stopped", "recent")] == [
+        COMPLETED,
+        COMPLETED,
+        STOPPED,
+        COMPLETED,
+    ]
+    return runs
+
+
+async def _prunes_what_finished_long_ago(app: Clearance, recorder: Recorder) -> None:
+    runs = await _history(app, recorder)
+    old = [runs[k] for k in ("approved", "rejected", "stopped")]
+    records_before = await app.audit()
+    old_records = [r for r in records_before if r.execution_id in {ex.id for ex in old}]
+    assert len(old_records) == 3  # an approval, a rejection, a request cancelled by the stop
+
+    dry = await app.prune("90d", dry_run=True)
+    assert (dry.dry_run, dry.executions, dry.audit_pruned) == (True, 3, 3)
+    assert await app.audit() == records_before  # a dry run changes nothing
+
+    report = await app.prune(timedelta(days=90))
+    assert (report.executions, report.audit_pruned, report.audit_kept, report.busy) == (3, 3, 0, 0)
+    for ex in old:
+        assert await app.execution(ex.id) is None
+        assert await app.request(ex.requests[0].request_id) is None
+        assert await app.deliveries(ex.requests[0].request_id) == []
+    # Who decided what, and when, stays; what they saw and said is gone but for its hash.
+    records = await app.audit()
+    assert len(records) == len(records_before)
+    for before, after in zip(records_before, records, strict=True):
+        if before.execution_id in {ex.id for ex in old}:
+            assert after.pruned is not None and after.pruned.at == app.clock.now()
+            assert (after.parameters, after.modified_params, after.reason) == ({}, None, None)
+            assert audit_chain.entry(after) == audit_chain.entry(before)
+            assert (after.decision, after.by, after.at) == (before.decision, before.by, before.at)
+        else:
+            assert after == before
+    verdict = await app.verify_audit()
+    assert verdict.intact and verdict.records == len(records), verdict.problem
+
+    # What is still live, or finished within 90 days, is untouched and goes on.
+    assert await app.execution(runs["recent"].id) == runs["recent"]
+    waiting = runs["waiting"].pending_approvals[0]
+    assert [r.request_id for r in await app.pending()] == [waiting.request_id]
+    done = await app.decide(waiting.request_id, approved=True, by="rita")
+    assert done.status == COMPLETED
+    assert len(recorder.ran("process-refund")) == 3  # ORD-1, ORD-5, and now ORD-4
+
+    again = await app.prune("90d")
+    assert (again.executions, again.audit_pruned) == (0, 0)
+    assert (await app.verify_audit()).intact
+
+
+async def test_prune_forgets_old_finished_executions_and_keeps_the_chain_on_sqlite(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    async with Clearance.open(f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock()) as app:
+        await _prunes_what_finished_long_ago(app, recorder)
+
+
+async def test_prune_forgets_old_finished_executions_and_keeps_the_chain_on_postgresql(
+    url: str, recorder: Recorder
+) -> None:
+    async with Clearance.open(url, clock=FakeClock()) as app:
+        await _prunes_what_finished_long_ago(app, recorder)
+
+
+async def test_prune_refuses_what_is_not_a_positive_duration(tmp_path: Path) -> None:
+    async with Clearance.open(f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock()) as app:
+        for bad in ("0s", 0, "-5d", "ninety days", float("nan")):
+            with pytest.raises(ClearanceError, match="older_than"):
+                await app.prune(bad)  # type: ignore[arg-type]
+
+
+async def test_a_stopped_execution_whose_tool_is_still_running_waits_for_its_outcome(
+    tmp_path: Path,
+) -> None:
+    """A stop overtook a tool run already started: its outcome is still to be recorded,
+    so prune leaves the execution until it is, and forgets it at the next prune."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    class Slow(Recorder):
+        async def process_refund(self, ctx: ToolContext, params: dict[str, Any]) -> Any:
+            started.set()
+            await release.wait()
+            return await super().process_refund(ctx, params)
+
+    clock = FakeClock()
+    async with Clearance.open(f"sqlite:///{tmp_path / 'a.db'}", clock=clock) as app:
+        define_refund_agent(app, Slow())
+        ex = await app.run("safe-agent", input="Refund order ORD-1")
+        request_id = ex.pending_approvals[0].request_id
+        deciding = asyncio.create_task(app.decide(request_id, approved=True, by="rita"))
+        await asyncio.wait_for(started.wait(), 10)
+        stopped = await app.signal(ex.id, "stop", by="rita")
+        assert stopped.status == STOPPED
+        clock.advance(minutes=91 * DAY)
+        report = await app.prune("90d")
+        assert (report.executions, report.busy) == (0, 1)
+        assert await app.execution(ex.id) is not None
+        release.set()
+        await deciding
+
+        async def outcome_recorded() -> bool:
+            return await app.with_work("safe-agent") == []
+
+        await wait_for(outcome_recorded)
+        recorded = await app.execution(ex.id)
+        assert recorded is not None and recorded.calls[0].status == "done"
+        assert (await app.prune("90d")).executions == 0  # recording it was activity
+        clock.advance(minutes=91 * DAY)
+        assert (await app.prune("90d")).executions == 1
+        assert await app.execution(ex.id) is None
+        assert (await app.verify_audit()).intact
+
+
+# -- the database keeps the audit log append-only but for pruning --------------------------
+
+
+def _chained_rows(path: Path) -> list[tuple[int, str]]:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT id, body FROM audit ORDER BY id").fetchall()
+    finally:
+        db.close()
+
+
+def _refused(path: Path, statement: str, *args: Any) -> str:
+    db = sqlite3.connect(path)
+    try:
+        with pytest.raises(sqlite3.DatabaseError) as refused:
+            db.execute(statement, args)
+        db.rollback()
+        return str(refused.value)
+    finally:
+        db.close()
+
+
+async def test_sqlite_refuses_every_other_change_to_the_audit_log(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "a.db"
+    async with Clearance.open(f"sqlite:///{path}", clock=FakeClock()) as app:
+        define_refund_agent(app, recorder)
+        for i in range(2):
+            ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
+            await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+    (first, body), _ = _chained_rows(path)
+    data = json.loads(body)
+    pruned = json.dumps({**data, "parameters": {}, "pruned": {"at": data["at"]}})
+    changed = json.dumps({**data, "by": "mallory"})
+    for statement, args in (
+        ("UPDATE audit SET body = ? WHERE id = ?", (changed, first)),  # not a pruning
+        ("UPDATE audit SET hash = 'x', body = ? WHERE id = ?", (pruned, first)),
+        ("UPDATE audit SET entry = 'x', body = ? WHERE id = ?", (pruned, first)),
+        ("UPDATE audit SET execution_id = 'x', body = ? WHERE id = ?", (pruned, first)),
+        ("UPDATE audit SET id = 99, body = ? WHERE id = ?", (pruned, first)),
+        ("DELETE FROM audit WHERE id = ?", (first,)),
+    ):
+        assert "append-only" in _refused(path, statement, *args)
+    # The shape of a pruning gets through the database; what it says is verify's to judge.
+    db = sqlite3.connect(path)
+    db.execute("UPDATE audit SET body = ? WHERE id = ?", (pruned, first))
+    db.commit()
+    db.close()
+    async with Clearance.open(f"sqlite:///{path}") as app:
+        verdict = await app.verify_audit()
+        assert (
+            not verdict.intact and verdict.row == first and "was changed" in (verdict.problem or "")
+        )
+
+
+async def test_a_pruned_record_whose_kept_hash_is_changed_is_named(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    path = tmp_path / "a.db"
+    clock = FakeClock()
+    async with Clearance.open(f"sqlite:///{path}", clock=clock) as app:
+        define_refund_agent(app, recorder)
+        for i in range(3):
+            ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
+            await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        clock.advance(minutes=2 * DAY)
+        assert (await app.prune("1d")).audit_pruned == 3
+    row, body = _chained_rows(path)[1]
+    data = json.loads(body)
+    data["pruned"]["parameters_hash"] = audit_chain.sha256('{"amount":1}')
+    db = sqlite3.connect(path)
+    db.execute("UPDATE audit SET body = ? WHERE id = ?", (json.dumps(data), row))
+    db.commit()
+    db.close()
+    async with Clearance.open(f"sqlite:///{path}") as app:
+        verdict = await app.verify_audit()
+        assert not verdict.intact and verdict.row == row and verdict.records == 1
+
+
+async def test_postgresql_refuses_every_other_change_to_the_audit_log(
+    url: str, recorder: Recorder
+) -> None:
+    async with Clearance.open(url, clock=FakeClock()) as app:
+        define_refund_agent(app, recorder)
+        ex = await app.run("safe-agent", input="Refund order ORD-1")
+        await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+    base, schema = url.split("?schema=")
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        cur = await conn.execute("SELECT id, body FROM clearance_audit")
+        [(first, body)] = await cur.fetchall()
+        data = json.loads(body)
+        pruned = json.dumps({**data, "parameters": {}, "pruned": {"at": data["at"]}})
+        changed = json.dumps({**data, "by": "mallory"})
+        for statement, args in (
+            ("UPDATE clearance_audit SET body = %s WHERE id = %s", (changed, first)),
+            ("UPDATE clearance_audit SET hash = 'x', body = %s WHERE id = %s", (pruned, first)),
+            ("UPDATE clearance_audit SET entry = 'x', body = %s WHERE id = %s", (pruned, first)),
+            (
+                "UPDATE clearance_audit SET request_id = 'x', body = %s WHERE id = %s",
+                (pruned, first),
+            ),
+            ("DELETE FROM clearance_audit WHERE id = %s", (first,)),
+        ):
+            with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                await conn.execute(statement, args)  # type: ignore[arg-type]
+        with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+            await conn.execute("TRUNCATE clearance_audit")
+        await conn.execute("UPDATE clearance_audit SET body = %s WHERE id = %s", (pruned, first))
+
+
+# -- the record, pure --------------------------------------------------------------------------
+
+payloads = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
+@given(
+    parameters=st.dictionaries(st.text(max_size=5), payloads, max_size=4),
+    modified=st.none() | st.dictionaries(st.text(max_size=5), payloads, max_size=4),
+    reason=st.none() | st.text(max_size=20),
+)
+def test_dropping_a_payload_keeps_the_records_entry(
+    parameters: dict[str, Any], modified: dict[str, Any] | None, reason: str | None
+) -> None:
+    from datetime import UTC, datetime
+
+    at = datetime(2025, 1, 1, tzinfo=UTC)
+    record = AuditRecord(
+        "apr-1",
+        "exec-1",
+        "support",
+        "refund",
+        "approved",
+        at,
+        parameters,
+        "rita",
+        modified_params=modified,
+        reason=reason,
+    )
+    pruned = audit_chain.without_payload(record, at + timedelta(days=90))
+    assert audit_chain.entry(pruned) == audit_chain.entry(record)
+    assert (pruned.parameters, pruned.modified_params, pruned.reason) == ({}, None, None)
+    assert audit_chain.without_payload(pruned, at) == pruned  # once pruned, it stays so
+    # A payload that was there differs from one that was not, also once pruned.
+    other = AuditRecord(
+        "apr-1",
+        "exec-1",
+        "support",
+        "refund",
+        "approved",
+        at,
+        {**parameters, "x": 1},
+        "rita",
+        modified_params=modified,
+        reason=reason,
+    )
+    assert audit_chain.entry(audit_chain.without_payload(other, at)) != audit_chain.entry(pruned)
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+async def test_the_cli_prunes_and_says_what_it_did(tmp_path: Path, recorder: Recorder) -> None:
+    path = tmp_path / "a.db"
+    # FakeClock starts in 2024: by the real clock these ran long ago.
+    async with Clearance.open(f"sqlite:///{path}", clock=FakeClock()) as app:
+        define_refund_agent(app, recorder)
+        for i in range(2):
+            ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
+            await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        waiting = await app.run("safe-agent", input="Refund order ORD-9")
+    db = ["--db", str(path)]
+    code, out, err = await acli(tmp_path, *db, "prune", "--older-than", "90d", "--dry-run")
+    assert code == 0, err
+    assert "would forget 2 execution(s)" in out and "2 audit record(s)" in out
+    code, out, err = await acli(tmp_path, *db, "prune", "--older-than", "90d", "--json")
+    assert code == 0, err
+    said = json.loads(out)
+    assert (said["executions"], said["auditPruned"], said["dryRun"]) == (2, 2, False)
+    code, out, err = await acli(tmp_path, *db, "audit", "verify")
+    assert code == 0 and "intact: 2 chained record(s)" in out, out + err
+    code, out, err = await acli(tmp_path, *db, "pending")
+    assert code == 0 and waiting.pending_approvals[0].request_id in out
+    for bad, says in (
+        (["--older-than", "0d"], "above zero"),
+        (["--older-than", "soon"], "--older-than"),
+        ([], "--older-than"),
+    ):
+        code, out, err = await acli(tmp_path, *db, "prune", *bad)
+        assert code == 2 and says in err and "Traceback" not in err, err
