@@ -64,6 +64,14 @@ async def _history(app: Clearance, recorder: Recorder) -> dict[str, Any]:
     return runs
 
 
+async def _approved(app: Clearance, recorder: Recorder, n: int) -> None:
+    """`n` refunds run to completion, each approved by rita."""
+    define_refund_agent(app, recorder)
+    for i in range(n):
+        ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
+        await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+
+
 async def _prunes_what_finished_long_ago(app: Clearance, recorder: Recorder) -> None:
     runs = await _history(app, recorder)
     old = [runs[k] for k in ("approved", "rejected", "stopped")]
@@ -199,10 +207,7 @@ async def test_sqlite_refuses_every_other_change_to_the_audit_log(
 ) -> None:
     path = tmp_path / "a.db"
     async with Clearance.open(f"sqlite:///{path}", clock=FakeClock()) as app:
-        define_refund_agent(app, recorder)
-        for i in range(2):
-            ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
-            await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        await _approved(app, recorder, 2)
     (first, body), _ = _chained_rows(path)
     data = json.loads(body)
     pruned = json.dumps({**data, "parameters": {}, "pruned": {"at": data["at"]}})
@@ -234,10 +239,7 @@ async def test_a_pruned_record_whose_kept_hash_is_changed_is_named(
     path = tmp_path / "a.db"
     clock = FakeClock()
     async with Clearance.open(f"sqlite:///{path}", clock=clock) as app:
-        define_refund_agent(app, recorder)
-        for i in range(3):
-            ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
-            await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        await _approved(app, recorder, 3)
         clock.advance(minutes=2 * DAY)
         assert (await app.prune("1d")).audit_pruned == 3
     row, body = _chained_rows(path)[1]
@@ -345,10 +347,7 @@ async def test_the_cli_prunes_and_says_what_it_did(tmp_path: Path, recorder: Rec
     path = tmp_path / "a.db"
     # FakeClock starts in 2024: by the real clock these ran long ago.
     async with Clearance.open(f"sqlite:///{path}", clock=FakeClock()) as app:
-        define_refund_agent(app, recorder)
-        for i in range(2):
-            ex = await app.run("safe-agent", input=f"Refund order ORD-{i}")
-            await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        await _approved(app, recorder, 2)
         waiting = await app.run("safe-agent", input="Refund order ORD-9")
     db = ["--db", str(path)]
     code, out, err = await acli(tmp_path, *db, "prune", "--older-than", "90d", "--dry-run")
