@@ -978,14 +978,23 @@ def _check_voter(
             " may not"
             f" approve its request {request.request_id}; another person must",
         )
-    if request.needs_quorum and (by is None or by_kind not in (REVIEWER, APP)):
-        groups = f" from {', '.join(request.groups)}" if request.groups else ""
+    if request.needs_quorum:
+        what = f"approval request {request.request_id}"
+        _check_known(what, (request.approvals_required, request.groups), by, by_kind)
+
+
+def _check_known(
+    what: str, quorum: tuple[int, tuple[str, ...]], by: str | None, by_kind: str | None
+) -> None:
+    """Towards a quorum, only a known person's approval counts."""
+    if by is None or by_kind not in (REVIEWER, APP):
+        needed, groups = quorum
+        among = f" from {', '.join(groups)}" if groups else ""
         raise Refusal(
             RefusalCode.NOT_GRANTED,
-            f"approval request {request.request_id} needs {request.approvals_required}"
-            f" approval(s){groups} by known people: a claimed or anonymous name (a callback"
-            " URL, a broker message, the CLI's --by) cannot count towards it; approve with a"
-            " reviewer key, the inbox, or signal(by=...)",
+            f"{what} needs {needed} approval(s){among} by known people: a claimed or"
+            " anonymous name (a callback URL, a broker message, the CLI's --by) cannot"
+            " count towards it; approve with a reviewer key, the inbox, or signal(by=...)",
         )
 
 
@@ -1040,6 +1049,8 @@ def _approved(ex: Execution, ev: Approved) -> Step:
     quorum = _quorum(tool, verdict) if edited else (request.approvals_required, request.groups)
     votes: tuple[Vote, ...] = ()  # one approval: its decision says it all
     if quorum != (1, ()):
+        if edited:  # the edit made it a call that needs a quorum: its editor must count
+            _check_known(f"the edited call of {request.request_id}", quorum, by, by_kind)
         if ev.remember is not None:
             raise Refusal(
                 RefusalCode.INVALID_REMEMBER,

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from clearance import Clearance, HumanInLoop, Tool, ToolContext
 from clearance.testing import FakeClock, ScriptedModel, SequentialIds, text, tool_use
+
+# Every Hypothesis test runs the same examples on every run, with no example database:
+# a red is a defect, never a fluke, and no example saved by one run turns the next one
+# red. `HYPOTHESIS_PROFILE=explore` draws fresh examples (and saves failures) to hunt.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 REFUND_PARAMS = {
     "orderId": {"type": "string", "required": True},

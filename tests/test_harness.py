@@ -10,13 +10,17 @@ an earlier run.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any, ClassVar
 
+import attrs
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.stateful import invariant, run_state_machine_as_test
 
-from clearance import HumanInLoop, Tool, ToolContext
+import clearance.core.decide as decide_module
+import clearance.testing.machine as harness
+from clearance import HumanInLoop, Rule, Tool, ToolContext
 from clearance.testing.machine import AgentMachine
 from clearance.testing.strategies import (
     acceptable_params,
@@ -172,7 +176,7 @@ class DefaultRefund(RefundAgent):
     )
 
 
-def harness_settings(examples: int) -> settings:
+def harness_settings(examples: int, *, shrink: bool = True) -> settings:
     return settings(
         max_examples=examples,
         stateful_step_count=20,
@@ -183,17 +187,19 @@ def harness_settings(examples: int) -> settings:
         suppress_health_check=list(HealthCheck),
         # No explain phase: for a state machine it reruns the failure step by step and
         # costs more than all the rest.
-        phases=[Phase.explicit, Phase.generate, Phase.shrink],
+        phases=[Phase.explicit, Phase.generate] + ([Phase.shrink] if shrink else []),
     )
 
 
 STEP = re.compile(r"^state\.\w+\((?!\))")  # a rule call; invariants print as state.name()
 
 
-def falsify(machine: type[AgentMachine], examples: int = 200) -> tuple[AssertionError, list[str]]:
-    """Run `machine` until it fails; the error and the steps of the shrunk failure."""
+def falsify(
+    machine: type[AgentMachine], examples: int = 200, *, shrink: bool = True
+) -> tuple[AssertionError, list[str]]:
+    """Run `machine` until it fails; the error and the steps of the (shrunk) failure."""
     with pytest.raises(AssertionError) as caught:
-        run_state_machine_as_test(machine, settings=harness_settings(examples))
+        run_state_machine_as_test(machine, settings=harness_settings(examples, shrink=shrink))
     notes = getattr(caught.value, "__notes__", [])
     steps = [line for note in notes for line in note.splitlines() if STEP.match(line)]
     print(f"\n{machine.__name__}: shrunk to {len(steps)} steps", *steps, sep="\n  ")
@@ -256,6 +262,149 @@ class FakeHandlers(AgentMachine):
 
 def test_fake_handlers_on_a_file_store() -> None:
     run_state_machine_as_test(FakeHandlers, settings=harness_settings(25))
+
+
+# -- quorums: several people approve one call ------------------------------------------------
+
+
+def quorum_tools() -> list[Tool]:
+    refund, lookup = tools()
+    return [attrs.evolve(refund, approvals_required=2, groups=["finance", "risk"]), lookup]
+
+
+class QuorumRefundAgent(RefundAgent):
+    """Every refund needs two people, one from finance and one from risk: the machine
+    registers these reviewers, has runs asked for by one of them (or nobody) and decides
+    as them."""
+
+    agent: ClassVar[dict[str, Any]] = dict(tag="refunds", tools=quorum_tools(), human_in_loop=GATED)
+    reviewers: ClassVar[dict[str, list[str]]] = {
+        "alice": ["finance"],
+        "bob": ["finance"],  # with alice: two approvals, but nobody from risk
+        "rita": ["risk"],
+        "carol": ["finance", "risk"],  # stands for either group, never for both
+    }
+
+
+class PolicyQuorumAgent(AgentMachine):
+    """Quorums from ask rules, with the machine's own reviewers: an edit may move a call
+    from one rule's quorum to another's, or to where the policy allows or denies it."""
+
+    agent: ClassVar[dict[str, Any]] = dict(
+        tag="refunds",
+        tools=tools(),
+        human_in_loop=HumanInLoop(
+            enabled=True,
+            policy=[
+                Rule.deny("process-refund", when="args.amount > 90.0", id="huge"),
+                Rule.ask(
+                    "process-refund",
+                    when="args.amount > 50.0",
+                    id="large",
+                    approvals_required=2,
+                    groups=["finance", "risk"],
+                ),
+                Rule.ask("process-refund", when="args.amount > 10.0", id="medium"),
+                Rule.allow("process-refund", id="small"),
+            ],
+        ),
+    )
+
+
+def test_the_machine_makes_reviewers_for_every_group_asked_for() -> None:
+    assert PolicyQuorumAgent.quorum_reviewers() == {
+        "reviewer-1": ("finance",),
+        "reviewer-2": ("risk",),
+        "reviewer-3": ("finance",),
+        "reviewer-4": ("risk",),
+        "reviewer-5": ("finance", "risk"),
+        "reviewer-6": (),
+    }
+    assert QuorumRefundAgent.quorum_reviewers()["carol"] == ("finance", "risk")
+
+
+@pytest.mark.parametrize("machine", [QuorumRefundAgent, PolicyQuorumAgent])
+def test_a_correct_quorum_agent_passes(
+    machine: type[AgentMachine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: Counter[str] = Counter()
+    monkeypatch.setattr(harness, "event", lambda value, payload="": seen.update([str(value)]))
+    run_state_machine_as_test(machine, settings=harness_settings(100))
+    if machine is not QuorumRefundAgent:
+        return  # its quorum covers a narrow range of amounts: not reached every run
+    # Not vacuous: quorums were met, votes kept requests pending, an edit restarted a
+    # count, and Clearance was held to refusing the requester, a second vote and names
+    # it does not know.
+    for path in (
+        "decide: a vote meets the quorum",
+        "decide: a vote, the request stays pending",
+        "decide: a vote, the request stays pending (an edit)",
+        "decide: self-approval refused",
+        "decide: second vote refused",
+        "decide: unknown person refused",
+    ):
+        assert seen[path], f"{machine.__name__} never reached {path!r}: {dict(seen)}"
+
+
+def one_vote_short(votes: Any, approvals_required: int, groups: Any) -> bool:
+    return len(votes) >= approvals_required - 1
+
+
+def groups_ignored(votes: Any, approvals_required: int, groups: Any) -> bool:
+    return len(votes) >= approvals_required
+
+
+# Shrinking these takes 10-15 s each; where it is skipped, the message says enough.
+@pytest.mark.parametrize(("met", "shrink"), [(one_vote_short, True), (groups_ignored, False)])
+def test_a_quorum_clearance_does_not_hold_is_found(
+    met: Any, shrink: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decide_module, "met", met)
+    error, steps = falsify(QuorumRefundAgent, shrink=shrink)
+    assert "ran 1 times without an approval" in str(error)
+    assert not shrink or 1 <= len(steps) <= 3, steps
+
+
+class OnlyInvariantA(QuorumRefundAgent):
+    """Invariant (a) alone, with its own count of who approved which call: plain methods
+    in place of the other checks of approval, so that Hypothesis no longer runs them."""
+
+    def approved_calls_ran_once(self) -> None: ...
+
+    def every_decision_audited_once(self) -> None: ...
+
+    def no_money_moves_without_approval(self) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("met", "missing"),
+    [(one_vote_short, "it needs 2 approvals"), (groups_ignored, "one from each of")],
+)
+def test_invariant_a_counts_the_votes_itself(
+    met: Any, missing: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decide_module, "met", met)
+    error, _ = falsify(OnlyInvariantA, shrink=False)
+    message = str(error)
+    assert "gated tool 'process-refund' ran for" in message and "no quorum" in message
+    assert missing in message
+
+
+@pytest.mark.parametrize(
+    ("check", "refused", "shrink"),
+    [
+        ("_check_voter", r"Clearance accepted (approving \S+ by \w+, who asked|deciding)", True),
+        ("_check_one_vote", r"Clearance accepted a second approval of \S+ by \w+", False),
+    ],
+)
+def test_a_vote_clearance_should_refuse_is_found(
+    check: str, refused: str, shrink: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The requester, a claimed name or nobody approving, or one person voting twice."""
+    monkeypatch.setattr(decide_module, check, lambda *args: None)
+    error, steps = falsify(QuorumRefundAgent, shrink=shrink)
+    assert re.search(refused, str(error)), str(error)
+    assert not shrink or 1 <= len(steps) <= 3, steps
 
 
 # -- the strategies on their own ------------------------------------------------------------

@@ -26,25 +26,44 @@ instead). Handlers of gated tools are also watched where other handlers could ca
 them directly (a name bound to them in your handlers' modules): such a call is
 recorded with `direct=True`, and it fails invariant (a).
 
+Quorums (a tool's or an ask rule's `approvals_required` above one, or `groups`): the
+machine registers reviewers of its own (`reviewers = {name: [groups]}` on your
+subclass, or by default two in each group any tool or rule names, one in all of them
+and some in none: enough to meet the largest quorum without the requester), starts
+each run as asked for by one of them or by nobody (`requested_by`), and decides as
+them. An approval short of the quorum is a vote (the request stays pending); the
+approval of the requester, of someone who already voted for the call, of a claimed
+name or of nobody must be refused and change nothing; an edit is a new call whose
+count starts with the editor; any rejection rejects. Agents without a quorum are
+decided by `reviewer` as before.
+
 Rules: start an execution with a drawn plan of model turns; decide a pending request
 (approve as is, approve with modified parameters valid or invalid, reject with a
-reason); decide a request a second time; stop an execution; move the clock without
-a sweep (so a decision comes late); let time pass (move the clock and fire due
-timers). After every step these must hold (each an `@invariant` below):
+reason; where quorums are asked for, by a drawn person); vote (quorums only: a few
+reviewers approve one after another, the first perhaps with changes); decide a
+request a second time; stop an execution; move the clock without a sweep (so a
+decision comes late); let time pass (move the clock and fire due timers). After
+every step these must hold (each an `@invariant` below):
 
 (a) `gated_calls_were_approved`: no handler of a gated tool ran without an approval
     of that exact request, and it got exactly the approved parameters (the model's,
-    defaults filled, with the reviewer's modifications merged); nothing called one
-    directly.
+    defaults filled, with the reviewers' modifications merged); with a quorum, the
+    approvals the machine saw taken for exactly that call (since its last edit) are
+    of as many distinct people as it needs, never the requester nor an unknown name,
+    and cover its groups (checked by brute force over the machine's own record of
+    who is in which group, not by Clearance's matching); nothing called one directly.
 (b) `approved_calls_ran_once`: each approved request's handler ran exactly once;
     each valid ungated tool_use ran once, at once: no ungated tool ever waited for
-    approval, and no request was opened for parameters the tool refuses.
+    approval, and no request was opened for parameters the tool refuses; a request
+    shows the quorum its call needs, its requester and the votes counted so far.
 (c) `every_tool_use_answered_once`: every tool_use the model sent is answered by
     exactly one tool_result in the next model call (rejected, timed-out, invalid
     and unknown calls with the right error), or the execution ended.
 (d) `every_decision_audited_once`: the audit log is append-only and holds one record
-    per decision the machine made (or a timeout), saying what was decided; a timeout
-    is audited as `timed_out`, by nobody, never as a person's rejection.
+    per decision the machine made (or a timeout), saying what was decided, after one
+    `vote` record per vote short of a quorum (by whom, the changes of a vote that
+    starts a count); a timeout is audited as `timed_out`, by nobody, never as a
+    person's rejection.
 (e) `no_execution_left_stuck`: every execution rests: awaiting approval with a
     pending request, or finished with none.
 (f) `replay_reproduces_state`: folding each execution's stored events through
@@ -52,8 +71,10 @@ timers). After every step these must hold (each an `@invariant` below):
 
 Add your own with `@invariant()` methods; read `self.calls` (every handler call:
 tool, params, request_id, ...), `self.executions` (id -> Execution, as stored after
-the step), `self.audit`, `self.decided` (what the machine decided, per request id)
-and `self.app` (`self.run(coroutine)` runs one on the machine's loop).
+the step), `self.audit`, `self.decided` (what the machine decided, per request id),
+`self.ballots` (every approval Clearance took, per request id: who, of which call),
+`self.requested_by` (per execution id), `self.members` (reviewer -> groups) and
+`self.app` (`self.run(coroutine)` runs one on the machine's loop).
 """
 
 from __future__ import annotations
@@ -65,7 +86,8 @@ import inspect
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from itertools import permutations
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -85,7 +107,7 @@ from clearance.adapters.ids import SequentialIds
 from clearance.app import Clearance
 from clearance.core.agent import AgentSpec, ToolSpec
 from clearance.core.commands import AuditRecord
-from clearance.core.errors import ClearanceError
+from clearance.core.errors import ClearanceError, RefusalCode
 from clearance.core.execution import (
     APPROVALS,
     APPROVED,
@@ -99,11 +121,13 @@ from clearance.core.execution import (
     RESTING,
     TERMINAL,
     TIMED_OUT,
+    VOTE,
     ApprovalRequest,
     Execution,
 )
-from clearance.core.policy import ALLOW, ASK, DENY, evaluate
+from clearance.core.policy import ALLOW, ASK, DENY, Verdict, evaluate
 from clearance.core.replay import replay
+from clearance.core.reviewers import APP, CLAIMED, REVIEWER, Grant, Identity, Reviewer
 from clearance.definition import Tool
 from clearance.ports.model import ModelReply, ModelRequest
 from clearance.ports.tools import Handler, ToolContext
@@ -112,6 +136,7 @@ from clearance.testing.strategies import (
     Block,
     Decision,
     Plan,
+    Reject,
     Turn,
     acceptable_params,
     agent_spec,
@@ -120,6 +145,7 @@ from clearance.testing.strategies import (
     is_json,
     model_plans,
     modification_problem,
+    modifications,
     reasons,
     same_json,
     with_defaults,
@@ -134,6 +160,30 @@ GATED, UNGATED, ALLOWED, DENIED = "gated", "ungated", "allowed", "denied"
 def _gating(spec: ToolSpec | None) -> str:
     """A call's authorisation by its tool's definition alone (no policy rule matched)."""
     return GATED if spec is not None and spec.gated else UNGATED
+
+
+def _quorums(spec: AgentSpec) -> tuple[int, tuple[str, ...]] | None:
+    """The most approvals any tool or ask rule of the agent asks for, and every group
+    they name; None where each call needs one approval from anybody."""
+    asked = [(t.approvals_required, t.groups) for t in spec.tools]
+    if spec.policy is not None:
+        rules = [r for r in spec.policy.rules if r.effect == ASK]
+        asked += [(r.approvals_required or 1, r.groups) for r in rules]
+    if all(a == (1, ()) for a in asked):
+        return None
+    return max(n for n, _ in asked), tuple(sorted({g for _, groups in asked for g in groups}))
+
+
+def _covered(
+    voters: Sequence[str | None], groups: Sequence[str], member: Mapping[str, Sequence[str]]
+) -> bool:
+    """Brute force, apart from core.quorum's matching: some choice of distinct voters,
+    one per group, each in their group."""
+    people = sorted({v for v in voters if v is not None})
+    return any(
+        all(g in member.get(v, ()) for v, g in zip(chosen, groups, strict=True))
+        for chosen in permutations(people, len(groups))
+    )
 
 
 # What a second decision's refusal says about the one that stands.
@@ -174,6 +224,28 @@ class Decided:
     by: str | None = None
     modified: Any = None
     reason: str | None = None
+
+
+@attrs.frozen
+class Voter:
+    """Who decides a request of an agent with a quorum: one of the machine's reviewers
+    (known by their identity), or someone Clearance must never count: a `claimed`
+    name, or nobody (`name=None`)."""
+
+    name: str | None
+    kind: str | None = REVIEWER
+
+
+@attrs.frozen
+class Ballot:
+    """An approval Clearance took: who, how known, the call as it left it (the
+    request's parameters with every accepted change merged in), and every change
+    accepted so far, as sent (what Clearance records as `modified_params`)."""
+
+    by: str | None
+    kind: str | None
+    params: dict[str, Any]
+    modified: dict[str, Any] | None = None
 
 
 class Puppet:
@@ -250,7 +322,10 @@ class AgentMachine(RuleBasedStateMachine):
     max_executions: ClassVar[int] = 4  # executions started per example
     watch_direct_calls: ClassVar[bool] = True
     tool_use_ids: ClassVar[str] = "unique"  # or "per_turn": see Puppet
-    reviewer: ClassVar[str] = "harness-reviewer"  # `by` of every decision the machine makes
+    reviewer: ClassVar[str] = "harness-reviewer"  # `by` of decisions where no quorum is asked
+    # Where a tool or ask rule asks for a quorum: the reviewers the machine registers
+    # (name -> groups) and decides as. None: made from the agent (`quorum_reviewers`).
+    reviewers: ClassVar[Mapping[str, Sequence[str]] | None] = None
     _compiled: ClassVar[AgentSpec | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -268,15 +343,36 @@ class AgentMachine(RuleBasedStateMachine):
         def start(self: AgentMachine, plan: Plan) -> None:
             self._start(plan)
 
+        def start_first_by(self: AgentMachine, plan: Plan, requested_by: str | None) -> None:
+            self._start(plan, requested_by)
+
+        def start_by(self: AgentMachine, plan: Plan, requested_by: str | None) -> None:
+            self._start(plan, requested_by)
+
+        def vote(self: AgentMachine, data: st.DataObject) -> None:
+            self._vote(data)
+
         def let_time_pass(self: AgentMachine, milliseconds: int) -> None:
             self._let_time_pass(milliseconds)
 
         def advance_clock(self: AgentMachine, milliseconds: int) -> None:
             self._advance_clock(milliseconds)
 
-        setattr(cls, "start_first", initialize(plan=first)(start_first))  # noqa: B010
         room = precondition(lambda self: len(self.exec_ids) < self.max_executions)
-        setattr(cls, "start", room(rule(plan=plans)(start)))  # noqa: B010
+        if cls._asks_for_quorums():
+            # Each run is asked for by one of the reviewers (who may then not approve it)
+            # or by nobody. Agents without a quorum keep the rules (and draws) they had.
+            who = st.deferred(lambda: st.sampled_from([None, *cls.quorum_reviewers()]))
+            first_rule = initialize(plan=first, requested_by=who)(start_first_by)
+            setattr(cls, "start_first", first_rule)  # noqa: B010
+            setattr(cls, "start", room(rule(plan=plans, requested_by=who)(start_by)))  # noqa: B010
+            # A quorum is met only by several approvals in a row: a rule of its own for
+            # them, or rejections, stops and timeouts would end nearly every request first.
+            voting = precondition(lambda self: self.quorums and self.pending_requests())
+            setattr(cls, "vote", voting(rule(data=st.data())(vote)))  # noqa: B010
+        else:
+            setattr(cls, "start_first", initialize(plan=first)(start_first))  # noqa: B010
+            setattr(cls, "start", room(rule(plan=plans)(start)))  # noqa: B010
         setattr(cls, "let_time_pass", rule(milliseconds=moves)(let_time_pass))  # noqa: B010
         setattr(cls, "advance_clock", rule(milliseconds=moves)(advance_clock))  # noqa: B010
         # Hypothesis's explain phase replays a failing state machine step by step and takes
@@ -303,6 +399,30 @@ class AgentMachine(RuleBasedStateMachine):
         cls._compiled = spec
         return spec
 
+    @classmethod
+    def _asks_for_quorums(cls) -> bool:
+        try:
+            spec = cls.agent_spec()
+        except Exception:
+            # A base class without an agent, or one define() refuses: every example of
+            # it fails with that message; which rules it gets does not matter.
+            return False
+        return _quorums(spec) is not None
+
+    @classmethod
+    def quorum_reviewers(cls) -> dict[str, tuple[str, ...]]:
+        """The reviewers (name -> groups) the machine registers and decides as, where the
+        agent asks for a quorum: `reviewers` if a subclass sets it, else two in each group
+        any tool or ask rule names (one may have asked for the run), one in all of them
+        (who still stands for one), and some in none, enough to meet the largest quorum
+        without the requester."""
+        if cls.reviewers is not None:
+            return {name: tuple(groups) for name, groups in cls.reviewers.items()}
+        most, groups = _quorums(cls.agent_spec()) or (1, ())
+        people = [(g,) for g in groups] * 2 + ([groups] if groups else []) + [()]
+        people += [()] * (most + 1 - len(people))
+        return {f"reviewer-{i}": member for i, member in enumerate(people, 1)}
+
     def __init__(self) -> None:
         super().__init__()
         self.spec = self.agent_spec()
@@ -315,6 +435,14 @@ class AgentMachine(RuleBasedStateMachine):
         self.returned: dict[str, Execution] = {}  # the state each call last returned
         self.puppet = Puppet(self.tool_use_ids)
         self.request_turns: dict[str, int] = {}  # request id -> the model turn it is of
+        # Quorums: whether any are asked for; each reviewer's groups and identity; who
+        # asked for each run; every approval Clearance took, per request.
+        self.quorums = _quorums(self.spec) is not None
+        self.members: dict[str, tuple[str, ...]] = {}
+        self.identities: dict[str, Identity] = {}
+        self.voters: list[Voter] = []
+        self.requested_by: dict[str, str | None] = {}
+        self.ballots: dict[str, list[Ballot]] = {}
         self.clock = FakeClock()
         self._checked_requests = 0
         self._replayed: dict[str, int] = {}
@@ -337,6 +465,8 @@ class AgentMachine(RuleBasedStateMachine):
             self.app.define(**{**self.agent, "model": self.puppet, "tools": tools})
             if self.watch_direct_calls:
                 self._watch_direct_calls()
+            if self.quorums:
+                self._register_reviewers()
         except BaseException:
             self._cleanup()
             raise
@@ -362,6 +492,20 @@ class AgentMachine(RuleBasedStateMachine):
             self.loop.close()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _register_reviewers(self) -> None:
+        self.members = self.quorum_reviewers()
+        may_decide = [Grant(agents="*", tools="*")]
+        for name, groups in self.members.items():
+            self.run(self.app.save_reviewer(Reviewer(name, may_decide, groups)))
+            identity = self.run(self.app.reviewer_identity(name))
+            assert identity is not None, f"reviewer {name} was not registered"
+            self.identities[name] = identity
+        first = next(iter(self.members))
+        # Besides the reviewers: a reviewer's name merely claimed (a callback body, the
+        # CLI's --by) and nobody at all; neither may count towards a quorum.
+        self.voters = [Voter(name) for name in self.members]
+        self.voters += [Voter(first, CLAIMED), Voter(None, None)]
 
     def _recorded(self, tool: Any) -> Any:
         if not isinstance(tool, Tool) or tool.handler is None:
@@ -485,12 +629,18 @@ class AgentMachine(RuleBasedStateMachine):
             seqs.append(ex.seq if ex is not None else -1)
         return tuple(seqs), len(self.run(self.app.audit())), len(self.calls)
 
-    def _refused(self, work: Coroutine[Any, Any, Any], why: str, *words: str) -> None:
-        """`work` must raise ClearanceError (naming `words`) and change nothing."""
+    def _refused(
+        self, work: Coroutine[Any, Any, Any], why: str, *words: str, code: str | None = None
+    ) -> None:
+        """`work` must raise ClearanceError (naming `words`, with `code` if given) and
+        change nothing."""
         before = self._fingerprint()
         try:
             self.run(work)
         except ClearanceError as err:
+            if code is not None:
+                got = getattr(err, "code", None)
+                assert got == code, f"{why}: refused as {got}, not {code}: {err}"
             for word in words:
                 assert word in str(err), f"{why}: the refusal does not say {word!r}: {err}"
             after = self._fingerprint()
@@ -522,14 +672,54 @@ class AgentMachine(RuleBasedStateMachine):
         decided = self.decided.get(call.request_id or "")
         return not call.direct and decided is not None and decided.status == APPROVED
 
+    def _needs(self, tool: str, params: dict[str, Any]) -> tuple[int, tuple[str, ...]]:
+        """(approvals, groups) the definition asks for this exact call: an ask rule's
+        quorum where it names one, else the tool's; one approval where a rule allows it
+        (an edit may move a call there)."""
+        if not self.quorums:
+            return 1, ()
+        spec = self.tool(tool)
+        needed, groups = spec.approvals_required, spec.groups
+        verdict = self._verdict(tool, params)
+        if verdict is not None and verdict.applied == ALLOW:
+            return 1, ()
+        if verdict is not None and verdict.applied == ASK:
+            needed = verdict.approvals_required or needed
+            groups = verdict.groups or groups
+        return needed, tuple(groups)
+
+    def _counted(self, request_id: str) -> list[Ballot]:
+        """The approvals that count for the call a request asks about now: those since
+        the last change of its parameters (an edit is a new call; its editor's comes
+        first)."""
+        ballots = self.ballots.get(request_id, [])
+        run: list[Ballot] = []
+        for ballot in reversed(ballots):
+            if ballot.params != ballots[-1].params:
+                break
+            run.insert(0, ballot)
+        return run
+
+    def _current(self, request: ApprovalRequest) -> dict[str, Any]:
+        """The call a request asks about now, by the machine's record of approvals."""
+        ballots = self.ballots.get(request.request_id)
+        return ballots[-1].params if ballots else request.parameters
+
+    def _votes(self, request_id: str) -> list[Ballot]:
+        """The approvals audited as votes: all but the one that met the quorum."""
+        ballots = self.ballots.get(request_id, [])
+        decided = self.decided.get(request_id)
+        return ballots[:-1] if decided is not None and decided.status == APPROVED else ballots
+
     # -- rules ------------------------------------------------------------------------------
 
-    def _start(self, plan: Plan) -> None:
+    def _start(self, plan: Plan, requested_by: str | None = None) -> None:
         key = f"harness input {len(self.puppet.plans) + 1}"
         self.puppet.plans[key] = plan
-        ex = self.run(self.app.run(self.tag, input=key))
+        ex = self.run(self.app.run(self.tag, input=key, requested_by=requested_by))
         assert ex.id not in self.exec_ids, f"execution id {ex.id} given twice"
         self.exec_ids.append(ex.id)
+        self.requested_by[ex.id] = requested_by
         self._returned(ex)
         event(f"start: {ex.status}")
         self._observe()
@@ -538,37 +728,124 @@ class AgentMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def decide(self, data: st.DataObject) -> None:
         """A person decides a pending request: approve (as is, with changes the tool takes
-        or with changes it must refuse) or reject."""
+        or with changes it must refuse) or reject. Where the agent asks for quorums, the
+        person is drawn: one of the reviewers (perhaps one who voted already, or who
+        asked for the run), or, for a request that needs a quorum, a claimed name or
+        nobody."""
         ids = [r.request_id for r in self.pending_requests()]
         request = self.request(data.draw(st.sampled_from(ids), label="request"))
-        choice = data.draw(decisions(self.tool(request.tool), request.parameters), label="decision")
-        self._decide(request, choice)
+        current = self._current(request)
+        voter = None
+        if self.quorums:
+            quorum = self._needs(request.tool, current) != (1, ())
+            voters = self.voters if quorum else [v for v in self.voters if v.kind == REVIEWER]
+            # Who voted already and who asked for the run are drawn more often: Clearance
+            # must refuse their approvals.
+            requester = self.requested_by[request.execution_id]
+            again = [b.by for b in self._counted(request.request_id)] + [requester]
+            voters = [Voter(name) for name in again if name is not None] + voters
+            voter = data.draw(st.sampled_from(voters), label="by")
+        choice = data.draw(decisions(self.tool(request.tool), current), label="decision")
+        self._decide(request, choice, voter)
         self._observe()
 
-    def _signal(self, request: ApprovalRequest, choice: Decision) -> Coroutine[Any, Any, Execution]:
+    def _vote(self, data: st.DataObject) -> None:
+        """(Where the agent asks for quorums.) Up to one more reviewer than the request
+        needs approve it one after another (perhaps one who voted before, or the
+        requester, whom Clearance must refuse); the first may change the parameters (a
+        new call: the count starts again with them), and tries again at the end."""
+        ids = [r.request_id for r in self.pending_requests()]
+        request = self.request(data.draw(st.sampled_from(ids), label="request"))
+        rid, current = request.request_id, self._current(request)
+        needed, _ = self._needs(request.tool, current)
+        people = st.sampled_from(list(self.members))
+        names = data.draw(
+            st.lists(people, min_size=1, max_size=needed + 1, unique=True), label="by"
+        )
+        changes = modifications(self.tool(request.tool).input_schema, current).map(Approve)
+        # Mostly as it stands: an edit starts the count again, so a few go a long way.
+        choice = data.draw(st.one_of([st.just(Approve())] * 3 + [changes]), label="decision")
+        # And the first of them once more, where the request is still pending: one
+        # person, one vote.
+        for name in [*names, names[0]]:
+            self._decide(request, choice, Voter(name))
+            self._observe()
+            # Decided (or, were Clearance wrong, decided otherwise than the machine
+            # expects: the invariants say so after this step): nobody else votes.
+            if self.request(rid).status != PENDING:
+                break
+            choice = Approve()
+
+    def _signal(
+        self, request: ApprovalRequest, choice: Decision, voter: Voter | None = None
+    ) -> Coroutine[Any, Any, Execution]:
+        by: str | Identity | None = self.reviewer  # no quorums: as before
+        if voter is not None and voter.kind == REVIEWER:
+            by = self.identities[voter.name or ""]
+        elif voter is not None:
+            by = Identity(voter.name, CLAIMED) if voter.name is not None else None
         if isinstance(choice, Approve):
             return self.app.signal(
                 request.execution_id,
                 "approve",
                 request_id=request.request_id,
                 modified_params=choice.modified,
-                by=self.reviewer,
+                by=by,
             )
         return self.app.signal(
             request.execution_id,
             "reject",
             request_id=request.request_id,
             reason=choice.reason,
-            by=self.reviewer,
+            by=by,
         )
 
-    def _decide(self, request: ApprovalRequest, choice: Decision) -> None:
+    def _refusal(
+        self, request: ApprovalRequest, choice: Decision, voter: Voter | None
+    ) -> tuple[str | None, str, str] | None:
+        """Why Clearance must refuse a timely decision: (its code, or None where the
+        machine does not say; what it is; the event), in the order Clearance checks."""
+        rid = request.request_id
+        current = self._current(request)
+        quorum = self._needs(request.tool, current)
+        requester = self.requested_by[request.execution_id]
+        if isinstance(choice, Reject):
+            if choice.reason is not None and not is_json(choice.reason):
+                return None, f"rejecting {rid} with a broken reason", "broken reason refused"
+        elif voter is not None and requester is not None and voter.name == requester:
+            why = f"approving {rid} by {voter.name}, who asked for the run"
+            return RefusalCode.SELF_APPROVAL, why, "self-approval refused"
+        if voter is not None and quorum != (1, ()) and voter.kind not in (REVIEWER, APP):
+            why = f"deciding {rid}, which needs {quorum}, by {voter}"
+            return RefusalCode.NOT_GRANTED, why, "unknown person refused"
+        if not isinstance(choice, Approve):
+            return None
+        if choice.modified is not None:
+            schema = self.tool(request.tool).input_schema
+            problem = modification_problem(schema, current, choice.modified)
+            if problem is not None:
+                return None, f"approving {rid}: {problem}", "invalid modification refused"
+            verdict = self._verdict(request.tool, {**current, **choice.modified})
+            if verdict is not None and verdict.applied == DENY:
+                why = f"approving {rid} with changes rule {verdict.rule_id} denies"
+                return RefusalCode.DENIED_BY_POLICY, why, "denied modification refused"
+            if {**current, **choice.modified} != current:
+                return None  # an edit: a new call, whose count starts with this approval
+        counted = [b.by for b in self._counted(rid)]
+        if voter is not None and quorum != (1, ()) and voter.name in counted:
+            why = f"a second approval of {rid} by {voter.name}"
+            return RefusalCode.ALREADY_VOTED, why, "second vote refused"
+        return None
+
+    def _decide(
+        self, request: ApprovalRequest, choice: Decision, voter: Voter | None = None
+    ) -> None:
         rid = request.request_id
         if self.clock.now() >= request.timeout:
             # Late: no sweep has run yet, but the deadline passed. The request times out
             # first (the model is told), and the decision is refused.
             try:
-                self.run(self._signal(request, choice))
+                self.run(self._signal(request, choice, voter))
             except ClearanceError as err:
                 assert "timed out" in str(err) or "expired" in str(err), (
                     f"a decision on {rid} after its deadline was refused for another reason: {err}"
@@ -578,28 +855,40 @@ class AgentMachine(RuleBasedStateMachine):
             self.decided[rid] = Decided(TIMED_OUT)
             event("decide: late, timed out")
             return
-        if isinstance(choice, Approve):
-            problem = None
-            if choice.modified is not None:
-                schema = self.tool(request.tool).input_schema
-                problem = modification_problem(schema, request.parameters, choice.modified)
-            if problem is not None:
-                self._refused(self._signal(request, choice), f"approving {rid}: {problem}")
-                event("decide: invalid modification refused")
-                return
-            ex = self.run(self._signal(request, choice))
-            self._returned(ex)
-            self.decided[rid] = Decided(APPROVED, by=self.reviewer, modified=choice.modified)
-            event("decide: approved" + (" with changes" if choice.modified is not None else ""))
+        refusal = self._refusal(request, choice, voter)
+        if refusal is not None:
+            code, why, what = refusal
+            self._refused(self._signal(request, choice, voter), why, code=code)
+            event(f"decide: {what}")
             return
-        if choice.reason is not None and not is_json(choice.reason):
-            self._refused(self._signal(request, choice), f"rejecting {rid} with a broken reason")
-            event("decide: broken reason refused")
-            return
-        ex = self.run(self._signal(request, choice))
+        ex = self.run(self._signal(request, choice, voter))
         self._returned(ex)
-        self.decided[rid] = Decided(REJECTED, by=self.reviewer, reason=choice.reason)
-        event("decide: rejected")
+        by, kind = (self.reviewer, APP) if voter is None else (voter.name, voter.kind)
+        if isinstance(choice, Reject):
+            self.decided[rid] = Decided(REJECTED, by=by, reason=choice.reason)
+            event("decide: rejected")
+            return
+        ballots = self.ballots.setdefault(rid, [])
+        current = self._current(request)
+        params = {**current, **(choice.modified or {})}
+        # Clearance keeps every change accepted so far, as sent, also one that changes
+        # nothing: the decision says what was sent.
+        modified = ballots[-1].modified if ballots else None
+        if choice.modified is not None:
+            modified = {**(modified or {}), **choice.modified}
+        edited = params != current
+        needed, groups = self._needs(request.tool, params if edited else current)
+        voters = [] if edited else [b.by for b in self._counted(rid)]
+        voters.append(by)
+        ballots.append(Ballot(by, kind, params, modified))
+        if len(voters) < needed or not _covered(voters, groups, self.members):
+            event("decide: a vote, the request stays pending" + (" (an edit)" if edited else ""))
+            return
+        self.decided[rid] = Decided(APPROVED, by=by, modified=modified)
+        if needed > 1 or groups:
+            event("decide: a vote meets the quorum")
+        else:
+            event("decide: approved" + (" with changes" if choice.modified is not None else ""))
 
     @precondition(lambda self: self.decided)
     @rule(data=st.data())
@@ -682,6 +971,7 @@ class AgentMachine(RuleBasedStateMachine):
             )
             rid = call.request_id
             assert rid is not None, f"{where} ran without an approval request: {call.params}"
+            self._check_quorum(where, call, self.request(rid))
             decided = self.decided.get(rid)
             assert decided is not None and decided.status == APPROVED, (
                 f"{where} ran for request {rid}, which was "
@@ -700,22 +990,54 @@ class AgentMachine(RuleBasedStateMachine):
             approvals = [r for r in self.audit if r.request_id == rid and r.decision in APPROVALS]
             assert len(approvals) == 1, f"{where} ran for {rid} with {len(approvals)} approvals"
 
-    def _effect(self, tool: str, params: Any) -> str:
-        """How a proposed call is authorised: gated (a person decides), ungated, allowed
-        or denied by the agent's policy. The verdict is `core.policy.evaluate`'s on the
-        call with its defaults (your own invariants say what the rules should mean)."""
+    def _check_quorum(self, where: str, call: HandlerCall, request: ApprovalRequest) -> None:
+        """The approvals the machine saw Clearance take for exactly the call that ran
+        (since its last edit) are of distinct known people, not the requester, as many as
+        the definition asks for this call, one in each of its groups."""
+        needed, groups = self._needs(call.tool, call.params)
+        ballots = self._counted(request.request_id)
+        voters = [b.by for b in ballots if b.params == call.params]
+        requester = self.requested_by.get(request.execution_id)
+        assert requester is None or requester not in voters, (
+            f"{where} ran for {request.request_id} with the approval of {requester}, who "
+            "asked for the run"
+        )
+        if (needed, groups) == (1, ()):
+            return
+        unknown = [b for b in ballots if b.kind not in (REVIEWER, APP)]
+        assert not unknown, f"{where} ran for {request.request_id} counting {unknown}"
+        assert len(set(voters)) == len(voters), f"{where}: someone voted twice: {voters}"
+        who = ", ".join(f"{v} (groups {list(self.members.get(v or '', ()))})" for v in voters)
+        assert len(voters) >= needed and _covered(voters, groups, self.members), (
+            f"{where} ran for {request.request_id} with {call.params}, approved by "
+            f"{who or 'nobody'}: no quorum; it needs {needed} approvals"
+            + (f", one from each of {list(groups)}" if groups else "")
+        )
+
+    def _verdict(self, tool: str, params: Any) -> Verdict | None:
+        """The agent's policy on a call with its defaults (None: no policy, or parameters
+        the tool refuses): `core.policy.evaluate`'s verdict (your own invariants say what
+        the rules should mean)."""
         spec = self.spec.tool(tool)
         policy = self.spec.policy
         if spec is None or policy is None or not acceptable_params(spec.input_schema, params):
-            return _gating(spec)
+            return None
         hosted = self.app._agents.get(self.tag)
-        verdict = evaluate(
+        return evaluate(
             policy,
             agent=self.tag,
             tool=tool,
             args=with_defaults(spec.input_schema, params),
             predicates=hosted.predicates if hosted is not None else None,
         )
+
+    def _effect(self, tool: str, params: Any) -> str:
+        """How a proposed call is authorised: gated (a person decides), ungated, allowed
+        or denied by the agent's policy."""
+        spec = self.spec.tool(tool)
+        verdict = self._verdict(tool, params)
+        if verdict is None:
+            return _gating(spec)
         return {DENY: DENIED, ASK: GATED, ALLOW: ALLOWED}.get(verdict.applied, _gating(spec))
 
     def _check_allowed(self, call: HandlerCall) -> None:
@@ -778,6 +1100,24 @@ class AgentMachine(RuleBasedStateMachine):
                     f"request {request.request_id} shows {request.parameters}; the model asked "
                     f"for {want} (defaults filled)"
                 )
+                if self.quorums:
+                    self._check_shown_quorum(ex, request)
+
+    def _check_shown_quorum(self, ex: Execution, request: ApprovalRequest) -> None:
+        """A request shows the quorum its call needs now, who asked for the run, and,
+        while pending, the votes counted for its call."""
+        rid = request.request_id
+        needed = self._needs(request.tool, self._current(request))
+        shown = (request.approvals_required, request.groups)
+        assert shown == needed, f"request {rid} asks for {shown}; its call needs {needed}"
+        requester = self.requested_by[ex.id]
+        assert request.requested_by == requester, (
+            f"request {rid} says {request.requested_by!r} asked for the run, not {requester!r}"
+        )
+        if request.status == PENDING:
+            votes = [v.by for v in request.votes]
+            counted = [b.by for b in self._counted(rid)]
+            assert votes == counted, f"request {rid} shows the votes of {votes}, not {counted}"
 
     def _block(self, execution_id: str, turn: int, tool_use_id: str) -> Block | None:
         """The tool_use block `tool_use_id` of one model turn, as the model sent it."""
@@ -886,38 +1226,28 @@ class AgentMachine(RuleBasedStateMachine):
         assert self.audit[: len(seen)] == seen, "the audit log was rewritten"
         self._audit_seen = list(self.audit)
         # A policy's allow / deny of a call has no request: those are not decisions here.
-        decisions = [r for r in self.audit if r.request_id is not None]
-        per_request = Counter(r.request_id or "" for r in decisions)
-        assert set(per_request) == set(self.decided), (
-            f"audited {sorted(per_request)}, decided {sorted(self.decided)}"
+        per_request: dict[str, list[AuditRecord]] = {}
+        for record in self.audit:
+            if record.request_id is not None:
+                per_request.setdefault(record.request_id, []).append(record)
+        voted = {rid for rid in self.ballots if self._votes(rid)}
+        assert set(per_request) == set(self.decided) | voted, (
+            f"audited {sorted(per_request)}, decided {sorted(self.decided)}, voted {sorted(voted)}"
         )
-        for rid, count in per_request.items():
-            assert count == 1, f"request {rid} has {count} audit records"
-        for record in decisions:
-            assert record.request_id is not None
-            decided = self.decided[record.request_id]
-            where = f"the audit record of {record.request_id}"
-            expected = decided.status
-            changed = {**record.parameters, **(decided.modified or {})} != record.parameters
-            if expected == APPROVED and changed:
-                expected = APPROVED_MODIFIED
-            assert record.decision == expected, f"{where} says {record.decision}; it was {expected}"
-            if decided.status == TIMED_OUT:
-                assert record.by is None and "timed out" in (record.reason or ""), (
-                    f"{where}: a timeout audited as by {record.by!r}, reason {record.reason!r}"
-                )
-            else:
-                assert record.by == decided.by, f"{where} names {record.by!r}"
-            if decided.status == APPROVED:
-                assert same_json(record.modified_params, decided.modified), (
-                    f"{where}: modified {record.modified_params}, sent {decided.modified}"
-                )
-            if decided.status == REJECTED:
-                assert record.reason == decided.reason, f"{where}: reason {record.reason!r}"
-            if decided.status == CANCELLED:
-                assert record.reason == (decided.reason or "execution stopped"), (
-                    f"{where}: reason {record.reason!r}"
-                )
+        for rid, records in per_request.items():
+            votes = self._votes(rid)
+            final = 1 if rid in self.decided else 0
+            assert len(records) == len(votes) + final, (
+                f"request {rid} has {len(records)} audit records "
+                f"({[r.decision for r in records]}); expected {len(votes)} vote(s) and {final}"
+                " decision"
+            )
+            for i, (record, ballot) in enumerate(zip(records, votes, strict=False)):
+                # The vote that starts a count (the first, or an edit's) shows the changes.
+                first = i == 0 or votes[i - 1].params != ballot.params
+                self._check_vote_record(record, ballot, ballot.modified if first else None)
+            if final:
+                self._check_decision_record(records[-1])
         for ex in self.executions.values():
             for request in ex.requests:
                 outcome = self.decided.get(request.request_id)
@@ -925,6 +1255,42 @@ class AgentMachine(RuleBasedStateMachine):
                 assert request.status == status, (
                     f"request {request.request_id} is {request.status}, expected {status}"
                 )
+
+    def _check_vote_record(self, record: AuditRecord, ballot: Ballot, shown: Any) -> None:
+        where = f"the audit record of a vote on {record.request_id}"
+        assert record.decision == VOTE, f"{where} says {record.decision}; it was a vote"
+        assert (record.by, record.by_kind) == (ballot.by, ballot.kind), (
+            f"{where} names {record.by!r} ({record.by_kind}); it was {ballot.by} ({ballot.kind})"
+        )
+        assert same_json(record.modified_params, shown), (
+            f"{where}: modified {record.modified_params}; it should show {shown}"
+        )
+
+    def _check_decision_record(self, record: AuditRecord) -> None:
+        assert record.request_id is not None
+        decided = self.decided[record.request_id]
+        where = f"the audit record of {record.request_id}"
+        expected = decided.status
+        changed = {**record.parameters, **(decided.modified or {})} != record.parameters
+        if expected == APPROVED and changed:
+            expected = APPROVED_MODIFIED
+        assert record.decision == expected, f"{where} says {record.decision}; it was {expected}"
+        if decided.status == TIMED_OUT:
+            assert record.by is None and "timed out" in (record.reason or ""), (
+                f"{where}: a timeout audited as by {record.by!r}, reason {record.reason!r}"
+            )
+        else:
+            assert record.by == decided.by, f"{where} names {record.by!r}"
+        if decided.status == APPROVED:
+            assert same_json(record.modified_params, decided.modified), (
+                f"{where}: modified {record.modified_params}, sent {decided.modified}"
+            )
+        if decided.status == REJECTED:
+            assert record.reason == decided.reason, f"{where}: reason {record.reason!r}"
+        if decided.status == CANCELLED:
+            assert record.reason == (decided.reason or "execution stopped"), (
+                f"{where}: reason {record.reason!r}"
+            )
 
     @invariant()
     def no_execution_left_stuck(self) -> None:
