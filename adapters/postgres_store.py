@@ -40,11 +40,15 @@ from psycopg_pool import AsyncConnectionPool
 from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.adapters.stored_log import (
     KeptStates,
+    Pruning,
+    RolledBack,
     SpecNeeded,
     Specs,
+    audit_records,
     chain_row,
     fold,
-    pruned_body,
+    forgotten,
+    pruning,
     read_events,
     work_command,
 )
@@ -61,7 +65,6 @@ from clearance.core.replay import (
 from clearance.core.reviewers import BadReviewer, Reviewer, ReviewerKey
 from clearance.core.rows import Writes
 from clearance.core.wire import (
-    audit_from_data,
     command_to_data,
     converter,
     event_to_data,
@@ -943,59 +946,67 @@ class PostgresStore:
     # -- retention ---------------------------------------------------------------------------
 
     @_retried
-    async def forget(self, executions: Sequence[Execution], at: datetime) -> Forgotten:
+    async def forget(
+        self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
+    ) -> Forgotten:
         gone: list[str] = []
-        pruned = kept = 0
-        async with self._write() as conn:
-            for ex in executions:
-                # Work first: a worker's last commit removes its work and appends its
-                # event at once, so with no work left the seq read next is final.
-                cur = await conn.execute(
-                    "SELECT 1 FROM clearance_work WHERE execution_id = %s LIMIT 1", (ex.id,)
-                )
-                if await cur.fetchone() is not None:
-                    continue
-                cur = await conn.execute(
-                    "SELECT max(seq) FROM clearance_events WHERE execution_id = %s", (ex.id,)
-                )
-                row = await cur.fetchone()
-                if row is None or row[0] != ex.seq:
-                    continue
-                requests = [r.request_id for r in ex.requests]
-                await conn.execute("DELETE FROM clearance_events WHERE execution_id = %s", (ex.id,))
-                await conn.execute(
-                    "DELETE FROM clearance_snapshots WHERE execution_id = %s", (ex.id,)
-                )
-                if requests:
-                    await conn.execute(
-                        "DELETE FROM clearance_delivery_attempts WHERE delivery_id IN"
-                        " (SELECT id FROM clearance_deliveries WHERE request_id = ANY(%s))",
-                        (requests,),
+        audits: list[Pruning] = []
+        try:
+            async with self._write() as conn:
+                for ex in executions:
+                    # Work first: a worker's last commit removes its work and appends its
+                    # event at once, so with no work left the seq read next is final.
+                    cur = await conn.execute(
+                        "SELECT 1 FROM clearance_work WHERE execution_id = %s LIMIT 1", (ex.id,)
                     )
-                    await conn.execute(
-                        "DELETE FROM clearance_deliveries WHERE request_id = ANY(%s)", (requests,)
-                    )
-                    await conn.execute(
-                        "DELETE FROM clearance_approvals WHERE request_id = ANY(%s)", (requests,)
-                    )
-                cur = await conn.execute(
-                    "SELECT id, body, entry FROM clearance_audit WHERE execution_id = %s",
-                    (ex.id,),
-                )
-                for row_id, body, entry in await cur.fetchall():
-                    if entry is None:  # older than the chain: its genesis hash covers the body
-                        kept += 1
+                    if await cur.fetchone() is not None:
                         continue
-                    new_body = pruned_body(body, at)
-                    if new_body is not None:
+                    cur = await conn.execute(
+                        "SELECT max(seq) FROM clearance_events WHERE execution_id = %s", (ex.id,)
+                    )
+                    row = await cur.fetchone()
+                    if row is None or row[0] != ex.seq:
+                        continue
+                    requests = [r.request_id for r in ex.requests]
+                    await conn.execute(
+                        "DELETE FROM clearance_events WHERE execution_id = %s", (ex.id,)
+                    )
+                    await conn.execute(
+                        "DELETE FROM clearance_snapshots WHERE execution_id = %s", (ex.id,)
+                    )
+                    if requests:
                         await conn.execute(
-                            "UPDATE clearance_audit SET body = %s WHERE id = %s", (new_body, row_id)
+                            "DELETE FROM clearance_delivery_attempts WHERE delivery_id IN"
+                            " (SELECT id FROM clearance_deliveries WHERE request_id = ANY(%s))",
+                            (requests,),
                         )
-                        pruned += 1
-                gone.append(ex.id)
+                        await conn.execute(
+                            "DELETE FROM clearance_deliveries WHERE request_id = ANY(%s)",
+                            (requests,),
+                        )
+                        await conn.execute(
+                            "DELETE FROM clearance_approvals WHERE request_id = ANY(%s)",
+                            (requests,),
+                        )
+                    cur = await conn.execute(
+                        "SELECT id, body, entry FROM clearance_audit WHERE execution_id = %s",
+                        (ex.id,),
+                    )
+                    audit = pruning(await cur.fetchall(), at)
+                    if audit.bodies:
+                        await conn.cursor().executemany(
+                            "UPDATE clearance_audit SET body = %s WHERE id = %s", audit.bodies
+                        )
+                    audits.append(audit)
+                    gone.append(ex.id)
+                done = forgotten(gone, audits)
+                if dry_run:
+                    raise RolledBack
+        except RolledBack:
+            return done
         for execution_id in gone:
             self._states.drop(execution_id)
-        return Forgotten(tuple(gone), pruned, kept)
+        return done
 
     @_retried
     async def audit_head(self) -> tuple[str, int] | None:
@@ -1101,7 +1112,7 @@ class PostgresStore:
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]:
-        query, args, where = "SELECT body FROM clearance_audit", [], []
+        query, args, where = "SELECT id, body FROM clearance_audit", [], []
         if execution_id is not None:
             where.append("execution_id = %s")
             args.append(execution_id)
@@ -1114,8 +1125,7 @@ class PostgresStore:
             args += [request_id, request_id]
         if where:
             query += " WHERE " + " AND ".join(where)
-        rows = await self._all(query + " ORDER BY id", args)
-        return [audit_from_data(json.loads(body)) for (body,) in rows]
+        return audit_records(await self._all(query + " ORDER BY id", args))
 
     # -- the work queue -----------------------------------------------------------------------
 

@@ -32,10 +32,14 @@ import attrs
 from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.adapters.stored_log import (
     KeptStates,
+    Pruning,
+    RolledBack,
     Specs,
+    audit_records,
     chain_row,
     fold,
-    pruned_body,
+    forgotten,
+    pruning,
     read_events,
     work_command,
 )
@@ -52,7 +56,6 @@ from clearance.core.replay import (
 from clearance.core.reviewers import BadReviewer, Reviewer, ReviewerKey
 from clearance.core.rows import Writes
 from clearance.core.wire import (
-    audit_from_data,
     command_to_data,
     converter,
     event_to_data,
@@ -916,7 +919,7 @@ class SQLiteStore:
     async def audit(
         self, execution_id: str | None = None, request_id: str | None = None
     ) -> list[AuditRecord]:
-        sql, args = "SELECT body FROM audit", []
+        sql, args = "SELECT id, body FROM audit", []
         where = []
         if execution_id is not None:
             where.append("execution_id = ?")
@@ -930,8 +933,7 @@ class SQLiteStore:
             args += [request_id, request_id]
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._db.execute(sql + " ORDER BY id", args)
-        return [audit_from_data(json.loads(body)) for (body,) in rows]
+        return audit_records(self._db.execute(sql + " ORDER BY id", args))
 
     async def audit_chain(self, after: int = 0, limit: int = 10_000) -> list[ChainRow]:
         rows = self._db.execute(
@@ -946,43 +948,48 @@ class SQLiteStore:
 
     # -- retention ---------------------------------------------------------------------------
 
-    async def forget(self, executions: Sequence[Execution], at: datetime) -> Forgotten:
+    async def forget(
+        self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
+    ) -> Forgotten:
         gone: list[str] = []
-        pruned = kept = 0
+        audits: list[Pruning] = []
         db = self._db
-        with self._write():
-            for ex in executions:
-                (last,) = db.execute(
-                    "SELECT max(seq) FROM events WHERE execution_id = ?", (ex.id,)
-                ).fetchone()
-                # The queue holds outstanding work only: a scan of it is short.
-                busy = db.execute("SELECT 1 FROM work WHERE execution_id = ?", (ex.id,))
-                if last != ex.seq or busy.fetchone() is not None:
-                    continue
-                db.execute("DELETE FROM events WHERE execution_id = ?", (ex.id,))
-                db.execute("DELETE FROM snapshots WHERE execution_id = ?", (ex.id,))
-                for request in ex.requests:
-                    db.execute(
-                        "DELETE FROM delivery_attempts WHERE delivery_id IN"
-                        " (SELECT id FROM deliveries WHERE request_id = ?)",
-                        (request.request_id,),
-                    )
-                    db.execute("DELETE FROM deliveries WHERE request_id = ?", (request.request_id,))
-                    db.execute("DELETE FROM approvals WHERE request_id = ?", (request.request_id,))
-                rows = db.execute(
-                    "SELECT id, body, entry FROM audit WHERE execution_id = ?", (ex.id,)
-                ).fetchall()
-                for row_id, body, entry in rows:
-                    if entry is None:  # older than the chain: its genesis hash covers the body
-                        kept += 1
+        try:
+            with self._write():
+                for ex in executions:
+                    (last,) = db.execute(
+                        "SELECT max(seq) FROM events WHERE execution_id = ?", (ex.id,)
+                    ).fetchone()
+                    # The queue holds outstanding work only: a scan of it is short.
+                    busy = db.execute("SELECT 1 FROM work WHERE execution_id = ?", (ex.id,))
+                    if last != ex.seq or busy.fetchone() is not None:
                         continue
-                    new_body = pruned_body(body, at)
-                    if new_body is not None:
-                        db.execute("UPDATE audit SET body = ? WHERE id = ?", (new_body, row_id))
-                        pruned += 1
-                self._states.drop(ex.id)
-                gone.append(ex.id)
-        return Forgotten(tuple(gone), pruned, kept)
+                    db.execute("DELETE FROM events WHERE execution_id = ?", (ex.id,))
+                    db.execute("DELETE FROM snapshots WHERE execution_id = ?", (ex.id,))
+                    for request in ex.requests:
+                        rid = (request.request_id,)
+                        db.execute(
+                            "DELETE FROM delivery_attempts WHERE delivery_id IN"
+                            " (SELECT id FROM deliveries WHERE request_id = ?)",
+                            rid,
+                        )
+                        db.execute("DELETE FROM deliveries WHERE request_id = ?", rid)
+                        db.execute("DELETE FROM approvals WHERE request_id = ?", rid)
+                    rows = db.execute(
+                        "SELECT id, body, entry FROM audit WHERE execution_id = ?", (ex.id,)
+                    )
+                    audit = pruning(rows.fetchall(), at)
+                    db.executemany("UPDATE audit SET body = ? WHERE id = ?", audit.bodies)
+                    audits.append(audit)
+                    gone.append(ex.id)
+                done = forgotten(gone, audits)
+                if dry_run:
+                    raise RolledBack
+        except RolledBack:
+            return done
+        for execution_id in gone:
+            self._states.drop(execution_id)
+        return done
 
     # -- the work queue ----------------------------------------------------------------------
 

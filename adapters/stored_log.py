@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
+import attrs
+
 from clearance.adapters.packed_json import compact_json, unpack
 from clearance.core import audit_chain
 from clearance.core.agent import AgentSpec
@@ -30,7 +32,7 @@ from clearance.core.wire import (
     event_from_data,
     execution_from_data,
 )
-from clearance.ports.store import UnreadableExecution, reading
+from clearance.ports.store import Forgotten, UnreadableExecution, UnreadableRecord, reading
 
 
 def chain_row(
@@ -47,13 +49,67 @@ def chain_row(
     return ChainRow(row_id, record, body, Link(entry, prev_hash, hash))
 
 
-def pruned_body(body: str, at: datetime) -> str | None:
-    """A chained audit record's stored body with its payload dropped at `at` (its link
-    stays valid); None if it already was."""
-    record = audit_from_data(json.loads(body))
-    if record.pruned is not None:
-        return None
-    return compact_json(converter.unstructure(audit_chain.without_payload(record, at)))
+class RolledBack(Exception):
+    """Raised at the end of a dry run's transaction, so that it rolls back: it counted
+    what the real one would change, in the same statements."""
+
+
+@attrs.frozen
+class Pruning:
+    """What `forget` does to one execution's audit rows: the new bodies (with the row
+    ids) of its chained records that still hold a payload, and how many it leaves as
+    they are: older than the chain (its genesis hash covers their bodies), or no longer
+    readable as a record (changed outside Clearance: `verify` names them)."""
+
+    bodies: tuple[tuple[str, int], ...]
+    older: int
+    unreadable: int
+
+
+def forgotten(executions: Iterable[str], audits: Iterable[Pruning]) -> Forgotten:
+    """What a `forget` did: the executions it deleted and what it did to their audit."""
+    audits = list(audits)
+    return Forgotten(
+        tuple(executions),
+        sum(len(a.bodies) for a in audits),
+        sum(a.older for a in audits),
+        sum(a.unreadable for a in audits),
+    )
+
+
+def pruning(rows: Iterable[tuple[int, str, str | None]], at: datetime) -> Pruning:
+    """`rows`: (id, body, entry) of the audit rows of an execution being forgotten."""
+    bodies: list[tuple[str, int]] = []
+    older = unreadable = 0
+    for row_id, body, entry in rows:
+        if entry is None:
+            older += 1
+            continue
+        try:
+            record = audit_from_data(json.loads(body))
+        except Exception:
+            unreadable += 1
+            continue
+        if record.pruned is None:
+            kept = audit_chain.without_payload(record, at)
+            bodies.append((compact_json(converter.unstructure(kept)), row_id))
+    return Pruning(tuple(bodies), older, unreadable)
+
+
+def audit_records(rows: Iterable[tuple[int, str]]) -> list[AuditRecord]:
+    """Stored (id, body) audit rows as records; one that no longer reads as a record
+    raises UnreadableRecord naming it, never a parser's traceback."""
+    records = []
+    for row_id, body in rows:
+        try:
+            records.append(audit_from_data(json.loads(body)))
+        except Exception as err:
+            raise UnreadableRecord(
+                f"audit record {row_id} cannot be read back ({type(err).__name__}: {err});"
+                " it was changed outside Clearance: `clearance audit verify` names the first"
+                " record changed"
+            ) from err
+    return records
 
 
 def work_command(body: str) -> tuple[CallModel | RunTool, bool]:

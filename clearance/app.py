@@ -161,8 +161,9 @@ class Pruning:
 
     dry_run: bool = False
     executions: int = 0  # forgotten
-    audit_pruned: int = 0  # their audit records, payload dropped (dry run: all of them)
+    audit_pruned: int = 0  # their audit records, payload dropped
     audit_kept: int = 0  # their records older than the audit chain, left whole
+    audit_unreadable: int = 0  # their records changed outside Clearance, left for verify
     busy: int = 0  # finished, but a worker was still recording a tool's outcome: next time
     unreadable: int = 0  # executions that could not be read, left as they are
 
@@ -610,14 +611,12 @@ class Clearance:
                     continue
                 if ex is not None and _finished_before(ex, cutoff):
                     due.append(ex)
-            if due and dry_run:
-                report.executions += len(due)
-                report.audit_pruned += sum([len(await self.store.audit(ex.id)) for ex in due])
-            elif due:
-                gone = await self.store.forget(due, now)
+            if due:
+                gone = await self.store.forget(due, now, dry_run=dry_run)
                 report.executions += len(gone.executions)
                 report.audit_pruned += gone.audit_pruned
                 report.audit_kept += gone.audit_kept
+                report.audit_unreadable += gone.audit_unreadable
                 report.busy += len(due) - len(gone.executions)
             if len(ids) < page:
                 return report

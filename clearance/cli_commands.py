@@ -738,6 +738,12 @@ async def cmd_prune(args: argparse.Namespace) -> int:
         lines.append(
             f"{done.audit_kept} older record(s), from before the audit chain, were left whole."
         )
+    if done.audit_unreadable:
+        lines.append(
+            f"{done.audit_unreadable} audit record(s) no longer read as records (changed"
+            " outside Clearance?) and were left as they are: `clearance audit verify` names"
+            " the first."
+        )
     if done.busy:
         lines.append(
             f"{done.busy} stopped execution(s) still have a tool's outcome to record: next time."

@@ -427,6 +427,7 @@ def pruning(done: Pruning) -> dict[str, Any]:
         "executions": done.executions,
         "auditPruned": done.audit_pruned,
         "auditKept": done.audit_kept,
+        "auditUnreadable": done.audit_unreadable,
         "busy": done.busy,
         "unreadable": done.unreadable,
     }

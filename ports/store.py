@@ -60,6 +60,10 @@ class UnreadableExecution(ClearanceError):
     Clearance wrote it, or the file was changed): never a silently different state."""
 
 
+class UnreadableRecord(ClearanceError):
+    """A stored audit record no longer reads back: changed outside Clearance."""
+
+
 @contextmanager
 def reading(execution_id: str, what: str) -> Iterator[None]:
     """Around decoding a stored row: one that no longer reads back raises
@@ -371,16 +375,20 @@ class Reviewers(Protocol):
 @attrs.frozen
 class Forgotten:
     """What one `forget` did: the executions deleted, their chained audit records whose
-    payload was dropped, and their records older than the chain, left as they are
-    (the chain's genesis hash covers their bodies)."""
+    payload was dropped, and their records left as they are: older than the chain (its
+    genesis hash covers their bodies), or no longer readable as records (changed
+    outside Clearance: `verify` names them)."""
 
     executions: tuple[str, ...] = ()
     audit_pruned: int = 0
     audit_kept: int = 0
+    audit_unreadable: int = 0
 
 
 class Retention(Protocol):
-    async def forget(self, executions: Sequence[Execution], at: datetime) -> Forgotten:
+    async def forget(
+        self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
+    ) -> Forgotten:
         """In one transaction, for each finished execution given (as loaded): delete
         everything kept about it (events, snapshot, its requests' inbox rows,
         deliveries and their attempts; a finished execution has no timers left, and
@@ -388,7 +396,8 @@ class Retention(Protocol):
         records (`core.audit_chain.without_payload(record, at)`: their links stay
         valid). One whose log moved past the seq it was loaded at, or that has work
         queued or held, is left as it is: a worker may still be finishing a tool run
-        that a stop overtook."""
+        that a stop overtook. `dry_run`: the same transaction, rolled back: it says
+        what a real one would do and changes nothing."""
         ...
 
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import attrs
 import psycopg
 import pytest
 from conftest import Recorder, define_refund_agent, wait_for
@@ -325,18 +326,7 @@ def test_dropping_a_payload_keeps_the_records_entry(
     assert (pruned.parameters, pruned.modified_params, pruned.reason) == ({}, None, None)
     assert audit_chain.without_payload(pruned, at) == pruned  # once pruned, it stays so
     # A payload that was there differs from one that was not, also once pruned.
-    other = AuditRecord(
-        "apr-1",
-        "exec-1",
-        "support",
-        "refund",
-        "approved",
-        at,
-        {**parameters, "x": 1},
-        "rita",
-        modified_params=modified,
-        reason=reason,
-    )
+    other = attrs.evolve(record, parameters={**parameters, "x": 1})
     assert audit_chain.entry(audit_chain.without_payload(other, at)) != audit_chain.entry(pruned)
 
 
@@ -368,3 +358,37 @@ async def test_the_cli_prunes_and_says_what_it_did(tmp_path: Path, recorder: Rec
     ):
         code, out, err = await acli(tmp_path, *db, "prune", *bad)
         assert code == 2 and says in err and "Traceback" not in err, err
+
+
+async def test_a_record_changed_outside_clearance_is_left_for_verify_to_name(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """An audit body that no longer reads as a record (someone got past the triggers)
+    does not stop the prune: it is left as it is and counted, and `verify` names it."""
+    path = tmp_path / "a.db"
+    clock = FakeClock()
+    async with Clearance.open(f"sqlite:///{path}", clock=clock) as app:
+        await _approved(app, recorder, 2)
+    first, _ = _chained_rows(path)[0]
+    db = sqlite3.connect(path)
+    db.execute("DROP TRIGGER audit_no_update")
+    db.execute("UPDATE audit SET body = 'not a record' WHERE id = ?", (first,))
+    db.commit()
+    db.close()
+    # Listing it says which record and what to run, in one line (it was a traceback).
+    code, _, err = await acli(tmp_path, "--db", str(path), "audit")
+    assert code == 1 and "Traceback" not in err
+    assert f"audit record {first} cannot be read back" in err and "audit verify" in err
+    clock.advance(minutes=2 * DAY)
+    async with Clearance.open(f"sqlite:///{path}", clock=clock) as app:
+        done = await app.prune("1d", dry_run=True)
+        assert (done.executions, done.audit_pruned, done.audit_unreadable) == (2, 1, 1)
+    # The CLI prunes by the real clock: FakeClock's runs (2024) are long over.
+    code, out, err = await acli(tmp_path, "--db", str(path), "prune", "--older-than", "1d")
+    assert code == 0 and "Traceback" not in err, err
+    assert "forgot 2 execution(s)" in out and "1 audit record(s) no longer read" in out
+    async with Clearance.open(f"sqlite:///{path}", clock=clock) as app:
+        [_, kept] = await app.audit_chain()
+        assert kept.record is not None and kept.record.pruned is not None
+        verdict = await app.verify_audit()
+        assert not verdict.intact and verdict.row == first

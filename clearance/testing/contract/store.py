@@ -634,6 +634,11 @@ class StoreContract(abc.ABC):
             await busy.commit(store, Rejected("apr-3", at(2), "ops", "no"))  # queues a call
             before = {run.id: await store.audit(execution_id=run.id) for run in (moved, busy)}
 
+            # A dry run says the same and changes nothing.
+            dry = await store.forget([done.ex, loaded, busy.ex], at(100), dry_run=True)
+            assert (dry.executions, dry.audit_pruned) == (("exec-1",), 1)
+            assert await store.load("exec-1") == done.ex
+            assert (await store.audit(execution_id="exec-1"))[0].pruned is None
             gone = await store.forget([done.ex, loaded, busy.ex], at(100))
             assert (gone.executions, gone.audit_pruned, gone.audit_kept) == (("exec-1",), 1, 0)
             assert await store.events("exec-1") == []
