@@ -40,7 +40,7 @@ from psycopg_pool import AsyncConnectionPool
 from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.adapters.stored_log import (
     KeptStates,
-    Pruning,
+    PrunedRows,
     RolledBack,
     SpecNeeded,
     Specs,
@@ -48,7 +48,7 @@ from clearance.adapters.stored_log import (
     chain_row,
     fold,
     forgotten,
-    pruning,
+    prune_rows,
     read_events,
     work_command,
 )
@@ -950,7 +950,7 @@ class PostgresStore:
         self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
     ) -> Forgotten:
         gone: list[str] = []
-        audits: list[Pruning] = []
+        audits: list[PrunedRows] = []
         try:
             async with self._write() as conn:
                 for ex in executions:
@@ -992,7 +992,7 @@ class PostgresStore:
                         "SELECT id, body, entry FROM clearance_audit WHERE execution_id = %s",
                         (ex.id,),
                     )
-                    audit = pruning(await cur.fetchall(), at)
+                    audit = prune_rows(await cur.fetchall(), at)
                     if audit.bodies:
                         await conn.cursor().executemany(
                             "UPDATE clearance_audit SET body = %s WHERE id = %s", audit.bodies

@@ -32,14 +32,14 @@ import attrs
 from clearance.adapters.packed_json import compact_json, pack, unpack
 from clearance.adapters.stored_log import (
     KeptStates,
-    Pruning,
+    PrunedRows,
     RolledBack,
     Specs,
     audit_records,
     chain_row,
     fold,
     forgotten,
-    pruning,
+    prune_rows,
     read_events,
     work_command,
 )
@@ -952,7 +952,7 @@ class SQLiteStore:
         self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
     ) -> Forgotten:
         gone: list[str] = []
-        audits: list[Pruning] = []
+        audits: list[PrunedRows] = []
         db = self._db
         try:
             with self._write():
@@ -978,7 +978,7 @@ class SQLiteStore:
                     rows = db.execute(
                         "SELECT id, body, entry FROM audit WHERE execution_id = ?", (ex.id,)
                     )
-                    audit = pruning(rows.fetchall(), at)
+                    audit = prune_rows(rows.fetchall(), at)
                     db.executemany("UPDATE audit SET body = ? WHERE id = ?", audit.bodies)
                     audits.append(audit)
                     gone.append(ex.id)

@@ -55,7 +55,7 @@ class RolledBack(Exception):
 
 
 @attrs.frozen
-class Pruning:
+class PrunedRows:
     """What `forget` does to one execution's audit rows: the new bodies (with the row
     ids) of its chained records that still hold a payload, and how many it leaves as
     they are: older than the chain (its genesis hash covers their bodies), or no longer
@@ -66,7 +66,7 @@ class Pruning:
     unreadable: int
 
 
-def forgotten(executions: Iterable[str], audits: Iterable[Pruning]) -> Forgotten:
+def forgotten(executions: Iterable[str], audits: Iterable[PrunedRows]) -> Forgotten:
     """What a `forget` did: the executions it deleted and what it did to their audit."""
     audits = list(audits)
     return Forgotten(
@@ -77,7 +77,7 @@ def forgotten(executions: Iterable[str], audits: Iterable[Pruning]) -> Forgotten
     )
 
 
-def pruning(rows: Iterable[tuple[int, str, str | None]], at: datetime) -> Pruning:
+def prune_rows(rows: Iterable[tuple[int, str, str | None]], at: datetime) -> PrunedRows:
     """`rows`: (id, body, entry) of the audit rows of an execution being forgotten."""
     bodies: list[tuple[str, int]] = []
     older = unreadable = 0
@@ -93,7 +93,7 @@ def pruning(rows: Iterable[tuple[int, str, str | None]], at: datetime) -> Prunin
         if record.pruned is None:
             kept = audit_chain.without_payload(record, at)
             bodies.append((compact_json(converter.unstructure(kept)), row_id))
-    return Pruning(tuple(bodies), older, unreadable)
+    return PrunedRows(tuple(bodies), older, unreadable)
 
 
 def audit_records(rows: Iterable[tuple[int, str]]) -> list[AuditRecord]:

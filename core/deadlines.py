@@ -97,14 +97,24 @@ def _refuse(what: str, problem: str) -> NoReturn:
     raise BadDeadline(f"{what} {problem}; {ACCEPTED}")
 
 
-def extendable_until(request: ApprovalRequest, tool: ToolSpec | None) -> datetime | None:
-    """The latest deadline an extension may give `request` (its tool's
-    max_approval_timeout from when it opened), or None where it cannot be extended
-    further: it is decided, its tool sets no such maximum, or it is at it already."""
-    if request.status != PENDING or tool is None or tool.max_timeout_ms is None:
+def latest_deadline(request: ApprovalRequest, tool: ToolSpec) -> datetime | None:
+    """The latest deadline `request` may have: its tool's max_approval_timeout from when
+    it opened, else its own approval timeout (no extension); None where no datetime
+    can hold it."""
+    longest = tool.max_timeout_ms or request.timeout_ms
+    if isinstance(longest, bool) or not isinstance(longest, int):
         return None
     try:
-        latest = request.timestamp + timedelta(milliseconds=tool.max_timeout_ms)
+        return request.timestamp + timedelta(milliseconds=longest)
     except OverflowError:
         return None
-    return latest if latest > request.timeout else None
+
+
+def extendable_until(request: ApprovalRequest, tool: ToolSpec | None) -> datetime | None:
+    """The latest deadline an extension may give `request`, or None where it cannot be
+    extended further: it is decided, its tool sets no max_approval_timeout, or it is
+    at it already."""
+    if request.status != PENDING or tool is None or tool.max_timeout_ms is None:
+        return None
+    latest = latest_deadline(request, tool)
+    return latest if latest is not None and latest > request.timeout else None

@@ -40,6 +40,7 @@ from clearance.core.commands import (
     RunTool,
     StartTimer,
 )
+from clearance.core.deadlines import latest_deadline
 from clearance.core.errors import InvalidParameters, Refusal, RefusalCode
 from clearance.core.escalation import REMINDER, due, schedule, stage_purpose
 from clearance.core.events import (
@@ -1406,7 +1407,7 @@ def _extended(ex: Execution, ev: Extended) -> Step:
         )
     tool = _tool(ex, request.tool)
     longest_ms = tool.max_timeout_ms or request.timeout_ms
-    latest = _deadline(request.timestamp, longest_ms)
+    latest = latest_deadline(request, tool)
     if latest is None or until > latest:
         raise Refusal(
             RefusalCode.EXTENSION_TOO_LONG,

@@ -22,30 +22,21 @@ class BadDuration(ClearanceError, ValueError):
 
 def parse_duration(value: int | timedelta | str, what: str = "a duration") -> timedelta:
     """`value` as a positive timedelta, or BadDuration saying what was wrong."""
-    if isinstance(value, timedelta):
-        length = value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        _check_within(what, value, value / 1000)
-        length = timedelta(milliseconds=value)
-    elif isinstance(value, str) and (match := TEXT.fullmatch(value)):
-        seconds = int(match.group(1)) * UNITS[match.group(2)]
-        _check_within(what, value, seconds)
-        length = timedelta(seconds=seconds)
-    else:
-        raise BadDuration(f"{what} is {ACCEPTED}; got {value!r}")
+    try:
+        if isinstance(value, timedelta):
+            length = value
+        elif isinstance(value, int) and not isinstance(value, bool):
+            length = timedelta(milliseconds=value)
+        elif isinstance(value, str) and (match := TEXT.fullmatch(value)):
+            length = timedelta(seconds=int(match.group(1)) * UNITS[match.group(2)])
+        else:
+            raise BadDuration(f"{what} is {ACCEPTED}; got {value!r}")
+    except OverflowError:  # more than a timedelta holds, either way
+        length = timedelta.min if isinstance(value, int) and value < 0 else timedelta.max
     if length > LONGEST:
-        raise _too_long(what, value)
+        raise BadDuration(
+            f"{what} is too long: at most {LONGEST.days} days (100 years); got {value!r}"
+        )
     if length <= timedelta(0):
         raise BadDuration(f"{what} must be above zero; got {value!r}")
     return length
-
-
-def _check_within(what: str, value: int | str, seconds: float) -> None:
-    if seconds > LONGEST.total_seconds():  # before timedelta() would overflow
-        raise _too_long(what, value)
-
-
-def _too_long(what: str, value: object) -> BadDuration:
-    return BadDuration(
-        f"{what} is too long: at most {LONGEST.days} days (100 years); got {value!r}"
-    )

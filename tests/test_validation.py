@@ -600,3 +600,6 @@ def test_a_duration_too_long_for_any_clock_is_refused_saying_so(huge: int | str)
 
     with pytest.raises(BadDuration, match=r"too long.*at most"):
         parse_duration(huge, "older_than")
+    if isinstance(huge, int):  # as far the other way: not a duration at all
+        with pytest.raises(BadDuration, match="must be above zero"):
+            parse_duration(-huge, "older_than")
