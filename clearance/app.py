@@ -23,7 +23,7 @@ from clearance.core.agent import BrokerTarget
 from clearance.core.audit_chain import ChainRow, ChainWalk
 from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
-from clearance.core.deadlines import parse_deadline
+from clearance.core.deadlines import extendable_until, parse_deadline
 from clearance.core.durations import parse_duration
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
@@ -561,6 +561,30 @@ class Clearance:
         """Every pending approval request across executions, oldest first. Page with
         `limit`, and `after=` the last request id of the page before."""
         return await self.store.pending(agent_tag, limit, after)
+
+    async def extendable(self, requests: Sequence[ApprovalRequest]) -> dict[str, datetime]:
+        """The latest deadline an extension may give each of `requests`, by request id
+        (`core.deadlines.extendable_until`, as decide() judges an extend signal: by the
+        tool as the execution's own agent spec has it); a request that cannot be
+        extended (further), or whose execution cannot be read, is left out."""
+        executions: dict[str, Execution | None] = {}
+        latest: dict[str, datetime] = {}
+        for request in requests:
+            execution_id = request.execution_id
+            if execution_id not in executions:
+                try:
+                    executions[execution_id] = await self.store.load(execution_id)
+                except UnreadableExecution:
+                    # One execution that cannot be read must not take the listing down.
+                    executions[execution_id] = None
+            ex = executions[execution_id]
+            current = ex.request(request.request_id) if ex is not None else None
+            if ex is None or current is None:
+                continue
+            until = extendable_until(current, ex.agent.tool(current.tool))
+            if until is not None:
+                latest[request.request_id] = until
+        return latest
 
     async def get_execution(self, execution_id: str) -> ExecutionHistory:
         ex = await self.store.load(execution_id)

@@ -255,9 +255,9 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
             fail(422, "invalid_query", f"after: {err}")
         # A full page may have a next one: ask for it with after=<its last requestId>.
         after = pending[-1].request_id if len(pending) == query.limit else None
-        return JSONView(
-            {"approvals": [views.approval(r, callback_url) for r in pending], "next": after}
-        )
+        latest = await app.extendable(pending)
+        listed = [views.approval(r, callback_url, latest.get(r.request_id)) for r in pending]
+        return JSONView({"approvals": listed, "next": after})
 
     async def execution(request: Request) -> Response:
         await authenticate(app, request)

@@ -383,9 +383,9 @@ _SCHEMAS: dict[str, Any] = {
             "callDigest": _TEXT_OR_NULL,
             "extendableUntil": {
                 **_TIME,
-                "description": "In GET /executions/{executionId}, while pending and where"
-                " its tool allows extensions (max_approval_timeout): the latest deadline an"
-                " extend signal may give it. Absent where it cannot be extended (further).",
+                "description": "While pending and where its tool allows extensions"
+                " (max_approval_timeout): the latest deadline an extend signal may give it."
+                " Absent where it cannot be extended (further).",
             },
             "policy": {
                 "type": "object",

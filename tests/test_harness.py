@@ -20,7 +20,8 @@ from hypothesis.stateful import invariant, run_state_machine_as_test
 
 import clearance.core.decide as decide_module
 import clearance.testing.machine as harness
-from clearance import HumanInLoop, Rule, Tool, ToolContext
+from clearance import ApprovalRequest, HumanInLoop, Rule, Tool, ToolContext
+from clearance.core.events import TimerFired
 from clearance.testing.machine import AgentMachine
 from clearance.testing.strategies import (
     acceptable_params,
@@ -344,6 +345,45 @@ def test_a_correct_quorum_agent_passes(
         "decide: unknown person refused",
     ):
         assert seen[path], f"{machine.__name__} never reached {path!r}: {dict(seen)}"
+
+
+class TimeoutApproves(PolicyQuorumAgent):
+    """Unanswered refunds run (`timeout_action="approve"`), audited as approved by
+    timeout, never as a person; but one the 'large' rule sends to a quorum times out as
+    usual: a clock never stands for two people."""
+
+    agent: ClassVar[dict[str, Any]] = {
+        **PolicyQuorumAgent.agent,
+        "tools": [attrs.evolve(tools()[0], timeout_action="approve"), tools()[1]],
+    }
+
+
+def test_an_agent_whose_unanswered_calls_run_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: Counter[str] = Counter()
+    monkeypatch.setattr(harness, "event", lambda value, payload="": seen.update([str(value)]))
+    run_state_machine_as_test(TimeoutApproves, settings=harness_settings(100))
+    # Not vacuous: some requests were approved by the clock, and some (the quorum's)
+    # timed out.
+    assert seen["time passes: approved by timeout"], dict(seen)
+    assert seen["time passes: 1 timed out"] + seen["decide again: already timed out"], dict(seen)
+
+
+def test_a_clock_standing_for_a_quorum_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded bug: at its deadline, a request that needs two people is approved by
+    timeout (as if the quorum were one approval from anybody)."""
+    real, fired = ApprovalRequest.needs_quorum, decide_module._timer_fired
+
+    def quorum_forgotten(ex: Any, ev: Any) -> Any:
+        monkeypatch.setattr(ApprovalRequest, "needs_quorum", property(lambda self: False))
+        try:
+            return fired(ex, ev)
+        finally:
+            monkeypatch.setattr(ApprovalRequest, "needs_quorum", real)
+
+    monkeypatch.setitem(decide_module._STEPS, TimerFired, quorum_forgotten)
+    error, _ = falsify(TimeoutApproves, shrink=False)  # shrunk, it is 3 steps; 10 s more
+    said = r"ran 1 times without an approval|is approved, expected timed_out|not approved"
+    assert re.search(said, str(error)), str(error)
 
 
 def one_vote_short(votes: Any, approvals_required: int, groups: Any) -> bool:

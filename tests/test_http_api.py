@@ -1153,6 +1153,11 @@ async def test_an_execution_whose_log_does_not_read_back_is_a_500_naming_it(api:
     assert f"execution {request.execution_id}: its stored event 2 cannot" in message
     response = await api.client.get(f"/executions/{request.execution_id}", headers=AUTH)
     assert "stored event 2 cannot be read back" in error(response, 500, "unreadable_execution")
+    # The listing still answers: it shows the request as the inbox holds it.
+    listing = await api.client.get("/approvals", headers=AUTH)
+    assert listing.status_code == 200, listing.text
+    [listed] = listing.json()["approvals"]
+    assert listed["requestId"] == request.request_id and "extendableUntil" not in listed
     assert api.recorder.calls == []
     paths = openapi_document()["paths"]
     for path, method in (
@@ -1212,6 +1217,9 @@ class _OddFacade:
         self, agent_tag: str | None, *, limit: int, after: str | None = None
     ) -> list[ApprovalRequest]:
         return [self.request]
+
+    async def extendable(self, requests: list[ApprovalRequest]) -> dict[str, Any]:
+        return {}
 
 
 async def test_a_listing_answers_strict_json_whatever_a_request_holds() -> None:
@@ -1573,7 +1581,9 @@ def test_quorum_views_show_votes_and_who_is_still_needed() -> None:
     assert "stillNeeded" not in views.webhook_body(done, None)
 
 
-async def test_an_execution_says_how_far_its_pending_request_may_be_extended(api: Api) -> None:
+async def test_an_execution_and_the_listing_say_how_far_a_pending_request_may_be_extended(
+    api: Api,
+) -> None:
     from clearance import HumanInLoop
 
     async def shown(request: ApprovalRequest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1582,6 +1592,9 @@ async def test_an_execution_says_how_far_its_pending_request_may_be_extended(api
         [listed] = [a for a in data["approvals"] if a["requestId"] == request.request_id]
         pending = [a for a in data["pendingApprovals"] if a["requestId"] == request.request_id]
         assert pending in ([], [listed])
+        # The inbox's listing says the same of each pending request (one rule for both).
+        page = (await api.client.get("/approvals", headers=AUTH)).json()["approvals"]
+        assert [a for a in page if a["requestId"] == request.request_id] == pending
         return listed, answer.json()
 
     plain = await api.start()  # its tool sets no max_approval_timeout: no field at all

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,97 @@ async def test_a_stopped_execution_whose_tool_is_still_running_waits_for_its_out
         assert (await app.prune("90d")).executions == 1
         assert await app.execution(ex.id) is None
         assert (await app.verify_audit()).intact
+
+
+# -- a prune killed at any moment -----------------------------------------------------------
+
+PRUNE_PROCESS = str(Path(__file__).with_name("prune_process.py"))
+
+
+def _copy(source: Path, target: Path) -> None:
+    """`source` as one consistent file at `target` (SQLite's backup: the WAL included)."""
+    src, dst = sqlite3.connect(source), sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+
+
+async def test_a_prune_killed_at_any_statement_leaves_each_execution_whole_or_forgotten(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """SIGKILL before the K-th statement of a prune (inside one of its transactions or
+    between two): every execution is then either all there, as it was, with its audit
+    payloads, or gone with its payloads dropped; the chain verifies; what was live is
+    untouched; and a prune run again finishes the job."""
+    pristine = tmp_path / "pristine.db"
+    async with Clearance.open(f"sqlite:///{pristine}", clock=FakeClock()) as app:
+        await _approved(app, recorder, 24)  # by the real clock, they finished in 2024
+        waiting = await app.run("safe-agent", input="Refund order ORD-99")
+        before = {ex.id: ex for ex in [await app.execution(i) for i in await _ids(app)] if ex}
+        records_before = await app.audit()
+    finished = {i for i, ex in before.items() if ex.status == COMPLETED}
+    assert len(finished) == 24 and len(records_before) == 24
+
+    async def prune(k: int) -> tuple[Path, str]:
+        """A prune of a copy of `pristine`, killed before statement `k` (0: never)."""
+        path = tmp_path / f"k{k}.db"
+        _copy(pristine, path)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            PRUNE_PROCESS,
+            str(path),
+            str(k),
+            cwd=tmp_path,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == (0 if k == 0 else -signal.SIGKILL), (k, err.decode())
+        return path, out.decode()
+
+    whole, said = await prune(0)
+    assert said.startswith("pruned 24\n"), said
+    commits = [int(n) for n in said.split("commits")[1].split()]
+    assert len(commits) >= 4  # 24 + 1 executions, 7 a page: one transaction each
+    # Before each transaction's BEGIN (after the COMMIT before it), just after it, in the
+    # middle of its deletions, and just before its COMMIT (every deletion made).
+    moments = {1, 2, commits[0] // 2, commits[0], commits[0] + 1, commits[0] + 2}
+    moments |= {(commits[1] + commits[2]) // 2, commits[2], commits[2] + 1, commits[3]}
+    outcomes: set[str] = set()
+    for k in [0, *sorted(moments)]:
+        path = whole if k == 0 else (await prune(k))[0]
+        async with Clearance.open(f"sqlite:///{path}") as app:
+            verdict = await app.verify_audit()
+            assert verdict.intact and verdict.records == 24, (k, verdict.problem)
+            records = {r.execution_id: r for r in await app.audit()}
+            gone = set()
+            for execution_id in finished:
+                now = await app.execution(execution_id)
+                record = records[execution_id]
+                if now is None:
+                    gone.add(execution_id)
+                    assert record.pruned is not None and record.parameters == {}, k
+                    assert await app.request(before[execution_id].requests[0].request_id) is None
+                else:
+                    assert now == before[execution_id], k
+                    assert record.pruned is None and record.parameters != {}, k
+            assert await app.execution(waiting.id) == before[waiting.id], k
+            assert [r.request_id for r in await app.pending()] == [
+                waiting.pending_approvals[0].request_id
+            ]
+            outcomes.add("none" if not gone else "all" if gone == finished else "some")
+            again = await app.prune("1d")  # the next prune finishes what the kill cut short
+            assert again.executions == len(finished - gone), k
+            assert all([await app.execution(i) is None for i in finished]), k
+            assert (await app.verify_audit()).intact, k
+    # The kills landed before, inside and after the work (the moments are fixed by K).
+    assert outcomes == {"none", "some", "all"}, outcomes
+
+
+async def _ids(app: Clearance) -> list[str]:
+    return await app.store.execution_ids(after=None, limit=1000)
 
 
 # -- the database keeps the audit log append-only but for pruning --------------------------

@@ -42,8 +42,10 @@ Rules: start an execution with a drawn plan of model turns; decide a pending req
 reason; where quorums are asked for, by a drawn person); vote (quorums only: a few
 reviewers approve one after another, the first perhaps with changes); decide a
 request a second time; stop an execution; move the clock without a sweep (so a
-decision comes late); let time pass (move the clock and fire due timers). After
-every step these must hold (each an `@invariant` below):
+decision comes late); let time pass (move the clock and fire due timers). At its
+deadline a request times out, unless its tool says `timeout_action="approve"` and
+the call needs one person: then it is approved by nobody and runs. After every
+step these must hold (each an `@invariant` below):
 
 (a) `gated_calls_were_approved`: no handler of a gated tool ran without an approval
     of that exact request, and it got exactly the approved parameters (the model's,
@@ -63,7 +65,7 @@ every step these must hold (each an `@invariant` below):
     per decision the machine made (or a timeout), saying what was decided, after one
     `vote` record per vote short of a quorum (by whom, the changes of a vote that
     starts a count); a timeout is audited as `timed_out`, by nobody, never as a
-    person's rejection.
+    person's rejection; an approval by timeout as `approved_by_timeout`, by nobody.
 (e) `no_execution_left_stuck`: every execution rests: awaiting approval with a
     pending request, or finished with none.
 (f) `replay_reproduces_state`: folding each execution's stored events through
@@ -105,12 +107,13 @@ from hypothesis.stateful import (
 from clearance.adapters.clock import FakeClock
 from clearance.adapters.ids import SequentialIds
 from clearance.app import Clearance
-from clearance.core.agent import AgentSpec, ToolSpec
+from clearance.core.agent import APPROVE, AgentSpec, ToolSpec
 from clearance.core.commands import AuditRecord
 from clearance.core.errors import ClearanceError, RefusalCode
 from clearance.core.execution import (
     APPROVALS,
     APPROVED,
+    APPROVED_BY_TIMEOUT,
     APPROVED_MODIFIED,
     AWAITING_APPROVAL,
     CANCELLED,
@@ -218,12 +221,15 @@ class HandlerCall:
 
 @attrs.frozen
 class Decided:
-    """What happened to a request, as the machine made (or saw) it happen."""
+    """What happened to a request, as the machine made (or saw) it happen. `by_timeout`:
+    approved by nobody, because it went unanswered and its tool says so
+    (`timeout_action="approve"`)."""
 
     status: str
     by: str | None = None
     modified: Any = None
     reason: str | None = None
+    by_timeout: bool = False
 
 
 @attrs.frozen
@@ -335,7 +341,7 @@ class AgentMachine(RuleBasedStateMachine):
         first = st.deferred(
             lambda: model_plans(cls.agent_spec().tools, max_turns=cls.max_turns, gated_first=True)
         )
-        moves = st.deferred(lambda: clock_moves(cls.agent_spec().tools))
+        moves = st.deferred(lambda: clock_moves(cls.agent_spec().tools, cls.agent_spec().policy))
 
         def start_first(self: AgentMachine, plan: Plan) -> None:
             self._start(plan)
@@ -709,7 +715,9 @@ class AgentMachine(RuleBasedStateMachine):
         """The approvals audited as votes: all but the one that met the quorum."""
         ballots = self.ballots.get(request_id, [])
         decided = self.decided.get(request_id)
-        return ballots[:-1] if decided is not None and decided.status == APPROVED else ballots
+        if decided is None or decided.status != APPROVED or decided.by_timeout:
+            return ballots
+        return ballots[:-1]
 
     # -- rules ------------------------------------------------------------------------------
 
@@ -843,17 +851,20 @@ class AgentMachine(RuleBasedStateMachine):
         rid = request.request_id
         if self.clock.now() >= request.timeout:
             # Late: no sweep has run yet, but the deadline passed. The request times out
-            # first (the model is told), and the decision is refused.
+            # first (the model is told, or, where its tool says so, the call runs), and
+            # the decision is refused.
+            outcome = self._timed_out(request)
+            said = ("already approved",) if outcome.by_timeout else ("timed out", "expired")
             try:
                 self.run(self._signal(request, choice, voter))
             except ClearanceError as err:
-                assert "timed out" in str(err) or "expired" in str(err), (
+                assert any(s in str(err) for s in said), (
                     f"a decision on {rid} after its deadline was refused for another reason: {err}"
                 )
             else:
                 raise AssertionError(f"Clearance took a decision on {rid} after its deadline")
-            self.decided[rid] = Decided(TIMED_OUT)
-            event("decide: late, timed out")
+            self.decided[rid] = outcome
+            event("decide: late, " + ("approved by timeout" if outcome.by_timeout else "timed out"))
             return
         refusal = self._refusal(request, choice, voter)
         if refusal is not None:
@@ -939,9 +950,23 @@ class AgentMachine(RuleBasedStateMachine):
         fired = self.run(self.app.fire_due_timers())
         assert fired == len(due), f"fired {fired} timers; due: {[r.request_id for r in due]}"
         for request in due:
-            self.decided[request.request_id] = Decided(TIMED_OUT)
-        event(f"time passes: {min(fired, 2)}{'+' if fired > 2 else ''} timed out")
+            self.decided[request.request_id] = self._timed_out(request)
+        approved = sum(self.decided[r.request_id].by_timeout for r in due)
+        timed_out = fired - approved
+        event(f"time passes: {min(timed_out, 2)}{'+' if timed_out > 2 else ''} timed out")
+        if approved:
+            event("time passes: approved by timeout")
         self._observe()
+
+    def _timed_out(self, request: ApprovalRequest) -> Decided:
+        """What becomes of `request` at its deadline, by the definition as the machine
+        reads it: approved by nobody where its tool says `timeout_action="approve"` and
+        the call needs one person's approval (a quorum is never met by a clock), else
+        timed out (the model is told)."""
+        one = self._needs(request.tool, self._current(request)) == (1, ())
+        if self.tool(request.tool).timeout_action == APPROVE and one:
+            return Decided(APPROVED, by_timeout=True)
+        return Decided(TIMED_OUT)
 
     # -- invariants -------------------------------------------------------------------------
 
@@ -987,7 +1012,8 @@ class AgentMachine(RuleBasedStateMachine):
             assert same_json(call.params, want), (
                 f"{where} ran for {rid} with {call.params}; approved: {want}"
             )
-            approvals = [r for r in self.audit if r.request_id == rid and r.decision in APPROVALS]
+            kinds = APPROVALS | {APPROVED_BY_TIMEOUT}
+            approvals = [r for r in self.audit if r.request_id == rid and r.decision in kinds]
             assert len(approvals) == 1, f"{where} ran for {rid} with {len(approvals)} approvals"
 
     def _check_quorum(self, where: str, call: HandlerCall, request: ApprovalRequest) -> None:
@@ -1274,10 +1300,17 @@ class AgentMachine(RuleBasedStateMachine):
         changed = {**record.parameters, **(decided.modified or {})} != record.parameters
         if expected == APPROVED and changed:
             expected = APPROVED_MODIFIED
+        if decided.by_timeout:
+            expected = APPROVED_BY_TIMEOUT
         assert record.decision == expected, f"{where} says {record.decision}; it was {expected}"
         if decided.status == TIMED_OUT:
             assert record.by is None and "timed out" in (record.reason or ""), (
                 f"{where}: a timeout audited as by {record.by!r}, reason {record.reason!r}"
+            )
+        elif decided.by_timeout:
+            assert record.by is None and "timeout_action='approve'" in (record.reason or ""), (
+                f"{where}: an approval by timeout audited as by {record.by!r}, reason"
+                f" {record.reason!r}"
             )
         else:
             assert record.by == decided.by, f"{where} names {record.by!r}"

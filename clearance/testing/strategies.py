@@ -39,6 +39,7 @@ from hypothesis_jsonschema import from_schema
 from jsonschema.validators import Draft202012Validator
 
 from clearance.core.agent import AgentSpec, ToolSpec
+from clearance.core.policy import ASK, PolicySpec
 from clearance.definition import DEFAULT_MAX_ITERATIONS, HumanInLoop, Tool, compile_agent
 from clearance.ports.model import ModelReply, ModelRequest
 
@@ -504,12 +505,14 @@ def decisions(tool: ToolSpec, params: Mapping[str, Any]) -> SearchStrategy[Decis
     )
 
 
-def clock_moves(tools: Sequence[ToolSpec]) -> SearchStrategy[int]:
+def clock_moves(tools: Sequence[ToolSpec], policy: PolicySpec | None = None) -> SearchStrategy[int]:
     """Milliseconds to move the clock: a second, and just before, at and just after each
-    gated tool's approval timeout, and past twice of it."""
+    gated tool's approval timeout, and past twice of it. With `policy`, a tool an
+    enforced ask rule covers counts as gated: its calls may wait for approval too."""
+    asked = [r for r in policy.rules if r.effect == ASK] if policy and policy.enforce else []
     moves = {1000}
     for tool in tools:
-        if tool.gated:
+        if tool.gated or any(rule.covers(tool.tag) for rule in asked):
             t = tool.approval_timeout_ms
             moves |= {max(1, t - 1), t, t + 1, 2 * t + 1}
     return st.sampled_from(sorted(moves))
