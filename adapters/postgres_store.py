@@ -93,7 +93,7 @@ from clearance.ports.store import (
 P = ParamSpec("P")
 T = TypeVar("T")
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # Schema 3: reviewers (the body is `reviewer_to_data`'s JSON) and the digests of their
 # keys. Names and key ids compare by code point ("C"), so reviewers list in the order
 # SQLite lists them, whatever the database's collation. IF NOT EXISTS: tables that
@@ -140,6 +140,13 @@ BEGIN
     RAISE EXCEPTION 'the audit log is append-only';
 END $$"""
 
+# Schema 8: when each finished execution last moved (`Writes.finished_at`): what prune
+# looks through, rather than fold every execution.
+_FINISHED: LiteralString = """
+CREATE TABLE IF NOT EXISTS clearance_finished (
+    execution_id TEXT COLLATE "C" PRIMARY KEY, at TIMESTAMPTZ NOT NULL
+)"""
+
 MIGRATIONS: dict[int, LiteralString] = {
     # A timer sweep claims the timers it fires (held_until: NULL = nobody); request
     # ids compare by code point whatever the database's collation, so a prefix is a
@@ -159,6 +166,12 @@ MIGRATIONS: dict[int, LiteralString] = {
     5: "ALTER TABLE clearance_deliveries"
     " ADD COLUMN IF NOT EXISTS purpose TEXT NOT NULL DEFAULT 'request'",
     6: _AUDIT_APPEND_ONLY,
+    # When each finished execution last moved, for prune. Which of those already stored
+    # finished, and when, only folding would tell: each is listed as not known
+    # (-infinity), and prune looks at it.
+    7: _FINISHED + "; INSERT INTO clearance_finished (execution_id, at)"
+    " SELECT execution_id, '-infinity' FROM clearance_events WHERE seq = 1"
+    " ON CONFLICT DO NOTHING",
 }
 SNAPSHOT_EVERY = 16
 STATES_CACHED = 256
@@ -177,6 +190,9 @@ CREATE TABLE clearance_events (
 CREATE TABLE clearance_snapshots (
     execution_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BYTEA NOT NULL
 );
+"""
+    + _FINISHED
+    + """;
 CREATE TABLE clearance_approvals (
     request_id TEXT COLLATE "C" PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
     status TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL, body BYTEA,
@@ -768,6 +784,13 @@ class PostgresStore:
                 " hash = (SELECT hash FROM ch WHERE n = %(au_k)s) WHERE x.id = 1"
                 " AND EXISTS (SELECT 1 FROM hd))"
             )
+        if writes.finished_at is not None:
+            args["fn_at"] = _utc(writes.finished_at)
+            parts.append(
+                "fn AS (INSERT INTO clearance_finished (execution_id, at)"
+                f" SELECT %(eid)s, %(fn_at)s WHERE {ok}"
+                " ON CONFLICT (execution_id) DO UPDATE SET at = excluded.at)"
+            )
         if writes.requests_decided:
             args["dc_id"] = [request_id for request_id, _ in writes.requests_decided]
             args["dc_status"] = [status for _, status in writes.requests_decided]
@@ -931,6 +954,18 @@ class PostgresStore:
                 after = rows[-1][0]
         return found[:limit]
 
+    @_retried
+    async def finished_before(
+        self, cutoff: datetime, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                "SELECT execution_id FROM clearance_finished WHERE execution_id > %s"
+                " AND at < %s ORDER BY execution_id LIMIT %s",
+                (after or "", _utc(cutoff), limit),
+            )
+            return [execution_id for (execution_id,) in await cur.fetchall()]
+
     # -- approvals, timers, audit -----------------------------------------------------------
 
     @_retried
@@ -973,6 +1008,9 @@ class PostgresStore:
                     )
                     await conn.execute(
                         "DELETE FROM clearance_snapshots WHERE execution_id = %s", (ex.id,)
+                    )
+                    await conn.execute(
+                        "DELETE FROM clearance_finished WHERE execution_id = %s", (ex.id,)
                     )
                     if requests:
                         await conn.execute(

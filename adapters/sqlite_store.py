@@ -122,6 +122,11 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS snapshots (
     execution_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state BLOB NOT NULL
 );
+-- When each finished execution last moved (schema 11): what `prune` looks through,
+-- rather than fold every execution. '' for those stored before (not known: looked at).
+CREATE TABLE IF NOT EXISTS finished (
+    execution_id TEXT PRIMARY KEY, at TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS approvals (
     request_id TEXT PRIMARY KEY, execution_id TEXT NOT NULL, agent_tag TEXT NOT NULL,
     status TEXT NOT NULL, created_at TEXT NOT NULL, body BLOB
@@ -189,7 +194,7 @@ CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
 SYNCHRONOUS = ("FULL", "NORMAL")
 # Bumped whenever a table changes shape; a file from another version is refused
 # at open rather than misread.
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 # A state snapshot every this many events bounds a load's replay; most runs
 # (a pause costs 2 events, a whole approval cycle 5) never write one.
 SNAPSHOT_EVERY = 16
@@ -294,6 +299,21 @@ def _from_9(db: sqlite3.Connection) -> int:
     return 10
 
 
+def _from_10(db: sqlite3.Connection) -> int:
+    """Schema 10 to 11: when each finished execution last moved, for `prune`. Which of
+    the executions already stored finished, and when, only folding would tell: each is
+    listed as not known (''), and prune looks at it."""
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS finished"
+        " (execution_id TEXT PRIMARY KEY, at TEXT NOT NULL) WITHOUT ROWID"
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO finished (execution_id, at)"
+        " SELECT execution_id, '' FROM events WHERE seq = 1"
+    )
+    return 11
+
+
 # Each step upgrades a file in place by one schema version, at open.
 MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     2: _from_2,
@@ -304,6 +324,7 @@ MIGRATIONS: dict[int, Callable[[sqlite3.Connection], int]] = {
     7: _from_7,
     8: _from_8,
     9: _from_9,
+    10: _from_10,
 }
 
 
@@ -750,6 +771,11 @@ class SQLiteStore:
                 "UPDATE approvals SET status = ?, body = NULL WHERE request_id = ?",
                 (status, request_id),
             )
+        if writes.finished_at is not None:
+            db.execute(
+                "INSERT OR REPLACE INTO finished (execution_id, at) VALUES (?, ?)",
+                (execution.id, stamp(writes.finished_at)),
+            )
 
     def _queue(self, writes: Writes, claim: ClaimRequest | None) -> list[Work]:
         execution, queued = writes.execution, []
@@ -948,6 +974,16 @@ class SQLiteStore:
 
     # -- retention ---------------------------------------------------------------------------
 
+    async def finished_before(
+        self, cutoff: datetime, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        rows = self._db.execute(
+            "SELECT execution_id FROM finished WHERE execution_id > ? AND at < ?"
+            " ORDER BY execution_id LIMIT ?",
+            (after or "", stamp(cutoff), limit),
+        )
+        return [execution_id for (execution_id,) in rows]
+
     async def forget(
         self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
     ) -> Forgotten:
@@ -966,6 +1002,7 @@ class SQLiteStore:
                         continue
                     db.execute("DELETE FROM events WHERE execution_id = ?", (ex.id,))
                     db.execute("DELETE FROM snapshots WHERE execution_id = ?", (ex.id,))
+                    db.execute("DELETE FROM finished WHERE execution_id = ?", (ex.id,))
                     for request in ex.requests:
                         rid = (request.request_id,)
                         db.execute(

@@ -625,7 +625,9 @@ class Clearance:
         report = Pruning(dry_run=dry_run)
         after: str | None = None
         while True:
-            ids = await self.store.execution_ids(after=after, limit=page)
+            # Only executions the store lists as finished before the cutoff: a prune
+            # with little to do is quick however many executions are kept.
+            ids = await self.store.finished_before(cutoff, after=after, limit=page)
             due: list[Execution] = []
             for execution_id in ids:
                 try:

@@ -29,7 +29,7 @@ from clearance.core.commands import (
 )
 from clearance.core.escalation import schedule, stage_for
 from clearance.core.events import Event
-from clearance.core.execution import PENDING, ApprovalRequest, Execution
+from clearance.core.execution import PENDING, TERMINAL, ApprovalRequest, Execution
 
 # Channels an approval request can be delivered on. A delivery is keyed by
 # (request, channel, purpose): one row each, retried on its own.
@@ -86,6 +86,9 @@ class Writes:
     # run's call is then closed as never run). Work a worker holds goes on, and its
     # outcome is recorded.
     drop_queued_work: bool = False
+    # The execution is finished after this step, as of then: when `prune` may forget
+    # it (a stopped execution may still record a tool's outcome, which moves this).
+    finished_at: datetime | None = None
 
 
 def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> Writes:
@@ -147,6 +150,7 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
         audit=tuple(audit),
         deliveries=tuple(deliveries),
         drop_queued_work=finished,
+        finished_at=execution.updated_at if execution.status in TERMINAL else None,
     )
 
 

@@ -386,6 +386,17 @@ class Forgotten:
 
 
 class Retention(Protocol):
+    async def finished_before(
+        self, cutoff: datetime, *, after: str | None = None, limit: int = 1000
+    ) -> list[str]:
+        """Ids of executions that may have finished before `cutoff`, in id order, from
+        the first above `after`: a page of at most `limit`, found without folding any
+        execution (when each finished is kept as its steps commit: `Writes.finished_at`).
+        Every execution whose last step left it finished before `cutoff` is among them;
+        so may be others (those stored before the store kept when each finished): the
+        caller loads each one and judges it."""
+        ...
+
     async def forget(
         self, executions: Sequence[Execution], at: datetime, *, dry_run: bool = False
     ) -> Forgotten:

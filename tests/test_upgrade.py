@@ -43,7 +43,7 @@ from corpus.v2_agents import (
 from postgres_server import postgres_url
 from psycopg import sql
 
-from clearance import Clearance, Refusal
+from clearance import Clearance, HumanInLoop, Refusal
 from clearance.adapters import postgres_store, sqlite_store
 from clearance.adapters.postgres_store import PostgresStore
 from clearance.adapters.sqlite_store import SQLiteStore
@@ -464,8 +464,8 @@ async def test_a_schema_5_sqlite_file_is_upgraded_keeping_its_pending_requests(
 
     store = SQLiteStore(str(path))
     try:
-        assert store._db.execute("PRAGMA user_version").fetchone() == (10,)
-        assert sqlite_store.SCHEMA_VERSION == 10
+        assert store._db.execute("PRAGMA user_version").fetchone() == (11,)
+        assert sqlite_store.SCHEMA_VERSION == 11
         assert _reviewer_tables(path) == fresh  # as a new file has them
         await _check_upgraded(store, run)
     finally:
@@ -535,7 +535,7 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
         finally:
             await store.close()
         cur = await conn.execute("SELECT version FROM clearance_schema")
-        assert await cur.fetchall() == [(7,)] and postgres_store.SCHEMA_VERSION == 7
+        assert await cur.fetchall() == [(8,)] and postgres_store.SCHEMA_VERSION == 8
         assert await _pg_reviewer_columns(conn, schema) == fresh  # as a new database has them
         store = PostgresStore(url)  # the second open finds it upgraded
         try:
@@ -594,7 +594,7 @@ async def test_a_schema_8_sqlite_file_is_upgraded_reading_its_deliveries_as_requ
     for _ in range(2):  # the second open finds it upgraded
         store = SQLiteStore(str(path))
         try:
-            assert store._db.execute("PRAGMA user_version").fetchone() == (10,)
+            assert store._db.execute("PRAGMA user_version").fetchone() == (11,)
             columns = {row[1] for row in store._db.execute("PRAGMA table_info(deliveries)")}
             assert "purpose" in columns
             (old,) = await store.deliveries("apr-1")
@@ -629,7 +629,7 @@ async def test_a_schema_5_postgresql_database_is_upgraded_reading_its_deliveries
             finally:
                 await store.close()
             cur = await conn.execute("SELECT version FROM clearance_schema")
-            assert await cur.fetchall() == [(7,)]
+            assert await cur.fetchall() == [(8,)]
         store = PostgresStore(url)
         try:
             await _check_purposes(store, run)
@@ -708,7 +708,7 @@ async def test_a_schema_9_sqlite_file_is_upgraded_so_that_prune_can_drop_payload
     await _prunes_after_upgrade(f"sqlite:///{path}", execution_id)
     db = sqlite3.connect(path)
     try:
-        assert db.execute("PRAGMA user_version").fetchone() == (10,)
+        assert db.execute("PRAGMA user_version").fetchone() == (11,)
         with pytest.raises(sqlite3.DatabaseError, match="append-only"):
             db.execute("UPDATE audit SET body = '{}'")
     finally:
@@ -728,9 +728,92 @@ async def test_a_schema_6_postgresql_database_is_upgraded_so_that_prune_can_drop
         await conn.execute("UPDATE clearance_schema SET version = 6")
         await _prunes_after_upgrade(url, execution_id)
         cur = await conn.execute("SELECT version FROM clearance_schema")
-        assert await cur.fetchall() == [(7,)]
+        assert await cur.fetchall() == [(8,)]
         with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
             await conn.execute("UPDATE clearance_audit SET body = '{}'")
+
+
+async def _one_finished_one_waiting(url: str) -> tuple[str, str]:
+    """An approved, finished execution and one awaiting approval (its request open for
+    a year), both in January 2024; their ids."""
+    async with Clearance.open(url, clock=FakeClock()) as app:
+        define_refund_agent(
+            app, Recorder(), hitl=HumanInLoop(enabled=True, approval_timeout="365d")
+        )
+        ex = await app.run("safe-agent", input="Refund order ORD-1")
+        done = await app.decide(ex.pending_approvals[0].request_id, approved=True, by="rita")
+        waiting = await app.run("safe-agent", input="Refund order ORD-2")
+        assert (done.status, waiting.status) == ("completed", "awaiting_approval")
+        return done.id, waiting.id
+
+
+async def _prunes_what_finished_before_and_after_the_upgrade(
+    url: str, finished: str, waiting: str
+) -> None:
+    """Executions stored before the store kept when each finished are looked at by the
+    first prune: the finished one goes, the waiting one stays; once that one finishes,
+    after the upgrade, it is pruned when it is old enough, not before."""
+    clock = FakeClock(datetime(2024, 6, 1, tzinfo=UTC))
+    async with Clearance.open(url, clock=clock) as app:
+        done = await app.prune("90d")
+        assert (done.executions, done.busy, done.unreadable) == (1, 0, 0)
+        assert await app.execution(finished) is None
+        ex = await app.execution(waiting)
+        assert ex is not None and ex.status == "awaiting_approval"
+        assert (await app.prune("90d")).executions == 0
+        define_refund_agent(
+            app, Recorder(), hitl=HumanInLoop(enabled=True, approval_timeout="365d")
+        )
+        ex = await app.decide(ex.pending_approvals[0].request_id, approved=False, by="rita")
+        assert ex.status == "completed"
+        assert (await app.prune("90d")).executions == 0  # it finished just now
+        clock.advance(minutes=91 * 24 * 60)
+        assert (await app.prune("90d")).executions == 1
+        assert await app.execution(waiting) is None
+        assert (await app.verify_audit()).intact
+
+
+async def test_a_schema_10_sqlite_file_is_upgraded_so_that_prune_need_not_fold_everything(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v10.db"
+    finished, waiting = await _one_finished_one_waiting(f"sqlite:///{path}")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TABLE finished")
+    db.execute("PRAGMA user_version = 10")
+    db.close()
+    async with Clearance.open(f"sqlite:///{path}", clock=FakeClock()):
+        pass
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("PRAGMA user_version").fetchone() == (11,)
+        rows = db.execute("SELECT execution_id, at FROM finished ORDER BY execution_id")
+        assert rows.fetchall() == sorted([(finished, ""), (waiting, "")])
+    finally:
+        db.close()
+    await _prunes_what_finished_before_and_after_the_upgrade(f"sqlite:///{path}", finished, waiting)
+
+
+async def test_a_schema_7_postgresql_database_is_upgraded_so_that_prune_need_not_fold_everything(
+    pg_schemas: tuple[str, str],
+) -> None:
+    url, _ = pg_schemas
+    finished, waiting = await _one_finished_one_waiting(url)
+    base, schema = url.split("?schema=")
+    async with await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    ) as conn:
+        await conn.execute("DROP TABLE clearance_finished")
+        await conn.execute("UPDATE clearance_schema SET version = 7")
+        async with Clearance.open(url, clock=FakeClock()) as app:
+            await app.pending()  # the store opens (and upgrades) on first use
+        cur = await conn.execute("SELECT version FROM clearance_schema")
+        assert await cur.fetchall() == [(8,)]
+        cur = await conn.execute(
+            "SELECT execution_id, at = '-infinity' FROM clearance_finished ORDER BY execution_id"
+        )
+        assert await cur.fetchall() == sorted([(finished, True), (waiting, True)])
+        await _prunes_what_finished_before_and_after_the_upgrade(url, finished, waiting)
 
 
 async def test_prune_leaves_the_older_releases_records_whole(app: Clearance) -> None:

@@ -660,6 +660,56 @@ class StoreContract(abc.ABC):
             again = await store.forget([done.ex], at(200))  # nothing left to forget
             assert again.executions == () and (await store.audit(execution_id="exec-1")) == [record]
 
+    async def test_finished_executions_are_listed_by_when_they_last_moved(
+        self, tmp_path: Path
+    ) -> None:
+        """What prune looks through, found without folding: each execution whose last
+        step left it finished before the cutoff (a stopped one that then records its
+        tool's outcome, by that later step), in id order and in pages; never one still
+        awaiting approval or running; and no longer one that was forgotten."""
+        async with self.opened(tmp_path) as store:
+            now = self.now()
+            rejected = await self._awaiting(store, agent(), "exec-1", "apr-1", 1)
+            (call,) = await rejected.commit(
+                store,
+                Rejected("apr-1", at(2), "bob", "no"),
+                claim=ClaimRequest("w", now + LEASE, 1),
+            )
+            await rejected.commit(store, rejected.answers(10), done=call.claim)
+            waiting = await self._awaiting(store, agent(), "exec-2", "apr-2", 1)
+            stopped = await self._awaiting(store, agent(), "exec-3", "apr-3", 1)
+            (tool,) = await stopped.commit(
+                store, Approved("apr-3", at(2), "ops"), claim=ClaimRequest("w", now + LEASE, 1)
+            )
+            await stopped.commit(store, StopRequested(at(20), "ops"))
+            assert stopped.ex.status == "stopped" and await store.with_work([stopped.tag])
+            early = await self._awaiting(store, agent(), "exec-0", "apr-0", 1)
+            await early.commit(store, StopRequested(at(5), "ops"))
+            assert [r.ex.status for r in (rejected, waiting, early)] == [
+                "completed",
+                "awaiting_approval",
+                "stopped",
+            ]
+
+            assert await store.finished_before(at(5)) == []
+            assert await store.finished_before(at(10)) == ["exec-0"]
+            assert await store.finished_before(at(20.5)) == ["exec-0", "exec-1", "exec-3"]
+            # The stopped execution's running tool reports: it last moved at 30.
+            await stopped.commit(
+                store, ToolFinished("tu-apr-3", {"ok": True}, at(30)), done=tool.claim
+            )
+            assert await store.finished_before(at(25)) == ["exec-0", "exec-1"]
+            assert await store.finished_before(at(31)) == ["exec-0", "exec-1", "exec-3"]
+            assert await store.finished_before(at(31), limit=2) == ["exec-0", "exec-1"]
+            assert await store.finished_before(at(31), after="exec-1", limit=2) == ["exec-3"]
+            assert await store.finished_before(at(31), after="exec-3") == []
+
+            dry = await store.forget([early.ex], at(40), dry_run=True)
+            assert dry.executions == ("exec-0",)
+            assert await store.finished_before(at(31)) == ["exec-0", "exec-1", "exec-3"]
+            await store.forget([early.ex, rejected.ex], at(40))
+            assert await store.finished_before(at(31)) == ["exec-3"]
+
     # -- timers ----------------------------------------------------------------------------
 
     async def _three_timers(self, store: Store) -> tuple[list[Run], list[DueTimer]]:
