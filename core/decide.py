@@ -211,6 +211,13 @@ def _by_kind(kind: Any, by: str | None, what: str) -> str | None:
     return str(kind)
 
 
+def _known(by: str | None, by_kind: str | None) -> bool:
+    """Whether a decider is a person Clearance knows: a reviewer (by their key) or the
+    app's `by=`; not a claimed name (a callback URL, a broker message, the CLI's --by),
+    nor nobody."""
+    return by is not None and by_kind in (REVIEWER, APP)
+
+
 def _visible(text: str) -> str:
     """Text that happened (a tool's output, an error): what UTF-8 cannot encode (lone
     surrogates) is spelled out as a backslash escape, as `ascii()` would."""
@@ -988,7 +995,7 @@ def _check_known(
     what: str, quorum: tuple[int, tuple[str, ...]], by: str | None, by_kind: str | None
 ) -> None:
     """Towards a quorum, only a known person's approval counts."""
-    if by is None or by_kind not in (REVIEWER, APP):
+    if not _known(by, by_kind):
         needed, groups = quorum
         among = f" from {', '.join(groups)}" if groups else ""
         raise Refusal(
@@ -1203,7 +1210,7 @@ def _remembered(
         raise Refusal(
             RefusalCode.INVALID_EVENT, f"remember= must grant '{request.tool}', the request's tool"
         )
-    if by is None or by_kind not in (REVIEWER, APP):
+    if not _known(by, by_kind):
         raise Refusal(
             RefusalCode.NOT_GRANTED,
             "remember= needs a known decider (a reviewer's key or the app's by=): a claimed"
@@ -1222,7 +1229,7 @@ def _rejected(ex: Execution, ev: Rejected) -> Step:
     by_kind = _by_kind(ev.by_kind, by, "rejected")
     behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "rejected")
     reason = _sent_text(ev.reason, "rejected.reason")
-    if request.needs_quorum and by_kind not in (REVIEWER, APP):
+    if request.needs_quorum and not _known(by, by_kind):
         # Any one person's rejection rejects a quorum's request at once: so it must be a
         # person Clearance knows, or a forged callback could veto what others approve.
         raise Refusal(
@@ -1393,7 +1400,7 @@ def _extended(ex: Execution, ev: Extended) -> Step:
     by = _sent_text(ev.by, "extended.by")
     by_kind = _by_kind(ev.by_kind, by, "extended")
     behalf = _on_behalf_of(ev.on_behalf_of, by_kind, "extended")
-    if by is None or by_kind not in (REVIEWER, APP):
+    if not _known(by, by_kind):
         raise Refusal(
             RefusalCode.NOT_GRANTED,
             f"the deadline of {request.request_id} is extended by a known person (a reviewer"
