@@ -490,6 +490,15 @@ async def pg_schemas(postgres_url: str) -> AsyncIterator[tuple[str, str]]:
             )
 
 
+async def _in_schema(url: str) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection to the store at `url`, in its schema: to take its tables
+    back to an older version."""
+    base, schema = url.split("?schema=")
+    return await psycopg.AsyncConnection.connect(
+        base, autocommit=True, options=f"-c search_path={schema}"
+    )
+
+
 async def _pg_reviewer_columns(conn: psycopg.AsyncConnection[Any], schema: str) -> list[Any]:
     cur = await conn.execute(
         "SELECT table_name, column_name, data_type, is_nullable, collation_name"
@@ -516,11 +525,8 @@ async def test_a_schema_2_postgresql_database_is_upgraded_keeping_its_pending_re
     fresh_store = PostgresStore(fresh_url)
     await fresh_store.open()
     await fresh_store.close()
-    base, schema = url.split("?schema=")
-    fresh_schema = fresh_url.split("?schema=")[1]
-    async with await psycopg.AsyncConnection.connect(
-        base, autocommit=True, options=f"-c search_path={schema}"
-    ) as conn:
+    schema, fresh_schema = url.split("?schema=")[1], fresh_url.split("?schema=")[1]
+    async with await _in_schema(url) as conn:
         fresh = await _pg_reviewer_columns(conn, fresh_schema)
         assert len(fresh) == 2 + 6 + 3  # two tables' columns, their keys and the index
         await conn.execute("DROP TABLE clearance_reviewer_keys")
@@ -615,10 +621,7 @@ async def test_a_schema_5_postgresql_database_is_upgraded_reading_its_deliveries
     store = PostgresStore(url)
     run = await _delivering_run(store)
     await store.close()
-    base, schema = url.split("?schema=")
-    async with await psycopg.AsyncConnection.connect(
-        base, autocommit=True, options=f"-c search_path={schema}"
-    ) as conn:
+    async with await _in_schema(url) as conn:
         await conn.execute("ALTER TABLE clearance_deliveries DROP COLUMN purpose")
         await conn.execute("UPDATE clearance_schema SET version = 5")
         for _ in range(2):  # the second open finds it upgraded
@@ -720,10 +723,7 @@ async def test_a_schema_6_postgresql_database_is_upgraded_so_that_prune_can_drop
 ) -> None:
     url, _ = pg_schemas
     execution_id = await _decided_long_ago(url)
-    base, schema = url.split("?schema=")
-    async with await psycopg.AsyncConnection.connect(
-        base, autocommit=True, options=f"-c search_path={schema}"
-    ) as conn:
+    async with await _in_schema(url) as conn:
         await conn.execute(_OLD_PG_FUNCTION)
         await conn.execute("UPDATE clearance_schema SET version = 6")
         await _prunes_after_upgrade(url, execution_id)
@@ -799,10 +799,7 @@ async def test_a_schema_7_postgresql_database_is_upgraded_so_that_prune_need_not
 ) -> None:
     url, _ = pg_schemas
     finished, waiting = await _one_finished_one_waiting(url)
-    base, schema = url.split("?schema=")
-    async with await psycopg.AsyncConnection.connect(
-        base, autocommit=True, options=f"-c search_path={schema}"
-    ) as conn:
+    async with await _in_schema(url) as conn:
         await conn.execute("DROP TABLE clearance_finished")
         await conn.execute("UPDATE clearance_schema SET version = 7")
         async with Clearance.open(url, clock=FakeClock()) as app:
