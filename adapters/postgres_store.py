@@ -986,6 +986,7 @@ class PostgresStore:
     ) -> Forgotten:
         gone: list[str] = []
         audits: list[PrunedRows] = []
+        vanished = 0
         try:
             async with self._write() as conn:
                 for ex in executions:
@@ -996,11 +997,18 @@ class PostgresStore:
                     )
                     if await cur.fetchone() is not None:
                         continue
+                    # The last event, locked: a prune forgetting the same execution at the
+                    # same time waits here until this one commits, and then finds it gone.
                     cur = await conn.execute(
-                        "SELECT max(seq) FROM clearance_events WHERE execution_id = %s", (ex.id,)
+                        "SELECT seq FROM clearance_events WHERE execution_id = %s"
+                        " ORDER BY seq DESC LIMIT 1 FOR UPDATE",
+                        (ex.id,),
                     )
                     row = await cur.fetchone()
-                    if row is None or row[0] != ex.seq:
+                    if row is None:
+                        vanished += 1
+                        continue
+                    if row[0] != ex.seq:
                         continue
                     requests = [r.request_id for r in ex.requests]
                     await conn.execute(
@@ -1037,7 +1045,7 @@ class PostgresStore:
                         )
                     audits.append(audit)
                     gone.append(ex.id)
-                done = forgotten(gone, audits)
+                done = forgotten(gone, audits, vanished)
                 if dry_run:
                     raise RolledBack
         except RolledBack:

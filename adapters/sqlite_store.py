@@ -989,6 +989,7 @@ class SQLiteStore:
     ) -> Forgotten:
         gone: list[str] = []
         audits: list[PrunedRows] = []
+        vanished = 0
         db = self._db
         try:
             with self._write():
@@ -996,6 +997,9 @@ class SQLiteStore:
                     (last,) = db.execute(
                         "SELECT max(seq) FROM events WHERE execution_id = ?", (ex.id,)
                     ).fetchone()
+                    if last is None:  # another prune forgot it since it was loaded
+                        vanished += 1
+                        continue
                     # The queue holds outstanding work only: a scan of it is short.
                     busy = db.execute("SELECT 1 FROM work WHERE execution_id = ?", (ex.id,))
                     if last != ex.seq or busy.fetchone() is not None:
@@ -1019,7 +1023,7 @@ class SQLiteStore:
                     db.executemany("UPDATE audit SET body = ? WHERE id = ?", audit.bodies)
                     audits.append(audit)
                     gone.append(ex.id)
-                done = forgotten(gone, audits)
+                done = forgotten(gone, audits, vanished)
                 if dry_run:
                     raise RolledBack
         except RolledBack:

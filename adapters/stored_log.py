@@ -66,14 +66,16 @@ class PrunedRows:
     unreadable: int
 
 
-def forgotten(executions: Iterable[str], audits: Iterable[PrunedRows]) -> Forgotten:
-    """What a `forget` did: the executions it deleted and what it did to their audit."""
+def forgotten(executions: Iterable[str], audits: Iterable[PrunedRows], vanished: int) -> Forgotten:
+    """What a `forget` did: the executions it deleted, what it did to their audit, and
+    how many it found already gone."""
     audits = list(audits)
     return Forgotten(
         tuple(executions),
         sum(len(a.bodies) for a in audits),
         sum(a.older for a in audits),
         sum(a.unreadable for a in audits),
+        vanished,
     )
 
 

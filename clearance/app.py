@@ -157,7 +157,9 @@ def open_brokers(brokers: Mapping[str, str], sign: Signer) -> dict[str, Broker]:
 
 @attrs.define
 class Pruning:
-    """What `Clearance.prune` did (or, with `dry_run`, would do)."""
+    """What `Clearance.prune` did (or, with `dry_run`, would do). Two prunes of one
+    store at the same time (a job on two hosts) share the work: each execution is
+    forgotten, and counted, by one of them."""
 
     dry_run: bool = False
     executions: int = 0  # forgotten
@@ -643,7 +645,8 @@ class Clearance:
                 report.audit_pruned += gone.audit_pruned
                 report.audit_kept += gone.audit_kept
                 report.audit_unreadable += gone.audit_unreadable
-                report.busy += len(due) - len(gone.executions)
+                # Gone already: another prune forgot it first, and counted it.
+                report.busy += len(due) - len(gone.executions) - gone.vanished
             if len(ids) < page:
                 return report
             after = ids[-1]

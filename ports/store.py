@@ -377,12 +377,14 @@ class Forgotten:
     """What one `forget` did: the executions deleted, their chained audit records whose
     payload was dropped, and their records left as they are: older than the chain (its
     genesis hash covers their bodies), or no longer readable as records (changed
-    outside Clearance: `verify` names them)."""
+    outside Clearance: `verify` names them). `vanished`: executions given that were
+    already gone (another prune forgot them first)."""
 
     executions: tuple[str, ...] = ()
     audit_pruned: int = 0
     audit_kept: int = 0
     audit_unreadable: int = 0
+    vanished: int = 0
 
 
 class Retention(Protocol):
@@ -407,8 +409,10 @@ class Retention(Protocol):
         records (`core.audit_chain.without_payload(record, at)`: their links stay
         valid). One whose log moved past the seq it was loaded at, or that has work
         queued or held, is left as it is: a worker may still be finishing a tool run
-        that a stop overtook. `dry_run`: the same transaction, rolled back: it says
-        what a real one would do and changes nothing."""
+        that a stop overtook. One already gone is counted as `vanished`: of two
+        forgets of one execution at once, one deletes it and the other finds it gone.
+        `dry_run`: the same transaction, rolled back: it says what a real one would do
+        and changes nothing."""
         ...
 
 

@@ -133,6 +133,38 @@ async def test_prune_forgets_old_finished_executions_and_keeps_the_chain_on_post
         await _prunes_what_finished_long_ago(app, recorder)
 
 
+async def _two_prunes_at_once(url: str, recorder: Recorder) -> None:
+    """Two processes prune the same store at the same moment (a cron job on two hosts):
+    each execution is forgotten once, by one of them, and counted once."""
+    clock = FakeClock()
+    async with Clearance.open(url, clock=clock) as app:
+        await _approved(app, recorder, 30)
+    clock.advance(minutes=2 * DAY)
+    async with Clearance.open(url, clock=clock) as one, Clearance.open(url, clock=clock) as two:
+        reports = await asyncio.gather(one.prune("1d", page=4), two.prune("1d", page=4))
+        assert sum(r.executions for r in reports) == 30, reports
+        assert sum(r.audit_pruned for r in reports) == 30, reports
+        assert sum(r.busy for r in reports) == 0, reports
+        assert await one.store.finished_before(clock.now()) == []
+        records = await one.audit()
+        assert len(records) == 30 and all(r.pruned is not None for r in records)
+        assert len({r.pruned.at for r in records if r.pruned}) == 1
+        verdict = await two.verify_audit()
+        assert verdict.intact and verdict.records == 30, verdict.problem
+
+
+async def test_two_prunes_at_once_forget_each_execution_once_on_sqlite(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    await _two_prunes_at_once(f"sqlite:///{tmp_path / 'a.db'}", recorder)
+
+
+async def test_two_prunes_at_once_forget_each_execution_once_on_postgresql(
+    url: str, recorder: Recorder
+) -> None:
+    await _two_prunes_at_once(url, recorder)
+
+
 async def test_prune_refuses_what_is_not_a_positive_duration(tmp_path: Path) -> None:
     async with Clearance.open(f"sqlite:///{tmp_path / 'a.db'}", clock=FakeClock()) as app:
         for bad in ("0s", 0, "-5d", "ninety days", float("nan")):

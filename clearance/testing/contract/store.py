@@ -658,7 +658,8 @@ class StoreContract(abc.ABC):
             verdict = audit_chain.verify(rows, *head)
             assert verdict.intact and verdict.records == 3, verdict.problem
             again = await store.forget([done.ex], at(200))  # nothing left to forget
-            assert again.executions == () and (await store.audit(execution_id="exec-1")) == [record]
+            assert (again.executions, again.vanished) == ((), 1)
+            assert await store.audit(execution_id="exec-1") == [record]
 
     async def test_finished_executions_are_listed_by_when_they_last_moved(
         self, tmp_path: Path
@@ -709,6 +710,33 @@ class StoreContract(abc.ABC):
             assert await store.finished_before(at(31)) == ["exec-0", "exec-1", "exec-3"]
             await store.forget([early.ex, rejected.ex], at(40))
             assert await store.finished_before(at(31)) == ["exec-3"]
+
+    async def test_two_forgets_of_one_execution_at_once_delete_it_once(
+        self, tmp_path: Path
+    ) -> None:
+        """Two prunes (two instances) forgetting the same executions at the same time:
+        each execution is deleted by one of them, and the other finds it gone; each
+        audit record's payload is dropped once."""
+        async with self.opened_twice(tmp_path) as (store, other):
+            runs = [
+                await self._awaiting(store, agent(), f"exec-{n}", f"apr-{n}", n) for n in range(6)
+            ]
+            for run in runs:
+                await run.commit(store, StopRequested(at(10), "ops"))
+            loaded = [run.ex for run in runs]
+            one, two = await asyncio.gather(
+                store.forget(loaded, at(100)), other.forget(loaded, at(101))
+            )
+            assert sorted(one.executions + two.executions) == [run.id for run in runs]
+            assert one.vanished + two.vanished == len(runs)
+            assert one.audit_pruned + two.audit_pruned == len(runs)  # one cancellation each
+            for run in runs:
+                assert await other.load(run.id) is None
+            rows = await store.audit_chain()
+            head = await store.audit_head()
+            assert head is not None
+            verdict = audit_chain.verify(rows, *head)
+            assert verdict.intact and verdict.records == len(runs), verdict.problem
 
     # -- timers ----------------------------------------------------------------------------
 
