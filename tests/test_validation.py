@@ -603,3 +603,26 @@ def test_a_duration_too_long_for_any_clock_is_refused_saying_so(huge: int | str)
     if isinstance(huge, int):  # as far the other way: not a duration at all
         with pytest.raises(BadDuration, match="must be above zero"):
             parse_duration(-huge, "older_than")
+
+
+@pytest.mark.parametrize("bare", ["5", " 90 ", "0"])
+def test_a_number_as_text_needs_a_unit(bare: str) -> None:
+    """`--older-than 5` is not guessed (5 ms would prune everything): the message says
+    which units it takes, with that number."""
+    from clearance.core.durations import BadDuration, parse_duration
+
+    number = bare.strip()
+    with pytest.raises(BadDuration, match=rf"needs a unit: '{number}s', '{number}m'"):
+        parse_duration(bare, "--older-than")
+
+
+def test_a_command_line_duration_is_explained_as_text() -> None:
+    """An option's bad duration is explained in the terms of a command line (text with
+    a unit), not the Python API's (an int of milliseconds, a timedelta)."""
+    from clearance.core.durations import BadDuration, parse_duration
+
+    with pytest.raises(BadDuration) as bad:
+        parse_duration("1.5h", "--older-than")
+    assert "a number with a unit: '30s'" in str(bad.value) and "timedelta" not in str(bad.value)
+    with pytest.raises(BadDuration, match="a timedelta"):
+        parse_duration("1.5h", "older_than")
