@@ -19,7 +19,7 @@ from clearance.adapters.webhook_channel import WebhookChannel
 from clearance.adapters.webhook_sender import WebhookSender, signed_headers
 from clearance.broker_decisions import Decision, consume
 from clearance.callback import callback_url, secret_bytes
-from clearance.core.agent import BrokerTarget
+from clearance.core.agent import AgentSpec, BrokerTarget
 from clearance.core.audit_chain import ChainRow, ChainWalk
 from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
@@ -565,25 +565,29 @@ class Clearance:
         return await self.store.pending(agent_tag, limit, after)
 
     async def extendable(self, requests: Sequence[ApprovalRequest]) -> dict[str, datetime]:
-        """The latest deadline an extension may give each of `requests`, by request id
-        (`core.deadlines.extendable_until`, as decide() judges an extend signal: by the
-        tool as the execution's own agent spec has it); a request that cannot be
+        """The latest deadline an extend signal may give each of `requests`, by request
+        id (`core.deadlines.extendable_until`), judged by the spec the signal is judged
+        by: the agent's current definition (a signal first judges a pending request made
+        under an older one again), or, where none is recorded, the execution's own. One
+        definition read per agent, no execution loaded; a request that cannot be
         extended (further), or whose execution cannot be read, is left out."""
-        executions: dict[str, Execution | None] = {}
+        await self.engine.define_agents()  # as a signal would: those defined here count
+        specs: dict[str, AgentSpec | None] = {}
         latest: dict[str, datetime] = {}
         for request in requests:
-            execution_id = request.execution_id
-            if execution_id not in executions:
+            tag = request.agent_tag
+            if tag not in specs:
+                specs[tag] = await self.store.current_agent(tag)
+            spec = specs[tag]
+            if spec is None:
                 try:
-                    executions[execution_id] = await self.store.load(execution_id)
+                    ex = await self.store.load(request.execution_id)
                 except UnreadableExecution:
-                    # One execution that cannot be read must not take the listing down.
-                    executions[execution_id] = None
-            ex = executions[execution_id]
-            current = ex.request(request.request_id) if ex is not None else None
-            if ex is None or current is None:
-                continue
-            until = extendable_until(current, ex.agent.tool(current.tool))
+                    continue  # one execution that cannot be read must not take a listing down
+                if ex is None:
+                    continue
+                spec = ex.agent
+            until = extendable_until(request, spec.tool(request.tool))
             if until is not None:
                 latest[request.request_id] = until
         return latest

@@ -265,7 +265,9 @@ def routes(app: Clearance, max_body: int) -> list[Route]:
             history = await app.get_execution(request.path_params["executionId"])
         except Refusal as refusal:
             await refused(app, refusal, None)
-        return JSONView(views.execution(history.execution, history.events, callback_url))
+        ex = history.execution
+        latest = await app.extendable(ex.pending_approvals)
+        return JSONView(views.execution(ex, history.events, callback_url, latest))
 
     async def openapi(request: Request) -> Response:
         return JSONView(openapi_document(request.scope.get("root_path", "")))

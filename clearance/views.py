@@ -14,7 +14,7 @@ listing can never be broken by one odd parameter a model proposed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,6 @@ from clearance.core.agent import REJECT
 from clearance.core.audit_chain import ChainRow
 from clearance.core.audit_chain import Verdict as AuditVerdict
 from clearance.core.commands import AuditRecord
-from clearance.core.deadlines import extendable_until
 from clearance.core.decide import duration
 from clearance.core.events import Event
 from clearance.core.execution import PENDING, ApprovalRequest, Execution, iso
@@ -285,15 +284,18 @@ def event(e: Event) -> dict[str, Any]:
 
 
 def execution(
-    ex: Execution, events: Sequence[Event], callback_url: CallbackUrl | None = None
+    ex: Execution,
+    events: Sequence[Event],
+    callback_url: CallbackUrl | None = None,
+    extendable: Mapping[str, datetime] | None = None,
 ) -> dict[str, Any]:
     """An execution as `GET /executions/{id}` answers: state, usage, approvals, events.
-    `callback_url` gives a pending request's callbackUrl, when there is one; the
-    execution's agent says how far each pending request may be extended."""
+    `callback_url` gives a pending request's callbackUrl, when there is one;
+    `extendable` how far a pending request may be extended, by request id
+    (`Clearance.extendable`)."""
 
     def shown(request: ApprovalRequest) -> dict[str, Any]:
-        latest = extendable_until(request, ex.agent.tool(request.tool))
-        return approval(request, callback_url, latest)
+        return approval(request, callback_url, (extendable or {}).get(request.request_id))
 
     return {
         "executionId": ex.id,

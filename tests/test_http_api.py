@@ -1619,6 +1619,34 @@ async def test_an_execution_and_the_listing_say_how_far_a_pending_request_may_be
     assert listed["status"] == "rejected" and "extendableUntil" not in listed
 
 
+async def test_a_redeploy_that_allows_extensions_shows_them_where_a_signal_takes_them(
+    api: Api,
+) -> None:
+    """A request made before the tool had max_approval_timeout: after a redeploy gives it
+    one, both views say how far it may go (as the current definition judges it, which is
+    what an extend signal is judged by), and extending it that far is taken."""
+    from clearance import HumanInLoop
+
+    request = await api.start()  # 10:30, no max_approval_timeout yet
+
+    async def seen() -> list[dict[str, Any]]:
+        listing = (await api.client.get("/approvals", headers=AUTH)).json()["approvals"]
+        one = (await api.client.get(f"/executions/{request.execution_id}", headers=AUTH)).json()
+        return [
+            a for a in listing + one["pendingApprovals"] if a["requestId"] == request.request_id
+        ]
+
+    assert [a.get("extendableUntil") for a in await seen()] == [None, None]
+    define_refund_agent(
+        api.app, api.recorder, hitl=HumanInLoop(enabled=True), max_approval_timeout="2h"
+    )
+    shown = [a.get("extendableUntil") for a in await seen()]
+    assert shown == ["2024-01-15T12:30:00Z"] * 2, shown
+    moved = await _signal(api, request, AUTH, "extend", until=shown[0])
+    assert moved.status_code == 200, moved.text
+    assert [a["expiresAt"] for a in await seen()] == ["2024-01-15T12:30:00Z"] * 2
+
+
 async def test_a_callback_url_lives_as_long_as_its_extended_request(api: Api) -> None:
     from clearance import HumanInLoop
 
