@@ -27,7 +27,7 @@ from clearance.core.deadlines import extendable_until, parse_deadline
 from clearance.core.durations import parse_duration
 from clearance.core.errors import ClearanceError, DefinitionError, Refusal
 from clearance.core.events import Event
-from clearance.core.execution import TERMINAL, ApprovalRequest, Execution
+from clearance.core.execution import ApprovalRequest, Execution
 from clearance.core.policy import PolicySpec
 from clearance.core.reviewers import (
     CLAIMED,
@@ -168,11 +168,6 @@ class Pruning:
     audit_unreadable: int = 0  # their records changed outside Clearance, left for verify
     busy: int = 0  # finished, but a worker was still recording a tool's outcome: next time
     unreadable: int = 0  # executions that could not be read, left as they are
-
-
-def _finished_before(ex: Execution, cutoff: datetime) -> bool:
-    last = ex.updated_at or ex.created_at
-    return ex.status in TERMINAL and last is not None and last < cutoff
 
 
 class Clearance:
@@ -641,7 +636,7 @@ class Clearance:
                 except UnreadableExecution:
                     report.unreadable += 1
                     continue
-                if ex is not None and _finished_before(ex, cutoff):
+                if ex is not None and ex.finished_at is not None and ex.finished_at < cutoff:
                     due.append(ex)
             if due:
                 gone = await self.store.forget(due, now, dry_run=dry_run)

@@ -225,6 +225,12 @@ class Execution:
     def pending_approvals(self) -> list[ApprovalRequest]:
         return [r for r in self.requests if r.status == PENDING]
 
+    @property
+    def finished_at(self) -> datetime | None:
+        """When it last moved, once it is finished (a stopped execution may still
+        record a tool's outcome); None while it is live. What `prune` goes by."""
+        return (self.updated_at or self.created_at) if self.status in TERMINAL else None
+
     def request(self, request_id: str) -> ApprovalRequest | None:
         for req in self.requests:
             if req.request_id == request_id:

@@ -29,7 +29,7 @@ from clearance.core.commands import (
 )
 from clearance.core.escalation import schedule, stage_for
 from clearance.core.events import Event
-from clearance.core.execution import PENDING, TERMINAL, ApprovalRequest, Execution
+from clearance.core.execution import PENDING, ApprovalRequest, Execution
 
 # Channels an approval request can be delivered on. A delivery is keyed by
 # (request, channel, purpose): one row each, retried on its own.
@@ -150,7 +150,7 @@ def writes(execution: Execution, event: Event, commands: Sequence[Command]) -> W
         audit=tuple(audit),
         deliveries=tuple(deliveries),
         drop_queued_work=finished,
-        finished_at=execution.updated_at if execution.status in TERMINAL else None,
+        finished_at=execution.finished_at,
     )
 
 
